@@ -1,0 +1,139 @@
+"""`lowbit convert`: checkpoint -> output folder, written to a temporary directory and moved
+into place only when everything succeeded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import onnx_ir as ir
+
+import converter
+from converter.architectures import DecoderSpec, get_architecture
+from converter.checkpoint import Checkpoint, dir_size, resolve_model_dir
+from converter.decoder import TARGETS, DecoderGraph
+from converter.errors import LowbitError
+from converter.genai import genai_config
+from converter.schemes import get_scheme
+
+COPIED_FILES = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+]
+
+
+@dataclass
+class ConversionReport:
+    output: Path
+    scheme: str
+    target: str
+    model_type: str
+    seconds: float
+    model_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+
+def load_config(model_dir: Path):
+    """The transformers config, after checking that we support its model_type."""
+    try:
+        raw = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LowbitError(f"{model_dir / 'config.json'}: cannot read ({e.__class__.__name__})") from None
+    model_type = raw.get("model_type")
+    if model_type is None:
+        raise LowbitError(f"{model_dir / 'config.json'}: no model_type")
+    arch = get_architecture(model_type)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a bad config
+        raise LowbitError(f"{model_dir / 'config.json'}: transformers cannot read it ({e})") from None
+    return arch, config
+
+
+def prepare_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise LowbitError(f"{output}: exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise LowbitError(f"{output}: exists and is not empty (use --overwrite)")
+
+
+def convert(
+    model: str,
+    output: str | Path,
+    scheme: str = "q0f32",
+    target: str = "ort",
+    overwrite: bool = False,
+    progress: Callable | None = None,
+) -> ConversionReport:
+    start = time.perf_counter()
+    output = Path(output)
+    scheme_obj = get_scheme(scheme)
+    if target not in TARGETS:
+        raise LowbitError(f"unknown target '{target}' (known: {', '.join(TARGETS)})")
+    prepare_output(output, overwrite)
+    source = resolve_model_dir(model)
+    arch, config = load_config(source)
+    spec: DecoderSpec = arch.spec(config)
+    checkpoint = Checkpoint(source)
+    from converter.weights import WeightSource
+
+    graph = DecoderGraph(spec, WeightSource(checkpoint, arch.weights), scheme_obj.dtype, TARGETS[target]).build()
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        ir.save(graph, staging / "model.onnx", external_data="model.onnx.data", callback=progress)
+        for name in COPIED_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, staging / name)
+        (staging / "genai_config.json").write_text(json.dumps(genai_config(spec, arch.genai_type, source), indent=2))
+        (staging / "lowbit.json").write_text(
+            json.dumps(
+                {
+                    "lowbit_version": converter.__version__,
+                    "scheme": scheme,
+                    "target": target,
+                    "source": str(model),
+                    "model_type": spec.model_type,
+                    "dtype": scheme_obj.dtype.name,
+                    "versions": _versions(),
+                },
+                indent=2,
+            )
+        )
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ConversionReport(
+        output, scheme, target, spec.model_type, time.perf_counter() - start, dir_size(output)
+    )
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("onnx", "onnx-ir", "onnxruntime", "transformers", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,1 @@
+"""Every non-standard node lowbit emits: schema, packing, numpy reference kernel, fallback."""

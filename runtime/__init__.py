@@ -1,0 +1,1 @@
+"""lowbit runtime: ONNX Runtime sessions, generation, perplexity and benchmarks."""

@@ -1,0 +1,60 @@
+"""Prefill and decode throughput, peak RSS and model size of a converted folder."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from runtime.session import DecoderSession
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    prompt_len: int
+    new_tokens: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    peak_rss_mb: float
+    model_bytes: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def benchmark(session: DecoderSession, prompt_len: int = 128, new_tokens: int = 64, repeats: int = 3) -> BenchResult:
+    """Best of `repeats` runs: a prefill of `prompt_len` random tokens, then `new_tokens` decode steps."""
+    rng = np.random.default_rng(0)
+    best_prefill, best_decode = float("inf"), float("inf")
+    for _ in range(repeats + 1):  # the first run warms up
+        ids = rng.integers(0, session.vocab_size, (1, prompt_len), dtype=np.int64)
+        mask = np.ones_like(ids)
+        positions = np.arange(prompt_len, dtype=np.int64)[None]
+        t0 = time.perf_counter()
+        logits, past = session.forward(ids, mask, positions, session.empty_past(1))
+        t1 = time.perf_counter()
+        for step in range(new_tokens):
+            token = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+            mask = np.ones((1, prompt_len + step + 1), np.int64)
+            logits, past = session.forward(token, mask, np.array([[prompt_len + step]], np.int64), past)
+        t2 = time.perf_counter()
+        best_prefill, best_decode = min(best_prefill, t1 - t0), min(best_decode, t2 - t1)
+    return BenchResult(
+        prompt_len,
+        new_tokens,
+        prompt_len / best_prefill,
+        new_tokens / best_decode,
+        peak_rss_mb(),
+        _model_bytes(session),
+    )
+
+
+def _model_bytes(session: DecoderSession) -> int:
+    d = session.model_dir
+    return sum(f.stat().st_size for f in d.iterdir() if f.is_file() and f.name.startswith("model.onnx"))

@@ -1,0 +1,161 @@
+"""The `lowbit` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from converter.errors import LowbitError
+
+
+class LowbitGroup(click.Group):
+    """Turns LowbitError (bad input) into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LowbitError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=LowbitGroup)
+@click.version_option(package_name="lowbit")
+def main():
+    """lowbit: Hugging Face language models -> (quantized) ONNX, and a runtime for them."""
+
+
+def _progress_callback():
+    from tqdm import tqdm
+
+    bar = None
+
+    def callback(tensor, info):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=info.total, desc="writing weights", unit="tensor", leave=False, disable=None)
+        bar.update()
+        if bar.n >= bar.total:
+            bar.close()
+
+    return callback
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--scheme", default="q0f32", show_default=True, help="Quantization scheme (see docs/schemes.md).")
+@click.option("--target", default="ort", show_default=True, type=click.Choice(["ort", "tensorrt"]))
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+def convert(model, output, scheme, target, overwrite):
+    """Convert MODEL (a local HF folder or a hub id) into an ONNX folder."""
+    from converter.export import convert as run_convert
+
+    report = run_convert(model, output, scheme, target, overwrite, progress=_progress_callback())
+    click.echo(
+        f"wrote {report.output} ({report.model_type}, scheme {report.scheme}, target {report.target}): "
+        f"{report.model_bytes / 1e6:.1f} MB in {report.seconds:.1f} s"
+    )
+    for note in report.notes:
+        click.echo(note)
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeat for a batch).")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]))
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--top-k", default=0, show_default=True, help="0 disables top-k.")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+def run(model_dir, prompts, max_new_tokens, provider, sample, temperature, top_k, top_p, seed):
+    """Generate text from a converted folder."""
+    from runtime.generate import SamplingConfig, generate_text
+    from runtime.session import create_session, load_tokenizer
+
+    session = create_session(model_dir, provider)
+    tokenizer = load_tokenizer(model_dir)
+    config = SamplingConfig(max_new_tokens, sample, temperature, top_k, top_p, seed)
+    for text in generate_text(session, tokenizer, list(prompts), config):
+        click.echo(text)
+
+
+@main.command(name="eval")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Plain text file.")
+@click.option("--seq-len", type=int, default=None, help="Window length [default: min(2048, context)].")
+@click.option("--stride", type=int, default=None, help="Window step [default: seq-len].")
+@click.option("--max-tokens", type=int, default=None, help="Only score the first N tokens of the file.")
+@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def evaluate(model_dir, data, seq_len, stride, max_tokens, provider, as_json):
+    """Perplexity of a converted model over a text file (sliding window)."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from runtime.evaluate import perplexity
+    from runtime.session import create_session, load_tokenizer
+
+    if not data.is_file():
+        raise LowbitError(f"{data}: no such file")
+    session = create_session(model_dir, provider)
+    tokenizer = load_tokenizer(model_dir)
+    context = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["context_length"]
+    seq_len = seq_len or min(2048, context)
+    stride = stride or seq_len
+    if seq_len < 2 or stride < 1 or stride > seq_len:
+        raise LowbitError("need --seq-len >= 2 and 1 <= --stride <= --seq-len")
+    ids = np.asarray(tokenizer(data.read_text())["input_ids"], np.int64)
+    if max_tokens:
+        ids = ids[:max_tokens]
+    result = perplexity(session, ids, seq_len, stride, progress=lambda it: tqdm(it, desc="eval", leave=False, disable=None))
+    if as_json:
+        click.echo(json.dumps({"perplexity": result.perplexity, "tokens": result.tokens, "windows": result.windows,
+                               "seq_len": seq_len, "stride": stride}))
+    else:
+        click.echo(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.windows} windows)")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--prompt-len", default=128, show_default=True)
+@click.option("--new-tokens", default=64, show_default=True)
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--threads", type=int, default=None, help="ORT intra-op threads [default: all cores].")
+@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def bench(model_dir, prompt_len, new_tokens, repeats, threads, provider, as_json):
+    """Prefill/decode tokens per second, peak RSS and model bytes."""
+    from runtime.bench import benchmark
+    from runtime.session import create_session
+
+    result = benchmark(create_session(model_dir, provider, threads), prompt_len, new_tokens, repeats)
+    if as_json:
+        click.echo(json.dumps(result.as_dict()))
+    else:
+        click.echo(
+            f"prefill {result.prefill_tokens_per_s:.1f} tok/s ({prompt_len} tokens), "
+            f"decode {result.decode_tokens_per_s:.1f} tok/s, peak RSS {result.peak_rss_mb:.0f} MB, "
+            f"model {result.model_bytes / 1e6:.1f} MB"
+        )
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def inspect(model_dir, as_json):
+    """Ops, weight sizes and scheme of a converted folder."""
+    from runtime.inspect import inspect_model
+
+    info = inspect_model(model_dir)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{model_dir}: scheme {info['scheme']}, target {info['target']}, model_type {info['model_type']}")
+    click.echo(f"weights: {info['weight_bytes'] / 1e6:.2f} MB in {info['initializers']} initializers")
+    click.echo("ops: " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))

@@ -1,0 +1,107 @@
+"""ONNX Runtime sessions over a converted folder, with KV-cache bookkeeping."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from converter.errors import LowbitError
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def load_custom_ops() -> None:
+    """Hook for custom_ops that register ORT kernels (none needed for the standard schemes)."""
+
+
+@dataclass
+class DecoderSession:
+    """An ORT session plus what the generation loop needs to know about its KV cache."""
+
+    session: object
+    model_dir: Path
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    kv_dtype: np.dtype
+    vocab_size: int
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        feeds = {}
+        for i in range(self.num_layers):
+            feeds[f"past_key_values.{i}.key"] = np.zeros(shape, self.kv_dtype)
+            feeds[f"past_key_values.{i}.value"] = np.zeros(shape, self.kv_dtype)
+        return feeds
+
+    def forward(self, input_ids, attention_mask, position_ids, past: dict) -> tuple[np.ndarray, dict]:
+        """Logits [B, S, V] and the next step's past (present outputs renamed)."""
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **past}
+        outputs = self.session.run(None, feeds)
+        names = [o.name for o in self.session.get_outputs()]
+        new_past = {}
+        logits = None
+        for name, value in zip(names, outputs):
+            if name == "logits":
+                logits = value
+            else:
+                new_past[name.replace("present.", "past_key_values.", 1)] = value
+        return logits, new_past
+
+
+def create_session(model_dir: str | Path, provider: str = "cpu", threads: int | None = None) -> DecoderSession:
+    model_dir = Path(model_dir)
+    model_path = model_dir / "model.onnx"
+    if not model_path.is_file():
+        raise LowbitError(f"{model_dir}: no model.onnx (is this a `lowbit convert` output folder?)")
+    if provider not in PROVIDERS:
+        raise LowbitError(f"unknown provider '{provider}' (known: {', '.join(PROVIDERS)})")
+    import onnxruntime as ort
+
+    ep = PROVIDERS[provider]
+    if ep not in ort.get_available_providers():
+        raise LowbitError(
+            f"provider '{provider}' ({ep}) is not available in this onnxruntime build "
+            f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu for cuda/tensorrt"
+        )
+    load_custom_ops()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    providers = [ep] if ep == "CPUExecutionProvider" else [ep, "CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(model_path), options, providers=providers)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        raise LowbitError(f"{model_path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+    config = json.loads((model_dir / "genai_config.json").read_text())["model"]
+    decoder = config["decoder"]
+    past = next(i for i in session.get_inputs() if i.name == "past_key_values.0.key")
+    return DecoderSession(
+        session=session,
+        model_dir=model_dir,
+        num_layers=decoder["num_hidden_layers"],
+        num_kv_heads=decoder["num_key_value_heads"],
+        head_dim=decoder["head_size"],
+        kv_dtype=np.dtype(ORT_DTYPES[past.type]),
+        vocab_size=config["vocab_size"],
+    )
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:  # noqa: BLE001
+        raise LowbitError(f"{model_dir}: cannot load tokenizer ({e.__class__.__name__})") from None
