@@ -1,14 +1,14 @@
 """Streaming access to a Hugging Face checkpoint, one tensor at a time.
 
-Safetensors shards are memory-mapped and parsed from their JSON header (numpy has no bfloat16,
-so tensors are viewed through ml_dtypes); nothing is read until a tensor is asked for, so peak
-memory follows the largest tensor in use, not the model.
+Safetensors shards are indexed from their JSON header (numpy has no bfloat16, so tensors are
+typed through ml_dtypes) and each tensor is read with pread into its own buffer when asked for:
+nothing is mapped or cached, so peak memory follows the tensors in use, not the model.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +87,7 @@ class Checkpoint:
     def __init__(self, directory: Path):
         self.directory = directory
         self._entries: dict[str, TensorEntry] = {}
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._files: dict[Path, int] = {}
         self._torch_state: dict | None = None
         shards = sorted(directory.glob("*.safetensors"))
         if shards:
@@ -115,17 +115,22 @@ class Checkpoint:
         return self._entries[name].shape
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor as a numpy array (a read-only view of the memory map where possible)."""
+        """The tensor as a fresh numpy array."""
         if self._torch_state is not None:
             return _torch_to_numpy(self._torch_state[name])
         entry = self._entries[name]
-        mm = self._maps.get(entry.path)
-        if mm is None:
-            with open(entry.path, "rb") as f:
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps[entry.path] = mm
-        count = int(np.prod(entry.shape, dtype=np.int64))
-        return np.frombuffer(mm, dtype=entry.dtype, count=count, offset=entry.start).reshape(entry.shape)
+        fd = self._files.get(entry.path)
+        if fd is None:
+            fd = self._files[entry.path] = os.open(entry.path, os.O_RDONLY)
+        array = np.empty(entry.shape, entry.dtype)
+        view = memoryview(array.reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(view):  # pread may return less than asked for large reads
+            n = os.preadv(fd, [view[done:]], entry.start + done)
+            if n == 0:
+                raise LowbitError(f"{entry.path.name}: truncated while reading {name}")
+            done += n
+        return array
 
     def read_float32(self, name: str) -> np.ndarray:
         return np.asarray(self.read(name), dtype=np.float32)

@@ -159,3 +159,7 @@ def inspect(model_dir, as_json):
     click.echo(f"{model_dir}: scheme {info['scheme']}, target {info['target']}, model_type {info['model_type']}")
     click.echo(f"weights: {info['weight_bytes'] / 1e6:.2f} MB in {info['initializers']} initializers")
     click.echo("ops: " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
+
+
+if __name__ == "__main__":
+    main()

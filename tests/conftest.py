@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny random transformers models of every supported architecture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+STORIES = SHARED / "models" / "stories260K-hf"
+WIKITEXT = SHARED / "data" / "wikitext2_test.txt"
+SAMPLE_MODEL = REPO / "samples" / "stories260K-hf"
+
+COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, max_position_embeddings=128)
+GQA = dict(num_attention_heads=4, num_key_value_heads=2)
+
+# architecture id -> (config class name, config kwargs)
+TINY_CONFIGS = {
+    "llama": ("LlamaConfig", {**COMMON, **GQA, "tie_word_embeddings": False}),
+    "llama3-rope-tied": (
+        "LlamaConfig",
+        {
+            **COMMON,
+            **GQA,
+            "tie_word_embeddings": True,
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        },
+    ),
+    "llama-mqa-bias": (
+        "LlamaConfig",
+        {**COMMON, "num_attention_heads": 4, "num_key_value_heads": 1, "attention_bias": True, "mlp_bias": True},
+    ),
+    "mistral": ("MistralConfig", {**COMMON, **GQA, "sliding_window": 5, "head_dim": 16}),
+    "qwen2": ("Qwen2Config", {**COMMON, **GQA, "tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {**COMMON, **GQA, "head_dim": 16, "tie_word_embeddings": True}),
+    "phi3": ("Phi3Config", {**COMMON, **GQA, "pad_token_id": 0, "tie_word_embeddings": False}),
+    "phi3-longrope": (
+        "Phi3Config",
+        {
+            **COMMON,
+            **GQA,
+            "pad_token_id": 0,
+            "original_max_position_embeddings": 8,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                "long_factor": [2.0 + 0.3 * i for i in range(8)],
+                "original_max_position_embeddings": 8,
+            },
+        },
+    ),
+    "gemma2": (
+        "Gemma2Config",
+        {
+            **COMMON,
+            **GQA,
+            "head_dim": 16,
+            "sliding_window": 5,
+            "query_pre_attn_scalar": 24,
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 3.0,
+        },
+    ),
+    "gpt2": ("GPT2Config", {"vocab_size": 96, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128}),
+}
+
+
+def build_tiny_model(arch_id: str, directory: Path, dtype=None):
+    """Save a random-weight model of `arch_id` to `directory` and return the torch model (eval, fp32)."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    class_name, kwargs = TINY_CONFIGS[arch_id]
+    config = getattr(transformers, class_name)(**kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(sum(map(ord, arch_id)))
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # HF inits norms to 1 and biases to 0: draw them so the test can see them
+        for name, param in model.named_parameters():
+            if "norm" in name or "ln_" in name or name.endswith("bias"):
+                param.add_(torch.randn_like(param) * 0.2)
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng()

@@ -1,0 +1,90 @@
+"""Every architecture: ONNX logits equal transformers' for a padded prefill and cached decode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from converter.export import convert
+from runtime.session import create_session
+from tests.conftest import TINY_CONFIGS, build_tiny_model
+
+torch = pytest.importorskip("torch")
+
+PREFILL, DECODE_STEPS, BATCH = 9, 5, 3
+
+
+def reference_logits(model, ids, mask, steps, next_tokens):
+    """transformers logits for a prefill and `steps` cached decode steps."""
+    out = []
+    with torch.no_grad():
+        positions = np.clip(mask.cumsum(-1) - 1, 0, None)
+        result = model(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions),
+            use_cache=True,
+        )
+        out.append(result.logits.float().numpy())
+        past = result.past_key_values
+        for step in range(steps):
+            mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+            positions = positions[:, -1:] + 1
+            result = model(
+                input_ids=torch.tensor(next_tokens[:, step:step + 1]), attention_mask=torch.tensor(mask),
+                position_ids=torch.tensor(positions), past_key_values=past, use_cache=True,
+            )
+            out.append(result.logits.float().numpy())
+            past = result.past_key_values
+    return out
+
+
+def onnx_logits(session, ids, mask, steps, next_tokens):
+    out = []
+    positions = np.clip(mask.cumsum(-1) - 1, 0, None)
+    logits, past = session.forward(ids, mask, positions, session.empty_past(ids.shape[0]))
+    out.append(logits.astype(np.float32))
+    for step in range(steps):
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+        positions = positions[:, -1:] + 1
+        logits, past = session.forward(next_tokens[:, step:step + 1], mask, positions, past)
+        out.append(logits.astype(np.float32))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    cache = {}
+
+    def get(arch_id):
+        if arch_id not in cache:
+            directory = tmp_path_factory.mktemp(arch_id)
+            cache[arch_id] = (directory, build_tiny_model(arch_id, directory))
+        return cache[arch_id]
+
+    return get
+
+
+@pytest.mark.parametrize("target", ["ort", "tensorrt"])
+@pytest.mark.parametrize("scheme,tolerance", [("q0f32", 1e-4), ("q0f16", 2e-2)])
+@pytest.mark.parametrize("arch_id", list(TINY_CONFIGS))
+def test_logits_match_transformers(arch_id, scheme, tolerance, target, tiny_models, tmp_path, rng):
+    source, model = tiny_models(arch_id)
+    out = tmp_path / "onnx"
+    convert(str(source), out, scheme=scheme, target=target)
+    session = create_session(out)
+
+    vocab = model.config.vocab_size
+    ids = rng.integers(3, vocab, (BATCH, PREFILL), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0  # left padding in the batch
+    mask[2, :1] = 0
+    next_tokens = rng.integers(3, vocab, (BATCH, DECODE_STEPS), dtype=np.int64)
+
+    expected = reference_logits(model, ids, mask, DECODE_STEPS, next_tokens)
+    actual = onnx_logits(session, ids, mask, DECODE_STEPS, next_tokens)
+    scale = max(np.abs(e).max() for e in expected)
+    prefill_rows = mask.astype(bool)  # padded query rows carry no meaning
+    errors = [np.abs(actual[0] - expected[0])[prefill_rows].max()]
+    errors += [np.abs(a - e).max() for a, e in zip(actual[1:], expected[1:])]
+    assert max(errors) / scale <= tolerance, (errors, scale)
+    # the check must be able to fail: a different model's logits are far away
+    assert np.abs(actual[1] - expected[2]).max() / scale > tolerance

@@ -1,0 +1,106 @@
+"""Bad input: one-line error, exit code 2, no output folder left behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from runtime.cli import main
+from tests.conftest import SAMPLE_MODEL
+
+
+def run_convert(*args):
+    return CliRunner().invoke(main, ["convert", *map(str, args)])
+
+
+def assert_clean_failure(result, out, message):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert message in lines[0]
+    assert "Traceback" not in result.output
+    assert not out.exists() or not any(out.iterdir())
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no staging leftovers
+
+
+@pytest.fixture
+def model_copy(tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(SAMPLE_MODEL, copy)
+    return copy
+
+
+def test_missing_directory(tmp_path):
+    out = tmp_path / "out"
+    assert_clean_failure(run_convert(tmp_path / "nope", "-o", out), out, "no such directory")
+
+
+def test_unsupported_model_type(model_copy, tmp_path):
+    config = json.loads((model_copy / "config.json").read_text())
+    config["model_type"] = "bert"
+    (model_copy / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert_clean_failure(run_convert(model_copy, "-o", out), out, "unsupported model_type 'bert'")
+
+
+@pytest.mark.parametrize("keep", [100, 4])
+def test_truncated_safetensors(model_copy, tmp_path, keep):
+    weights = model_copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - keep] if keep > 8 else data[:keep])
+    out = tmp_path / "out"
+    assert_clean_failure(run_convert(model_copy, "-o", out), out, "truncated safetensors")
+
+
+def test_missing_tensor(model_copy, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(model_copy / "model.safetensors")
+    del tensors["model.layers.3.mlp.down_proj.weight"]
+    save_file(tensors, model_copy / "model.safetensors")
+    out = tmp_path / "out"
+    assert_clean_failure(run_convert(model_copy, "-o", out), out, "model.layers.3.mlp.down_proj.weight")
+
+
+def test_unknown_scheme(tmp_path):
+    out = tmp_path / "out"
+    assert_clean_failure(run_convert(SAMPLE_MODEL, "-o", out, "--scheme", "q9f99"), out, "unknown scheme 'q9f99'")
+
+
+def test_existing_non_empty_output_without_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    result = run_convert(SAMPLE_MODEL, "-o", out)
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    result = run_convert(SAMPLE_MODEL, "-o", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (out / "model.onnx").is_file() and not (out / "keep.txt").exists()
+
+
+def test_hub_id_without_network_is_a_clean_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    assert_clean_failure(run_convert("nobody-here/no-such-model", "-o", out), out, "cannot be fetched from the hub")
+
+
+def test_run_on_missing_folder_and_unavailable_provider(tmp_path):
+    result = CliRunner().invoke(main, ["run", str(tmp_path), "--prompt", "hi"])
+    assert result.exit_code == 2 and "no model.onnx" in result.output
+    out = tmp_path / "out"
+    assert run_convert(SAMPLE_MODEL, "-o", out).exit_code == 0
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        result = CliRunner().invoke(main, ["run", str(out), "--prompt", "hi", "--provider", "tensorrt"])
+        assert result.exit_code == 2 and "not available" in result.output
+
+
+def test_every_command_has_help():
+    for command in ["convert", "run", "eval", "bench", "inspect"]:
+        result = CliRunner().invoke(main, [command, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output
