@@ -72,7 +72,7 @@ class DecoderGraph:
     def _linear(self, x, name: str, prefixes, layer: int | None = None):
         lin = self.w.linear(prefixes, layer)
         w = self._weight(f"{name}.weight", (lin.in_features, lin.out_features), lin.in_out)
-        y = self.b.op("MatMul", x, w, name=name.rsplit(".", 1)[-1])
+        y = self.b.op("MatMul", x, w, node_name=name)  # the module name quantization plans match
         if lin.bias is not None:
             y = self.b.op("Add", y, self._weight(f"{name}.bias", (lin.out_features,), lin.bias))
         return y
@@ -210,7 +210,7 @@ class DecoderGraph:
             return self._linear(hidden, "lm_head", self.names.lm_head)
         # Tied: reuse the [vocab, hidden] embedding table through Gemm(transB=1), stored once.
         flat = b.op("Reshape", hidden, b.i64(-1, s.hidden_size))
-        logits = b.op("Gemm", flat, embed_table, transB=1, name="lm_head")
+        logits = b.op("Gemm", flat, embed_table, transB=1, node_name="lm_head")
         out_shape = b.op("Concat", b.op("Shape", hidden, end=2), b.i64(s.vocab_size), axis=0)
         return b.op("Reshape", logits, out_shape)
 
@@ -230,13 +230,13 @@ class DecoderGraph:
 
         embed_shape, embed_load = self.w.tensor(f"{n.embed}.weight")
         embed_table = self._weight("embed_tokens.weight", embed_shape, embed_load)
-        hidden = b.op("Gather", embed_table, input_ids, axis=0, name="embed_tokens")
+        hidden = b.op("Gather", embed_table, input_ids, axis=0, node_name="embed_tokens")
         if s.embedding_scale is not None:
             hidden = b.op("Mul", hidden, self._scalar(s.embedding_scale))
         if n.position_embed:
             pos_shape, pos_load = self.w.tensor(f"{n.position_embed}.weight")
             table = self._weight("embed_positions.weight", pos_shape, pos_load)
-            hidden = b.op("Add", hidden, b.op("Gather", table, position_ids, axis=0, name="embed_positions"))
+            hidden = b.op("Add", hidden, b.op("Gather", table, position_ids, axis=0, node_name="embed_positions"))
 
         biases = {w: self._attention_bias(input_ids, attention_mask, w) for w in set(s.sliding_windows or [None])}
         rotary = self._rotary_tables(position_ids) if s.rope is not None else None

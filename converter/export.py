@@ -19,7 +19,9 @@ from converter.checkpoint import Checkpoint, dir_size, resolve_model_dir
 from converter.decoder import TARGETS, DecoderGraph
 from converter.errors import LowbitError
 from converter.genai import genai_config
-from converter.schemes import get_scheme
+from converter.quant.rewrite import QuantReport, quantize_model
+from converter.schemes import SchemeOptions, get_scheme
+from converter.weights import WeightSource
 
 COPIED_FILES = [
     "config.json",
@@ -43,6 +45,9 @@ class ConversionReport:
     model_type: str
     seconds: float
     model_bytes: int
+    float_weight_bytes: int = 0
+    weight_bytes: int = 0
+    quant: QuantReport | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -79,20 +84,22 @@ def convert(
     target: str = "ort",
     overwrite: bool = False,
     progress: Callable | None = None,
+    options: SchemeOptions | None = None,
 ) -> ConversionReport:
     start = time.perf_counter()
     output = Path(output)
-    scheme_obj = get_scheme(scheme)
     if target not in TARGETS:
         raise LowbitError(f"unknown target '{target}' (known: {', '.join(TARGETS)})")
+    scheme_obj = get_scheme(scheme, options, target)
     prepare_output(output, overwrite)
     source = resolve_model_dir(model)
     arch, config = load_config(source)
     spec: DecoderSpec = arch.spec(config)
     checkpoint = Checkpoint(source)
-    from converter.weights import WeightSource
-
     graph = DecoderGraph(spec, WeightSource(checkpoint, arch.weights), scheme_obj.dtype, TARGETS[target]).build()
+    float_bytes = _weight_bytes(graph)
+    quant = quantize_model(graph, scheme_obj.plan, target, scheme_obj.dtype) if scheme_obj.plan else None
+    weight_bytes = _weight_bytes(graph)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
@@ -102,20 +109,24 @@ def convert(
             if (source / name).is_file():
                 shutil.copy2(source / name, staging / name)
         (staging / "genai_config.json").write_text(json.dumps(genai_config(spec, arch.genai_type, source), indent=2))
-        (staging / "lowbit.json").write_text(
-            json.dumps(
-                {
-                    "lowbit_version": converter.__version__,
-                    "scheme": scheme,
-                    "target": target,
-                    "source": str(model),
-                    "model_type": spec.model_type,
-                    "dtype": scheme_obj.dtype.name,
-                    "versions": _versions(),
-                },
-                indent=2,
-            )
-        )
+        session_config = {}
+        if quant is not None and quant.qdq_accuracy_level() is not None:
+            session_config["session.qdq_matmulnbits_accuracy_level"] = str(quant.qdq_accuracy_level())
+        metadata = {
+            "lowbit_version": converter.__version__,
+            "scheme": scheme,
+            "scheme_description": scheme_obj.description,
+            "target": target,
+            "source": str(model),
+            "model_type": spec.model_type,
+            "dtype": scheme_obj.dtype.name,
+            "float_weight_bytes": float_bytes,
+            "weight_bytes": weight_bytes,
+            "ort_session_config": session_config,
+            "quantization": quant.as_dict() if quant else {},
+            "versions": _versions(),
+        }
+        (staging / "lowbit.json").write_text(json.dumps(metadata, indent=2))
         if output.exists():
             shutil.rmtree(output)
         staging.rename(output)
@@ -123,8 +134,13 @@ def convert(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ConversionReport(
-        output, scheme, target, spec.model_type, time.perf_counter() - start, dir_size(output)
+        output, scheme, target, spec.model_type, time.perf_counter() - start, dir_size(output), float_bytes,
+        weight_bytes, quant,
     )
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
 def _versions() -> dict[str, str]:

@@ -62,10 +62,12 @@ class GraphBuilder:
         self._counts[base] = n + 1
         return base if n == 0 and name else f"{base}_{n}"
 
-    def op(self, op_type: str, *inputs, domain: str = "", name: str | None = None, **attributes) -> ir.Value:
+    def op(self, op_type: str, *inputs, domain: str = "", name: str | None = None, node_name: str | None = None,
+           **attributes) -> ir.Value:
+        """`name` is scoped and numbered; `node_name` is used as given (module names like `lm_head`)."""
         attributes = {k: v for k, v in attributes.items() if v is not None}
         return self._tape.op(
-            op_type, list(inputs), attributes, domain=domain, name=self._node_name(op_type, name)
+            op_type, list(inputs), attributes, domain=domain, name=node_name or self._node_name(op_type, name)
         )
 
     def ops(self, op_type: str, *inputs, num_outputs: int, domain: str = "", name: str | None = None, **attributes):

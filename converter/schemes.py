@@ -1,35 +1,178 @@
-"""Scheme registry: a scheme is a named preset (compute dtype + quantization plan)."""
+"""Schemes: named presets that expand to a compute dtype and a per-layer quantization plan.
+
+Fixed names are registered in `SCHEMES`; families with a parameter in the name (`a16w4-g128`)
+are matched by `SCHEME_PATTERNS`. Options from the command line (`SchemeOptions`) are
+validated once here; the rest of the code only sees `Scheme` objects.
+"""
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from converter.errors import LowbitError
+from converter.quant.affine import WeightQuant
+from converter.quant.plan import LayerQuant, QuantPlan, uniform_plan
+
+DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+
+
+@dataclass(frozen=True)
+class SchemeOptions:
+    """What the command line may change on top of a preset (None = the preset's value)."""
+
+    group_size: int | None = None
+    symmetric: bool | None = None
+    accuracy_level: int | None = None
+    dtype: str | None = None
+    pad: bool = True
+
+    def __post_init__(self):
+        if self.group_size is not None and self.group_size < 1:
+            raise LowbitError(f"--group-size must be positive, got {self.group_size}")
+        if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise LowbitError(f"--accuracy-level must be 0..4, got {self.accuracy_level}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise LowbitError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype}")
 
 
 @dataclass(frozen=True)
 class Scheme:
     name: str
-    dtype: np.dtype  # compute dtype of activations and unquantized weights
+    dtype: np.dtype
     description: str
+    plan: QuantPlan | None = None
 
 
-SCHEMES: dict[str, Scheme] = {}
+SCHEMES: dict[str, Callable[[SchemeOptions, str], Scheme]] = {}
+SCHEME_PATTERNS: list[tuple[re.Pattern, Callable[[re.Match, SchemeOptions, str], Scheme]]] = []
 
 
-def register_scheme(scheme: Scheme) -> Scheme:
-    SCHEMES[scheme.name] = scheme
-    return scheme
+def _dtype(options: SchemeOptions, default: str) -> np.dtype:
+    return DTYPES[options.dtype or default]
 
 
-register_scheme(Scheme("q0f32", np.dtype(np.float32), "no quantization, float32 weights and compute (MLC q0f32)"))
-register_scheme(Scheme("q0f16", np.dtype(np.float16), "no quantization, float16 weights and compute (MLC q0f16)"))
+def _no_options(options: SchemeOptions, name: str, allowed=("dtype",)):
+    for field_name in ("group_size", "symmetric", "accuracy_level", "dtype"):
+        if getattr(options, field_name) is not None and field_name not in allowed:
+            raise LowbitError(f"scheme {name} fixes its own {field_name.replace('_', '-')}; drop that option")
 
 
-def get_scheme(name: str) -> Scheme:
-    scheme = SCHEMES.get(name)
-    if scheme is None:
-        raise LowbitError(f"unknown scheme '{name}' (known: {', '.join(sorted(SCHEMES))})")
+# ------------------------------------------------------------------------------ MLC-LLM codes
+
+
+def _mlc(name, bits, group, dtype, description, quantize=True):
+    def make(options: SchemeOptions, target: str) -> Scheme:
+        _no_options(options, name, allowed=("accuracy_level",) if quantize else ())
+        plan = None
+        if quantize:
+            layer = LayerQuant(WeightQuant(bits, group, "symmetric"), accuracy_level=options.accuracy_level or 0)
+            # TensorRT has no quantized Gather: the embedding stays float there
+            plan = uniform_plan(layer, embeddings=target != "tensorrt", lm_head=True, pad=options.pad)
+        return Scheme(name, DTYPES[dtype], description, plan)
+
+    SCHEMES[name] = make
+
+
+_mlc("q0f32", 0, None, "float32", "no quantization, float32 weights and compute", quantize=False)
+_mlc("q0f16", 0, None, "float16", "no quantization, float16 weights and compute", quantize=False)
+_mlc("q4f16_1", 4, 32, "float16", "MLC 4-bit group 32, s = max|w|/7, embedding and lm_head too, float16")
+_mlc("q4f32_1", 4, 32, "float32", "MLC 4-bit group 32, s = max|w|/7, embedding and lm_head too, float32")
+_mlc("q3f16_1", 3, 40, "float16", "MLC 3-bit group 40, s = max|w|/3, embedding and lm_head too, float16")
+
+
+# ------------------------------------------------------------------------------ DashInfer InstantQuant
+
+
+def _dashinfer(match: re.Match, options: SchemeOptions, target: str) -> Scheme:
+    bits = int(match["bits"])
+    group = int(match["group"]) if match["group"] else options.group_size
+    minmax = bool(match["minmax"])
+    if minmax and bits != 8:
+        raise LowbitError("the DashInfer CPU min/max rule is 8-bit only (a16w8-minmax)")
+    symmetric = options.symmetric or False
+    rule = "minmax_float_zp" if minmax else ("symmetric" if symmetric else "asymmetric")
+    layer = LayerQuant(WeightQuant(bits, group, rule), accuracy_level=options.accuracy_level or 0)
+    granularity = f"group {group}" if group else "per-channel"
+    return Scheme(match[0], _dtype(options, "float32"),
+                  f"DashInfer InstantQuant {'int8' if bits == 8 else 'uint4'} weights, {granularity}, {rule}",
+                  uniform_plan(layer, embeddings=False, lm_head=False, pad=options.pad))
+
+
+SCHEME_PATTERNS.append((re.compile(r"a16w(?P<bits>[48])(?P<minmax>-minmax)?(?:-g(?P<group>\d+))?"), _dashinfer))
+
+
+def dashinfer_scheme_name(config: dict) -> str:
+    """The scheme a DashInfer quantization config dict names."""
+    allowed = {"quant_method", "weight_format", "group_size", "compute_method"}
+    unknown = set(config) - allowed
+    if unknown:
+        raise LowbitError(f"quant config: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
+    if config.get("quant_method") != "instant_quant":
+        raise LowbitError(f"quant config: quant_method must be 'instant_quant', got {config.get('quant_method')!r}")
+    if config.get("compute_method", "weight_only") != "weight_only":
+        raise LowbitError("quant config: only compute_method 'weight_only' (A16) is supported")
+    formats = {"int8": "a16w8", "uint4": "a16w4"}
+    fmt = config.get("weight_format")
+    if fmt not in formats:
+        raise LowbitError(f"quant config: weight_format must be one of {sorted(formats)}, got {fmt!r}")
+    group = config.get("group_size", -1)
+    if not isinstance(group, int) or (group != -1 and group < 1):
+        raise LowbitError(f"quant config: group_size must be -1 (per-channel) or a positive int, got {group!r}")
+    return formats[fmt] + (f"-g{group}" if group != -1 else "")
+
+
+def scheme_from_quant_config(path: Path) -> str:
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LowbitError(f"{path}: cannot read quant config ({e.__class__.__name__})") from None
+    if not isinstance(config, dict):
+        raise LowbitError(f"{path}: quant config must be a JSON object")
+    return dashinfer_scheme_name(config)
+
+
+# ------------------------------------------------------------------------------ generic weight-only
+
+
+def _generic(match: re.Match, options: SchemeOptions, target: str) -> Scheme:
+    bits = int(match["bits"])
+    symmetric = True if options.symmetric is None else options.symmetric
+    group = options.group_size or (128 if target == "tensorrt" else 32)
+    if target == "tensorrt":
+        if bits != 4 or not symmetric or group not in (64, 128):
+            raise LowbitError("target tensorrt takes w4a16 symmetric with --group-size 64 or 128 "
+                              "(the INT4 weight-only form TensorRT builds)")
+    level = options.accuracy_level if options.accuracy_level is not None else 4
+    layer = LayerQuant(WeightQuant(bits, group, "symmetric" if symmetric else "asymmetric"), accuracy_level=level)
+    return Scheme(match[0], _dtype(options, "float32"),
+                  f"{bits}-bit weights, group {group}, {'symmetric' if symmetric else 'asymmetric'}",
+                  uniform_plan(layer, embeddings=False, lm_head=True, pad=options.pad))
+
+
+SCHEME_PATTERNS.append((re.compile(r"w(?P<bits>[2348])a16"), _generic))
+
+
+def scheme_names() -> list[str]:
+    return sorted(SCHEMES) + ["a16w8", "a16w4", "a16w8-g128", "a16w4-g128", "a16w8-minmax", "w2a16", "w3a16",
+                              "w4a16", "w8a16"]
+
+
+def get_scheme(name: str, options: SchemeOptions | None = None, target: str = "ort") -> Scheme:
+    options = options or SchemeOptions()
+    if name in SCHEMES:
+        scheme = SCHEMES[name](options, target)
+    else:
+        for pattern, factory in SCHEME_PATTERNS:
+            match = pattern.fullmatch(name)
+            if match:
+                scheme = factory(match, options, target)
+                break
+        else:
+            raise LowbitError(f"unknown scheme '{name}' (known: {', '.join(scheme_names())}; see docs/schemes.md)")
     return scheme

@@ -47,18 +47,42 @@ def _progress_callback():
 @main.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--scheme", default="q0f32", show_default=True, help="Quantization scheme (see docs/schemes.md).")
+@click.option("--scheme", default=None, help="Quantization scheme (see docs/schemes.md) [default: q0f32].")
 @click.option("--target", default="ort", show_default=True, type=click.Choice(["ort", "tensorrt"]))
+@click.option("--group-size", type=int, default=None, help="Group (block) size along K, for schemes that take one.")
+@click.option("--symmetric/--asymmetric", default=None, help="Symmetric or asymmetric weights (generic schemes).")
+@click.option("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level: 0 float, 4 int8 activations.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None, help="Compute dtype override.")
+@click.option("--no-pad", is_flag=True, help="Reject layers whose K is not a multiple of the group instead of padding.")
+@click.option("--quant-config", type=click.Path(path_type=Path), default=None,
+              help="DashInfer quantization config JSON (instead of --scheme).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
-def convert(model, output, scheme, target, overwrite):
+def convert(model, output, scheme, target, group_size, symmetric, accuracy_level, dtype, no_pad, quant_config,
+            overwrite):
     """Convert MODEL (a local HF folder or a hub id) into an ONNX folder."""
     from converter.export import convert as run_convert
+    from converter.schemes import SchemeOptions, scheme_from_quant_config
 
-    report = run_convert(model, output, scheme, target, overwrite, progress=_progress_callback())
+    if quant_config is not None:
+        if scheme is not None:
+            raise LowbitError("give either --scheme or --quant-config, not both")
+        scheme = scheme_from_quant_config(quant_config)
+    options = SchemeOptions(group_size, symmetric, accuracy_level, dtype, pad=not no_pad)
+    report = run_convert(model, output, scheme or "q0f32", target, overwrite, _progress_callback(), options)
     click.echo(
         f"wrote {report.output} ({report.model_type}, scheme {report.scheme}, target {report.target}): "
         f"{report.model_bytes / 1e6:.1f} MB in {report.seconds:.1f} s"
     )
+    if report.quant is not None:
+        layers = report.quant.layers
+        worst = max(layers, key=lambda r: r.max_rel_error or 0.0) if layers else None
+        click.echo(
+            f"weights {report.float_weight_bytes / 1e6:.2f} MB -> {report.weight_bytes / 1e6:.2f} MB; "
+            f"{len(layers)} layers quantized"
+            + (f"; max relative weight error {worst.max_rel_error:.4f} ({worst.module})" if worst else "")
+        )
+        for r in layers:
+            click.echo(f"  {r.module:32s} {r.quant:28s} {r.format:24s} max rel err {r.max_rel_error:.4f}")
     for note in report.notes:
         click.echo(note)
 

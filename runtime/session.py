@@ -19,10 +19,6 @@ PROVIDERS = {
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-def load_custom_ops() -> None:
-    """Hook for custom_ops that register ORT kernels (none needed for the standard schemes)."""
-
-
 @dataclass
 class DecoderSession:
     """An ORT session plus what the generation loop needs to know about its KV cache."""
@@ -73,12 +69,15 @@ def create_session(model_dir: str | Path, provider: str = "cpu", threads: int | 
             f"provider '{provider}' ({ep}) is not available in this onnxruntime build "
             f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu for cuda/tensorrt"
         )
-    load_custom_ops()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    metadata_path = model_dir / "lowbit.json"
+    if metadata_path.is_file():  # e.g. the accuracy level ORT's DQ+MatMul -> MatMulNBits fusion should use
+        for key, value in json.loads(metadata_path.read_text()).get("ort_session_config", {}).items():
+            options.add_session_config_entry(key, value)
     providers = [ep] if ep == "CPUExecutionProvider" else [ep, "CPUExecutionProvider"]
     try:
         session = ort.InferenceSession(str(model_path), options, providers=providers)

@@ -1,0 +1,148 @@
+"""Affine weight quantization, numpy in and numpy out (no graph code).
+
+A weight W [N, K] (output features, input features) is cut along K into groups of
+`group_size` (None: one group per row, i.e. per channel). K is zero-padded to a multiple of
+the group size. Each group g gets a scale s and a zero point z, and each value an unsigned
+code q in [0, 2^bits - 1]; the dequantized value is (q - z) * s. The rules (`RULES`) are
+written out in docs/schemes.md. Scales are rounded to the storage dtype *before* codes are
+computed, so the codes are exact for the scales that are stored. All arithmetic is float32;
+rounding is half-to-even (np.rint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """How to quantize one weight: bit width, group size along K (None = per channel), rule."""
+
+    bits: int
+    group_size: int | None
+    rule: str = "symmetric"
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be within 2..8, got {self.bits}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be positive, got {self.group_size}")
+        if self.rule not in RULES:
+            raise ValueError(f"unknown rule '{self.rule}' (known: {', '.join(RULES)})")
+
+    @property
+    def integer_zero_point(self) -> bool:
+        return RULES[self.rule].integer_zero_point
+
+    def describe(self) -> str:
+        group = f"g{self.group_size}" if self.group_size else "per-channel"
+        return f"{self.bits}-bit {group} {self.rule}"
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    codes: np.ndarray  # uint8 [N, K_padded], values in [0, 2^bits - 1]
+    scales: np.ndarray  # [N, G] in the storage dtype
+    zero_points: np.ndarray  # [N, G]: uint8 for integer rules, storage dtype otherwise
+    bits: int
+    group_size: int  # the effective group size (K for per-channel)
+    k: int  # original K (before padding)
+
+    @property
+    def n(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def groups(self) -> int:
+        return self.scales.shape[1]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """scale and zero point per group from the float32 groups [N, G, g]."""
+
+    params: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+    integer_zero_point: bool
+
+
+def _symmetric_params(groups: np.ndarray, bits: int):
+    # s = max|w| / (2^(b-1) - 1); codes centred on z = 2^(b-1) (ORT's default zero point), so
+    # q - z = clamp(round(w / s), -(2^(b-1) - 1), 2^(b-1) - 1): MLC's q4f16_1 / q3f16_1 values.
+    scale = np.abs(groups).max(axis=-1) / np.float32(2 ** (bits - 1) - 1)
+    return scale, None
+
+
+def _asymmetric_params(groups: np.ndarray, bits: int):
+    # range widened to include 0, so the integer zero point lies within [0, 2^b - 1]
+    lo = np.minimum(groups.min(axis=-1), np.float32(0))
+    hi = np.maximum(groups.max(axis=-1), np.float32(0))
+    return (hi - lo) / np.float32(2**bits - 1), lo
+
+
+def _minmax_params(groups: np.ndarray, bits: int):
+    # DashInfer CPU uint8 rule: s = (max - min) / (2^b - 1), z = -min / s kept as a float
+    lo, hi = groups.min(axis=-1), groups.max(axis=-1)
+    return (hi - lo) / np.float32(2**bits - 1), lo
+
+
+RULES: dict[str, Rule] = {
+    "symmetric": Rule(_symmetric_params, True),
+    "asymmetric": Rule(_asymmetric_params, True),
+    "minmax_float_zp": Rule(_minmax_params, False),
+}
+
+
+def group_size_for(quant: WeightQuant, k: int) -> int:
+    return quant.group_size or k
+
+
+def padded_k(quant: WeightQuant, k: int) -> int:
+    g = group_size_for(quant, k)
+    return -(-k // g) * g
+
+
+def quantize(weight: np.ndarray, quant: WeightQuant, scale_dtype=np.float32) -> QuantizedWeight:
+    """Quantize W [N, K] (float) with `quant`; scales (and float zero points) stored as `scale_dtype`."""
+    weight = np.asarray(weight, dtype=np.float32)
+    n, k = weight.shape
+    g = group_size_for(quant, k)
+    kp = padded_k(quant, k)
+    if kp != k:
+        weight = np.pad(weight, ((0, 0), (0, kp - k)))
+    groups = weight.reshape(n, kp // g, g)
+    qmax = 2**quant.bits - 1
+    rule = RULES[quant.rule]
+    scale, lo = rule.params(groups, quant.bits)
+    scale = np.where(scale == 0, np.float32(1), scale).astype(scale_dtype)  # all-equal group: any scale works
+    s32 = scale.astype(np.float32)
+    if quant.rule == "symmetric":
+        zero = np.full(scale.shape, 2 ** (quant.bits - 1), np.float32)
+    elif rule.integer_zero_point:
+        zero = np.clip(np.rint(-lo / s32), 0, qmax)
+    else:
+        zero = (-lo / s32).astype(scale_dtype).astype(np.float32)
+    if rule.integer_zero_point:
+        codes = np.clip(np.rint(groups / s32[..., None]) + zero[..., None], 0, qmax)
+        zero_points = zero.astype(np.uint8)
+    else:
+        codes = np.clip(np.rint(groups / s32[..., None] + zero[..., None]), 0, qmax)
+        zero_points = zero.astype(scale_dtype)
+    return QuantizedWeight(codes.reshape(n, kp).astype(np.uint8), scale, zero_points, quant.bits, g, k)
+
+
+def dequantize(qw: QuantizedWeight) -> np.ndarray:
+    """(q - z) * s in float32, [N, K] (padding dropped)."""
+    n, g = qw.n, qw.group_size
+    codes = qw.codes.reshape(n, -1, g).astype(np.float32)
+    values = (codes - qw.zero_points.astype(np.float32)[..., None]) * qw.scales.astype(np.float32)[..., None]
+    return values.reshape(n, -1)[:, : qw.k]
+
+
+def relative_error(weight: np.ndarray, qw: QuantizedWeight) -> float:
+    """max |W - dequant(W)| / max |W|: the per-layer number `lowbit convert` reports."""
+    weight = np.asarray(weight, np.float32)
+    denom = float(np.abs(weight).max()) or 1.0
+    return float(np.abs(weight - dequantize(qw)).max()) / denom

@@ -1,0 +1,224 @@
+"""Storage formats: how a quantized weight is laid out in the graph, registered by name.
+
+Each format says whether it can hold a given quantization (`unsupported`, returning a reason
+or None) and emits the replacement nodes for one weight-consuming site. Sites are `matmul`
+(`MatMul(x, W[K, N])`), `gemm_t` (`Gemm(x, W[N, K], transB=1)`, the tied lm_head) and
+`gather` (`Gather(W[V, K], ids)`, the embedding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from converter.quant.affine import QuantizedWeight, WeightQuant, group_size_for, padded_k
+from custom_ops import blockwise, gather_block_quantized, matmul_nbits
+
+
+@dataclass(frozen=True)
+class Site:
+    kind: str  # "matmul" | "gemm_t" | "gather"
+    module: str
+    node: ir.Node
+    x: ir.Value  # activations or indices
+    n: int
+    k: int
+
+
+@dataclass(frozen=True)
+class Part:
+    """One initializer a format writes: name suffix, dtype, shape, and how to get it from the packed arrays."""
+
+    suffix: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    get: Callable[[object], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Emission:
+    """What a format needs from the pass: the initializers, then the nodes given their values."""
+
+    parts: list[Part]
+    pack: Callable[[QuantizedWeight], object]
+    build: Callable[[ir.tape.Tape, Site, list[ir.Value]], ir.Value]
+    functions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StorageFormat:
+    name: str
+    kinds: tuple[str, ...]
+    targets: tuple[str, ...]
+    unsupported: Callable[[WeightQuant, Site], str | None]
+    emission: Callable[[WeightQuant, Site, np.dtype, int], Emission]
+    description: str
+
+
+FORMATS: dict[str, StorageFormat] = {}
+
+
+def register_format(fmt: StorageFormat) -> StorageFormat:
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+# ------------------------------------------------------------------------------ MatMulNBits
+
+
+def _nbits_unsupported(q: WeightQuant, site: Site):
+    return matmul_nbits.unsupported_reason(q.bits, q.group_size, q.integer_zero_point)
+
+
+def _nbits_emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level: int) -> Emission:
+    n, g = site.n, q.group_size
+    blocks = padded_k(q, site.k) // g
+    symmetric = q.rule == "symmetric"
+    parts = [
+        Part("qweight", np.dtype(np.uint8), (n, blocks, g * q.bits // 8), lambda a: a.b),
+        Part("scales", np.dtype(scale_dtype), (n * blocks,), lambda a: a.scales),
+    ]
+    if not symmetric:
+        parts.append(Part("qzeros", np.dtype(np.uint8), (n * (-(-blocks * q.bits // 8)),), lambda a: a.zero_points))
+    attrs = {"K": site.k, "N": n, "bits": q.bits, "block_size": g, "accuracy_level": accuracy_level}
+
+    def build(tape, site, values):
+        return tape.op("MatMulNBits", [site.x, *values], attrs, domain=matmul_nbits.DOMAIN, name=site.module)
+
+    return Emission(parts, lambda qw: matmul_nbits.pack(qw, symmetric), build)
+
+
+register_format(StorageFormat(
+    "matmulnbits", ("matmul", "gemm_t"), ("ort",), _nbits_unsupported, _nbits_emission,
+    "com.microsoft.MatMulNBits: 2/4/8 bits, blocks 16-256, integer zero points",
+))
+
+
+# ------------------------------------------------------------------------------ GatherBlockQuantized
+
+
+def _gbq_unsupported(q: WeightQuant, site: Site):
+    return gather_block_quantized.unsupported_reason(q.bits, q.group_size, q.integer_zero_point, site.k)
+
+
+def _gbq_emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level: int) -> Emission:
+    v, k, g = site.n, site.k, q.group_size
+    blocks = k // g
+    parts = [
+        Part("qweight", np.dtype(np.uint8), (v, k * q.bits // 8), lambda a: a.data),
+        Part("scales", np.dtype(scale_dtype), (v, blocks), lambda a: a.scales),
+        Part("qzeros", np.dtype(np.uint8), (v, -(-blocks * q.bits // 8)), lambda a: a.zero_points),
+    ]
+    attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": g, "bits": q.bits}
+
+    def build(tape, site, values):
+        data, scales, zeros = values
+        return tape.op("GatherBlockQuantized", [data, site.x, scales, zeros], attrs,
+                       domain=gather_block_quantized.DOMAIN, name=site.module)
+
+    return Emission(parts, gather_block_quantized.pack, build)
+
+
+register_format(StorageFormat(
+    "gather_block_quantized", ("gather",), ("ort",), _gbq_unsupported, _gbq_emission,
+    "com.microsoft.GatherBlockQuantized: 4/8-bit embeddings, power-of-two blocks",
+))
+
+
+# ------------------------------------------------------------------------------ standard DequantizeLinear
+
+
+def _dq_unsupported(q: WeightQuant, site: Site):
+    if q.bits not in (4, 8):
+        return f"DequantizeLinear stores 4 or 8 bits, not {q.bits}"
+    if not q.integer_zero_point:
+        return "DequantizeLinear needs integer zero points"
+    if site.kind == "gather":
+        return "quantized embeddings need ORT's GatherBlockQuantized or lowbit.GatherBlockwise"
+    return None
+
+
+def _dq_emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level: int) -> Emission:
+    n, k = site.n, site.k
+    signed = q.rule == "symmetric"
+    code_dtype = np.dtype({(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4,
+                           (8, True): np.int8, (8, False): np.uint8}[(q.bits, signed)])
+    per_channel = q.group_size is None
+    groups = -(-k // group_size_for(q, k))
+    k_major = site.kind == "matmul"  # MatMul consumes W [K, N]; Gemm(transB) consumes W [N, K]
+    offset = 2 ** (q.bits - 1) if signed else 0
+
+    def codes(qw):
+        c = (qw.codes[:, :k].astype(np.int16) - offset).astype(code_dtype)
+        return c.T if k_major else c
+
+    def grid(a):  # [N, G] -> the layout DequantizeLinear expects
+        a = a[:, 0] if per_channel else a
+        return a.T if (k_major and not per_channel) else a
+
+    parts = [
+        Part("qweight", code_dtype, (k, n) if k_major else (n, k), codes),
+        Part("scales", np.dtype(scale_dtype), (n,) if per_channel else ((groups, n) if k_major else (n, groups)),
+             lambda qw: grid(qw.scales)),
+    ]
+    if not signed:
+        parts.append(Part("qzeros", code_dtype, parts[1].shape, lambda qw: grid(qw.zero_points).astype(code_dtype)))
+    if per_channel:
+        attrs = {"axis": 1 if k_major else 0}
+    else:
+        attrs = {"axis": 0 if k_major else 1, "block_size": q.group_size}
+
+    def build(tape, site, values):
+        weight = tape.op("DequantizeLinear", values, attrs, name=f"{site.module}.dequantize")
+        if site.kind == "matmul":
+            return tape.op("MatMul", [site.x, weight], name=site.module)
+        return tape.op("Gemm", [site.x, weight], {"transB": 1}, name=site.module)
+
+    return Emission(parts, lambda qw: qw, build)
+
+
+register_format(StorageFormat(
+    "dq", ("matmul", "gemm_t"), ("ort", "tensorrt"), _dq_unsupported, _dq_emission,
+    "standard DequantizeLinear (int4/uint4/int8/uint8, per-channel or blocked, opset 21) + MatMul",
+))
+
+
+# ------------------------------------------------------------------------------ lowbit blockwise
+
+
+def _blockwise_unsupported(q: WeightQuant, site: Site):
+    return None
+
+
+def _blockwise_emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level: int) -> Emission:
+    n, k = site.n, site.k
+    g = group_size_for(q, k)
+    kp = padded_k(q, k)
+    per = 32 // q.bits
+    parts = [
+        Part("qweight", np.dtype(np.uint32), (n, -(-kp // per)), lambda a: a.words),
+        Part("scales", np.dtype(scale_dtype), (n, kp // g), lambda a: a.scales),
+        Part("qzeros", np.dtype(scale_dtype), (n, kp // g), lambda a: a.zero_points),
+    ]
+    attrs = {"bits": q.bits, "group_size": g, "K": k}
+    op = "GatherBlockwise" if site.kind == "gather" else "MatMulBlockwise"
+
+    def build(tape, site, values):
+        words, scales, zeros = values
+        inputs = [words, site.x, scales, zeros] if site.kind == "gather" else [site.x, words, scales, zeros]
+        return tape.op(op, inputs, attrs, domain=blockwise.DOMAIN, name=site.module)
+
+    return Emission(parts, blockwise.pack, build, functions=(op,))
+
+
+register_format(StorageFormat(
+    "blockwise", ("matmul", "gemm_t", "gather"), ("ort",), _blockwise_unsupported, _blockwise_emission,
+    "lowbit.MatMulBlockwise / GatherBlockwise: any bits 2-8, any group, float zero points (ONNX functions)",
+))
+
+# Preference order when a plan names no format.
+PREFERENCE = ("matmulnbits", "gather_block_quantized", "dq", "blockwise")

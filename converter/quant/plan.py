@@ -1,0 +1,53 @@
+"""Per-layer quantization plans: ordered (pattern -> LayerQuant) rules over module names.
+
+Module names are those of the graph's weight-consuming nodes: `embed_tokens`,
+`layers.{i}.attn.qkv_proj`, `layers.{i}.attn.o_proj`, `layers.{i}.mlp.gate_up_proj` (gated
+MLPs) or `layers.{i}.mlp.fc_proj`, `layers.{i}.mlp.down_proj`, `lm_head`. Patterns are shell
+globs (`layers.*.mlp.*`); the first matching rule wins; `None` keeps a module in float.
+A scheme expands to a plan; a recipe file can later build one with different settings per
+pattern.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from converter.quant.affine import WeightQuant
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    weight: WeightQuant
+    format: str | None = None  # storage format name (converter.quant.formats); None = best for target
+    accuracy_level: int = 0  # MatMulNBits accuracy_level (0 float compute, 4 int8 activations)
+
+
+@dataclass(frozen=True)
+class QuantRule:
+    pattern: str
+    quant: LayerQuant | None
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    rules: tuple[QuantRule, ...]
+    pad: bool = True  # zero-pad K to a multiple of the group; False: such a layer is an error
+
+    def lookup(self, module: str) -> LayerQuant | None:
+        for rule in self.rules:
+            if fnmatch.fnmatchcase(module, rule.pattern):
+                return rule.quant
+        return None
+
+
+def uniform_plan(quant: LayerQuant, embeddings: bool, lm_head: bool, pad: bool = True) -> QuantPlan:
+    """Every decoder linear layer, optionally the embedding table and lm_head, with one setting."""
+    return QuantPlan(
+        (
+            QuantRule("embed_tokens", quant if embeddings else None),
+            QuantRule("lm_head", quant if lm_head else None),
+            QuantRule("layers.*", quant),
+        ),
+        pad,
+    )

@@ -1,0 +1,187 @@
+"""The weight-only quantization pass: float graph + plan -> graph with quantized nodes.
+
+Weights stay lazy: each emitted initializer is an `ir.LazyTensor` that quantizes its source
+weight when the model is written (once per weight, shared by its parts, then released), so
+peak memory follows the largest layer.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from converter.errors import LowbitError
+from converter.graph import lazy_tensor
+from converter.quant.affine import group_size_for, quantize, relative_error
+from converter.quant.formats import FORMATS, PREFERENCE, Site, StorageFormat
+from converter.quant.plan import LayerQuant, QuantPlan
+from custom_ops import blockwise
+
+
+@dataclass
+class LayerReport:
+    module: str
+    quant: str
+    format: str
+    n: int
+    k: int
+    float_bytes: int
+    quant_bytes: int
+    accuracy_level: int = 0
+    max_rel_error: float | None = None  # filled in when the weight is quantized (at write time)
+
+
+@dataclass
+class QuantReport:
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def qdq_accuracy_level(self) -> int | None:
+        """Accuracy level for ORT's DequantizeLinear+MatMul -> MatMulNBits fusion (most accurate asked for)."""
+        levels = [r.accuracy_level for r in self.layers if r.format == "dq"]
+        return min(levels) if levels else None
+
+    def as_dict(self) -> dict:
+        return {
+            r.module: {"quant": r.quant, "format": r.format, "shape": [r.n, r.k], "bytes": r.quant_bytes,
+                       "float_bytes": r.float_bytes, "max_rel_error": r.max_rel_error}
+            for r in self.layers
+        }
+
+
+class _QuantizeOnce:
+    """Quantizes one weight on first use and hands the packed result to each of its parts."""
+
+    def __init__(self, load_nk, layer: LayerQuant, scale_dtype, pack, parts: int, report: LayerReport):
+        self._load, self._layer, self._dtype, self._pack = load_nk, layer, scale_dtype, pack
+        self._left, self._report = parts, report
+        self._packed = None
+        self._lock = threading.Lock()
+
+    def get(self):
+        with self._lock:
+            if self._packed is None:
+                weight = self._load()
+                qw = quantize(weight, self._layer.weight, self._dtype)
+                self._report.max_rel_error = relative_error(weight, qw)
+                self._packed = self._pack(qw)
+            packed = self._packed
+            self._left -= 1
+            if self._left == 0:
+                self._packed = None
+            return packed
+
+
+def _site(node: ir.Node) -> Site | None:
+    """The weight-consuming site a node is, if its weight is a 2-D initializer."""
+    if node.domain not in ("", "ai.onnx") or not node.name:
+        return None
+    if node.op_type == "MatMul":
+        kind, weight = "matmul", node.inputs[1]
+    elif node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1 and len(node.inputs) == 2:
+        kind, weight = "gemm_t", node.inputs[1]
+    elif node.op_type == "Gather" and node.attributes.get_int("axis", 0) == 0:
+        kind, weight = "gather", node.inputs[0]
+    else:
+        return None
+    if weight is None or weight.const_value is None or len(weight.shape) != 2:
+        return None
+    rows, cols = weight.shape
+    if kind == "matmul":
+        return Site(kind, node.name, node, node.inputs[0], n=cols, k=rows)
+    x = node.inputs[1] if kind == "gather" else node.inputs[0]
+    return Site(kind, node.name, node, x, n=rows, k=cols)
+
+
+def choose_format(layer: LayerQuant, site: Site, target: str) -> StorageFormat:
+    names = [layer.format] if layer.format else list(PREFERENCE)
+    reasons = []
+    for name in names:
+        fmt = FORMATS.get(name)
+        if fmt is None:
+            raise LowbitError(f"{site.module}: unknown storage format '{name}' (known: {', '.join(FORMATS)})")
+        if site.kind not in fmt.kinds:
+            reasons.append(f"{name}: not for {site.kind}")
+            continue
+        if target not in fmt.targets:
+            reasons.append(f"{name}: not for target {target}")
+            continue
+        why = fmt.unsupported(layer.weight, site)
+        if why is None:
+            return fmt
+        reasons.append(f"{name}: {why}")
+    raise LowbitError(f"{site.module}: cannot store {layer.weight.describe()} for target {target} ({'; '.join(reasons)})")
+
+
+def _weight_loader(site: Site):
+    value = site.node.inputs[1] if site.kind == "matmul" else site.node.inputs[0 if site.kind == "gather" else 1]
+    tensor = value.const_value
+    if site.kind == "matmul":
+        return value, lambda: tensor.numpy().astype(np.float32).T
+    return value, lambda: tensor.numpy().astype(np.float32)
+
+
+def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype) -> QuantReport:
+    """Rewrites `model` in place; returns the per-layer report (errors filled in at write time)."""
+    graph = model.graph
+    report = QuantReport()
+    used_functions: set[str] = set()
+    for node in list(graph):
+        site = _site(node)
+        if site is None:
+            continue
+        layer = plan.lookup(site.module)
+        if layer is None:
+            continue
+        g = group_size_for(layer.weight, site.k)
+        if site.k % g and not plan.pad:
+            raise LowbitError(
+                f"{site.module}: K={site.k} is not a multiple of the group size {g} and padding is disabled"
+            )
+        fmt = choose_format(layer, site, target)
+        emission = fmt.emission(layer.weight, site, np.dtype(dtype), layer.accuracy_level)
+        weight_value, load = _weight_loader(site)
+        layer_report = LayerReport(
+            site.module, layer.weight.describe(), fmt.name, site.n, site.k, weight_value.const_value.nbytes,
+            sum(_part_bytes(p) for p in emission.parts), layer.accuracy_level,
+        )
+        once = _QuantizeOnce(load, layer, np.dtype(dtype), emission.pack, len(emission.parts), layer_report)
+        values = []
+        for part in emission.parts:
+            name = f"{site.module}.{part.suffix}"
+            tensor = lazy_tensor(name, part.dtype, part.shape, lambda part=part, once=once: part.get(once.get()))
+            value = ir.Value(name=name, shape=ir.Shape(part.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+            graph.register_initializer(value)
+            values.append(value)
+        tape = ir.tape.Tape()
+        output = emission.build(tape, site, values)
+        for new_node in tape.nodes:
+            new_node.metadata_props["lowbit.quant"] = layer.weight.describe()
+            new_node.metadata_props["lowbit.format"] = fmt.name
+        ir.convenience.replace_nodes_and_values(
+            graph, node, [node], list(tape.nodes), [node.outputs[0]], [output]
+        )
+        used_functions.update(emission.functions)
+        report.layers.append(layer_report)
+    _drop_unused_initializers(graph)
+    for name in sorted(used_functions):
+        function = blockwise.FUNCTIONS[name]()
+        model.functions[function.identifier()] = function
+        model.opset_imports[blockwise.DOMAIN] = blockwise.VERSION
+    if any(n.domain == "com.microsoft" for n in graph):
+        model.opset_imports.setdefault("com.microsoft", 1)
+    return report
+
+
+def _part_bytes(part) -> int:
+    count = int(np.prod(part.shape))
+    return -(-count // 2) if part.dtype.name in ("int4", "uint4") else count * part.dtype.itemsize
+
+
+def _drop_unused_initializers(graph: ir.Graph) -> None:
+    outputs = set(id(v) for v in graph.outputs)
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and id(value) not in outputs:
+            graph.initializers.pop(name)

@@ -1,0 +1,136 @@
+"""lowbit's own nodes for layouts ORT's kernels refuse: any bit width 2..8, any group size
+(e.g. MLC's 3-bit / group 40), float zero points (DashInfer's CPU uint8 rule).
+
+Schema (domain `lowbit`, version 1):
+
+- `MatMulBlockwise(A[..., K], words, scales, zero_points) -> Y[..., N]`
+- `GatherBlockwise(words, indices, scales, zero_points) -> Y[*indices.shape, K]`
+
+with `words` uint32 [N, W]: each row's codes (zero-padded to K_padded = G * group_size) packed
+`32 // bits` to a word, value j at bit j*bits (MLC-LLM's layout: 10 three-bit values a word);
+`scales`, `zero_points` [N, G] in the activation dtype; dequant = (q - zero_point) * scale.
+Attributes: `bits`, `group_size`, `K`.
+
+Implementation: each op is an ONNX model-local function whose body is standard ops (BitShift,
+BitwiseAnd, Reshape, Slice, Sub, Mul, MatMul/Gather), so any ONNX Runtime runs it after
+inlining; `reference_*` are the numpy kernels the tests compare against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from converter.quant.affine import QuantizedWeight, dequantize
+from custom_ops.bitpack import pack_words, unpack_words
+
+DOMAIN = "lowbit"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class BlockwiseArrays:
+    words: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray
+    bits: int
+    group_size: int
+    k: int
+
+
+def pack(qw: QuantizedWeight) -> BlockwiseArrays:
+    zp = qw.zero_points.astype(qw.scales.dtype)
+    return BlockwiseArrays(pack_words(qw.codes, qw.bits), qw.scales, zp, qw.bits, qw.group_size, qw.k)
+
+
+def unpack(arrays: BlockwiseArrays) -> QuantizedWeight:
+    kp = arrays.scales.shape[1] * arrays.group_size
+    codes = unpack_words(arrays.words, arrays.bits, kp)
+    return QuantizedWeight(codes, arrays.scales, arrays.zero_points, arrays.bits, arrays.group_size, arrays.k)
+
+
+def reference_matmul(a: np.ndarray, arrays: BlockwiseArrays) -> np.ndarray:
+    return (a.astype(np.float32) @ dequantize(unpack(arrays)).T).astype(a.dtype)
+
+
+def reference_gather(indices: np.ndarray, arrays: BlockwiseArrays) -> np.ndarray:
+    return dequantize(unpack(arrays)).astype(arrays.scales.dtype)[indices]
+
+
+def attributes(arrays: BlockwiseArrays) -> dict:
+    return {"bits": arrays.bits, "group_size": arrays.group_size, "K": arrays.k}
+
+
+# ------------------------------------------------------------------------------ function bodies
+
+
+def _const_from_attr(tape: ir.tape.Tape, attr: str):
+    return tape.op("Constant", [], {"value_int": ir.RefAttr("value_int", attr, ir.AttributeType.INT)})
+
+
+def _const(tape: ir.tape.Tape, values, dtype=np.int64):
+    return tape.op("Constant", [], {"value": ir.tensor(np.asarray(values, dtype))})
+
+
+def _dequantized_rows(tape: ir.tape.Tape, words, scales, zero_points, k):
+    """[R, W] words, [R, G] scales/zero points -> [R, K] dequantized rows (scales' dtype)."""
+    bits = _const_from_attr(tape, "bits")
+    group = _const_from_attr(tape, "group_size")
+    per_word = tape.op("Div", [_const(tape, 32), bits])
+    shifts = tape.op("Cast", [tape.op("Mul", [tape.op("Range", [_const(tape, 0), per_word, _const(tape, 1)]), bits])],
+                     {"to": ir.DataType.UINT32})
+    mask = tape.op("Cast", [tape.op("Sub", [tape.op("Pow", [_const(tape, 2), bits]), _const(tape, 1)])],
+                   {"to": ir.DataType.UINT32})
+    shifted = tape.op("BitShift", [tape.op("Unsqueeze", [words, _const(tape, [-1])]), shifts], {"direction": "RIGHT"})
+    values = tape.op("BitwiseAnd", [shifted, mask])  # [R, W, per_word]
+    rows = tape.op("Shape", [words], {"end": 1})
+    groups = tape.op("Shape", [scales], {"start": 1})
+    flat = tape.op("Reshape", [values, tape.op("Concat", [rows, _const(tape, [-1])], {"axis": 0})])
+    k_padded = tape.op("Mul", [groups, tape.op("Reshape", [group, _const(tape, [1])])])
+    codes = tape.op("Slice", [flat, _const(tape, [0]), k_padded, _const(tape, [1])])
+    grouped = tape.op("Reshape", [codes, tape.op("Concat", [rows, groups, _const(tape, [-1])], {"axis": 0})])
+    centred = tape.op("Sub", [tape.op("CastLike", [grouped, scales]), tape.op("Unsqueeze", [zero_points, _const(tape, [-1])])])
+    dequant = tape.op("Mul", [centred, tape.op("Unsqueeze", [scales, _const(tape, [-1])])])
+    full = tape.op("Reshape", [dequant, tape.op("Concat", [rows, _const(tape, [-1])], {"axis": 0})])
+    return tape.op("Slice", [full, _const(tape, [0]), k, _const(tape, [1])])
+
+
+def _function(name: str, input_names: list[str], build) -> ir.Function:
+    inputs = [ir.Value(name=n) for n in input_names]
+    graph = ir.Graph(inputs, [], nodes=[], opset_imports={"": 21}, name=name)
+    tape = ir.tape.Tape(graph)
+    output = build(tape, *inputs)
+    output.name = "Y"
+    graph.outputs.append(output)
+    attrs = [ir.Attr(a, ir.AttributeType.INT, None) for a in ("bits", "group_size", "K")]
+    return ir.Function(DOMAIN, name, graph=graph, attributes=attrs)
+
+
+def matmul_function() -> ir.Function:
+    def build(tape, a, words, scales, zero_points):
+        k = tape.op("Shape", [a], {"start": -1})
+        weight = _dequantized_rows(tape, words, scales, zero_points, k)  # [N, K]
+        return tape.op("MatMul", [a, tape.op("Transpose", [weight], {"perm": [1, 0]})])
+
+    return _function("MatMulBlockwise", ["A", "words", "scales", "zero_points"], build)
+
+
+def gather_function() -> ir.Function:
+    def build(tape, words, indices, scales, zero_points):
+        flat_idx = tape.op("Reshape", [indices, _const(tape, [-1])])
+        k = tape.op("Reshape", [_const_from_attr(tape, "K"), _const(tape, [1])])
+        rows = _dequantized_rows(
+            tape,
+            tape.op("Gather", [words, flat_idx], {"axis": 0}),
+            tape.op("Gather", [scales, flat_idx], {"axis": 0}),
+            tape.op("Gather", [zero_points, flat_idx], {"axis": 0}),
+            k,
+        )
+        return tape.op("Reshape", [rows, tape.op("Concat", [tape.op("Shape", [indices]), k], {"axis": 0})])
+
+    return _function("GatherBlockwise", ["words", "indices", "scales", "zero_points"], build)
+
+
+FUNCTIONS = {"MatMulBlockwise": matmul_function, "GatherBlockwise": gather_function}

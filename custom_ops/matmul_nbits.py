@@ -1,0 +1,76 @@
+"""`com.microsoft.MatMulNBits` (ONNX Runtime contrib op): layout, packing, reference kernel.
+
+Y[M, N] = A[M, K] @ dequant(B).T with
+- B: uint8 [N, k_blocks, block_size * bits / 8], codes packed low bits first;
+- scales: [N * k_blocks] (A's dtype); dequant = (q - zp) * scale per block;
+- zero_points: uint8 [N * ceil(k_blocks * bits / 8)] packed the same way, each row padded to a
+  whole byte; absent = 2^(bits - 1);
+- attributes K, N, bits (ORT's CPU kernel: 2, 4, 8), block_size (16, 32, 64, 128, 256),
+  accuracy_level (0: float compute; 4: int8 activations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from converter.quant.affine import QuantizedWeight
+from custom_ops.bitpack import pack_bytes, unpack_bytes
+
+DOMAIN = "com.microsoft"
+BITS = (2, 4, 8)
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class MatMulNBitsArrays:
+    b: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    k: int
+    n: int
+    bits: int
+    block_size: int
+
+
+def unsupported_reason(bits: int, group_size: int | None, integer_zero_point: bool) -> str | None:
+    if bits not in BITS:
+        return f"MatMulNBits takes {BITS} bits, not {bits}"
+    if group_size not in BLOCK_SIZES:
+        return f"MatMulNBits takes block sizes {BLOCK_SIZES}, not {group_size or 'per-channel'}"
+    if not integer_zero_point:
+        return "MatMulNBits needs integer zero points"
+    return None
+
+
+def pack(qw: QuantizedWeight, symmetric: bool) -> MatMulNBitsArrays:
+    """`symmetric`: zero points all equal 2^(bits-1), so the input is left out."""
+    n, blocks, bs = qw.n, qw.groups, qw.group_size
+    b = pack_bytes(qw.codes.reshape(n, blocks, bs), qw.bits)
+    zp = None if symmetric else pack_bytes(qw.zero_points, qw.bits).reshape(-1)
+    return MatMulNBitsArrays(b, qw.scales.reshape(-1), zp, qw.k, n, qw.bits, bs)
+
+
+def unpack(arrays: MatMulNBitsArrays) -> QuantizedWeight:
+    n, bits, bs = arrays.n, arrays.bits, arrays.block_size
+    blocks = arrays.b.shape[1]
+    codes = unpack_bytes(arrays.b, bits, bs).reshape(n, blocks * bs)
+    if arrays.zero_points is None:
+        zp = np.full((n, blocks), 2 ** (bits - 1), np.uint8)
+    else:
+        zp = unpack_bytes(arrays.zero_points.reshape(n, -1), bits, blocks)
+    return QuantizedWeight(codes, arrays.scales.reshape(n, blocks), zp, bits, bs, arrays.k)
+
+
+def reference(a: np.ndarray, arrays: MatMulNBitsArrays) -> np.ndarray:
+    """Numpy kernel: dequantize B in float32 and multiply."""
+    from converter.quant.affine import dequantize
+
+    w = dequantize(unpack(arrays))  # [N, K]
+    return (a.astype(np.float32) @ w.T).astype(a.dtype)
+
+
+def attributes(arrays: MatMulNBitsArrays, accuracy_level: int) -> dict:
+    return {"K": arrays.k, "N": arrays.n, "bits": arrays.bits, "block_size": arrays.block_size,
+            "accuracy_level": accuracy_level}
