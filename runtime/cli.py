@@ -182,6 +182,14 @@ def inspect(model_dir, as_json):
         return
     click.echo(f"{model_dir}: scheme {info['scheme']}, target {info['target']}, model_type {info['model_type']}")
     click.echo(f"weights: {info['weight_bytes'] / 1e6:.2f} MB in {info['initializers']} initializers")
+    if info["quantized"]:
+        saving = ""
+        if info.get("float_weight_bytes"):
+            saving = f" (float: {info['float_weight_bytes'] / 1e6:.2f} MB, {info['float_weight_bytes'] / max(info['weight_bytes'], 1):.2f}x smaller)"
+        click.echo(f"quantized nodes: {len(info['quantized'])}{saving}")
+        for name, q in info["quantized"].items():
+            size = f"{q['bytes'] / 1e3:.1f} kB (float {q['float_bytes'] / 1e3:.1f} kB)" if "bytes" in q else ""
+            click.echo(f"  {name:32s} {q['op']:36s} {q['quant']:26s} {q['format']:24s} {size}")
     click.echo("ops: " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
 
 

@@ -25,8 +25,20 @@ def inspect_model(model_dir: str | Path) -> dict:
     meta = {}
     if (model_dir / "lowbit.json").is_file():
         meta = json.loads((model_dir / "lowbit.json").read_text())
+    quantized = {}
+    for node in model.graph.node:
+        props = {p.key: p.value for p in node.metadata_props}
+        if "lowbit.quant" in props and node.name:
+            quantized.setdefault(node.name, {"op": f"{node.domain}.{node.op_type}" if node.domain else node.op_type,
+                                             "quant": props["lowbit.quant"], "format": props["lowbit.format"]})
+    for module, info in meta.get("quantization", {}).items():
+        if module in quantized:
+            quantized[module].update(bytes=info["bytes"], float_bytes=info["float_bytes"],
+                                     max_rel_error=info["max_rel_error"])
     return {
         "scheme": meta.get("scheme", "?"),
+        "float_weight_bytes": meta.get("float_weight_bytes"),
+        "quantized": quantized,
         "target": meta.get("target", "?"),
         "model_type": meta.get("model_type", "?"),
         "ops": dict(ops.most_common()),

@@ -1,0 +1,167 @@
+"""Quantization math and packing: bit-exact against straightforward per-group numpy loops."""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from converter.quant.affine import WeightQuant, dequantize, quantize
+from custom_ops import blockwise, gather_block_quantized, matmul_nbits
+from custom_ops.bitpack import pack_bytes, pack_words, unpack_bytes, unpack_words
+
+
+def reference_quantize(w, bits, group, rule, scale_dtype):
+    """One group at a time, float32 scalars, the formulas of docs/schemes.md."""
+    n, k = w.shape
+    g = group or k
+    groups = math.ceil(k / g)
+    f32 = np.float32
+    codes = np.zeros((n, groups * g), np.uint8)
+    scales = np.zeros((n, groups), scale_dtype)
+    zeros = np.zeros((n, groups), np.uint8 if rule != "minmax_float_zp" else scale_dtype)
+    qmax = 2**bits - 1
+    for row in range(n):
+        for j in range(groups):
+            vals = np.zeros(g, f32)
+            chunk = w[row, j * g:(j + 1) * g]
+            vals[: len(chunk)] = chunk
+            if rule == "symmetric":
+                s = f32(np.max(np.abs(vals)) / f32(2 ** (bits - 1) - 1))
+            elif rule == "asymmetric":
+                lo, hi = min(f32(vals.min()), f32(0)), max(f32(vals.max()), f32(0))
+                s = f32((hi - lo) / f32(qmax))
+            else:
+                lo, hi = f32(vals.min()), f32(vals.max())
+                s = f32((hi - lo) / f32(qmax))
+            s = f32(scale_dtype(1 if s == 0 else s))
+            scales[row, j] = s
+            for i, v in enumerate(vals):
+                if rule == "symmetric":
+                    z = 2 ** (bits - 1)
+                    q = min(max(np.rint(f32(v) / s) + z, 0), qmax)
+                elif rule == "asymmetric":
+                    z = min(max(np.rint(-lo / s), 0), qmax)
+                    q = min(max(np.rint(f32(v) / s) + z, 0), qmax)
+                else:
+                    z = f32(scale_dtype(-lo / s))
+                    q = min(max(np.rint(f32(f32(v) / s) + z), 0), qmax)
+                codes[row, j * g + i] = q
+            zeros[row, j] = z
+    return codes, scales, zeros
+
+
+CASES = [
+    (bits, group, rule, dtype)
+    for bits in (2, 3, 4, 8)
+    for group in (None, 16, 32, 40, 128)
+    for rule in ("symmetric", "asymmetric", "minmax_float_zp")
+    for dtype in (np.float32, np.float16)
+]
+
+
+@pytest.mark.parametrize("bits,group,rule,dtype", CASES)
+def test_quantize_equals_reference_loop(bits, group, rule, dtype, rng):
+    n, k = 7, 100  # K not a multiple of any group: padding
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32)
+    w[0, :] = 0.0  # an all-zero row
+    w[1, : (group or k)] = 0.37  # a constant group
+    qw = quantize(w, WeightQuant(bits, group, rule), dtype)
+    codes, scales, zeros = reference_quantize(w, bits, group, rule, dtype)
+    assert np.array_equal(qw.codes, codes)
+    assert np.array_equal(qw.scales, scales) and qw.scales.dtype == np.dtype(dtype)
+    assert np.array_equal(qw.zero_points, zeros)
+    assert qw.codes.max() <= 2**bits - 1
+    expected = np.zeros((n, k), np.float32)
+    for row in range(n):
+        for col in range(k):
+            j = col // (group or k)
+            expected[row, col] = (np.float32(codes[row, col]) - np.float32(zeros[row, j])) * np.float32(scales[row, j])
+    assert np.array_equal(dequantize(qw), expected)
+
+
+def sqnr_db(ref, approx):
+    return 10 * np.log10(np.sum(ref**2) / np.sum((ref - approx) ** 2))
+
+
+@pytest.mark.parametrize("rule", ["symmetric", "asymmetric", "minmax_float_zp"])
+def test_more_bits_and_smaller_groups_are_more_accurate(rule, rng):
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    err = {(b, g): sqnr_db(w, dequantize(quantize(w, WeightQuant(b, g, rule)))) for b in (2, 4, 8) for g in (32, None)}
+    assert err[(8, 32)] > err[(4, 32)] > err[(2, 32)]
+    assert err[(4, 32)] > err[(4, None)]
+    assert err[(8, None)] > 35 and err[(4, 32)] > 18  # dB, torchao-style quality floor
+
+
+def test_mlc_rule_values(rng):
+    """q4f16_1: s = max|w|/7, q = clamp(round(w/s) + 7, 0, 14): our codes are MLC's + 1 (zero point 8)."""
+    w = rng.standard_normal((4, 64)).astype(np.float32)
+    qw = quantize(w, WeightQuant(4, 32, "symmetric"), np.float16)
+    for row in range(4):
+        for j in range(2):
+            group = w[row, j * 32:(j + 1) * 32]
+            s = np.float32(np.float16(np.abs(group).max() / np.float32(7)))
+            mlc = np.clip(np.rint(group / s) + 7, 0, 14)
+            assert np.array_equal(qw.codes[row, j * 32:(j + 1) * 32], mlc + 1)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_bitpack_round_trip_and_layout(bits, rng):
+    codes = rng.integers(0, 2**bits, (3, 5, 40), dtype=np.uint8)
+    packed = pack_bytes(codes, bits)
+    assert packed.shape == (3, 5, math.ceil(40 * bits / 8))
+    assert np.array_equal(unpack_bytes(packed, bits, 40), codes)
+    stream = "".join(format(int(c), f"0{bits}b")[::-1] for c in codes[1, 2])  # LSB-first bit stream
+    stream += "0" * (len(packed[1, 2]) * 8 - len(stream))
+    assert [int(stream[i:i + 8][::-1], 2) for i in range(0, len(stream), 8)] == packed[1, 2].tolist()
+    words = pack_words(codes, bits)
+    per = 32 // bits
+    assert words.shape == (3, 5, math.ceil(40 / per))
+    assert np.array_equal(unpack_words(words, bits, 40), codes)
+    assert int(words[0, 0, 0]) == sum(int(codes[0, 0, j]) << (bits * j) for j in range(per))
+
+
+def test_nibble_order_matches_ort_convention():
+    assert pack_bytes(np.array([[1, 2, 3, 4]], np.uint8), 4).tolist() == [[0x21, 0x43]]
+    assert pack_bytes(np.array([[1, 2, 3, 0]], np.uint8), 2).tolist() == [[0b00111001]]
+
+
+@pytest.mark.parametrize("bits,group,rule", [(4, 32, "symmetric"), (4, 16, "asymmetric"), (2, 64, "asymmetric"),
+                                             (8, 128, "asymmetric"), (8, 32, "symmetric")])
+def test_matmul_nbits_pack_unpack_bit_exact(bits, group, rule, rng):
+    w = rng.standard_normal((9, 200)).astype(np.float32)
+    qw = quantize(w, WeightQuant(bits, group, rule))
+    arrays = matmul_nbits.pack(qw, symmetric=rule == "symmetric")
+    blocks = math.ceil(200 / group)
+    assert arrays.b.shape == (9, blocks, group * bits // 8) and arrays.scales.shape == (9 * blocks,)
+    if rule != "symmetric":
+        assert arrays.zero_points.shape == (9 * math.ceil(blocks * bits / 8),)
+    back = matmul_nbits.unpack(arrays)
+    assert np.array_equal(back.codes, qw.codes) and np.array_equal(back.zero_points, qw.zero_points)
+    assert np.array_equal(back.scales, qw.scales)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gather_block_quantized_pack_unpack_bit_exact(bits, rng):
+    w = rng.standard_normal((11, 64)).astype(np.float32)
+    qw = quantize(w, WeightQuant(bits, 32, "asymmetric"))
+    back = gather_block_quantized.unpack(gather_block_quantized.pack(qw))
+    assert np.array_equal(back.codes, qw.codes) and np.array_equal(back.zero_points, qw.zero_points)
+
+
+@pytest.mark.parametrize("bits,group", [(3, 40), (5, 24), (8, None), (2, 16)])
+def test_blockwise_pack_unpack_bit_exact(bits, group, rng):
+    w = rng.standard_normal((6, 172)).astype(np.float32)
+    qw = quantize(w, WeightQuant(bits, group, "minmax_float_zp"), np.float16)
+    back = blockwise.unpack(blockwise.pack(qw))
+    assert np.array_equal(back.codes, qw.codes)
+    assert np.array_equal(dequantize(back), dequantize(qw))
+
+
+def test_int4_dq_storage_is_two_per_byte_low_first():
+    import onnx_ir as ir
+
+    codes = np.array([[-3, 2], [7, -8]], dtype=ml_dtypes.int4)
+    assert ir.tensor(codes).tobytes() == bytes([0x2D, 0x87])
