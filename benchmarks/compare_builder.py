@@ -26,6 +26,8 @@ HERE = Path(__file__).resolve().parent
 JOBS = {
     "lowbit q0f32": ("lowbit", "q0f32", []),
     "builder fp32": ("builder", "fp32", []),
+    "lowbit w4a16": ("lowbit", "w4a16", ["--group-size", "32", "--accuracy-level", "4"]),
+    "builder int4": ("builder", "int4", []),
 }
 
 

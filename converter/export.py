@@ -104,7 +104,9 @@ def convert(
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        ir.save(graph, staging / "model.onnx", external_data="model.onnx.data", callback=progress)
+        # two writer threads: lazy tensors (reads, casts, quantization) run in numpy, which releases the GIL
+        ir.save(graph, staging / "model.onnx", external_data="model.onnx.data", callback=progress, max_workers=2,
+                max_in_flight_bytes=256 << 20)
         for name in COPIED_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, staging / name)

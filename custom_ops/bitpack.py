@@ -8,11 +8,23 @@ import numpy as np
 def pack_bytes(codes: np.ndarray, bits: int) -> np.ndarray:
     """[..., M] codes (< 2^bits) -> [..., ceil(M * bits / 8)] uint8, value j at bit j*bits of the row."""
     codes = np.asarray(codes, np.uint8)
+    if bits in (2, 4, 8) and codes.shape[-1] % (8 // bits) == 0:
+        return _pack_aligned(codes, bits)
     rows = codes.reshape(-1, codes.shape[-1])
     bits_le = np.unpackbits(rows[..., None], axis=-1, bitorder="little")[..., :bits]
     flat = bits_le.reshape(rows.shape[0], -1)
     packed = np.packbits(flat, axis=-1, bitorder="little")
     return packed.reshape(*codes.shape[:-1], packed.shape[-1])
+
+
+def _pack_aligned(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Fast path of `pack_bytes` when whole bytes hold whole codes (2, 4, 8 bits)."""
+    per = 8 // bits
+    grouped = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
+    out = grouped[..., 0].copy()
+    for j in range(1, per):
+        out |= grouped[..., j] << np.uint8(bits * j)
+    return out
 
 
 def unpack_bytes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:

@@ -165,3 +165,17 @@ def test_int4_dq_storage_is_two_per_byte_low_first():
 
     codes = np.array([[-3, 2], [7, -8]], dtype=ml_dtypes.int4)
     assert ir.tensor(codes).tobytes() == bytes([0x2D, 0x87])
+
+
+def test_chunked_quantization_equals_single_pass(monkeypatch, rng):
+    from converter.quant import affine
+
+    w = rng.standard_normal((23, 70)).astype(np.float32)
+    quant = WeightQuant(4, 32, "asymmetric")
+    whole = quantize(w, quant)
+    monkeypatch.setattr(affine, "ROWS_PER_CHUNK", 4)
+    chunked = quantize(w, quant)
+    for field in ("codes", "scales", "zero_points"):
+        assert np.array_equal(getattr(whole, field), getattr(chunked, field))
+    assert affine.relative_error(w, chunked) == pytest.approx(
+        float(np.abs(w - dequantize(whole)).max() / np.abs(w).max()), rel=0, abs=0)

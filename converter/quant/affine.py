@@ -104,12 +104,27 @@ def padded_k(quant: WeightQuant, k: int) -> int:
     return -(-k // g) * g
 
 
+ROWS_PER_CHUNK = 4096  # bounds the float temporaries of one call, whatever the layer size
+
+
 def quantize(weight: np.ndarray, quant: WeightQuant, scale_dtype=np.float32) -> QuantizedWeight:
     """Quantize W [N, K] (float) with `quant`; scales (and float zero points) stored as `scale_dtype`."""
-    weight = np.asarray(weight, dtype=np.float32)
     n, k = weight.shape
     g = group_size_for(quant, k)
     kp = padded_k(quant, k)
+    rule = RULES[quant.rule]
+    codes = np.empty((n, kp), np.uint8)
+    scales = np.empty((n, kp // g), scale_dtype)
+    zero_points = np.empty((n, kp // g), np.uint8 if rule.integer_zero_point else scale_dtype)
+    for start in range(0, n, ROWS_PER_CHUNK):
+        rows = slice(start, start + ROWS_PER_CHUNK)
+        codes[rows], scales[rows], zero_points[rows] = _quantize_rows(weight[rows], quant, g, kp, scale_dtype)
+    return QuantizedWeight(codes, scales, zero_points, quant.bits, g, k)
+
+
+def _quantize_rows(weight, quant: WeightQuant, g: int, kp: int, scale_dtype):
+    weight = np.asarray(weight, dtype=np.float32)
+    n, k = weight.shape
     if kp != k:
         weight = np.pad(weight, ((0, 0), (0, kp - k)))
     groups = weight.reshape(n, kp // g, g)
@@ -124,13 +139,17 @@ def quantize(weight: np.ndarray, quant: WeightQuant, scale_dtype=np.float32) -> 
         zero = np.clip(np.rint(-lo / s32), 0, qmax)
     else:
         zero = (-lo / s32).astype(scale_dtype).astype(np.float32)
+    scaled = groups / s32[..., None]
     if rule.integer_zero_point:
-        codes = np.clip(np.rint(groups / s32[..., None]) + zero[..., None], 0, qmax)
+        np.rint(scaled, out=scaled)
+        scaled += zero[..., None]
         zero_points = zero.astype(np.uint8)
     else:
-        codes = np.clip(np.rint(groups / s32[..., None] + zero[..., None]), 0, qmax)
+        scaled += zero[..., None]
+        np.rint(scaled, out=scaled)
         zero_points = zero.astype(scale_dtype)
-    return QuantizedWeight(codes.reshape(n, kp).astype(np.uint8), scale, zero_points, quant.bits, g, k)
+    np.clip(scaled, 0, qmax, out=scaled)
+    return scaled.reshape(n, kp).astype(np.uint8), scale, zero_points
 
 
 def dequantize(qw: QuantizedWeight) -> np.ndarray:
@@ -141,8 +160,16 @@ def dequantize(qw: QuantizedWeight) -> np.ndarray:
     return values.reshape(n, -1)[:, : qw.k]
 
 
+def _row_slice(qw: QuantizedWeight, rows: slice) -> QuantizedWeight:
+    return QuantizedWeight(qw.codes[rows], qw.scales[rows], qw.zero_points[rows], qw.bits, qw.group_size, qw.k)
+
+
 def relative_error(weight: np.ndarray, qw: QuantizedWeight) -> float:
     """max |W - dequant(W)| / max |W|: the per-layer number `lowbit convert` reports."""
-    weight = np.asarray(weight, np.float32)
-    denom = float(np.abs(weight).max()) or 1.0
-    return float(np.abs(weight - dequantize(qw)).max()) / denom
+    worst, peak = 0.0, 0.0
+    for start in range(0, qw.n, ROWS_PER_CHUNK):
+        rows = slice(start, start + ROWS_PER_CHUNK)
+        chunk = np.asarray(weight[rows], np.float32)
+        worst = max(worst, float(np.abs(chunk - dequantize(_row_slice(qw, rows))).max()))
+        peak = max(peak, float(np.abs(chunk).max()))
+    return worst / (peak or 1.0)
