@@ -24,7 +24,7 @@ class Target:
     """What a deployment target lets the builder emit."""
 
     name: str
-    fused_norms: bool  # ORT's SimplifiedLayerNormalization for RMSNorm
+    contrib_ops: bool  # ORT's SimplifiedLayerNormalization (RMSNorm) and com.microsoft.RotaryEmbedding
     description: str
 
 
@@ -60,7 +60,7 @@ class DecoderGraph:
         self.ir_dtype = ir_dtype(self.dtype)
         self.target = target
         opsets = {"": OPSET}
-        if target.fused_norms:
+        if target.contrib_ops:
             opsets["com.microsoft"] = 1
         self.b = GraphBuilder(f"lowbit_{spec.model_type}", opsets)
 
@@ -77,17 +77,34 @@ class DecoderGraph:
             y = self.b.op("Add", y, self._weight(f"{name}.bias", (lin.out_features,), lin.bias))
         return y
 
-    def _norm(self, x, name: str, prefix: str, layer: int | None = None, offset: float = 0.0):
+    def _norm_weights(self, name: str, prefix: str, layer: int | None, offset: float):
         weight, bias, size = self.w.norm(prefix, layer, offset)
         w = self._weight(f"{name}.weight", (size,), weight)
-        b = self._weight(f"{name}.bias", (size,), bias) if bias else None
-        return self._apply_norm(x, w, b)
+        return w, (self._weight(f"{name}.bias", (size,), bias) if bias else None)
+
+    def _norm(self, x, name: str, prefix: str, layer: int | None = None, offset: float = 0.0):
+        return self._apply_norm(x, *self._norm_weights(name, prefix, layer, offset))
+
+    def _residual_norm(self, residual, delta, name: str, prefix: str, layer: int | None = None, offset: float = 0.0):
+        """(residual + delta, norm(residual + delta)); one fused ORT node on the ort target."""
+        w, bias = self._norm_weights(name, prefix, layer, offset)
+        if not self.target.contrib_ops:
+            total = self.b.op("Add", residual, delta)
+            return total, self._apply_norm(total, w, bias)
+        eps = self.spec.norm_eps
+        if self.spec.norm == "layer":
+            normed, _, _, total = self.b.ops("SkipLayerNormalization", residual, delta, w, bias, domain="com.microsoft",
+                                             epsilon=eps, num_outputs=4)
+        else:
+            normed, _, _, total = self.b.ops("SkipSimplifiedLayerNormalization", residual, delta, w,
+                                             domain="com.microsoft", epsilon=eps, num_outputs=4)
+        return total, normed
 
     def _apply_norm(self, x, w, bias):
         b, eps = self.b, self.spec.norm_eps
         if self.spec.norm == "layer":
             return b.op("LayerNormalization", x, w, bias, axis=-1, epsilon=eps, stash_type=1)
-        if self.target.fused_norms:
+        if self.target.contrib_ops:
             return b.op("SimplifiedLayerNormalization", x, w, axis=-1, epsilon=eps, stash_type=1)
         x32 = self._to_float32(x)
         variance = b.op("ReduceMean", b.op("Mul", x32, x32), b.i64(-1), keepdims=1)
@@ -120,6 +137,25 @@ class DecoderGraph:
             padding = b.op("Unsqueeze", b.op("Cast", attention_mask, to=ir.DataType.BOOL), b.i64(1, 2, 3))
             allowed = b.op("And", allowed, padding)  # [B, 1, 1, S, T]
             return b.op("Where", allowed, b.const(0.0, np.float32), b.const(np.finfo(np.float32).min, np.float32))
+
+    def _rotary(self, position_ids):
+        """A function applying RoPE to [batch, heads, seq, head_dim] tensors."""
+        rope = self.spec.rope
+        if self.target.contrib_ops and rope.long_inv_freq is None:
+            return self._contrib_rotary(position_ids)
+        cos, sin = self._rotary_tables(position_ids)
+        return lambda x: self._apply_rotary(x, cos, sin)
+
+    def _contrib_rotary(self, position_ids):
+        """ORT's RotaryEmbedding: one node per q/k, cos/sin tables [max_positions, rotary_dim / 2]."""
+        b, rope = self.b, self.spec.rope
+        angles = np.arange(self.spec.max_position_embeddings, dtype=np.float64)[:, None] * rope.inv_freq[None, :]
+        angles = angles.astype(np.float32).astype(np.float64)  # HF forms the angle in float32
+        cos = b.const(np.cos(angles) * rope.attention_scaling, self.dtype)
+        sin = b.const(np.sin(angles) * rope.attention_scaling, self.dtype)
+        partial = rope.rotary_dim if rope.rotary_dim != self.spec.head_dim else None
+        return lambda x: b.op("RotaryEmbedding", x, position_ids, cos, sin, domain="com.microsoft", interleaved=0,
+                              rotary_embedding_dim=partial)
 
     def _rotary_tables(self, position_ids):
         """cos and sin [batch, 1, seq, rotary_dim] in the model dtype."""
@@ -154,19 +190,13 @@ class DecoderGraph:
         hq, hkv, d = s.num_heads, s.num_kv_heads, s.head_dim
         n = self.names
         qkv = self._linear(x, f"layers.{i}.attn.qkv_proj", n.qkv, i)
-        q, k, v = b.ops("Split", qkv, b.i64(hq * d, hkv * d, hkv * d), axis=-1, num_outputs=3)
-        q = b.op("Reshape", q, b.i64(0, 0, hq, d))
-        k = b.op("Reshape", k, b.i64(0, 0, hkv, d))
-        v = b.op("Reshape", v, b.i64(0, 0, hkv, d))
+        heads = b.op("Transpose", b.op("Reshape", qkv, b.i64(0, 0, hq + 2 * hkv, d)), perm=[0, 2, 1, 3])
+        q, k, v = b.ops("Split", heads, b.i64(hq, hkv, hkv), axis=1, num_outputs=3)  # [B, H, S, D] each
         if s.qk_norm:
             q = self._norm(q, f"layers.{i}.attn.q_norm", n.q_norm, i)
             k = self._norm(k, f"layers.{i}.attn.k_norm", n.k_norm, i)
-        q = b.op("Transpose", q, perm=[0, 2, 1, 3])
-        k = b.op("Transpose", k, perm=[0, 2, 1, 3])
-        v = b.op("Transpose", v, perm=[0, 2, 1, 3])
         if rotary is not None:
-            q = self._apply_rotary(q, *rotary)
-            k = self._apply_rotary(k, *rotary)
+            q, k = rotary(q), rotary(k)
         present_k = b.op("Concat", past_k, k, axis=2)
         present_v = b.op("Concat", past_v, v, axis=2)
 
@@ -174,21 +204,18 @@ class DecoderGraph:
         if s.attention_softcap:
             scale /= s.attention_softcap
         q = b.op("Mul", q, self._scalar(scale))
-        # Grouped-query attention without copying K/V: fold the query heads that share a KV head
-        # into the row axis, [B, Hq, S, D] -> [B, Hkv, G*S, D].
+        # Grouped-query attention without copying K/V: the G query heads that share a KV head form
+        # one broadcast batch, q [B, Hkv, G, S, D] x k [B, Hkv, 1, D, T] -> scores [B, Hkv, G, S, T].
         groups = hq // hkv
-        q = b.op("Reshape", q, b.i64(0, hkv, -1, d))
-        scores = b.op("MatMul", q, b.op("Transpose", present_k, perm=[0, 1, 3, 2]))
-        scores = self._to_float32(scores)
+        q = b.op("Reshape", q, b.i64(0, hkv, groups, -1, d))
+        keys = b.op("Transpose", b.op("Unsqueeze", present_k, b.i64(2)), perm=[0, 1, 2, 4, 3])
+        scores = self._to_float32(b.op("MatMul", q, keys))
         if s.attention_softcap:
             scores = b.op("Mul", b.op("Tanh", scores), b.const(s.attention_softcap, np.float32))
-        seq_total = b.op("Shape", scores, start=-1)
-        scores = b.op("Reshape", scores, b.op("Concat", b.i64(0, hkv, groups, -1), seq_total, axis=0))
-        probs = b.op("Softmax", b.op("Add", scores, bias), axis=-1)
-        probs = b.op("Reshape", self._from_float32(probs), b.op("Concat", b.i64(0, hkv, -1), seq_total, axis=0))
-        context = b.op("MatMul", probs, present_v)  # [B, Hkv, G*S, D]
-        context = b.op("Reshape", context, b.i64(0, hq, -1, d))
-        context = b.op("Reshape", b.op("Transpose", context, perm=[0, 2, 1, 3]), b.i64(0, 0, hq * d))
+        probs = self._from_float32(b.op("Softmax", b.op("Add", scores, bias), axis=-1))
+        context = b.op("MatMul", probs, b.op("Unsqueeze", present_v, b.i64(2)))  # [B, Hkv, G, S, D]
+        context = b.op("Transpose", b.op("Reshape", context, b.i64(0, hq, -1, d)), perm=[0, 2, 1, 3])
+        context = b.op("Reshape", context, b.i64(0, 0, hq * d))
         return self._linear(context, f"layers.{i}.attn.o_proj", n.o, i), present_k, present_v
 
     def _mlp(self, i, x):
@@ -239,24 +266,26 @@ class DecoderGraph:
             hidden = b.op("Add", hidden, b.op("Gather", table, position_ids, axis=0, node_name="embed_positions"))
 
         biases = {w: self._attention_bias(input_ids, attention_mask, w) for w in set(s.sliding_windows or [None])}
-        rotary = self._rotary_tables(position_ids) if s.rope is not None else None
+        rotary = self._rotary(position_ids) if s.rope is not None else None
         off = s.norm_weight_offset
         presents = []
+        x = self._norm(hidden, "layers.0.attn_norm", n.attn_norm, 0, off)
         for i in range(s.num_layers):
             with b.scope(f"layers.{i}"):
-                x = self._norm(hidden, f"layers.{i}.attn_norm", n.attn_norm, i, off)
                 attn, pk, pv = self._attention(i, x, *pasts[i], biases[s.window(i)], rotary)
                 if s.sandwich_norm:
                     attn = self._norm(attn, f"layers.{i}.post_attn_norm", n.post_attn_norm, i, off)
-                hidden = b.op("Add", hidden, attn)
-                x = self._norm(hidden, f"layers.{i}.mlp_norm", n.mlp_norm, i, off)
+                hidden, x = self._residual_norm(hidden, attn, f"layers.{i}.mlp_norm", n.mlp_norm, i, off)
                 mlp = self._mlp(i, x)
                 if s.sandwich_norm:
                     mlp = self._norm(mlp, f"layers.{i}.post_mlp_norm", n.post_mlp_norm, i, off)
-                hidden = b.op("Add", hidden, mlp)
+                if i + 1 < s.num_layers:
+                    hidden, x = self._residual_norm(hidden, mlp, f"layers.{i + 1}.attn_norm", n.attn_norm, i + 1, off)
+                else:
+                    hidden, x = self._residual_norm(hidden, mlp, "final_norm", n.final_norm, None, off)
                 presents.append((pk, pv))
 
-        hidden = self._norm(hidden, "final_norm", n.final_norm, None, off)
+        hidden = x
         logits = self._lm_head(hidden, embed_table)
         if s.final_logit_softcap:
             cap = self._scalar(s.final_logit_softcap)

@@ -152,7 +152,7 @@ def _generic(match: re.Match, options: SchemeOptions, target: str) -> Scheme:
     layer = LayerQuant(WeightQuant(bits, group, "symmetric" if symmetric else "asymmetric"), accuracy_level=level)
     return Scheme(match[0], _dtype(options, "float32"),
                   f"{bits}-bit weights, group {group}, {'symmetric' if symmetric else 'asymmetric'}",
-                  uniform_plan(layer, embeddings=False, lm_head=True, pad=options.pad))
+                  uniform_plan(layer, embeddings=target != "tensorrt", lm_head=True, pad=options.pad))
 
 
 SCHEME_PATTERNS.append((re.compile(r"w(?P<bits>[2348])a16"), _generic))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,12 @@ class DecoderSession:
     head_dim: int
     kv_dtype: np.dtype
     vocab_size: int
+    output_names: list[str] = field(default_factory=list)
+    next_past_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.next_past_names = [n.replace("present.", "past_key_values.", 1) for n in self.output_names]
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
@@ -42,16 +48,9 @@ class DecoderSession:
     def forward(self, input_ids, attention_mask, position_ids, past: dict) -> tuple[np.ndarray, dict]:
         """Logits [B, S, V] and the next step's past (present outputs renamed)."""
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **past}
-        outputs = self.session.run(None, feeds)
-        names = [o.name for o in self.session.get_outputs()]
-        new_past = {}
-        logits = None
-        for name, value in zip(names, outputs):
-            if name == "logits":
-                logits = value
-            else:
-                new_past[name.replace("present.", "past_key_values.", 1)] = value
-        return logits, new_past
+        outputs = self.session.run(self.output_names, feeds)
+        new_past = dict(zip(self.next_past_names, outputs))
+        return new_past.pop("logits"), new_past
 
 
 def create_session(model_dir: str | Path, provider: str = "cpu", threads: int | None = None) -> DecoderSession:
