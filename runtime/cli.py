@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,17 @@ class LowbitGroup(click.Group):
 @click.version_option(package_name="lowbit")
 def main():
     """lowbit: Hugging Face language models -> (quantized) ONNX, and a runtime for them."""
+
+
+def _keep_torch_out(model: str) -> None:
+    """Conversion needs no torch, but transformers imports it whenever it is installed (~170 MB and
+    ~2 s before the first tensor is read). Marking it absent for this process keeps it out, unless
+    the checkpoint is pytorch_model.bin, which only torch reads."""
+    path = Path(model)
+    reads_bin = path.is_dir() and not any(path.glob("*.safetensors")) and any(path.glob("pytorch_model*.bin"))
+    if not reads_bin and "torch" not in sys.modules and "transformers" not in sys.modules:
+        sys.modules["torch"] = None
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _progress_callback():
@@ -60,6 +72,7 @@ def _progress_callback():
 def convert(model, output, scheme, target, group_size, symmetric, accuracy_level, dtype, no_pad, quant_config,
             overwrite):
     """Convert MODEL (a local HF folder or a hub id) into an ONNX folder."""
+    _keep_torch_out(model)
     from converter.export import convert as run_convert
     from converter.schemes import SchemeOptions, scheme_from_quant_config
 

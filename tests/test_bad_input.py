@@ -104,3 +104,19 @@ def test_every_command_has_help():
     for command in ["convert", "run", "eval", "bench", "inspect"]:
         result = CliRunner().invoke(main, [command, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_convert_command_does_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    code = (
+        "import sys\n"
+        "from runtime.cli import main\n"
+        f"main(['convert', {str(SAMPLE_MODEL)!r}, '-o', {str(out)!r}, '--scheme', 'q4f32_1'], standalone_mode=False)\n"
+        "assert sys.modules.get('torch') is None, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (out / "model.onnx").is_file()
