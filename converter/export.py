@@ -107,6 +107,8 @@ def convert(
         # two writer threads: lazy tensors (reads, casts, quantization) run in numpy, which releases the GIL
         ir.save(graph, staging / "model.onnx", external_data="model.onnx.data", callback=progress, max_workers=2,
                 max_in_flight_bytes=256 << 20)
+        if quant is not None:
+            quant.resolve_shared()
         for name in COPIED_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, staging / name)

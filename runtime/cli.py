@@ -88,14 +88,15 @@ def convert(model, output, scheme, target, group_size, symmetric, accuracy_level
     )
     if report.quant is not None:
         layers = report.quant.layers
-        worst = max(layers, key=lambda r: r.max_rel_error or 0.0) if layers else None
+        worst = max(layers, key=lambda r: r.max_rel_error) if layers else None
         click.echo(
             f"weights {report.float_weight_bytes / 1e6:.2f} MB -> {report.weight_bytes / 1e6:.2f} MB; "
             f"{len(layers)} layers quantized"
             + (f"; max relative weight error {worst.max_rel_error:.4f} ({worst.module})" if worst else "")
         )
         for r in layers:
-            click.echo(f"  {r.module:32s} {r.quant:28s} {r.format:24s} max rel err {r.max_rel_error:.4f}")
+            shared = f" (shares {r.shares}'s tensors)" if r.shares else ""
+            click.echo(f"  {r.module:32s} {r.quant:28s} {r.format:24s} max rel err {r.max_rel_error:.4f}{shared}")
     for note in report.notes:
         click.echo(note)
 

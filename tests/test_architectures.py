@@ -88,3 +88,19 @@ def test_logits_match_transformers(arch_id, scheme, tolerance, target, tiny_mode
     assert max(errors) / scale <= tolerance, (errors, scale)
     # the check must be able to fail: a different model's logits are far away
     assert np.abs(actual[1] - expected[2]).max() / scale > tolerance
+
+
+def test_pytorch_model_bin_checkpoint(tmp_path, rng):
+    """Where a checkpoint has only pytorch_model.bin (read with torch), the export is the same."""
+    source = tmp_path / "src"
+    model = build_tiny_model("qwen2", source)
+    for f in source.glob("*.safetensors"):
+        f.unlink()
+    torch.save(model.state_dict(), source / "pytorch_model.bin")
+    out = tmp_path / "onnx"
+    convert(str(source), out)
+    ids = rng.integers(3, model.config.vocab_size, (1, 8), dtype=np.int64)
+    mask = np.ones_like(ids)
+    expected = reference_logits(model, ids, mask, 0, ids)[0]
+    actual = onnx_logits(create_session(out), ids, mask, 0, ids)[0]
+    assert np.abs(actual - expected).max() / np.abs(expected).max() <= 1e-4

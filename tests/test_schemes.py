@@ -200,3 +200,19 @@ def test_inspect_lists_quantized_nodes(tmp_path):
     assert re.search(r"embed_tokens\s+com.microsoft.GatherBlockQuantized\s+4-bit g32 symmetric", result.output)
     assert re.search(r"layers.4.mlp.down_proj\s+com.microsoft.MatMulNBits\s+4-bit g32 symmetric", result.output)
     assert "smaller" in result.output
+
+
+def test_tied_embedding_is_stored_once(tmp_path):
+    import onnx
+
+    out = tmp_path / "q"
+    report = convert(str(SAMPLE_MODEL), out, scheme="q4f32_1")
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    names = {i.name for i in model.graph.initializer}
+    assert "lm_head.qweight" in names and "embed_tokens.qweight" not in names and "embed_tokens.weight" not in names
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    producers = {o: n for n in model.graph.node for o in n.output}
+    assert producers[gather.input[0]].op_type == "Reshape" and producers[gather.input[0]].input[0] == "lm_head.qweight"
+    embed = next(r for r in report.quant.layers if r.module == "embed_tokens")
+    head = next(r for r in report.quant.layers if r.module == "lm_head")
+    assert embed.shares == "lm_head" and embed.quant_bytes == 0 and embed.max_rel_error == head.max_rel_error

@@ -111,13 +111,14 @@ def _gbq_emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level: int) 
     parts = [
         Part("qweight", np.dtype(np.uint8), (v, k * q.bits // 8), lambda a: a.data),
         Part("scales", np.dtype(scale_dtype), (v, blocks), lambda a: a.scales),
-        Part("qzeros", np.dtype(np.uint8), (v, -(-blocks * q.bits // 8)), lambda a: a.zero_points),
     ]
+    if q.rule != "symmetric":  # absent zero points mean 2^(bits-1), as for MatMulNBits
+        parts.append(Part("qzeros", np.dtype(np.uint8), (v, -(-blocks * q.bits // 8)), lambda a: a.zero_points))
     attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": g, "bits": q.bits}
 
     def build(tape, site, values):
-        data, scales, zeros = values
-        return tape.op("GatherBlockQuantized", [data, site.x, scales, zeros], attrs,
+        data, scales, *zeros = values
+        return tape.op("GatherBlockQuantized", [data, site.x, scales, *zeros], attrs,
                        domain=gather_block_quantized.DOMAIN, name=site.module)
 
     return Emission(parts, gather_block_quantized.pack, build)

@@ -32,11 +32,19 @@ class LayerReport:
     quant_bytes: int
     accuracy_level: int = 0
     max_rel_error: float | None = None  # filled in when the weight is quantized (at write time)
+    shares: str | None = None  # module whose quantized tensors this one reuses (tied embeddings)
 
 
 @dataclass
 class QuantReport:
     layers: list[LayerReport] = field(default_factory=list)
+
+    def resolve_shared(self) -> None:
+        """After writing: layers that reuse another's tensors take over its error."""
+        by_module = {r.module: r for r in self.layers}
+        for r in self.layers:
+            if r.shares:
+                r.max_rel_error = by_module[r.shares].max_rel_error
 
     def qdq_accuracy_level(self) -> int | None:
         """Accuracy level for ORT's DequantizeLinear+MatMul -> MatMulNBits fusion (most accurate asked for)."""
@@ -46,7 +54,7 @@ class QuantReport:
     def as_dict(self) -> dict:
         return {
             r.module: {"quant": r.quant, "format": r.format, "shape": [r.n, r.k], "bytes": r.quant_bytes,
-                       "float_bytes": r.float_bytes, "max_rel_error": r.max_rel_error}
+                       "float_bytes": r.float_bytes, "max_rel_error": r.max_rel_error, "shares": r.shares}
             for r in self.layers
         }
 
@@ -128,6 +136,7 @@ def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype) -> Quan
     graph = model.graph
     report = QuantReport()
     used_functions: set[str] = set()
+    emitted: dict[tuple, tuple] = {}  # (source weight, settings, format) -> (node, values, report)
     for node in list(graph):
         site = _site(node)
         if site is None:
@@ -165,6 +174,8 @@ def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype) -> Quan
         )
         used_functions.update(emission.functions)
         report.layers.append(layer_report)
+        emitted[(id(weight_value), layer, fmt.name)] = (tape.nodes[-1], values, layer_report)
+    _share_tied_embedding(emitted)
     _drop_unused_initializers(graph)
     for name in sorted(used_functions):
         function = blockwise.FUNCTIONS[name]()
@@ -173,6 +184,33 @@ def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype) -> Quan
     if any(n.domain == "com.microsoft" for n in graph):
         model.opset_imports.setdefault("com.microsoft", 1)
     return report
+
+
+def _share_tied_embedding(emitted: dict) -> None:
+    """A tied table quantized the same way for the embedding (GatherBlockQuantized) and lm_head
+    (MatMulNBits) is stored once: the gather reads MatMulNBits' tensors through Reshape, which
+    holds the same bytes ([N, blocks, blob] -> [N, K * bits / 8], scales [N * blocks] -> [N, blocks])."""
+    for (source, layer, fmt), (gather, _, gather_report) in emitted.items():
+        match = emitted.get((source, layer, "matmulnbits"))
+        if fmt != "gather_block_quantized" or match is None:
+            continue
+        matmul, matmul_values, matmul_report = match
+        rows = ir.Value(name=f"{gather.name}.shared_rows", const_value=ir.tensor(np.array([gather_report.n, -1])))
+        graph = gather.graph
+        graph.register_initializer(rows)
+        new_inputs = list(gather.inputs)
+        for slot, source_value in ((0, matmul_values[0]), (2, matmul_values[1])):
+            reshape = ir.node("Reshape", [source_value, rows], name=f"{gather.name}.shared_{slot}")
+            graph.insert_before(gather, reshape)
+            new_inputs[slot] = reshape.outputs[0]
+        if len(matmul_values) > 2:  # asymmetric: packed zero points share the same layout too
+            reshape = ir.node("Reshape", [matmul_values[2], rows], name=f"{gather.name}.shared_3")
+            graph.insert_before(gather, reshape)
+            new_inputs[3] = reshape.outputs[0]
+        for slot, value in enumerate(new_inputs):
+            gather.replace_input_with(slot, value)
+        gather_report.quant_bytes = 0
+        gather_report.shares = matmul_report.module
 
 
 def _part_bytes(part) -> int:
