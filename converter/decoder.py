@@ -231,11 +231,9 @@ class DecoderGraph:
 
     def _lm_head(self, hidden, embed_table):
         b, s = self.b, self.spec
-        if self.names.lm_head and self.w.has(self.names.lm_head) and not (
-            s.tie_word_embeddings and embed_table is not None
-        ):
+        if not s.tie_word_embeddings and self.names.lm_head and self.w.has(self.names.lm_head):
             return self._linear(hidden, "lm_head", self.names.lm_head)
-        # Tied: reuse the [vocab, hidden] embedding table through Gemm(transB=1), stored once.
+        # Tied (or no lm_head in the checkpoint): reuse the [vocab, hidden] embedding table through Gemm(transB=1), stored once.
         flat = b.op("Reshape", hidden, b.i64(-1, s.hidden_size))
         logits = b.op("Gemm", flat, embed_table, transB=1, node_name="lm_head")
         out_shape = b.op("Concat", b.op("Shape", hidden, end=2), b.i64(s.vocab_size), axis=0)

@@ -25,6 +25,7 @@ class Site:
     module: str
     node: ir.Node
     x: ir.Value  # activations or indices
+    weight: ir.Value  # the float initializer: [K, N] for matmul, [N, K] otherwise
     n: int
     k: int
 

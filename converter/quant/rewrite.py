@@ -98,9 +98,9 @@ def _site(node: ir.Node) -> Site | None:
         return None
     rows, cols = weight.shape
     if kind == "matmul":
-        return Site(kind, node.name, node, node.inputs[0], n=cols, k=rows)
+        return Site(kind, node.name, node, node.inputs[0], weight, n=cols, k=rows)
     x = node.inputs[1] if kind == "gather" else node.inputs[0]
-    return Site(kind, node.name, node, x, n=rows, k=cols)
+    return Site(kind, node.name, node, x, weight, n=rows, k=cols)
 
 
 def choose_format(layer: LayerQuant, site: Site, target: str) -> StorageFormat:
@@ -124,11 +124,11 @@ def choose_format(layer: LayerQuant, site: Site, target: str) -> StorageFormat:
 
 
 def _weight_loader(site: Site):
-    value = site.node.inputs[1] if site.kind == "matmul" else site.node.inputs[0 if site.kind == "gather" else 1]
-    tensor = value.const_value
+    """Loads the site's float weight as [N, K] float32."""
+    tensor = site.weight.const_value
     if site.kind == "matmul":
-        return value, lambda: tensor.numpy().astype(np.float32).T
-    return value, lambda: tensor.numpy().astype(np.float32)
+        return lambda: tensor.numpy().astype(np.float32).T
+    return lambda: tensor.numpy().astype(np.float32)
 
 
 def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype) -> QuantReport:
@@ -151,9 +151,9 @@ def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype) -> Quan
             )
         fmt = choose_format(layer, site, target)
         emission = fmt.emission(layer.weight, site, np.dtype(dtype), layer.accuracy_level)
-        weight_value, load = _weight_loader(site)
+        load = _weight_loader(site)
         layer_report = LayerReport(
-            site.module, layer.weight.describe(), fmt.name, site.n, site.k, weight_value.const_value.nbytes,
+            site.module, layer.weight.describe(), fmt.name, site.n, site.k, site.weight.const_value.nbytes,
             sum(_part_bytes(p) for p in emission.parts), layer.accuracy_level,
         )
         once = _QuantizeOnce(load, layer, np.dtype(dtype), emission.pack, len(emission.parts), layer_report)
@@ -174,7 +174,7 @@ def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype) -> Quan
         )
         used_functions.update(emission.functions)
         report.layers.append(layer_report)
-        emitted[(id(weight_value), layer, fmt.name)] = (tape.nodes[-1], values, layer_report)
+        emitted[(id(site.weight), layer, fmt.name)] = (tape.nodes[-1], values, layer_report)
     _share_tied_embedding(emitted)
     _drop_unused_initializers(graph)
     for name in sorted(used_functions):
