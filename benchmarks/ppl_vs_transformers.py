@@ -18,25 +18,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from converter.export import convert  # noqa: E402
-from runtime.evaluate import perplexity, windows  # noqa: E402
+from runtime.evaluate import perplexity, transformers_perplexity  # noqa: E402
 from runtime.session import create_session, load_tokenizer  # noqa: E402
-
-
-def transformers_perplexity(model_dir, ids, seq_len, stride):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for begin, end, new in windows(len(ids), seq_len, stride):
-            window = torch.tensor(ids[None, begin:end])
-            labels = window.clone()
-            labels[:, : window.shape[1] - new] = -100
-            scored = int((labels[0, 1:] != -100).sum())
-            nll += float(model(window, labels=labels).loss) * scored
-            count += scored
-    return float(np.exp(nll / count)), count
 
 
 def main(model_dir: str, data: str, seq_len: int = 512, stride: int = 512):
@@ -47,7 +30,10 @@ def main(model_dir: str, data: str, seq_len: int = 512, stride: int = 512):
         t0 = time.perf_counter()
         ours = perplexity(create_session(out), ids, seq_len, stride)
         t1 = time.perf_counter()
-        theirs, count = transformers_perplexity(model_dir, ids, seq_len, stride)
+        from transformers import AutoModelForCausalLM
+
+        reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        theirs, count = transformers_perplexity(reference, ids, seq_len, stride)
         t2 = time.perf_counter()
     print(f"tokens scored: lowbit {ours.tokens}, transformers {count}")
     print(f"lowbit (ONNX Runtime): {ours.perplexity:.6f} ({t1 - t0:.1f} s)")

@@ -56,3 +56,20 @@ def perplexity(session: DecoderSession, token_ids: np.ndarray, seq_len: int, str
         count += len(scored)
         n_windows += 1
     return PerplexityResult(float(np.exp(nll_sum / count)), nll_sum, count, n_windows)
+
+
+def transformers_perplexity(model, token_ids: np.ndarray, seq_len: int, stride: int) -> tuple[float, int]:
+    """The reference: a transformers model's `labels` loss over the same windows, weighted by the
+    exact number of scored tokens. Needs torch; used by tests and benchmarks, never by lowbit itself."""
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for begin, end, new in windows(len(token_ids), seq_len, stride):
+            window = torch.tensor(token_ids[None, begin:end])
+            labels = window.clone()
+            labels[:, : window.shape[1] - new] = -100
+            scored = int((labels[0, 1:] != -100).sum())
+            nll += float(model(window, labels=labels).loss) * scored
+            count += scored
+    return float(np.exp(nll / count)), count

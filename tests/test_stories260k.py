@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from converter.export import convert
 from runtime.cli import main
-from runtime.evaluate import perplexity, windows
+from runtime.evaluate import perplexity, transformers_perplexity
 from runtime.generate import SamplingConfig, generate_ids
 from runtime.session import create_session, load_tokenizer
 from tests.conftest import SAMPLE_MODEL, WIKITEXT
@@ -75,27 +75,13 @@ def test_sampling_is_seeded_and_differs_from_greedy(converted):
     assert a != generate_ids(session, prompt, SamplingConfig(max_new_tokens=30))
 
 
-def hf_perplexity(hf_model, ids, seq_len, stride):
-    """transformers' loss with labels over the same windows, weighted by the exact count of scored tokens."""
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for begin, end, new in windows(len(ids), seq_len, stride):
-            window = torch.tensor(ids[None, begin:end])
-            labels = window.clone()
-            labels[:, : window.shape[1] - new] = -100
-            scored = int((labels[0, 1:] != -100).sum())
-            nll += float(hf_model(window, labels=labels).loss) * scored
-            count += scored
-    return float(np.exp(nll / count)), count
-
-
 @pytest.mark.skipif(not WIKITEXT.is_file(), reason="../shared/data/wikitext2_test.txt not present")
 @pytest.mark.parametrize("seq_len,stride", [(256, 256), (256, 128)])
 def test_perplexity_equals_transformers(converted, hf_model, seq_len, stride):
     tokenizer = load_tokenizer(converted)
     ids = np.asarray(tokenizer(WIKITEXT.read_text()[:60000])["input_ids"], np.int64)
     ours = perplexity(create_session(converted), ids, seq_len, stride)
-    expected, count = hf_perplexity(hf_model, ids, seq_len, stride)
+    expected, count = transformers_perplexity(hf_model, ids, seq_len, stride)
     assert ours.tokens == count
     assert f"{ours.perplexity:.4g}" == f"{expected:.4g}"
     assert 10 < ours.perplexity < 1000
