@@ -19,7 +19,7 @@ def genai_config(spec: DecoderSpec, genai_type: str, source: Path) -> dict:
     eos = generation.get("eos_token_id", spec.eos_token_id)
     pad = spec.pad_token_id if spec.pad_token_id is not None else _first(eos)
     context = spec.max_position_embeddings
-    return {
+    config = {
         "model": {
             "bos_token_id": spec.bos_token_id,
             "context_length": context,
@@ -66,3 +66,8 @@ def genai_config(spec: DecoderSpec, genai_type: str, source: Path) -> dict:
             "top_p": 1.0,
         },
     }
+    # onnxruntime-genai rejects null token ids: leave out the ones the checkpoint does not set
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if config["model"][key] is None:
+            del config["model"][key]
+    return config

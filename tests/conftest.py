@@ -13,7 +13,9 @@ STORIES = SHARED / "models" / "stories260K-hf"
 WIKITEXT = SHARED / "data" / "wikitext2_test.txt"
 SAMPLE_MODEL = REPO / "samples" / "stories260K-hf"
 
-COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, max_position_embeddings=128)
+SPECIAL_TOKENS = dict(bos_token_id=1, eos_token_id=2)  # config-class defaults (e.g. 32000) lie outside the vocab
+COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, max_position_embeddings=128,
+              **SPECIAL_TOKENS)
 GQA = dict(num_attention_heads=4, num_key_value_heads=2)
 
 # architecture id -> (config class name, config kwargs)
@@ -71,7 +73,8 @@ TINY_CONFIGS = {
             "final_logit_softcapping": 3.0,
         },
     ),
-    "gpt2": ("GPT2Config", {"vocab_size": 96, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128}),
+    "gpt2": ("GPT2Config", {"vocab_size": 96, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128,
+                            **SPECIAL_TOKENS}),
 }
 
 

@@ -18,7 +18,7 @@ WEIGHTS = WeightMap(
 )
 
 
-@register("gpt2", WEIGHTS)
+@register("gpt2", WEIGHTS, genai_type="llama")  # genai's own "gpt2" type expects other inputs
 def gpt2(config) -> DecoderSpec:
     if getattr(config, "scale_attn_by_inverse_layer_idx", False) or getattr(config, "reorder_and_upcast_attn", False):
         raise LowbitError("gpt2: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
