@@ -66,12 +66,14 @@ class DecoderGraph:
 
     # ------------------------------------------------------------------ weights
 
-    def _weight(self, name: str, shape, load) -> ir.Value:
-        return self.b.initializer(lazy_tensor(name, self.dtype, tuple(shape), load))
+    def _weight(self, name: str, shape, load, transposed_source=None) -> ir.Value:
+        return self.b.initializer(lazy_tensor(name, self.dtype, tuple(shape), load, transposed_source))
 
     def _linear(self, x, name: str, prefixes, layer: int | None = None):
         lin = self.w.linear(prefixes, layer)
-        w = self._weight(f"{name}.weight", (lin.in_features, lin.out_features), lin.in_out)
+        dtype = self.dtype
+        w = self._weight(f"{name}.weight", (lin.in_features, lin.out_features), lin.in_out,
+                         transposed_source=lambda: lin.out_in().astype(dtype))
         y = self.b.op("MatMul", x, w, node_name=name)  # the module name quantization plans match
         if lin.bias is not None:
             y = self.b.op("Add", y, self._weight(f"{name}.bias", (lin.out_features,), lin.bias))

@@ -26,15 +26,27 @@ def ir_dtype(dtype) -> ir.DataType:
     return ir.DataType.from_numpy(dtype)
 
 
-def lazy_tensor(name: str, dtype, shape: tuple[int, ...], load: Callable[[], np.ndarray]) -> ir.LazyTensor:
-    """A tensor whose bytes are produced by `load()` only when the model is written."""
+TRANSPOSED_SOURCE = "lowbit.transposed_source"  # tensor.meta key: loader of the tensor's transpose
+
+
+def lazy_tensor(
+    name: str, dtype, shape: tuple[int, ...], load: Callable[[], np.ndarray], transposed_source=None
+) -> ir.LazyTensor:
+    """A tensor whose bytes are produced by `load()` only when the model is written.
+
+    `transposed_source`, if given, loads the transpose directly (a MatMul weight's checkpoint
+    layout), so passes that need [N, K] rows skip a transpose of a transpose.
+    """
 
     def materialize():
         array = np.ascontiguousarray(load(), dtype=dtype)
         assert array.shape == tuple(shape), (name, array.shape, shape)
         return ir.tensor(array, name=name)
 
-    return ir.LazyTensor(materialize, dtype=ir_dtype(dtype), shape=ir.Shape(shape), name=name)
+    tensor = ir.LazyTensor(materialize, dtype=ir_dtype(dtype), shape=ir.Shape(shape), name=name)
+    if transposed_source is not None:
+        tensor.meta[TRANSPOSED_SOURCE] = transposed_source
+    return tensor
 
 
 class GraphBuilder:

@@ -14,11 +14,13 @@ from converter.errors import LowbitError
 
 @dataclass(frozen=True)
 class LinearWeights:
-    """A (possibly fused) linear layer: `in_out()` gives the [in, out] matrix MatMul consumes."""
+    """A (possibly fused) linear layer: `in_out()` gives the [in, out] matrix MatMul consumes,
+    `out_in()` the checkpoint's own [out, in] layout (contiguous rows, what quantizers want)."""
 
     in_features: int
     out_features: int
     in_out: Callable[[], np.ndarray]
+    out_in: Callable[[], np.ndarray]
     bias: Callable[[], np.ndarray] | None
 
 
@@ -66,6 +68,10 @@ class WeightSource:
             parts = [read(w) if conv1d else read(w).T for w in weights]
             return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
+        def out_in():
+            parts = [read(w).T if conv1d else read(w) for w in weights]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
         bias = None
         if any(biases):
 
@@ -74,7 +80,7 @@ class WeightSource:
                     [read(b) if b else np.zeros(n, np.float32) for b, n in zip(biases, outs)]
                 )
 
-        return LinearWeights(ins.pop(), sum(outs), in_out, bias)
+        return LinearWeights(ins.pop(), sum(outs), in_out, out_in, bias)
 
     def norm(self, prefix: str, layer: int | None = None, offset: float = 0.0):
         """(weight loader, bias loader or None, size) of a norm; `offset` is added to the weight."""

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from converter.errors import LowbitError
-from converter.graph import lazy_tensor
+from converter.graph import TRANSPOSED_SOURCE, lazy_tensor
 from converter.quant.affine import group_size_for, quantize, relative_error
 from converter.quant.formats import FORMATS, PREFERENCE, Site, StorageFormat
 from converter.quant.plan import LayerQuant, QuantPlan
@@ -124,11 +124,14 @@ def choose_format(layer: LayerQuant, site: Site, target: str) -> StorageFormat:
 
 
 def _weight_loader(site: Site):
-    """Loads the site's float weight as [N, K] float32."""
+    """Loads the site's float weight as [N, K] float32 (in the graph's dtype first, as stored)."""
     tensor = site.weight.const_value
-    if site.kind == "matmul":
-        return lambda: tensor.numpy().astype(np.float32).T
-    return lambda: tensor.numpy().astype(np.float32)
+    if site.kind != "matmul":
+        return lambda: np.asarray(tensor.numpy(), dtype=np.float32)
+    source = tensor.meta.get(TRANSPOSED_SOURCE)
+    if source is not None:  # the checkpoint's [N, K] rows: no transpose of a transpose
+        return lambda: np.asarray(source(), dtype=np.float32)
+    return lambda: np.asarray(tensor.numpy(), dtype=np.float32).T
 
 
 def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype) -> QuantReport:
