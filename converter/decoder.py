@@ -73,7 +73,7 @@ class DecoderGraph:
         lin = self.w.linear(prefixes, layer)
         dtype = self.dtype
         w = self._weight(f"{name}.weight", (lin.in_features, lin.out_features), lin.in_out,
-                         transposed_source=lambda: lin.out_in().astype(dtype))
+                         transposed_source=lambda: np.asarray(lin.out_in(), dtype=dtype))
         y = self.b.op("MatMul", x, w, node_name=name)  # the module name quantization plans match
         if lin.bias is not None:
             y = self.b.op("Add", y, self._weight(f"{name}.bias", (lin.out_features,), lin.bias))
