@@ -99,3 +99,16 @@ def build_tiny_model(arch_id: str, directory: Path, dtype=None):
 @pytest.fixture
 def rng():
     return np.random.default_rng()
+
+
+def genai_greedy(folder: Path, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy continuation of `prompt` by onnxruntime-genai running `folder` unmodified."""
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array(prompt, np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)[len(prompt):]]

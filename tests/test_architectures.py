@@ -7,7 +7,7 @@ import pytest
 
 from converter.export import convert
 from runtime.session import create_session
-from tests.conftest import TINY_CONFIGS, build_tiny_model
+from tests.conftest import TINY_CONFIGS, build_tiny_model, genai_greedy
 
 torch = pytest.importorskip("torch")
 
@@ -109,7 +109,6 @@ def test_pytorch_model_bin_checkpoint(tmp_path, rng):
 @pytest.mark.parametrize("arch_id", list(TINY_CONFIGS))
 def test_onnxruntime_genai_runs_every_architecture(arch_id, tiny_models, tmp_path):
     """The output folder runs unmodified in onnxruntime-genai, with our runtime's greedy tokens."""
-    og = pytest.importorskip("onnxruntime_genai")
     from runtime.generate import SamplingConfig, generate_ids
 
     source, _ = tiny_models(arch_id)
@@ -117,12 +116,5 @@ def test_onnxruntime_genai_runs_every_architecture(arch_id, tiny_models, tmp_pat
     convert(str(source), out)
     prompt = [5, 17, 33, 8, 9, 40]
     ours = generate_ids(create_session(out), [prompt], SamplingConfig(max_new_tokens=8), eos_ids={2})[0]
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 8, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array(prompt, np.int32))
-    while not generator.is_done():
-        generator.generate_next_token()
-    theirs = [int(t) for t in generator.get_sequence(0)[len(prompt):]]
+    theirs = genai_greedy(out, prompt, 8)
     assert theirs == ours[: len(theirs)] and len(theirs) >= min(len(ours), 8) - 1

@@ -13,7 +13,7 @@ from runtime.cli import main
 from runtime.evaluate import perplexity, transformers_perplexity
 from runtime.generate import SamplingConfig, generate_ids
 from runtime.session import create_session, load_tokenizer
-from tests.conftest import SAMPLE_MODEL, WIKITEXT
+from tests.conftest import SAMPLE_MODEL, WIKITEXT, genai_greedy
 
 torch = pytest.importorskip("torch")
 PROMPT = "Once upon a time"
@@ -101,17 +101,9 @@ def test_cli_eval_json(converted):
 
 
 def test_onnxruntime_genai_runs_folder_with_same_greedy_tokens(converted, hf_model):
-    og = pytest.importorskip("onnxruntime_genai")
     tokenizer = load_tokenizer(converted)
     prompt = tokenizer(PROMPT)["input_ids"]
-    model = og.Model(str(converted))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 60, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array(prompt, np.int32))
-    while not generator.is_done():
-        generator.generate_next_token()
-    tokens = list(generator.get_sequence(0))[len(prompt):]
+    tokens = genai_greedy(converted, prompt, 60)
     assert tokens == hf_greedy(hf_model, prompt, 60)
 
 
