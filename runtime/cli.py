@@ -148,6 +148,8 @@ def evaluate(model_dir, data, seq_len, stride, max_tokens, provider, as_json):
     stride = stride or seq_len
     if seq_len < 2 or stride < 1 or stride > seq_len:
         raise LowbitError("need --seq-len >= 2 and 1 <= --stride <= --seq-len")
+    if seq_len > context:
+        raise LowbitError(f"--seq-len {seq_len} exceeds the model's context length ({context})")
     ids = np.asarray(tokenizer(data.read_text(), verbose=False)["input_ids"], np.int64)  # windows handle length
     if max_tokens:
         ids = ids[:max_tokens]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from converter.errors import LowbitError
 from runtime.session import DecoderSession
 
 
@@ -61,6 +62,11 @@ def generate_ids(
     """New tokens for each prompt (stopping at, and including, an EOS token)."""
     rng = np.random.default_rng(config.seed)
     ids, mask = left_pad(prompts, pad_id)
+    if ids.shape[1] + config.max_new_tokens > session.context_length:
+        raise LowbitError(
+            f"prompt ({ids.shape[1]} tokens) + max new tokens ({config.max_new_tokens}) exceeds the model's "
+            f"context length ({session.context_length})"
+        )
     batch = ids.shape[0]
     positions = np.clip(mask.cumsum(-1) - 1, 0, None)
     past = session.empty_past(batch)

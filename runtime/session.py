@@ -30,6 +30,7 @@ class DecoderSession:
     head_dim: int
     kv_dtype: np.dtype
     vocab_size: int
+    context_length: int
     output_names: list[str] = field(default_factory=list)
     next_past_names: list[str] = field(default_factory=list)
 
@@ -93,6 +94,7 @@ def create_session(model_dir: str | Path, provider: str = "cpu", threads: int | 
         head_dim=decoder["head_size"],
         kv_dtype=np.dtype(ORT_DTYPES[past.type]),
         vocab_size=config["vocab_size"],
+        context_length=config["context_length"],
     )
 
 

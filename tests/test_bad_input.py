@@ -120,3 +120,16 @@ def test_convert_command_does_not_import_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (out / "model.onnx").is_file()
+
+
+def test_run_and_eval_beyond_context_are_clean_errors(tmp_path):
+    out = tmp_path / "out"
+    assert run_convert(SAMPLE_MODEL, "-o", out).exit_code == 0
+    result = CliRunner().invoke(main, ["run", str(out), "--prompt", "Once upon a time", "--max-new-tokens", "600"])
+    assert result.exit_code == 2 and "exceeds the model's context length (512)" in result.output
+    data = tmp_path / "data.txt"
+    data.write_text("Once upon a time there was a cat. " * 50)
+    result = CliRunner().invoke(main, ["eval", str(out), "--data", str(data), "--seq-len", "1024"])
+    assert result.exit_code == 2 and "exceeds the model's context length (512)" in result.output
+    result = CliRunner().invoke(main, ["eval", str(out), "--data", str(tmp_path / "missing.txt")])
+    assert result.exit_code == 2 and "no such file" in result.output
