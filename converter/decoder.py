@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from converter.architectures.base import DecoderSpec, WeightMap
+from converter.errors import LowbitError
 from converter.graph import GraphBuilder, ir_dtype, lazy_tensor
 from converter.weights import WeightSource
 
@@ -59,6 +60,8 @@ class DecoderGraph:
         self.dtype = np.dtype(dtype)
         self.ir_dtype = ir_dtype(self.dtype)
         self.target = target
+        if spec.activation not in ACTIVATIONS:
+            raise LowbitError(f"activation '{spec.activation}' is not supported (supported: {', '.join(ACTIVATIONS)})")
         opsets = {"": OPSET}
         if target.contrib_ops:
             opsets["com.microsoft"] = 1

@@ -133,3 +133,11 @@ def test_run_and_eval_beyond_context_are_clean_errors(tmp_path):
     assert result.exit_code == 2 and "exceeds the model's context length (512)" in result.output
     result = CliRunner().invoke(main, ["eval", str(out), "--data", str(tmp_path / "missing.txt")])
     assert result.exit_code == 2 and "no such file" in result.output
+
+
+def test_unsupported_activation(model_copy, tmp_path):
+    config = json.loads((model_copy / "config.json").read_text())
+    config["hidden_act"] = "laplace"
+    (model_copy / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert_clean_failure(run_convert(model_copy, "-o", out), out, "activation 'laplace' is not supported")
