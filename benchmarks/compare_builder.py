@@ -85,10 +85,6 @@ def bench(runtime: str, folder: Path, prompt_len: int, new_tokens: int, repeats:
     return result
 
 
-def model_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
@@ -102,6 +98,7 @@ def main():
     os.chdir(HERE.parent)
     sys.path.insert(0, str(HERE.parent))
     from benchmarks.random_model import make_random_model
+    from runtime.bench import model_bytes
 
     source = args.work / f"{args.model}-random"
     if not (source / "config.json").is_file():

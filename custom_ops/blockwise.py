@@ -59,9 +59,6 @@ def reference_gather(indices: np.ndarray, arrays: BlockwiseArrays) -> np.ndarray
     return dequantize(unpack(arrays)).astype(arrays.scales.dtype)[indices]
 
 
-def attributes(arrays: BlockwiseArrays) -> dict:
-    return {"bits": arrays.bits, "group_size": arrays.group_size, "K": arrays.k}
-
 
 # ------------------------------------------------------------------------------ function bodies
 

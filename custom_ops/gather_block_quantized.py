@@ -46,7 +46,6 @@ def pack(qw: QuantizedWeight) -> GatherArrays:
 
 
 def unpack(arrays: GatherArrays) -> QuantizedWeight:
-    v = arrays.data.shape[0]
     k = arrays.data.shape[1] * 8 // arrays.bits
     blocks = arrays.scales.shape[1]
     codes = unpack_bytes(arrays.data, arrays.bits, k)
@@ -57,6 +56,3 @@ def unpack(arrays: GatherArrays) -> QuantizedWeight:
 def reference(indices: np.ndarray, arrays: GatherArrays) -> np.ndarray:
     return dequantize(unpack(arrays)).astype(arrays.scales.dtype)[indices]
 
-
-def attributes(arrays: GatherArrays) -> dict:
-    return {"gather_axis": 0, "quantize_axis": 1, "block_size": arrays.block_size, "bits": arrays.bits}

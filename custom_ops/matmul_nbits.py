@@ -70,7 +70,3 @@ def reference(a: np.ndarray, arrays: MatMulNBitsArrays) -> np.ndarray:
     w = dequantize(unpack(arrays))  # [N, K]
     return (a.astype(np.float32) @ w.T).astype(a.dtype)
 
-
-def attributes(arrays: MatMulNBitsArrays, accuracy_level: int) -> dict:
-    return {"K": arrays.k, "N": arrays.n, "bits": arrays.bits, "block_size": arrays.block_size,
-            "accuracy_level": accuracy_level}

@@ -6,6 +6,8 @@ import resource
 import time
 from dataclasses import asdict, dataclass
 
+from pathlib import Path
+
 import numpy as np
 
 from runtime.session import DecoderSession
@@ -51,10 +53,10 @@ def benchmark(session: DecoderSession, prompt_len: int = 128, new_tokens: int = 
         prompt_len / best_prefill,
         new_tokens / best_decode,
         peak_rss_mb(),
-        _model_bytes(session),
+        model_bytes(session.model_dir),
     )
 
 
-def _model_bytes(session: DecoderSession) -> int:
-    d = session.model_dir
-    return sum(f.stat().st_size for f in d.iterdir() if f.is_file() and f.name.startswith("model.onnx"))
+def model_bytes(folder: Path) -> int:
+    """Bytes of the graph and its external data (`model.onnx*`) in a folder."""
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name.startswith("model.onnx"))

@@ -38,12 +38,16 @@ def test_missing_directory(tmp_path):
     assert_clean_failure(run_convert(tmp_path / "nope", "-o", out), out, "no such directory")
 
 
-def test_unsupported_model_type(model_copy, tmp_path):
+@pytest.mark.parametrize("key,value,message", [
+    ("model_type", "bert", "unsupported model_type 'bert'"),
+    ("hidden_act", "laplace", "activation 'laplace' is not supported"),
+])
+def test_unsupported_config_value(model_copy, tmp_path, key, value, message):
     config = json.loads((model_copy / "config.json").read_text())
-    config["model_type"] = "bert"
+    config[key] = value
     (model_copy / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
-    assert_clean_failure(run_convert(model_copy, "-o", out), out, "unsupported model_type 'bert'")
+    assert_clean_failure(run_convert(model_copy, "-o", out), out, message)
 
 
 @pytest.mark.parametrize("keep", [100, 4])
@@ -133,11 +137,3 @@ def test_run_and_eval_beyond_context_are_clean_errors(tmp_path):
     assert result.exit_code == 2 and "exceeds the model's context length (512)" in result.output
     result = CliRunner().invoke(main, ["eval", str(out), "--data", str(tmp_path / "missing.txt")])
     assert result.exit_code == 2 and "no such file" in result.output
-
-
-def test_unsupported_activation(model_copy, tmp_path):
-    config = json.loads((model_copy / "config.json").read_text())
-    config["hidden_act"] = "laplace"
-    (model_copy / "config.json").write_text(json.dumps(config))
-    out = tmp_path / "out"
-    assert_clean_failure(run_convert(model_copy, "-o", out), out, "activation 'laplace' is not supported")
