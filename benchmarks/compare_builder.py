@@ -45,7 +45,7 @@ def run_child(cmd):
 
 def convert_cmd(kind, scheme, extra, source, out):
     if kind == "lowbit":
-        return [sys.executable, "-m", "runtime.cli", "convert", str(source), "-o", str(out), "--scheme", scheme,
+        return [sys.executable, "-m", "lowbit", "convert", str(source), "-o", str(out), "--scheme", scheme,
                 "--overwrite", *extra]
     return [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(out), "-p",
             scheme, "-e", "cpu", "-c", str(out) + ".cache", *extra]
@@ -75,7 +75,7 @@ print(json.dumps({"prefill_tokens_per_s": prompt_len / best_prefill, "decode_tok
 
 def bench(runtime: str, folder: Path, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     if runtime == "lowbit":
-        cmd = [sys.executable, "-m", "runtime.cli", "bench", str(folder), "--prompt-len", str(prompt_len),
+        cmd = [sys.executable, "-m", "lowbit", "bench", str(folder), "--prompt-len", str(prompt_len),
                "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--json"]
     else:
         cmd = [sys.executable, "-c", GENAI_BENCH, str(folder), str(prompt_len), str(new_tokens), str(repeats)]
@@ -98,7 +98,7 @@ def main():
     os.chdir(HERE.parent)
     sys.path.insert(0, str(HERE.parent))
     from benchmarks.random_model import make_random_model
-    from runtime.bench import model_bytes
+    from lowbit.runtime.bench import model_bytes
 
     source = args.work / f"{args.model}-random"
     if not (source / "config.json").is_file():

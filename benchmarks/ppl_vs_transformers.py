@@ -15,18 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from converter.export import convert  # noqa: E402
-from runtime.evaluate import perplexity, transformers_perplexity  # noqa: E402
-from runtime.session import create_session, load_tokenizer  # noqa: E402
+from lowbit.converter.export import convert
+from lowbit.runtime.evaluate import perplexity, transformers_perplexity
+from lowbit.runtime.session import create_session
+from lowbit.runtime.tokenizer import load_tokenizer
 
 
 def main(model_dir: str, data: str, seq_len: int = 512, stride: int = 512):
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "onnx"
         convert(model_dir, out)
-        ids = np.asarray(load_tokenizer(out)(Path(data).read_text())["input_ids"], np.int64)
+        ids = np.asarray(load_tokenizer(out).encode(Path(data).read_text()), np.int64)
         t0 = time.perf_counter()
         ours = perplexity(create_session(out), ids, seq_len, stride)
         t1 = time.perf_counter()

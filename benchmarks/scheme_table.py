@@ -24,7 +24,7 @@ SCHEMES = [
 
 
 def lowbit(*args) -> str:
-    result = subprocess.run([sys.executable, "-m", "runtime.cli", *map(str, args)], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "lowbit", *map(str, args)], cwd=ROOT, capture_output=True,
                             text=True)
     if result.returncode:
         raise RuntimeError(result.stderr)

@@ -16,7 +16,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from converter.errors import LowbitError
+from lowbit.errors import LowbitError
 
 SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64),

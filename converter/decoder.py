@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from converter.architectures.base import DecoderSpec, WeightMap
-from converter.errors import LowbitError
-from converter.graph import GraphBuilder, ir_dtype, lazy_tensor
-from converter.weights import WeightSource
+from lowbit.converter.architectures.base import DecoderSpec, WeightMap
+from lowbit.errors import LowbitError
+from lowbit.converter.graph import GraphBuilder, ir_dtype, lazy_tensor
+from lowbit.converter.weights import WeightSource
 
 OPSET = 21
 

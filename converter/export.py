@@ -13,15 +13,15 @@ from typing import Callable
 
 import onnx_ir as ir
 
-import converter
-from converter.architectures import DecoderSpec, get_architecture
-from converter.checkpoint import Checkpoint, dir_size, resolve_model_dir
-from converter.decoder import TARGETS, DecoderGraph
-from converter.errors import LowbitError
-from converter.genai import genai_config
-from converter.quant.rewrite import QuantReport, quantize_model
-from converter.schemes import SchemeOptions, get_scheme
-from converter.weights import WeightSource
+import lowbit
+from lowbit.converter.architectures import DecoderSpec, get_architecture
+from lowbit.converter.checkpoint import Checkpoint, dir_size, resolve_model_dir
+from lowbit.converter.decoder import TARGETS, DecoderGraph
+from lowbit.errors import LowbitError
+from lowbit.converter.genai import genai_config
+from lowbit.converter.quant.rewrite import QuantReport, quantize_model
+from lowbit.converter.schemes import SchemeOptions, get_scheme
+from lowbit.converter.weights import WeightSource
 
 COPIED_FILES = [
     "config.json",
@@ -117,7 +117,7 @@ def convert(
         if quant is not None and quant.qdq_accuracy_level() is not None:
             session_config["session.qdq_matmulnbits_accuracy_level"] = str(quant.qdq_accuracy_level())
         metadata = {
-            "lowbit_version": converter.__version__,
+            "lowbit_version": lowbit.__version__,
             "scheme": scheme,
             "scheme_description": scheme_obj.description,
             "target": target,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from converter.architectures import DecoderSpec
+from lowbit.converter.architectures import DecoderSpec
 
 
 def _first(token):

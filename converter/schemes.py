@@ -15,9 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from converter.errors import LowbitError
-from converter.quant.affine import WeightQuant
-from converter.quant.plan import LayerQuant, QuantPlan, uniform_plan
+from lowbit.errors import LowbitError
+from lowbit.affine import WeightQuant
+from lowbit.converter.quant.plan import LayerQuant, QuantPlan, uniform_plan
 
 DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 

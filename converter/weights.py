@@ -7,9 +7,9 @@ from typing import Callable
 
 import numpy as np
 
-from converter.architectures.base import WeightMap
-from converter.checkpoint import Checkpoint
-from converter.errors import LowbitError
+from lowbit.converter.architectures.base import WeightMap
+from lowbit.converter.checkpoint import Checkpoint
+from lowbit.errors import LowbitError
 
 
 @dataclass(frozen=True)

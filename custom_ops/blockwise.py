@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from converter.quant.affine import QuantizedWeight, dequantize
-from custom_ops.bitpack import pack_words, unpack_words
+from lowbit.affine import QuantizedWeight, dequantize
+from lowbit.custom_ops.bitpack import pack_words, unpack_words
 
 DOMAIN = "lowbit"
 VERSION = 1

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from converter.quant.affine import QuantizedWeight, dequantize
-from custom_ops.bitpack import pack_bytes, unpack_bytes
+from lowbit.affine import QuantizedWeight, dequantize
+from lowbit.custom_ops.bitpack import pack_bytes, unpack_bytes
 
 DOMAIN = "com.microsoft"
 BITS = (4, 8)

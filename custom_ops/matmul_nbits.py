@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from converter.quant.affine import QuantizedWeight
-from custom_ops.bitpack import pack_bytes, unpack_bytes
+from lowbit.affine import QuantizedWeight
+from lowbit.custom_ops.bitpack import pack_bytes, unpack_bytes
 
 DOMAIN = "com.microsoft"
 BITS = (2, 4, 8)
@@ -65,7 +65,7 @@ def unpack(arrays: MatMulNBitsArrays) -> QuantizedWeight:
 
 def reference(a: np.ndarray, arrays: MatMulNBitsArrays) -> np.ndarray:
     """Numpy kernel: dequantize B in float32 and multiply."""
-    from converter.quant.affine import dequantize
+    from lowbit.affine import dequantize
 
     w = dequantize(unpack(arrays))  # [N, K]
     return (a.astype(np.float32) @ w.T).astype(a.dtype)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.session import DecoderSession
+from lowbit.runtime.session import DecoderSession
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.session import DecoderSession
+from lowbit.runtime.session import DecoderSession
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,8 @@ class PerplexityResult:
     nll_sum: float
     tokens: int  # scored tokens
     windows: int
+    seq_len: int
+    stride: int
 
 
 def windows(total: int, seq_len: int, stride: int):
@@ -55,7 +57,7 @@ def perplexity(session: DecoderSession, token_ids: np.ndarray, seq_len: int, str
         nll_sum -= float(scored.sum())
         count += len(scored)
         n_windows += 1
-    return PerplexityResult(float(np.exp(nll_sum / count)), nll_sum, count, n_windows)
+    return PerplexityResult(float(np.exp(nll_sum / count)), nll_sum, count, n_windows, seq_len, stride)
 
 
 def transformers_perplexity(model, token_ids: np.ndarray, seq_len: int, stride: int) -> tuple[float, int]:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from converter.errors import LowbitError
-from runtime.session import DecoderSession
+from lowbit.errors import LowbitError
+from lowbit.runtime.session import DecoderSession
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,64 @@ def left_pad(token_lists: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.
     return ids, mask
 
 
+@dataclass
+class KVCache:
+    """The KV cache of a batch and the attention mask over what it holds; kept across calls for chat."""
+
+    past: dict[str, np.ndarray]
+    mask: np.ndarray  # [B, T] int64: 1 for real tokens, 0 for left padding
+
+    @classmethod
+    def empty(cls, session: DecoderSession, batch: int) -> "KVCache":
+        return cls(session.empty_past(batch), np.zeros((batch, 0), np.int64))
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on."""
+        self.past = {name: value[:, :, :length] for name, value in self.past.items()}
+        self.mask = self.mask[:, :length]
+
+
+def stream_ids(
+    session: DecoderSession,
+    prompts: list[list[int]],
+    config: SamplingConfig,
+    eos_ids: set[int] = frozenset(),
+    pad_id: int = 0,
+    cache: KVCache | None = None,
+):
+    """Yield the next token of every prompt [B] at each step until all have produced an EOS (which is
+    yielded) or `max_new_tokens`; finished rows yield `pad_id`. With `cache`, the prompts continue what the
+    cache holds, and the cache is left holding every token fed to the model (the last yielded one is not)."""
+    rng = np.random.default_rng(config.seed)
+    ids, new_mask = left_pad(prompts, pad_id)
+    batch = ids.shape[0]
+    cache = cache if cache is not None else KVCache.empty(session, batch)
+    if cache.length + ids.shape[1] + config.max_new_tokens > session.context_length:
+        raise LowbitError(
+            f"prompt ({cache.length + ids.shape[1]} tokens) + max new tokens ({config.max_new_tokens}) exceeds "
+            f"the model's context length ({session.context_length})"
+        )
+    mask = np.concatenate([cache.mask, new_mask], axis=1)
+    positions = np.clip(mask.cumsum(-1) - 1, 0, None)[:, cache.length:]
+    finished = np.zeros(batch, bool)
+    eos = list(eos_ids)
+    for _ in range(config.max_new_tokens):
+        logits, cache.past = session.forward(ids, mask, positions, cache.past)
+        cache.mask = mask
+        tokens = np.where(finished, pad_id, select_tokens(logits[:, -1, :], config, rng))
+        yield tokens
+        finished |= np.isin(tokens, eos)
+        if finished.all():
+            return
+        ids = tokens[:, None].astype(np.int64)
+        positions = positions[:, -1:] + 1
+        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+
+
 def generate_ids(
     session: DecoderSession,
     prompts: list[list[int]],
@@ -60,50 +118,68 @@ def generate_ids(
     pad_id: int = 0,
 ) -> list[list[int]]:
     """New tokens for each prompt (stopping at, and including, an EOS token)."""
-    rng = np.random.default_rng(config.seed)
-    ids, mask = left_pad(prompts, pad_id)
-    if ids.shape[1] + config.max_new_tokens > session.context_length:
-        raise LowbitError(
-            f"prompt ({ids.shape[1]} tokens) + max new tokens ({config.max_new_tokens}) exceeds the model's "
-            f"context length ({session.context_length})"
-        )
-    batch = ids.shape[0]
-    positions = np.clip(mask.cumsum(-1) - 1, 0, None)
-    past = session.empty_past(batch)
-    finished = np.zeros(batch, bool)
-    outputs: list[list[int]] = [[] for _ in range(batch)]
-    for _ in range(config.max_new_tokens):
-        logits, past = session.forward(ids, mask, positions, past)
-        tokens = select_tokens(logits[:, -1, :], config, rng)
-        tokens = np.where(finished, pad_id, tokens)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    finished = np.zeros(len(prompts), bool)
+    for tokens in stream_ids(session, prompts, config, eos_ids, pad_id):
         for row in np.flatnonzero(~finished):
             outputs[row].append(int(tokens[row]))
         finished |= np.isin(tokens, list(eos_ids))
-        if finished.all():
-            break
-        ids = tokens[:, None].astype(np.int64)
-        positions = positions[:, -1:] + 1
-        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
     return outputs
 
 
+class TextStream:
+    """Incremental detokenizer: `push(token)` returns the text that token completes (the first push also
+    returns the prompt's text when `include_prompt`). Text is held back
+    while it ends in an incomplete UTF-8 sequence (a character split over byte tokens), and each piece is
+    the difference of two decodes that start at the same token, so word-initial spaces come out as in one
+    whole decode. The pieces concatenate to `tokenizer.decode(ids)`."""
+
+    def __init__(self, tokenizer, prompt: list[int] = (), include_prompt: bool = False, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids = list(prompt)
+        self.prefix_offset = 0
+        self.read_offset = 0 if include_prompt else len(self.ids)
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+
+    def push(self, *tokens: int) -> str:
+        self.ids.extend(int(t) for t in tokens)
+        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset:])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return new_text[len(prefix_text):]
+
+    def flush(self) -> str:
+        """What is still held back (an incomplete character at the very end, decoded as U+FFFD)."""
+        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return new_text[len(prefix_text):]
+
+
 def eos_token_ids(tokenizer, model_dir) -> set[int]:
+    """The tokenizer's and generation_config's EOS ids, plus genai_config.json's."""
     import json
     from pathlib import Path
 
-    ids = set()
+    ids = set(tokenizer.eos_ids)
     path = Path(model_dir) / "genai_config.json"
     if path.is_file():
         eos = json.loads(path.read_text())["model"].get("eos_token_id")
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
     return ids
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
 def generate_text(session, tokenizer, prompts: list[str], config: SamplingConfig) -> list[str]:
     """Prompt plus continuation, decoded together so spacing comes out as the tokenizer intends."""
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    new = generate_ids(session, encoded, config, eos_token_ids(tokenizer, session.model_dir), pad)
+    encoded = [tokenizer.encode(p) for p in prompts]
+    new = generate_ids(session, encoded, config, eos_token_ids(tokenizer, session.model_dir), pad_token_id(tokenizer))
     return [tokenizer.decode(prompt + tokens, skip_special_tokens=True) for prompt, tokens in zip(encoded, new)]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx
 
-from converter.errors import LowbitError
+from lowbit.errors import LowbitError
 
 
 def inspect_model(model_dir: str | Path) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converter.errors import LowbitError
+from lowbit.errors import LowbitError
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -97,11 +97,3 @@ def create_session(model_dir: str | Path, provider: str = "cpu", threads: int | 
         context_length=config["context_length"],
     )
 
-
-def load_tokenizer(model_dir: str | Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as e:  # noqa: BLE001
-        raise LowbitError(f"{model_dir}: cannot load tokenizer ({e.__class__.__name__})") from None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from converter.export import convert
-from runtime.session import create_session
+from lowbit.converter.export import convert
+from lowbit.runtime.session import create_session
 from tests.conftest import TINY_CONFIGS, build_tiny_model, genai_greedy
 
 torch = pytest.importorskip("torch")
@@ -109,7 +109,7 @@ def test_pytorch_model_bin_checkpoint(tmp_path, rng):
 @pytest.mark.parametrize("arch_id", list(TINY_CONFIGS))
 def test_onnxruntime_genai_runs_every_architecture(arch_id, tiny_models, tmp_path):
     """The output folder runs unmodified in onnxruntime-genai, with our runtime's greedy tokens."""
-    from runtime.generate import SamplingConfig, generate_ids
+    from lowbit.runtime.generate import SamplingConfig, generate_ids
 
     source, _ = tiny_models(arch_id)
     out = tmp_path / "onnx"

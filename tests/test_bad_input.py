@@ -8,7 +8,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from runtime.cli import main
+from lowbit.cli import main
 from tests.conftest import SAMPLE_MODEL
 
 
@@ -117,7 +117,7 @@ def test_convert_command_does_not_import_torch(tmp_path):
     out = tmp_path / "out"
     code = (
         "import sys\n"
-        "from runtime.cli import main\n"
+        "from lowbit.cli import main\n"
         f"main(['convert', {str(SAMPLE_MODEL)!r}, '-o', {str(out)!r}, '--scheme', 'q4f32_1'], standalone_mode=False)\n"
         "assert sys.modules.get('torch') is None, 'torch was imported'\n"
     )

@@ -8,9 +8,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from converter.quant.affine import WeightQuant, dequantize, quantize
-from custom_ops import blockwise, gather_block_quantized, matmul_nbits
-from custom_ops.bitpack import pack_bytes, pack_words, unpack_bytes, unpack_words
+from lowbit.affine import WeightQuant, dequantize, quantize
+from lowbit.custom_ops import blockwise, gather_block_quantized, matmul_nbits
+from lowbit.custom_ops.bitpack import pack_bytes, pack_words, unpack_bytes, unpack_words
 
 
 def reference_quantize(w, bits, group, rule, scale_dtype):
@@ -168,7 +168,7 @@ def test_int4_dq_storage_is_two_per_byte_low_first():
 
 
 def test_chunked_quantization_equals_single_pass(monkeypatch, rng):
-    from converter.quant import affine
+    from lowbit import affine
 
     w = rng.standard_normal((23, 70)).astype(np.float32)
     quant = WeightQuant(4, 32, "asymmetric")

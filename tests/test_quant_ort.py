@@ -8,12 +8,12 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from converter.errors import LowbitError
-from converter.graph import GraphBuilder, lazy_tensor
-from converter.quant.affine import WeightQuant, dequantize, quantize
-from converter.quant.plan import LayerQuant, QuantPlan, QuantRule
-from converter.quant.rewrite import quantize_model
-from custom_ops import blockwise, gather_block_quantized, matmul_nbits
+from lowbit.errors import LowbitError
+from lowbit.converter.graph import GraphBuilder, lazy_tensor
+from lowbit.affine import WeightQuant, dequantize, quantize
+from lowbit.converter.quant.plan import LayerQuant, QuantPlan, QuantRule
+from lowbit.converter.quant.rewrite import quantize_model
+from lowbit.custom_ops import blockwise, gather_block_quantized, matmul_nbits
 
 MODULE = "layers.0.mlp.down_proj"
 

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from converter.errors import LowbitError
-from converter.export import convert
-from converter.quant.affine import dequantize, quantize
-from converter.schemes import SchemeOptions, dashinfer_scheme_name, get_scheme
-from runtime.cli import main
-from runtime.session import create_session, load_tokenizer
+from lowbit.errors import LowbitError
+from lowbit.converter.export import convert
+from lowbit.affine import dequantize, quantize
+from lowbit.converter.schemes import SchemeOptions, dashinfer_scheme_name, get_scheme
+from lowbit.cli import main
+from lowbit.runtime.session import create_session
+from lowbit.runtime.tokenizer import load_tokenizer
 from tests.conftest import SAMPLE_MODEL, WIKITEXT, build_tiny_model
 
 torch = pytest.importorskip("torch")
@@ -88,7 +89,7 @@ def test_quantized_logits_equal_transformers_on_dequantized_weights(arch_id, sch
 
 
 def test_every_scheme_runs_on_stories260k(tmp_path):
-    from runtime.generate import SamplingConfig, generate_text
+    from lowbit.runtime.generate import SamplingConfig, generate_text
 
     for scheme in ["q4f16_1", "q4f32_1", "q3f16_1", "a16w8", "a16w4", "a16w8-g128", "a16w4-g32", "a16w8-minmax",
                    "w4a16", "w8a16", "w2a16"]:
@@ -109,10 +110,10 @@ def test_quality_ordering_on_stories260k(tmp_path):
     TinyStories model WikiText-2 is out of domain, and its PPL gap does not rank 4-bit schemes
     the way weight SQNR and KL do (see docs/performance.md).
     """
-    from runtime.evaluate import log_softmax
+    from lowbit.runtime.evaluate import log_softmax
 
     tokenizer = load_tokenizer(SAMPLE_MODEL)
-    ids = np.asarray(tokenizer(WIKITEXT.read_text()[:150000])["input_ids"], np.int64)[: 512 * 40]
+    ids = np.asarray(tokenizer.encode(WIKITEXT.read_text()[:150000]), np.int64)[: 512 * 40]
     windows = ids.reshape(-1, 512)
 
     def log_probs(scheme, **options):

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from converter.export import convert
-from runtime.cli import main
-from runtime.evaluate import perplexity, transformers_perplexity
-from runtime.generate import SamplingConfig, generate_ids
-from runtime.session import create_session, load_tokenizer
+from lowbit.converter.export import convert
+from lowbit.cli import main
+from lowbit.runtime.evaluate import perplexity, transformers_perplexity
+from lowbit.runtime.generate import SamplingConfig, generate_ids
+from lowbit.runtime.session import create_session
+from lowbit.runtime.tokenizer import load_tokenizer
 from tests.conftest import SAMPLE_MODEL, WIKITEXT, genai_greedy
 
 torch = pytest.importorskip("torch")
@@ -41,14 +42,16 @@ def hf_greedy(hf_model, prompt_ids, n):
 
 def test_greedy_60_tokens_equal_transformers(converted, hf_model):
     tokenizer = load_tokenizer(converted)
-    prompt = tokenizer(PROMPT)["input_ids"]
+    prompt = tokenizer.encode(PROMPT)
     ours = generate_ids(create_session(converted), [prompt], SamplingConfig(max_new_tokens=60))[0]
     assert ours == hf_greedy(hf_model, prompt, 60)
     assert "Lily" in tokenizer.decode(ours)
 
 
 def test_cli_run_prints_transformers_text(converted, hf_model):
-    tokenizer = load_tokenizer(converted)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(SAMPLE_MODEL)  # the reference text, from transformers end to end
     prompt = tokenizer(PROMPT)["input_ids"]
     expected = tokenizer.decode(prompt + hf_greedy(hf_model, prompt, 60), skip_special_tokens=True)
     result = CliRunner().invoke(main, ["run", str(converted), "--prompt", PROMPT, "--max-new-tokens", "60"])
@@ -59,7 +62,7 @@ def test_cli_run_prints_transformers_text(converted, hf_model):
 def test_batched_prompts_with_padding_equal_single_runs(converted):
     tokenizer = load_tokenizer(converted)
     session = create_session(converted)
-    prompts = [tokenizer(p)["input_ids"] for p in ["Once upon a time", "The cat sat on the big red mat and"]]
+    prompts = [tokenizer.encode(p) for p in ["Once upon a time", "The cat sat on the big red mat and"]]
     batched = generate_ids(session, prompts, SamplingConfig(max_new_tokens=20), pad_id=0)
     singles = [generate_ids(session, [p], SamplingConfig(max_new_tokens=20))[0] for p in prompts]
     assert batched == singles
@@ -68,7 +71,7 @@ def test_batched_prompts_with_padding_equal_single_runs(converted):
 def test_sampling_is_seeded_and_differs_from_greedy(converted):
     tokenizer = load_tokenizer(converted)
     session = create_session(converted)
-    prompt = [tokenizer(PROMPT)["input_ids"]]
+    prompt = [tokenizer.encode(PROMPT)]
     config = SamplingConfig(max_new_tokens=30, do_sample=True, temperature=1.2, top_k=40, top_p=0.9, seed=7)
     a, b = generate_ids(session, prompt, config), generate_ids(session, prompt, config)
     assert a == b
@@ -79,7 +82,7 @@ def test_sampling_is_seeded_and_differs_from_greedy(converted):
 @pytest.mark.parametrize("seq_len,stride", [(256, 256), (256, 128)])
 def test_perplexity_equals_transformers(converted, hf_model, seq_len, stride):
     tokenizer = load_tokenizer(converted)
-    ids = np.asarray(tokenizer(WIKITEXT.read_text()[:60000])["input_ids"], np.int64)
+    ids = np.asarray(tokenizer.encode(WIKITEXT.read_text()[:60000]), np.int64)
     ours = perplexity(create_session(converted), ids, seq_len, stride)
     expected, count = transformers_perplexity(hf_model, ids, seq_len, stride)
     assert ours.tokens == count
@@ -102,7 +105,7 @@ def test_cli_eval_json(converted):
 
 def test_onnxruntime_genai_runs_folder_with_same_greedy_tokens(converted, hf_model):
     tokenizer = load_tokenizer(converted)
-    prompt = tokenizer(PROMPT)["input_ids"]
+    prompt = tokenizer.encode(PROMPT)
     tokens = genai_greedy(converted, prompt, 60)
     assert tokens == hf_greedy(hf_model, prompt, 60)
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from converter.errors import LowbitError
+from lowbit.errors import LowbitError
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Gemma 2: (1 + w) RMSNorm, sqrt(hidden) embedding scale, sandwich norms, soft-capping,
 alternating sliding-window layers, tanh-GELU gated MLP."""
 
-from converter.architectures.base import DecoderSpec, common_fields, llama_style_weights, register
+from lowbit.converter.architectures.base import DecoderSpec, common_fields, llama_style_weights, register
 
 WEIGHTS = llama_style_weights(
     mlp_norm="model.layers.{i}.pre_feedforward_layernorm",

@@ -1,7 +1,7 @@
 """GPT-2: learned positions, LayerNorm with bias, tanh-GELU plain MLP, Conv1D ([in, out]) weights."""
 
-from converter.architectures.base import DecoderSpec, WeightMap, register
-from converter.errors import LowbitError
+from lowbit.converter.architectures.base import DecoderSpec, WeightMap, register
+from lowbit.errors import LowbitError
 
 WEIGHTS = WeightMap(
     embed="transformer.wte",

@@ -1,6 +1,6 @@
 """Llama (1, 2, 3 with rope scaling): RMSNorm, SiLU-gated MLP, RoPE, GQA."""
 
-from converter.architectures.base import DecoderSpec, common_fields, llama_style_weights, register
+from lowbit.converter.architectures.base import DecoderSpec, common_fields, llama_style_weights, register
 
 
 @register("llama", llama_style_weights())

@@ -1,6 +1,6 @@
 """Mistral: Llama layout with sliding-window attention."""
 
-from converter.architectures.base import DecoderSpec, common_fields, llama_style_weights, register
+from lowbit.converter.architectures.base import DecoderSpec, common_fields, llama_style_weights, register
 
 
 @register("mistral", llama_style_weights())

@@ -1,6 +1,6 @@
 """Phi-3: fused qkv_proj and gate_up_proj (gate first), optional longrope."""
 
-from converter.architectures.base import DecoderSpec, common_fields, llama_style_weights, register
+from lowbit.converter.architectures.base import DecoderSpec, common_fields, llama_style_weights, register
 
 WEIGHTS = llama_style_weights(
     qkv=("model.layers.{i}.self_attn.qkv_proj",),

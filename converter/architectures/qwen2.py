@@ -1,6 +1,6 @@
 """Qwen2: Llama layout with biases on q/k/v (picked up from the checkpoint)."""
 
-from converter.architectures.base import DecoderSpec, common_fields, llama_style_weights, register
+from lowbit.converter.architectures.base import DecoderSpec, common_fields, llama_style_weights, register
 
 
 @register("qwen2", llama_style_weights())

@@ -1,6 +1,6 @@
 """Qwen3: Llama layout with RMSNorm on each query and key head before RoPE."""
 
-from converter.architectures.base import DecoderSpec, common_fields, llama_style_weights, register
+from lowbit.converter.architectures.base import DecoderSpec, common_fields, llama_style_weights, register
 
 WEIGHTS = llama_style_weights(q_norm="model.layers.{i}.self_attn.q_norm", k_norm="model.layers.{i}.self_attn.k_norm")
 

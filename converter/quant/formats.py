@@ -15,8 +15,8 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from converter.quant.affine import QuantizedWeight, WeightQuant, group_size_for, padded_k
-from custom_ops import blockwise, gather_block_quantized, matmul_nbits
+from lowbit.affine import QuantizedWeight, WeightQuant, group_size_for, padded_k
+from lowbit.custom_ops import blockwise, gather_block_quantized, matmul_nbits
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from converter.quant.affine import WeightQuant
+from lowbit.affine import WeightQuant
 
 
 @dataclass(frozen=True)
 class LayerQuant:
     weight: WeightQuant
-    format: str | None = None  # storage format name (converter.quant.formats); None = best for target
+    format: str | None = None  # storage format name (lowbit.converter.quant.formats); None = best for target
     accuracy_level: int = 0  # MatMulNBits accuracy_level (0 float compute, 4 int8 activations)
 
 

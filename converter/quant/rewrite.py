@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from converter.errors import LowbitError
-from converter.graph import TRANSPOSED_SOURCE, lazy_tensor
-from converter.quant.affine import group_size_for, quantize, relative_error
-from converter.quant.formats import FORMATS, PREFERENCE, Site, StorageFormat
-from converter.quant.plan import LayerQuant, QuantPlan
-from custom_ops import blockwise
+from lowbit.errors import LowbitError
+from lowbit.converter.graph import TRANSPOSED_SOURCE, lazy_tensor
+from lowbit.affine import group_size_for, quantize, relative_error
+from lowbit.converter.quant.formats import FORMATS, PREFERENCE, Site, StorageFormat
+from lowbit.converter.quant.plan import LayerQuant, QuantPlan
+from lowbit.custom_ops import blockwise
 
 
 @dataclass

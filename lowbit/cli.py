@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from converter.errors import LowbitError
+from lowbit.errors import LowbitError
 
 
 class LowbitGroup(click.Group):
@@ -73,15 +73,11 @@ def convert(model, output, scheme, target, group_size, symmetric, accuracy_level
             overwrite):
     """Convert MODEL (a local HF folder or a hub id) into an ONNX folder."""
     _keep_torch_out(model)
-    from converter.export import convert as run_convert
-    from converter.schemes import SchemeOptions, scheme_from_quant_config
+    from lowbit.converter.api import convert as run_convert
 
-    if quant_config is not None:
-        if scheme is not None:
-            raise LowbitError("give either --scheme or --quant-config, not both")
-        scheme = scheme_from_quant_config(quant_config)
-    options = SchemeOptions(group_size, symmetric, accuracy_level, dtype, pad=not no_pad)
-    report = run_convert(model, output, scheme or "q0f32", target, overwrite, _progress_callback(), options)
+    report = run_convert(model, output, scheme, target=target, group_size=group_size, symmetric=symmetric,
+                         accuracy_level=accuracy_level, dtype=dtype, pad=not no_pad, quant_config=quant_config,
+                         overwrite=overwrite, progress=_progress_callback())
     click.echo(
         f"wrote {report.output} ({report.model_type}, scheme {report.scheme}, target {report.target}): "
         f"{report.model_bytes / 1e6:.1f} MB in {report.seconds:.1f} s"
@@ -101,26 +97,86 @@ def convert(model, output, scheme, target, group_size, symmetric, accuracy_level
         click.echo(note)
 
 
+def sampling_options(command):
+    """The sampling flags shared by `run` and `chat`."""
+    for option in reversed([
+        click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1)),
+        click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"])),
+        click.option("--sample", is_flag=True, help="Sample instead of greedy decoding."),
+        click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True)),
+        click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 disables top-k."),
+        click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True)),
+        click.option("--seed", type=int, default=None),
+    ]):
+        command = option(command)
+    return command
+
+
+def _sampling(sample, temperature, top_k, top_p, seed) -> dict:
+    return dict(do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
+
 @main.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeat for a batch).")
-@click.option("--max-new-tokens", default=64, show_default=True)
-@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]))
-@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
-@click.option("--temperature", default=1.0, show_default=True)
-@click.option("--top-k", default=0, show_default=True, help="0 disables top-k.")
-@click.option("--top-p", default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None)
-def run(model_dir, prompts, max_new_tokens, provider, sample, temperature, top_k, top_p, seed):
-    """Generate text from a converted folder."""
-    from runtime.generate import SamplingConfig, generate_text
-    from runtime.session import create_session, load_tokenizer
+@click.option("--chat", "as_chat", is_flag=True, help="Format each prompt as a user turn with the chat template.")
+@click.option("--system", default=None, help="System message for --chat.")
+@sampling_options
+def run(model_dir, prompts, as_chat, system, max_new_tokens, provider, sample, temperature, top_k, top_p, seed):
+    """Generate text from a converted folder; one prompt streams as it is generated."""
+    from lowbit.runtime.generate import SamplingConfig, TextStream, generate_ids
+    from lowbit.runtime.model import Model
 
-    session = create_session(model_dir, provider)
-    tokenizer = load_tokenizer(model_dir)
-    config = SamplingConfig(max_new_tokens, sample, temperature, top_k, top_p, seed)
-    for text in generate_text(session, tokenizer, list(prompts), config):
-        click.echo(text)
+    if system is not None and not as_chat:
+        raise LowbitError("--system needs --chat")
+    model = Model.load(model_dir, provider)
+    tokenizer = model.tokenizer
+    if as_chat:
+        messages = [[{"role": "system", "content": system}] if system else [] for _ in prompts]
+        texts = [tokenizer.apply_chat_template([*m, {"role": "user", "content": p}]) for m, p in zip(messages, prompts)]
+        encoded = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    else:
+        encoded = [tokenizer.encode(p) for p in prompts]
+    sampling = _sampling(sample, temperature, top_k, top_p, seed)
+    if len(encoded) == 1:  # stream: the prompt's text, then each piece as its token arrives
+        text = TextStream(tokenizer, encoded[0], include_prompt=not as_chat)
+        if not as_chat:
+            click.echo(text.push(), nl=False)
+        for piece in model.stream("", max_new_tokens, prompt_ids=encoded[0], **sampling):
+            click.echo(piece, nl=False)
+        click.echo()
+        return
+    config = SamplingConfig(max_new_tokens, **sampling)
+    new = generate_ids(model.session, encoded, config, model.eos_ids, model.pad_id)
+    for ids, tokens in zip(encoded, new):
+        click.echo(tokenizer.decode(tokens) if as_chat else tokenizer.decode(ids + tokens))
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--system", default=None, help="System message.")
+@sampling_options
+def chat(model_dir, system, max_new_tokens, provider, sample, temperature, top_k, top_p, seed):
+    """Interactive chat: one line per user turn, the KV cache kept across turns (Ctrl-D or /exit to quit)."""
+    from lowbit.runtime.chat import Chat
+    from lowbit.runtime.model import Model
+
+    model = Model.load(model_dir, provider)
+    conversation = Chat(model, system, **_sampling(sample, temperature, top_k, top_p, seed))
+    model.tokenizer.check_chat_template()
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            click.echo()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if not line.strip():
+            continue
+        for piece in conversation.send(line, max_new_tokens):
+            click.echo(piece, nl=False)
+        click.echo()
 
 
 @main.command(name="eval")
@@ -128,35 +184,23 @@ def run(model_dir, prompts, max_new_tokens, provider, sample, temperature, top_k
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Plain text file.")
 @click.option("--seq-len", type=int, default=None, help="Window length [default: min(2048, context)].")
 @click.option("--stride", type=int, default=None, help="Window step [default: seq-len].")
-@click.option("--max-tokens", type=int, default=None, help="Only score the first N tokens of the file.")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Only score the first N tokens of the file.")
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def evaluate(model_dir, data, seq_len, stride, max_tokens, provider, as_json):
     """Perplexity of a converted model over a text file (sliding window)."""
-    import numpy as np
     from tqdm import tqdm
 
-    from runtime.evaluate import perplexity
-    from runtime.session import create_session, load_tokenizer
+    from lowbit.runtime.model import Model
 
     if not data.is_file():
         raise LowbitError(f"{data}: no such file")
-    session = create_session(model_dir, provider)
-    tokenizer = load_tokenizer(model_dir)
-    context = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["context_length"]
-    seq_len = seq_len or min(2048, context)
-    stride = stride or seq_len
-    if seq_len < 2 or stride < 1 or stride > seq_len:
-        raise LowbitError("need --seq-len >= 2 and 1 <= --stride <= --seq-len")
-    if seq_len > context:
-        raise LowbitError(f"--seq-len {seq_len} exceeds the model's context length ({context})")
-    ids = np.asarray(tokenizer(data.read_text(), verbose=False)["input_ids"], np.int64)  # windows handle length
-    if max_tokens:
-        ids = ids[:max_tokens]
-    result = perplexity(session, ids, seq_len, stride, progress=lambda it: tqdm(it, desc="eval", leave=False, disable=None))
+    model = Model.load(model_dir, provider)
+    result = model.perplexity(path=data, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
+                              progress=lambda it: tqdm(it, desc="eval", leave=False, disable=None))
     if as_json:
         click.echo(json.dumps({"perplexity": result.perplexity, "tokens": result.tokens, "windows": result.windows,
-                               "seq_len": seq_len, "stride": stride}))
+                               "seq_len": result.seq_len, "stride": result.stride}))
     else:
         click.echo(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.windows} windows)")
 
@@ -171,8 +215,8 @@ def evaluate(model_dir, data, seq_len, stride, max_tokens, provider, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def bench(model_dir, prompt_len, new_tokens, repeats, threads, provider, as_json):
     """Prefill/decode tokens per second, peak RSS and model bytes."""
-    from runtime.bench import benchmark
-    from runtime.session import create_session
+    from lowbit.runtime.bench import benchmark
+    from lowbit.runtime.session import create_session
 
     result = benchmark(create_session(model_dir, provider, threads), prompt_len, new_tokens, repeats)
     if as_json:
@@ -190,7 +234,7 @@ def bench(model_dir, prompt_len, new_tokens, repeats, threads, provider, as_json
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def inspect(model_dir, as_json):
     """Ops, weight sizes and scheme of a converted folder."""
-    from runtime.inspect import inspect_model
+    from lowbit.runtime.inspect import inspect_model
 
     info = inspect_model(model_dir)
     if as_json:

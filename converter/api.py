@@ -1,0 +1,42 @@
+"""The conversion entry point of the Python API (`lowbit.convert`) and of `lowbit convert`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from lowbit.converter.export import ConversionReport
+from lowbit.converter.export import convert as export_folder
+from lowbit.converter.schemes import SchemeOptions, scheme_from_quant_config
+from lowbit.errors import LowbitError
+
+
+def convert(
+    model: str | Path,
+    output: str | Path,
+    scheme: str | None = None,
+    *,
+    target: str = "ort",
+    group_size: int | None = None,
+    symmetric: bool | None = None,
+    accuracy_level: int | None = None,
+    dtype: str | None = None,
+    pad: bool = True,
+    quant_config: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Callable | None = None,
+) -> ConversionReport:
+    """Convert `model` (a local Hugging Face folder or a hub id) into the ONNX folder `output`.
+
+    scheme: a name from docs/schemes.md (default q0f32), or None with `quant_config`, a DashInfer
+    quantization config JSON. group_size, symmetric, accuracy_level, dtype and pad override the
+    scheme's preset. target: "ort" or "tensorrt". overwrite: replace a non-empty output folder.
+    progress: called as progress(tensor, info) for each tensor written.
+    Raises LowbitError for bad input; nothing is left at `output` then.
+    """
+    if quant_config is not None:
+        if scheme is not None:
+            raise LowbitError("give either --scheme or --quant-config (scheme= or quant_config=), not both")
+        scheme = scheme_from_quant_config(Path(quant_config))
+    options = SchemeOptions(group_size, symmetric, accuracy_level, dtype, pad=pad)
+    return export_folder(str(model), output, scheme or "q0f32", target, overwrite, progress, options)
