@@ -7,6 +7,10 @@ Y[M, N] = A[M, K] @ dequant(B).T with
   whole byte; absent = 2^(bits - 1);
 - attributes K, N, bits (ORT's CPU kernel: 2, 4, 8), block_size (16, 32, 64, 128, 256),
   accuracy_level (0: float compute; 4: int8 activations).
+
+A per-channel weight (one scale and zero point per output row) is the same weight with its
+scale and zero point repeated over every block of the row, so it is stored here bit for bit in
+blocks of `PER_CHANNEL_BLOCK` (the fastest block size of ORT's CPU kernel at int8 compute).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from lowbit.custom_ops.bitpack import pack_bytes, unpack_bytes
 DOMAIN = "com.microsoft"
 BITS = (2, 4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+PER_CHANNEL_BLOCK = 128
 
 
 @dataclass(frozen=True)
@@ -37,15 +42,37 @@ class MatMulNBitsArrays:
 def unsupported_reason(bits: int, group_size: int | None, integer_zero_point: bool) -> str | None:
     if bits not in BITS:
         return f"MatMulNBits takes {BITS} bits, not {bits}"
-    if group_size not in BLOCK_SIZES:
-        return f"MatMulNBits takes block sizes {BLOCK_SIZES}, not {group_size or 'per-channel'}"
+    if group_size is not None and group_size not in BLOCK_SIZES:
+        return f"MatMulNBits takes block sizes {BLOCK_SIZES} (or per-channel), not {group_size}"
     if not integer_zero_point:
         return "MatMulNBits needs integer zero points"
     return None
 
 
-def pack(qw: QuantizedWeight, symmetric: bool) -> MatMulNBitsArrays:
-    """`symmetric`: zero points all equal 2^(bits-1), so the input is left out."""
+def block_layout(group_size: int | None, k: int) -> tuple[int, int]:
+    """(block_size, blocks per row) that store a weight quantized with `group_size` (None: per channel)."""
+    block = group_size or min(PER_CHANNEL_BLOCK, max(BLOCK_SIZES[0], 1 << (k - 1).bit_length()))
+    return block, -(-k // block)
+
+
+def as_blocks(qw: QuantizedWeight, block_size: int) -> QuantizedWeight:
+    """A per-channel weight as the identical weight in blocks: scale and zero point repeated per block, codes
+    padded with the zero point (so padding dequantizes to exactly 0)."""
+    if qw.group_size == block_size:
+        return qw
+    assert qw.groups == 1, "only per-channel weights are regrouped"
+    blocks = -(-qw.k // block_size)
+    codes = np.empty((qw.n, blocks * block_size), np.uint8)
+    codes[:, : qw.k] = qw.codes[:, : qw.k]
+    codes[:, qw.k:] = qw.zero_points
+    return QuantizedWeight(codes, np.repeat(qw.scales, blocks, axis=1), np.repeat(qw.zero_points, blocks, axis=1),
+                           qw.bits, block_size, qw.k)
+
+
+def pack(qw: QuantizedWeight, symmetric: bool, block_size: int | None = None) -> MatMulNBitsArrays:
+    """`symmetric`: zero points all equal 2^(bits-1), so the input is left out. `block_size`: store a
+    per-channel weight in blocks of this size (default: the weight's own group size)."""
+    qw = as_blocks(qw, block_size or qw.group_size)
     n, blocks, bs = qw.n, qw.groups, qw.group_size
     b = pack_bytes(qw.codes.reshape(n, blocks, bs), qw.bits)
     zp = None if symmetric else pack_bytes(qw.zero_points, qw.bits).reshape(-1)

@@ -143,6 +143,23 @@ def test_matmul_nbits_pack_unpack_bit_exact(bits, group, rule, rng):
     assert np.array_equal(back.scales, qw.scales)
 
 
+@pytest.mark.parametrize("bits,rule", [(4, "symmetric"), (4, "asymmetric"), (8, "symmetric"), (8, "asymmetric"),
+                                       (2, "asymmetric")])
+@pytest.mark.parametrize("k", [100, 128, 576, 1000])
+def test_per_channel_as_matmul_nbits_blocks_is_bit_exact(bits, rule, k, rng):
+    """A per-channel weight stored in MatMulNBits blocks dequantizes to exactly today's per-channel values."""
+    w = rng.standard_normal((7, k)).astype(np.float32) * rng.uniform(0.1, 3, (7, 1)).astype(np.float32)
+    qw = quantize(w, WeightQuant(bits, None, rule))
+    block, blocks = matmul_nbits.block_layout(None, k)
+    arrays = matmul_nbits.pack(qw, rule == "symmetric", block)
+    assert arrays.b.shape == (7, blocks, block * bits // 8) and blocks == math.ceil(k / block)
+    back = matmul_nbits.unpack(arrays)
+    assert np.array_equal(dequantize(back), dequantize(qw))
+    expected = np.repeat(qw.scales, blocks, axis=1)
+    assert np.array_equal(back.scales, expected)
+    assert np.array_equal(back.codes[:, k:], np.broadcast_to(qw.zero_points, (7, blocks * block - k)))
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_gather_block_quantized_pack_unpack_bit_exact(bits, rng):
     w = rng.standard_normal((11, 64)).astype(np.float32)

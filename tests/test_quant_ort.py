@@ -61,6 +61,9 @@ FORMAT_CASES = [
     ("matmulnbits", 2, 32, "asymmetric"),
     ("matmulnbits", 8, 64, "asymmetric"),
     ("matmulnbits", 8, 128, "symmetric"),
+    ("matmulnbits", 8, None, "asymmetric"),
+    ("matmulnbits", 4, None, "symmetric"),
+    ("matmulnbits", 4, None, "asymmetric"),
     ("dq", 4, 32, "symmetric"),
     ("dq", 4, 64, "asymmetric"),
     ("dq", 8, None, "asymmetric"),
@@ -86,7 +89,8 @@ def test_matmul_formats_match_reference(fmt, bits, group, rule, kind, tmp_path, 
     assert not any(n.op_type in ("MatMul", "Gemm") and n.inputs[1].const_value is not None
                    and n.inputs[1].const_value.dtype == ir.DataType.FLOAT for n in model.graph)
     if fmt == "matmulnbits":
-        assert_close(out, matmul_nbits.reference(x, matmul_nbits.pack(qw, rule == "symmetric")), 1e-5)
+        block, _ = matmul_nbits.block_layout(group, k)
+        assert_close(out, matmul_nbits.reference(x, matmul_nbits.pack(qw, rule == "symmetric", block)), 1e-5)
     if fmt == "blockwise":
         assert_close(out, blockwise.reference_matmul(x, blockwise.pack(qw)), 1e-5)
     assert report.layers[0].max_rel_error > 0
@@ -125,7 +129,7 @@ def test_gather_formats_match_reference(fmt, bits, group, rule, tmp_path, rng):
 def test_auto_format_choice(tmp_path, rng):
     w = rng.standard_normal((16, 64)).astype(np.float32)
     x = rng.standard_normal((1, 64)).astype(np.float32)
-    expected = {WeightQuant(4, 32): "matmulnbits", WeightQuant(8, None, "asymmetric"): "dq",
+    expected = {WeightQuant(4, 32): "matmulnbits", WeightQuant(8, None, "asymmetric"): "matmulnbits",
                 WeightQuant(3, 40): "blockwise", WeightQuant(8, None, "minmax_float_zp"): "blockwise"}
     for quant, fmt in expected.items():
         _, report, _ = run_quantized(tmp_path, "matmul", w, LayerQuant(quant), np.float32, x)

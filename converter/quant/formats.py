@@ -76,8 +76,8 @@ def _nbits_unsupported(q: WeightQuant, site: Site):
 
 
 def _nbits_emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level: int) -> Emission:
-    n, g = site.n, q.group_size
-    blocks = padded_k(q, site.k) // g
+    n = site.n
+    g, blocks = matmul_nbits.block_layout(q.group_size, padded_k(q, site.k))
     symmetric = q.rule == "symmetric"
     parts = [
         Part("qweight", np.dtype(np.uint8), (n, blocks, g * q.bits // 8), lambda a: a.b),
@@ -90,12 +90,13 @@ def _nbits_emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level: int
     def build(tape, site, values):
         return tape.op("MatMulNBits", [site.x, *values], attrs, domain=matmul_nbits.DOMAIN, name=site.module)
 
-    return Emission(parts, lambda qw: matmul_nbits.pack(qw, symmetric), build)
+    return Emission(parts, lambda qw: matmul_nbits.pack(qw, symmetric, g), build)
 
 
 register_format(StorageFormat(
     "matmulnbits", ("matmul", "gemm_t"), ("ort",), _nbits_unsupported, _nbits_emission,
-    "com.microsoft.MatMulNBits: 2/4/8 bits, blocks 16-256, integer zero points",
+    "com.microsoft.MatMulNBits: 2/4/8 bits, blocks 16-256 or per-channel (its scale repeated per block), "
+    "integer zero points",
 ))
 
 

@@ -1,0 +1,101 @@
+"""Speed matrix: every scheme converted from the same model, benchmarked against q0f32 in one interleaved run.
+
+    python benchmarks/scheme_speed.py [--model smollm2-135m] [--work /tmp/lowbit-speed] [--rounds 3]
+        [--schemes q0f32 w4a16 ...] [--prompt-len 128] [--new-tokens 16] [--threads 2] [--json FILE]
+
+Builds a random-weight checkpoint of a real config (benchmarks/random_model.py), converts it with
+every scheme, then runs `lowbit bench` in a fresh process per scheme, all schemes once per round
+(rotating the order), for `--rounds` rounds. A scheme's prefill/decode is its best round; peak RSS
+is the bench process's own (wait4). Ratios are against q0f32 from the same run, so machine load
+moves both sides alike. Prints a Markdown table (docs/performance.md keeps the latest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# (row label, scheme, extra convert options)
+SCHEMES = [
+    ("q0f32", "q0f32", []),
+    ("q0f16", "q0f16", []),
+    ("a16w8", "a16w8", []),
+    ("a16w8-g64", "a16w8-g64", []),
+    ("a16w8-minmax", "a16w8-minmax", []),
+    ("a16w4", "a16w4", []),
+    ("a16w4-g64", "a16w4-g64", []),
+    ("q4f32_1", "q4f32_1", []),
+    ("q4f16_1", "q4f16_1", []),
+    ("q3f16_1", "q3f16_1", []),
+    ("w8a16", "w8a16", []),
+    ("w4a16", "w4a16", []),
+    ("w3a16", "w3a16", []),
+    ("w2a16", "w2a16", []),
+]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/lowbit-speed"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--schemes", nargs="*", default=[label for label, _, _ in SCHEMES])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    sys.path.insert(0, str(HERE.parent))
+    from benchmarks.compare_builder import run_child
+    from lowbit.runtime.bench import model_bytes
+
+    jobs = {label: (scheme, extra) for label, scheme, extra in SCHEMES}
+    labels = ["q0f32"] + [s for s in args.schemes if s != "q0f32"]
+    unknown = [s for s in labels if s not in jobs]
+    if unknown:
+        parser.error(f"unknown scheme rows {unknown} (known: {', '.join(jobs)})")
+    source = args.work / f"{args.model}-random"
+    if not (source / "config.json").is_file():  # in a child: a fork of a process holding torch would count its RSS
+        run_child([sys.executable, str(HERE / "random_model.py"), args.model, str(source)])
+    folders = {}
+    for label in labels:
+        scheme, extra = jobs[label]
+        folders[label] = out = args.work / f"{args.model}-{label}"
+        run_child([sys.executable, "-m", "lowbit", "convert", str(source), "-o", str(out), "--scheme", scheme,
+                   "--overwrite", *extra])
+        print(f"converted {label}: {model_bytes(out) / 1e6:.1f} MB", flush=True)
+    results: dict[str, dict] = {}
+    for round_ in range(args.rounds):
+        order = labels[round_ % len(labels):] + labels[:round_ % len(labels)]
+        for label in order:
+            cmd = [sys.executable, "-m", "lowbit", "bench", str(folders[label]), "--prompt-len", str(args.prompt_len),
+                   "--new-tokens", str(args.new_tokens), "--repeats", "2", "--threads", str(args.threads), "--json"]
+            _, rss, out = run_child(cmd)
+            r = json.loads(out.strip().splitlines()[-1])
+            best = results.setdefault(label, {"prefill": 0.0, "decode": 0.0, "rss_mb": 0.0,
+                                              "model_bytes": r["model_bytes"]})
+            best["prefill"] = max(best["prefill"], r["prefill_tokens_per_s"])
+            best["decode"] = max(best["decode"], r["decode_tokens_per_s"])
+            best["rss_mb"] = max(best["rss_mb"], rss)
+        print(f"round {round_ + 1}/{args.rounds} done", flush=True)
+    base = results["q0f32"]
+    print(f"\n{args.model} (random weights), prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+          f"{args.threads} threads, best of {args.rounds} interleaved rounds\n")
+    print("| scheme | folder MB | prefill tok/s | × q0f32 | decode tok/s | × q0f32 | peak RSS MB | RSS − folder MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label in labels:
+        r = results[label]
+        print(f"| {label} | {r['model_bytes'] / 1e6:.1f} | {r['prefill']:.0f} | {r['prefill'] / base['prefill']:.2f} | "
+              f"{r['decode']:.1f} | {r['decode'] / base['decode']:.2f} | {r['rss_mb']:.0f} | "
+              f"{r['rss_mb'] - r['model_bytes'] / 1e6:.0f} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
