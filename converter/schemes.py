@@ -57,6 +57,16 @@ def _dtype(options: SchemeOptions, default: str) -> np.dtype:
     return DTYPES[options.dtype or default]
 
 
+# int8 activations (MatMulNBits accuracy_level 4) unless asked otherwise: on CPU it is several times faster than
+# float compute and costs little quality (docs/schemes.md has the KL and PPL of both for every scheme);
+# --accuracy-level 0 keeps MLC's / DashInfer's float numerics exactly.
+DEFAULT_ACCURACY_LEVEL = 4
+
+
+def _accuracy_level(options: SchemeOptions) -> int:
+    return DEFAULT_ACCURACY_LEVEL if options.accuracy_level is None else options.accuracy_level
+
+
 def _no_options(options: SchemeOptions, name: str, allowed=("dtype",)):
     for field_name in ("group_size", "symmetric", "accuracy_level", "dtype"):
         if getattr(options, field_name) is not None and field_name not in allowed:
@@ -71,7 +81,7 @@ def _mlc(name, bits, group, dtype, description, quantize=True):
         _no_options(options, name, allowed=("accuracy_level",) if quantize else ())
         plan = None
         if quantize:
-            layer = LayerQuant(WeightQuant(bits, group, "symmetric"), accuracy_level=options.accuracy_level or 0)
+            layer = LayerQuant(WeightQuant(bits, group, "symmetric"), accuracy_level=_accuracy_level(options))
             # TensorRT has no quantized Gather: the embedding stays float there
             plan = uniform_plan(layer, embeddings=target != "tensorrt", lm_head=True, pad=options.pad)
         return Scheme(name, DTYPES[dtype], description, plan)
@@ -97,7 +107,7 @@ def _dashinfer(match: re.Match, options: SchemeOptions, target: str) -> Scheme:
         raise LowbitError("the DashInfer CPU min/max rule is 8-bit only (a16w8-minmax)")
     symmetric = options.symmetric or False
     rule = "minmax_float_zp" if minmax else ("symmetric" if symmetric else "asymmetric")
-    layer = LayerQuant(WeightQuant(bits, group, rule), accuracy_level=options.accuracy_level or 0)
+    layer = LayerQuant(WeightQuant(bits, group, rule), accuracy_level=_accuracy_level(options))
     granularity = f"group {group}" if group else "per-channel"
     return Scheme(match[0], _dtype(options, "float32"),
                   f"DashInfer InstantQuant {'int8' if bits == 8 else 'uint4'} weights, {granularity}, {rule}",
@@ -148,8 +158,8 @@ def _generic(match: re.Match, options: SchemeOptions, target: str) -> Scheme:
         if bits != 4 or not symmetric or group not in (64, 128):
             raise LowbitError("target tensorrt takes w4a16 symmetric with --group-size 64 or 128 "
                               "(the INT4 weight-only form TensorRT builds)")
-    level = options.accuracy_level if options.accuracy_level is not None else 4
-    layer = LayerQuant(WeightQuant(bits, group, "symmetric" if symmetric else "asymmetric"), accuracy_level=level)
+    layer = LayerQuant(WeightQuant(bits, group, "symmetric" if symmetric else "asymmetric"),
+                       accuracy_level=_accuracy_level(options))
     return Scheme(match[0], _dtype(options, "float32"),
                   f"{bits}-bit weights, group {group}, {'symmetric' if symmetric else 'asymmetric'}",
                   uniform_plan(layer, embeddings=target != "tensorrt", lm_head=True, pad=options.pad))

@@ -177,7 +177,7 @@ def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype) -> Quan
         )
         used_functions.update(emission.functions)
         report.layers.append(layer_report)
-        emitted[(id(site.weight), layer, fmt.name)] = (tape.nodes[-1], values, layer_report)
+        emitted[(id(site.weight), layer, fmt.name, site.kind)] = (tape.nodes[-1], values, layer_report)
     _share_tied_embedding(emitted)
     _drop_unused_initializers(graph)
     for name in sorted(used_functions):
@@ -190,30 +190,51 @@ def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype) -> Quan
 
 
 def _share_tied_embedding(emitted: dict) -> None:
-    """A tied table quantized the same way for the embedding (GatherBlockQuantized) and lm_head
-    (MatMulNBits) is stored once: the gather reads MatMulNBits' tensors through Reshape, which
-    holds the same bytes ([N, blocks, blob] -> [N, K * bits / 8], scales [N * blocks] -> [N, blocks])."""
-    for (source, layer, fmt), (gather, _, gather_report) in emitted.items():
-        match = emitted.get((source, layer, "matmulnbits"))
-        if fmt != "gather_block_quantized" or match is None:
+    """A tied table quantized the same way for the embedding and lm_head is stored once: the gather reads
+    the lm_head's tensors, as they are or through a Reshape that holds the same bytes (`SHARED_LAYOUTS`)."""
+    for (source, layer, fmt, kind), (gather, _, gather_report) in emitted.items():
+        if kind != "gather":
             continue
-        matmul, matmul_values, matmul_report = match
-        rows = ir.Value(name=f"{gather.name}.shared_rows", const_value=ir.tensor(np.array([gather_report.n, -1])))
-        graph = gather.graph
-        graph.register_initializer(rows)
-        new_inputs = list(gather.inputs)
-        for slot, source_value in ((0, matmul_values[0]), (2, matmul_values[1])):
-            reshape = ir.node("Reshape", [source_value, rows], name=f"{gather.name}.shared_{slot}")
-            graph.insert_before(gather, reshape)
-            new_inputs[slot] = reshape.outputs[0]
-        if len(matmul_values) > 2:  # asymmetric: packed zero points share the same layout too
-            reshape = ir.node("Reshape", [matmul_values[2], rows], name=f"{gather.name}.shared_3")
-            graph.insert_before(gather, reshape)
-            new_inputs[3] = reshape.outputs[0]
-        for slot, value in enumerate(new_inputs):
-            gather.replace_input_with(slot, value)
-        gather_report.quant_bytes = 0
-        gather_report.shares = matmul_report.module
+        for matmul_fmt, share in SHARED_LAYOUTS.get(fmt, {}).items():
+            match = emitted.get((source, layer, matmul_fmt, "gemm_t"))  # a tied table feeds Gemm(transB=1)
+            if match is None:
+                continue
+            _, matmul_values, matmul_report = match
+            for slot, value in share(gather, gather_report, matmul_values).items():
+                gather.replace_input_with(slot, value)
+            gather_report.quant_bytes = 0
+            gather_report.shares = matmul_report.module
+            break
+
+
+def _gbq_from_matmulnbits(gather: ir.Node, report: LayerReport, values: list[ir.Value]) -> dict[int, ir.Value]:
+    """GatherBlockQuantized inputs from MatMulNBits' tensors: [N, blocks, blob] -> [N, K * bits / 8] and
+    scales (zero points) [N * blocks] -> [N, blocks]."""
+    rows = ir.Value(name=f"{gather.name}.shared_rows", const_value=ir.tensor(np.array([report.n, -1])))
+    graph = gather.graph
+    graph.register_initializer(rows)
+    slots = {0: values[0], 2: values[1]}
+    if len(values) > 2:  # asymmetric: packed zero points share the same layout too
+        slots[3] = values[2]
+    inputs = {}
+    for slot, source_value in slots.items():
+        reshape = ir.node("Reshape", [source_value, rows], name=f"{gather.name}.shared_{slot}")
+        graph.insert_before(gather, reshape)
+        inputs[slot] = reshape.outputs[0]
+    return inputs
+
+
+def _blockwise_from_blockwise(gather: ir.Node, report: LayerReport, values: list[ir.Value]) -> dict[int, ir.Value]:
+    """GatherBlockwise(words, indices, scales, zero_points) reads MatMulBlockwise's [N, ...] tensors as they are."""
+    words, scales, zero_points = values
+    return {0: words, 2: scales, 3: zero_points}
+
+
+# embedding format -> {lm_head format: how the gather reads the lm_head's tensors}
+SHARED_LAYOUTS = {
+    "gather_block_quantized": {"matmulnbits": _gbq_from_matmulnbits},
+    "blockwise": {"blockwise": _blockwise_from_blockwise},
+}
 
 
 def _part_bytes(part) -> int:
