@@ -11,6 +11,10 @@ import onnx
 from lowbit.errors import LowbitError
 
 
+# MatMulNBits accuracy_level -> what the CPU kernel computes with
+COMPUTE = {0: "float", 1: "float32", 2: "float16", 3: "bfloat16", 4: "int8"}
+
+
 def inspect_model(model_dir: str | Path) -> dict:
     model_dir = Path(model_dir)
     path = model_dir / "model.onnx"
@@ -35,6 +39,8 @@ def inspect_model(model_dir: str | Path) -> dict:
         if module in quantized:
             quantized[module].update(bytes=info["bytes"], float_bytes=info["float_bytes"],
                                      max_rel_error=info["max_rel_error"])
+            if info.get("accuracy_level") is not None and "Gather" not in quantized[module]["op"]:
+                quantized[module]["compute"] = COMPUTE[info["accuracy_level"]]
     return {
         "scheme": meta.get("scheme", "?"),
         "float_weight_bytes": meta.get("float_weight_bytes"),

@@ -206,8 +206,13 @@ def test_inspect_lists_quantized_nodes(tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(out)])
     assert result.exit_code == 0
     assert re.search(r"embed_tokens\s+com.microsoft.GatherBlockQuantized\s+4-bit g32 symmetric", result.output)
-    assert re.search(r"layers.4.mlp.down_proj\s+com.microsoft.MatMulNBits\s+4-bit g32 symmetric", result.output)
+    assert re.search(r"layers.4.mlp.down_proj\s+com.microsoft.MatMulNBits\s+4-bit g32 symmetric\s+matmulnbits\s+"
+                     r"int8 compute", result.output)
     assert "smaller" in result.output
+    convert(str(SAMPLE_MODEL), out, scheme="a16w8", options=SchemeOptions(accuracy_level=0), overwrite=True)
+    result = CliRunner().invoke(main, ["inspect", str(out)])
+    assert re.search(r"layers.4.mlp.down_proj\s+com.microsoft.MatMulNBits\s+8-bit per-channel asymmetric\s+"
+                     r"matmulnbits\s+float compute", result.output), result.output
 
 
 def test_tied_embedding_is_stored_once(tmp_path):

@@ -54,7 +54,8 @@ class QuantReport:
     def as_dict(self) -> dict:
         return {
             r.module: {"quant": r.quant, "format": r.format, "shape": [r.n, r.k], "bytes": r.quant_bytes,
-                       "float_bytes": r.float_bytes, "max_rel_error": r.max_rel_error, "shares": r.shares}
+                       "float_bytes": r.float_bytes, "max_rel_error": r.max_rel_error, "shares": r.shares,
+                       "accuracy_level": r.accuracy_level}
             for r in self.layers
         }
 
