@@ -124,7 +124,7 @@ def _sampling(sample, temperature, top_k, top_p, seed) -> dict:
 @sampling_options
 def run(model_dir, prompts, as_chat, system, max_new_tokens, provider, sample, temperature, top_k, top_p, seed):
     """Generate text from a converted folder; one prompt streams as it is generated."""
-    from lowbit.runtime.generate import SamplingConfig, TextStream, generate_ids
+    from lowbit.runtime.generate import SamplingConfig, generate_ids
     from lowbit.runtime.model import Model
 
     if system is not None and not as_chat:
@@ -139,10 +139,9 @@ def run(model_dir, prompts, as_chat, system, max_new_tokens, provider, sample, t
         encoded = [tokenizer.encode(p) for p in prompts]
     sampling = _sampling(sample, temperature, top_k, top_p, seed)
     if len(encoded) == 1:  # stream: the prompt's text, then each piece as its token arrives
-        text = TextStream(tokenizer, encoded[0], include_prompt=not as_chat)
         if not as_chat:
-            click.echo(text.push(), nl=False)
-        for piece in model.stream("", max_new_tokens, prompt_ids=encoded[0], **sampling):
+            click.echo(tokenizer.decode(encoded[0]), nl=False)
+        for piece in model.stream(encoded[0], max_new_tokens, **sampling):
             click.echo(piece, nl=False)
         click.echo()
         return
@@ -249,7 +248,8 @@ def inspect(model_dir, as_json):
         click.echo(f"quantized nodes: {len(info['quantized'])}{saving}")
         for name, q in info["quantized"].items():
             size = f"{q['bytes'] / 1e3:.1f} kB (float {q['float_bytes'] / 1e3:.1f} kB)" if "bytes" in q else ""
-            click.echo(f"  {name:32s} {q['op']:36s} {q['quant']:26s} {q['format']:24s} {size}")
+            compute = f"{q['compute']} compute" if "compute" in q else ""
+            click.echo(f"  {name:32s} {q['op']:36s} {q['quant']:26s} {q['format']:24s} {compute:14s} {size}")
     click.echo("ops: " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
 
 

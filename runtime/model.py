@@ -63,10 +63,11 @@ class Model:
         stream = TextStream(self.tokenizer, prompt_ids)
         return stream.push(*new_ids) + stream.flush()
 
-    def stream(self, prompt: str, max_new_tokens: int = 64, cache: KVCache | None = None,
-               prompt_ids: list[int] | None = None, **sampling) -> Iterator[str]:
-        """Yield the continuation's text piece by piece as tokens are generated (one prompt)."""
-        ids = self.encode(prompt) if prompt_ids is None else prompt_ids
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 64, cache: KVCache | None = None,
+               **sampling) -> Iterator[str]:
+        """Yield the continuation's text piece by piece as tokens are generated (one prompt: text, or token ids
+        used as they are). With `cache`, the prompt continues what the cache holds."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         text = TextStream(self.tokenizer, ids)
         for tokens in stream_ids(self.session, [ids], SamplingConfig(max_new_tokens, **sampling), self.eos_ids,
                                  self.pad_id, cache):
