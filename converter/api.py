@@ -22,6 +22,7 @@ def convert(
     accuracy_level: int | None = None,
     dtype: str | None = None,
     pad: bool = True,
+    clip_search: bool = False,
     quant_config: str | Path | None = None,
     overwrite: bool = False,
     progress: Callable | None = None,
@@ -29,8 +30,8 @@ def convert(
     """Convert `model` (a local Hugging Face folder or a hub id) into the ONNX folder `output`.
 
     scheme: a name from docs/schemes.md (default q0f32), or None with `quant_config`, a DashInfer
-    quantization config JSON. group_size, symmetric, accuracy_level, dtype and pad override the
-    scheme's preset. target: "ort" or "tensorrt". overwrite: replace a non-empty output folder.
+    quantization config JSON. group_size, symmetric, accuracy_level, dtype, pad and clip_search override
+    the scheme's preset. target: "ort" or "tensorrt". overwrite: replace a non-empty output folder.
     progress: called as progress(tensor, info) for each tensor written.
     Raises LowbitError for bad input; nothing is left at `output` then.
     """
@@ -38,5 +39,5 @@ def convert(
         if scheme is not None:
             raise LowbitError("give either --scheme or --quant-config (scheme= or quant_config=), not both")
         scheme = scheme_from_quant_config(Path(quant_config))
-    options = SchemeOptions(group_size, symmetric, accuracy_level, dtype, pad=pad)
+    options = SchemeOptions(group_size, symmetric, accuracy_level, dtype, pad=pad, clip_search=clip_search)
     return export_folder(str(model), output, scheme or "q0f32", target, overwrite, progress, options)

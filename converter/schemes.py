@@ -31,6 +31,7 @@ class SchemeOptions:
     accuracy_level: int | None = None
     dtype: str | None = None
     pad: bool = True
+    clip_search: bool = False
 
     def __post_init__(self):
         if self.group_size is not None and self.group_size < 1:
@@ -68,8 +69,9 @@ def _accuracy_level(options: SchemeOptions) -> int:
 
 
 def _no_options(options: SchemeOptions, name: str, allowed=("dtype",)):
-    for field_name in ("group_size", "symmetric", "accuracy_level", "dtype"):
-        if getattr(options, field_name) is not None and field_name not in allowed:
+    given = [f for f in ("group_size", "symmetric", "accuracy_level", "dtype") if getattr(options, f) is not None]
+    for field_name in given + (["clip_search"] if options.clip_search else []):
+        if field_name not in allowed:
             raise LowbitError(f"scheme {name} fixes its own {field_name.replace('_', '-')}; drop that option")
 
 
@@ -107,7 +109,7 @@ def _dashinfer(match: re.Match, options: SchemeOptions, target: str) -> Scheme:
         raise LowbitError("the DashInfer CPU min/max rule is 8-bit only (a16w8-minmax)")
     symmetric = options.symmetric or False
     rule = "minmax_float_zp" if minmax else ("symmetric" if symmetric else "asymmetric")
-    layer = LayerQuant(WeightQuant(bits, group, rule), accuracy_level=_accuracy_level(options))
+    layer = LayerQuant(WeightQuant(bits, group, rule, options.clip_search), accuracy_level=_accuracy_level(options))
     granularity = f"group {group}" if group else "per-channel"
     return Scheme(match[0], _dtype(options, "float32"),
                   f"DashInfer InstantQuant {'int8' if bits == 8 else 'uint4'} weights, {granularity}, {rule}",
@@ -158,10 +160,12 @@ def _generic(match: re.Match, options: SchemeOptions, target: str) -> Scheme:
         if bits != 4 or not symmetric or group not in (64, 128):
             raise LowbitError("target tensorrt takes w4a16 symmetric with --group-size 64 or 128 "
                               "(the INT4 weight-only form TensorRT builds)")
-    layer = LayerQuant(WeightQuant(bits, group, "symmetric" if symmetric else "asymmetric"),
-                       accuracy_level=_accuracy_level(options))
+    # symmetric: the full signed range (ORT's quantizer, llama.cpp's Q4_0); TensorRT takes positive scales only,
+    # so there the extreme value maps to +/-(2^(b-1) - 1) (MLC's rule)
+    rule = ("symmetric" if target == "tensorrt" else "symmetric_full") if symmetric else "asymmetric"
+    layer = LayerQuant(WeightQuant(bits, group, rule, options.clip_search), accuracy_level=_accuracy_level(options))
     return Scheme(match[0], _dtype(options, "float32"),
-                  f"{bits}-bit weights, group {group}, {'symmetric' if symmetric else 'asymmetric'}",
+                  f"{bits}-bit weights, group {group}, {rule}" + (", clip search" if options.clip_search else ""),
                   uniform_plan(layer, embeddings=target != "tensorrt", lm_head=True, pad=options.pad))
 
 

@@ -24,6 +24,7 @@ class WeightQuant:
     bits: int
     group_size: int | None
     rule: str = "symmetric"
+    clip_search: bool = False  # per group, the shrunk range (CLIP_RATIOS) with the least squared error
 
     def __post_init__(self):
         if not 2 <= self.bits <= 8:
@@ -37,9 +38,14 @@ class WeightQuant:
     def integer_zero_point(self) -> bool:
         return RULES[self.rule].integer_zero_point
 
+    @property
+    def centered(self) -> bool:
+        """Zero point 2^(bits-1) for every group: stored without zero points (signed codes in DequantizeLinear)."""
+        return RULES[self.rule].centered
+
     def describe(self) -> str:
         group = f"g{self.group_size}" if self.group_size else "per-channel"
-        return f"{self.bits}-bit {group} {self.rule}"
+        return f"{self.bits}-bit {group} {self.rule}" + (" clip-search" if self.clip_search else "")
 
 
 @dataclass(frozen=True)
@@ -64,8 +70,9 @@ class QuantizedWeight:
 class Rule:
     """scale and zero point per group from the float32 groups [N, G, g]."""
 
-    params: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+    params: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray | None]]  # (scale, range minimum or None)
     integer_zero_point: bool
+    centered: bool = False  # the zero point is always 2^(bits-1) (params return no minimum): no zero-point tensor
 
 
 def _symmetric_params(groups: np.ndarray, bits: int):
@@ -73,6 +80,15 @@ def _symmetric_params(groups: np.ndarray, bits: int):
     # q - z = clamp(round(w / s), -(2^(b-1) - 1), 2^(b-1) - 1): MLC's q4f16_1 / q3f16_1 values.
     scale = np.abs(groups).max(axis=-1) / np.float32(2 ** (bits - 1) - 1)
     return scale, None
+
+
+def _symmetric_full_params(groups: np.ndarray, bits: int):
+    # the full signed range (ORT's MatMulNBits quantizer, llama.cpp's Q4_0): the value of largest magnitude,
+    # sign kept, maps to code 0 = -2^(b-1) around z = 2^(b-1), so s = m / -2^(b-1) (negative when m > 0)
+    # and the other side reaches 2^(b-1) - 1; ties take the first such value in the group
+    index = np.abs(groups).argmax(axis=-1)[..., None]
+    extreme = np.take_along_axis(groups, index, axis=-1)[..., 0]
+    return extreme / np.float32(-(2 ** (bits - 1))), None
 
 
 def _asymmetric_params(groups: np.ndarray, bits: int):
@@ -89,7 +105,8 @@ def _minmax_params(groups: np.ndarray, bits: int):
 
 
 RULES: dict[str, Rule] = {
-    "symmetric": Rule(_symmetric_params, True),
+    "symmetric": Rule(_symmetric_params, True, centered=True),
+    "symmetric_full": Rule(_symmetric_full_params, True, centered=True),
     "asymmetric": Rule(_asymmetric_params, True),
     "minmax_float_zp": Rule(_minmax_params, False),
 }
@@ -122,18 +139,39 @@ def quantize(weight: np.ndarray, quant: WeightQuant, scale_dtype=np.float32) -> 
     return QuantizedWeight(codes, scales, zero_points, quant.bits, g, k)
 
 
+# --clip-search: each group's range shrunk by these ratios (AWQ's and llama.cpp's grid), the least squared error wins
+CLIP_RATIOS = tuple(1 - i / 20 for i in range(11))  # 1.0, 0.95, ..., 0.5
+
+
 def _quantize_rows(weight, quant: WeightQuant, g: int, kp: int, scale_dtype):
     weight = np.asarray(weight, dtype=np.float32)
     n, k = weight.shape
     if kp != k:
         weight = np.pad(weight, ((0, 0), (0, kp - k)))
     groups = weight.reshape(n, kp // g, g)
+    scale, lo = RULES[quant.rule].params(groups, quant.bits)
+    best = _encode(groups, scale, lo, quant, scale_dtype)
+    if quant.clip_search:
+        best_error = _squared_error(groups, *best)
+        for ratio in CLIP_RATIOS[1:]:
+            ratio = np.float32(ratio)
+            candidate = _encode(groups, scale * ratio, None if lo is None else lo * ratio, quant, scale_dtype)
+            error = _squared_error(groups, *candidate)
+            better = error < best_error  # strict: ties keep the wider range
+            best = tuple(np.where(better[..., None] if c.ndim == 3 else better, c, b) for c, b in zip(candidate, best))
+            best_error = np.minimum(error, best_error)
+    codes, scale, zero_points = best
+    return codes.reshape(n, kp), scale, zero_points
+
+
+def _encode(groups: np.ndarray, scale: np.ndarray, lo: np.ndarray | None, quant: WeightQuant, scale_dtype):
+    """Codes [N, G, g] uint8, scales [N, G] (storage dtype) and zero points for the groups, given float32 scales
+    and (asymmetric rules) range minima."""
     qmax = 2**quant.bits - 1
     rule = RULES[quant.rule]
-    scale, lo = rule.params(groups, quant.bits)
     scale = np.where(scale == 0, np.float32(1), scale).astype(scale_dtype)  # all-equal group: any scale works
     s32 = scale.astype(np.float32)
-    if quant.rule == "symmetric":
+    if lo is None:  # symmetric rules: zero point 2^(b-1)
         zero = np.full(scale.shape, 2 ** (quant.bits - 1), np.float32)
     elif rule.integer_zero_point:
         zero = np.clip(np.rint(-lo / s32), 0, qmax)
@@ -149,7 +187,12 @@ def _quantize_rows(weight, quant: WeightQuant, g: int, kp: int, scale_dtype):
         np.rint(scaled, out=scaled)
         zero_points = zero.astype(scale_dtype)
     np.clip(scaled, 0, qmax, out=scaled)
-    return scaled.reshape(n, kp).astype(np.uint8), scale, zero_points
+    return scaled.astype(np.uint8), scale, zero_points
+
+
+def _squared_error(groups: np.ndarray, codes, scale, zero_points) -> np.ndarray:
+    values = (codes.astype(np.float32) - zero_points.astype(np.float32)[..., None]) * scale.astype(np.float32)[..., None]
+    return np.square(groups - values).sum(axis=-1)
 
 
 def dequantize(qw: QuantizedWeight) -> np.ndarray:

@@ -66,17 +66,20 @@ def _progress_callback():
 @click.option("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level: 0 float, 4 int8 activations.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None, help="Compute dtype override.")
 @click.option("--no-pad", is_flag=True, help="Reject layers whose K is not a multiple of the group instead of padding.")
+@click.option("--clip-search", is_flag=True,
+              help="Per group, shrink the range to the ratio (1.0 ... 0.5) with the least squared weight error.")
 @click.option("--quant-config", type=click.Path(path_type=Path), default=None,
               help="DashInfer quantization config JSON (instead of --scheme).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
-def convert(model, output, scheme, target, group_size, symmetric, accuracy_level, dtype, no_pad, quant_config,
-            overwrite):
+def convert(model, output, scheme, target, group_size, symmetric, accuracy_level, dtype, no_pad, clip_search,
+            quant_config, overwrite):
     """Convert MODEL (a local HF folder or a hub id) into an ONNX folder."""
     _keep_torch_out(model)
     from lowbit.converter.api import convert as run_convert
 
     report = run_convert(model, output, scheme, target=target, group_size=group_size, symmetric=symmetric,
-                         accuracy_level=accuracy_level, dtype=dtype, pad=not no_pad, quant_config=quant_config,
+                         accuracy_level=accuracy_level, dtype=dtype, pad=not no_pad, clip_search=clip_search,
+                         quant_config=quant_config,
                          overwrite=overwrite, progress=_progress_callback())
     click.echo(
         f"wrote {report.output} ({report.model_type}, scheme {report.scheme}, target {report.target}): "

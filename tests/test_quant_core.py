@@ -13,43 +13,65 @@ from lowbit.custom_ops import blockwise, gather_block_quantized, matmul_nbits
 from lowbit.custom_ops.bitpack import pack_bytes, pack_words, unpack_bytes, unpack_words
 
 
-def reference_quantize(w, bits, group, rule, scale_dtype):
-    """One group at a time, float32 scalars, the formulas of docs/schemes.md."""
+CLIP_GRID = [1 - i / 20 for i in range(11)]
+
+
+def reference_group(vals, bits, rule, scale_dtype, ratio=1.0):
+    """One group, float32 scalars, the formulas of docs/schemes.md: (codes, scale, zero point, squared error)."""
+    f32 = np.float32
+    qmax = 2**bits - 1
+    lo = None
+    if rule == "symmetric":
+        s = f32(np.max(np.abs(vals)) / f32(2 ** (bits - 1) - 1))
+    elif rule == "symmetric_full":
+        m = vals[int(np.argmax(np.abs(vals)))]  # first of the largest magnitude, sign kept
+        s = f32(m / f32(-(2 ** (bits - 1))))
+    elif rule == "asymmetric":
+        lo, hi = min(f32(vals.min()), f32(0)), max(f32(vals.max()), f32(0))
+        s = f32((hi - lo) / f32(qmax))
+    else:
+        lo, hi = f32(vals.min()), f32(vals.max())
+        s = f32((hi - lo) / f32(qmax))
+    s = f32(s * f32(ratio))
+    lo = None if lo is None else f32(lo * f32(ratio))
+    s = f32(scale_dtype(1 if s == 0 else s))
+    if lo is None:
+        z = 2 ** (bits - 1)
+    elif rule == "asymmetric":
+        z = min(max(np.rint(-lo / s), 0), qmax)
+    else:
+        z = f32(scale_dtype(-lo / s))
+    codes = np.zeros(len(vals), np.uint8)
+    error = f32(0)
+    for i, v in enumerate(vals):
+        if rule == "minmax_float_zp":
+            q = min(max(np.rint(f32(f32(v) / s) + z), 0), qmax)
+        else:
+            q = min(max(np.rint(f32(v) / s) + z, 0), qmax)
+        codes[i] = q
+        error += f32(f32(v) - (f32(q) - f32(z)) * s) ** 2
+    return codes, s, z, error
+
+
+def reference_quantize(w, bits, group, rule, scale_dtype, clip_search=False):
+    """One group at a time; with clip_search, every ratio of the grid and the least squared error (first wins)."""
     n, k = w.shape
     g = group or k
     groups = math.ceil(k / g)
-    f32 = np.float32
     codes = np.zeros((n, groups * g), np.uint8)
     scales = np.zeros((n, groups), scale_dtype)
     zeros = np.zeros((n, groups), np.uint8 if rule != "minmax_float_zp" else scale_dtype)
-    qmax = 2**bits - 1
     for row in range(n):
         for j in range(groups):
-            vals = np.zeros(g, f32)
+            vals = np.zeros(g, np.float32)
             chunk = w[row, j * g:(j + 1) * g]
             vals[: len(chunk)] = chunk
-            if rule == "symmetric":
-                s = f32(np.max(np.abs(vals)) / f32(2 ** (bits - 1) - 1))
-            elif rule == "asymmetric":
-                lo, hi = min(f32(vals.min()), f32(0)), max(f32(vals.max()), f32(0))
-                s = f32((hi - lo) / f32(qmax))
-            else:
-                lo, hi = f32(vals.min()), f32(vals.max())
-                s = f32((hi - lo) / f32(qmax))
-            s = f32(scale_dtype(1 if s == 0 else s))
-            scales[row, j] = s
-            for i, v in enumerate(vals):
-                if rule == "symmetric":
-                    z = 2 ** (bits - 1)
-                    q = min(max(np.rint(f32(v) / s) + z, 0), qmax)
-                elif rule == "asymmetric":
-                    z = min(max(np.rint(-lo / s), 0), qmax)
-                    q = min(max(np.rint(f32(v) / s) + z, 0), qmax)
-                else:
-                    z = f32(scale_dtype(-lo / s))
-                    q = min(max(np.rint(f32(f32(v) / s) + z), 0), qmax)
-                codes[row, j * g + i] = q
-            zeros[row, j] = z
+            best = None
+            for ratio in CLIP_GRID if clip_search else [1.0]:
+                candidate = reference_group(vals, bits, rule, scale_dtype, ratio)
+                if best is None or candidate[3] < best[3]:
+                    best = candidate
+            codes[row, j * g:(j + 1) * g], scales[row, j], zeros[row, j], _ = best
     return codes, scales, zeros
 
 
@@ -57,7 +79,7 @@ CASES = [
     (bits, group, rule, dtype)
     for bits in (2, 3, 4, 8)
     for group in (None, 16, 32, 40, 128)
-    for rule in ("symmetric", "asymmetric", "minmax_float_zp")
+    for rule in ("symmetric", "symmetric_full", "asymmetric", "minmax_float_zp")
     for dtype in (np.float32, np.float16)
 ]
 
@@ -80,6 +102,38 @@ def test_quantize_equals_reference_loop(bits, group, rule, dtype, rng):
             j = col // (group or k)
             expected[row, col] = (np.float32(codes[row, col]) - np.float32(zeros[row, j])) * np.float32(scales[row, j])
     assert np.array_equal(dequantize(qw), expected)
+
+
+@pytest.mark.parametrize("bits,group,rule,dtype", [
+    (4, 32, "symmetric_full", np.float32), (4, 32, "asymmetric", np.float16), (3, 40, "symmetric", np.float16),
+    (2, 16, "asymmetric", np.float32), (8, None, "minmax_float_zp", np.float32), (4, None, "symmetric_full", np.float16),
+])
+def test_clip_search_equals_reference_loop(bits, group, rule, dtype, rng):
+    n, k = 5, 100
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32)
+    w[0, :] = 0.0
+    w[2, 3] = 9.0  # an outlier: clipping it pays off
+    quant = WeightQuant(bits, group, rule, clip_search=True)
+    qw = quantize(w, quant, dtype)
+    codes, scales, zeros = reference_quantize(w, bits, group, rule, dtype, clip_search=True)
+    assert np.array_equal(qw.codes, codes) and np.array_equal(qw.scales, scales)
+    assert np.array_equal(qw.zero_points, zeros)
+    plain = dequantize(quantize(w, WeightQuant(bits, group, rule), dtype))
+    searched, unsearched = np.square(w - dequantize(qw)).sum(), np.square(w - plain).sum()
+    assert searched < unsearched if bits <= 4 else searched <= unsearched  # 8 bits: the full range may be best
+
+
+def test_full_range_symmetric_beats_mlc_rule_and_uses_all_codes(rng):
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    full = quantize(w, WeightQuant(4, 32, "symmetric_full"))
+    mlc = quantize(w, WeightQuant(4, 32, "symmetric"))
+    assert sqnr_db(w, dequantize(full)) > sqnr_db(w, dequantize(mlc)) + 0.5
+    assert full.codes.min() == 0 and full.codes.max() == 15 and mlc.codes.max() <= 15 and mlc.codes.min() >= 1
+    # the value of largest magnitude in each group is represented exactly (code 0)
+    groups = w.reshape(64, 8, 32)
+    extreme = np.take_along_axis(groups, np.abs(groups).argmax(-1)[..., None], -1)[..., 0]
+    assert np.allclose(dequantize(full).reshape(64, 8, 32).min(-1) * (extreme < 0) +
+                       dequantize(full).reshape(64, 8, 32).max(-1) * (extreme > 0), extreme, rtol=1e-6)
 
 
 def sqnr_db(ref, approx):

@@ -64,6 +64,8 @@ FORMAT_CASES = [
     ("matmulnbits", 8, None, "asymmetric"),
     ("matmulnbits", 4, None, "symmetric"),
     ("matmulnbits", 4, None, "asymmetric"),
+    ("matmulnbits", 4, 32, "symmetric_full"),
+    ("dq", 4, 32, "symmetric_full"),
     ("dq", 4, 32, "symmetric"),
     ("dq", 4, 64, "asymmetric"),
     ("dq", 8, None, "asymmetric"),
@@ -90,7 +92,7 @@ def test_matmul_formats_match_reference(fmt, bits, group, rule, kind, tmp_path, 
                    and n.inputs[1].const_value.dtype == ir.DataType.FLOAT for n in model.graph)
     if fmt == "matmulnbits":
         block, _ = matmul_nbits.block_layout(group, k)
-        assert_close(out, matmul_nbits.reference(x, matmul_nbits.pack(qw, rule == "symmetric", block)), 1e-5)
+        assert_close(out, matmul_nbits.reference(x, matmul_nbits.pack(qw, quant.centered, block)), 1e-5)
     if fmt == "blockwise":
         assert_close(out, blockwise.reference_matmul(x, blockwise.pack(qw)), 1e-5)
     assert report.layers[0].max_rel_error > 0

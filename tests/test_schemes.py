@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from lowbit.errors import LowbitError
 from lowbit.converter.export import convert
-from lowbit.affine import dequantize, quantize
+from lowbit.affine import WeightQuant, dequantize, quantize
 from lowbit.converter.schemes import SchemeOptions, dashinfer_scheme_name, get_scheme
 from lowbit.cli import main
 from lowbit.runtime.session import create_session
@@ -255,3 +255,18 @@ def test_tied_3bit_embedding_is_stored_once(tmp_path, rng):
     session = create_session(out)
     logits, _ = session.forward(ids, np.ones_like(ids), np.arange(9)[None].repeat(2, 0), session.empty_past(2))
     assert np.abs(logits.astype(np.float32) - expected).max() / np.abs(expected).max() <= 5e-3
+
+
+def test_generic_symmetric_is_full_range_and_clip_search_is_an_option():
+    plan = get_scheme("w4a16").plan
+    assert plan.lookup("layers.0.mlp.down_proj").weight == WeightQuant(4, 32, "symmetric_full")
+    searched = get_scheme("w4a16", SchemeOptions(clip_search=True)).plan.lookup("lm_head").weight
+    assert searched == WeightQuant(4, 32, "symmetric_full", clip_search=True)
+    assert get_scheme("w4a16", target="tensorrt").plan.lookup("layers.0.attn.o_proj").weight.rule == "symmetric"
+    dashinfer = get_scheme("a16w4-g32", SchemeOptions(symmetric=True, clip_search=True)).plan
+    assert dashinfer.lookup("layers.1.attn.qkv_proj").weight == WeightQuant(4, 32, "symmetric", clip_search=True)
+    for name in ("q4f16_1", "q3f16_1"):
+        with pytest.raises(LowbitError, match="fixes its own clip-search"):
+            get_scheme(name, SchemeOptions(clip_search=True))
+    with pytest.raises(LowbitError, match="fixes its own symmetric"):
+        get_scheme("q4f32_1", SchemeOptions(symmetric=False))

@@ -78,7 +78,7 @@ def _nbits_unsupported(q: WeightQuant, site: Site):
 def _nbits_emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level: int) -> Emission:
     n = site.n
     g, blocks = matmul_nbits.block_layout(q.group_size, padded_k(q, site.k))
-    symmetric = q.rule == "symmetric"
+    symmetric = q.centered
     parts = [
         Part("qweight", np.dtype(np.uint8), (n, blocks, g * q.bits // 8), lambda a: a.b),
         Part("scales", np.dtype(scale_dtype), (n * blocks,), lambda a: a.scales),
@@ -114,7 +114,7 @@ def _gbq_emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level: int) 
         Part("qweight", np.dtype(np.uint8), (v, k * q.bits // 8), lambda a: a.data),
         Part("scales", np.dtype(scale_dtype), (v, blocks), lambda a: a.scales),
     ]
-    if q.rule != "symmetric":  # absent zero points mean 2^(bits-1), as for MatMulNBits
+    if not q.centered:  # absent zero points mean 2^(bits-1), as for MatMulNBits
         parts.append(Part("qzeros", np.dtype(np.uint8), (v, -(-blocks * q.bits // 8)), lambda a: a.zero_points))
     attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": g, "bits": q.bits}
 
@@ -147,7 +147,7 @@ def _dq_unsupported(q: WeightQuant, site: Site):
 
 def _dq_emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level: int) -> Emission:
     n, k = site.n, site.k
-    signed = q.rule == "symmetric"
+    signed = q.centered
     code_dtype = np.dtype({(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4,
                            (8, True): np.int8, (8, False): np.uint8}[(q.bits, signed)])
     per_channel = q.group_size is None
