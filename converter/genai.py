@@ -12,7 +12,9 @@ def _first(token):
     return token[0] if isinstance(token, list) else token
 
 
-def genai_config(spec: DecoderSpec, genai_type: str, source: Path) -> dict:
+def genai_config(spec: DecoderSpec, genai_type: str, source: Path, share_buffer: bool = False) -> dict:
+    """`share_buffer`: the graph's attention writes the new positions into a past allocated at the
+    maximum length (GroupQueryAttention), so onnxruntime-genai may pass one buffer as past and present."""
     generation = {}
     if (source / "generation_config.json").is_file():
         generation = json.loads((source / "generation_config.json").read_text())
@@ -59,7 +61,7 @@ def genai_config(spec: DecoderSpec, genai_type: str, source: Path) -> dict:
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": share_buffer,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,

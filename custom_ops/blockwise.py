@@ -13,7 +13,11 @@ Attributes: `bits`, `group_size`, `K`.
 
 Implementation: each op is an ONNX model-local function whose body is standard ops (BitShift,
 BitwiseAnd, Reshape, Slice, Sub, Mul, MatMul/Gather), so any ONNX Runtime runs it after
-inlining; `reference_*` are the numpy kernels the tests compare against.
+inlining; `reference_*` are the numpy kernels the tests compare against. GatherBlockwise's body
+gathers the rows' words first and unpacks only those. MatMulBlockwise's body unpacks the whole
+weight, so lowbit's runtime does not run it on CPU: at load it rewrites each node into
+`com.microsoft.MatMulNBits` over the same codes and scales (`blockwise_repack.py`,
+runtime/fast_paths.py); the file keeps this layout and these bodies for every other runtime.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.errors import LowbitError
+from lowbit.runtime import fast_paths
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -48,10 +49,23 @@ class DecoderSession:
 
     def forward(self, input_ids, attention_mask, position_ids, past: dict) -> tuple[np.ndarray, dict]:
         """Logits [B, S, V] and the next step's past (present outputs renamed)."""
+        batch, seq = input_ids.shape
+        if batch > 1 and seq > 1 and attention_mask.shape[1] > seq:
+            # several new tokens on top of a past: ORT's GroupQueryAttention takes that for batch 1 only
+            return self._forward_stepwise(input_ids, attention_mask, position_ids, past)
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **past}
         outputs = self.session.run(self.output_names, feeds)
         new_past = dict(zip(self.next_past_names, outputs))
         return new_past.pop("logits"), new_past
+
+    def _forward_stepwise(self, input_ids, attention_mask, position_ids, past: dict):
+        seq, past_length = input_ids.shape[1], attention_mask.shape[1] - input_ids.shape[1]
+        logits = []
+        for j in range(seq):
+            step, past = self.forward(input_ids[:, j:j + 1], attention_mask[:, :past_length + j + 1],
+                                      position_ids[:, j:j + 1], past)
+            logits.append(step)
+        return np.concatenate(logits, axis=1), past
 
 
 def create_session(model_dir: str | Path, provider: str = "cpu", threads: int | None = None) -> DecoderSession:
@@ -80,7 +94,8 @@ def create_session(model_dir: str | Path, provider: str = "cpu", threads: int | 
             options.add_session_config_entry(key, value)
     providers = [ep] if ep == "CPUExecutionProvider" else [ep, "CPUExecutionProvider"]
     try:
-        session = ort.InferenceSession(str(model_path), options, providers=providers)
+        # lowbit.MatMulBlockwise nodes run as MatMulNBits, repacked at load (runtime/fast_paths.py)
+        session = fast_paths.inference_session(model_dir, options, providers)
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         raise LowbitError(f"{model_path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
     config = json.loads((model_dir / "genai_config.json").read_text())["model"]

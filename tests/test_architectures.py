@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from lowbit.converter.export import convert
@@ -12,6 +13,7 @@ from tests.conftest import TINY_CONFIGS, build_tiny_model, genai_greedy
 torch = pytest.importorskip("torch")
 
 PREFILL, DECODE_STEPS, BATCH = 9, 5, 3
+STANDARD_ATTENTION_ON_ORT = {"phi3-longrope"}  # longrope; the rest get GroupQueryAttention (tests/test_attention.py)
 
 
 def reference_logits(model, ids, mask, steps, next_tokens):
@@ -71,6 +73,8 @@ def test_logits_match_transformers(arch_id, scheme, tolerance, target, tiny_mode
     out = tmp_path / "onnx"
     convert(str(source), out, scheme=scheme, target=target)
     session = create_session(out)
+    ops = {n.op_type for n in onnx.load(out / "model.onnx", load_external_data=False).graph.node}
+    assert ("GroupQueryAttention" in ops) == (target == "ort" and arch_id not in STANDARD_ATTENTION_ON_ORT)
 
     vocab = model.config.vocab_size
     ids = rng.integers(3, vocab, (BATCH, PREFILL), dtype=np.int64)

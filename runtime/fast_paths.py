@@ -1,0 +1,415 @@
+"""Load-time fast paths: lowbit's own nodes rewritten into ONNX Runtime kernels when the runtime opens a folder.
+
+`lowbit.MatMulBlockwise` (MLC's 3-bit groups of 40, any bits 2..8, float zero points) is an ONNX function of
+standard ops, so ORT either unpacks the words on every call or constant-folds them into a float weight. Here,
+before the session is created, each such node becomes `com.microsoft.MatMulNBits` over the same integer codes
+and scales (custom_ops/blockwise_repack.py), plus, where groups are padded (40 -> 64 rows), a Gather of row
+chunks that lays the activations out in the padded order, and, for float zero points, a small correction
+`groupsum(x) @ ((z - c) * s)` subtracted from the product. The folder on disk is not changed; other runtimes
+still run the function bodies.
+
+How: the graph is read without its weights (`onnx.load(..., load_external_data=False)`); the packed tensors are
+read one layer at a time through memory maps of the folder's external data, repacked, and written to a data
+file in a temporary folder, which also holds (hard-linked, or copied when linking fails) the folder's other
+external data. ORT loads the edited graph from bytes with `session.model_external_initializers_file_folder_path`
+set to that folder, so it loads, prepacks and releases the new weights exactly as it does a folder's own
+(peak memory: ORT's packed weights plus about one layer). The temporary folder is removed once the session
+exists.
+
+Each node's accuracy level is the one `lowbit.json` records for its layer (`--accuracy-level` at conversion:
+4 = int8 activations, also when lowbit.json says nothing; 0 keeps float compute). `LOWBIT_FAST_PATH=0` turns
+the rewrite off (the function bodies run, as in any ONNX Runtime); it applies to the CPU provider only. A node
+the rewrite cannot take keeps its function body, and the runtime says so on stderr, as it says once how many
+nodes took the fast path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+ENV_SWITCH = "LOWBIT_FAST_PATH"
+DEFAULT_ACCURACY_LEVEL = 4  # what the converter records by default (int8 activations)
+MATMUL_OP = ("lowbit", "MatMulBlockwise")  # schema in custom_ops/blockwise.py (not imported here: it needs onnx_ir)
+FLOAT_TYPES = {1: np.float32, 10: np.float16}  # TensorProto FLOAT, FLOAT16: what MatMulNBits' CPU kernel takes
+DATA_FILE = "fast_path.data"
+ALIGN = 4096  # offsets in the data file: page-aligned, so ORT can map each tensor
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def has_blockwise_matmul(model_dir: Path, metadata: dict | None) -> bool:
+    """Cheap check before importing onnx: lowbit.json says whether any layer is blockwise; if one is (or there is
+    no lowbit.json), the graph file (weights are external) names the op when a MatMul uses it."""
+    if metadata is not None and "quantization" in metadata:
+        if not any(layer.get("format") == "blockwise" for layer in metadata["quantization"].values()):
+            return False
+    return MATMUL_OP[1].encode() in (model_dir / "model.onnx").read_bytes()
+
+
+def accuracy_levels(metadata: dict | None) -> dict[str, int]:
+    layers = (metadata or {}).get("quantization", {})
+    return {name: int(layer.get("accuracy_level", DEFAULT_ACCURACY_LEVEL)) for name, layer in layers.items()}
+
+
+def inference_session(model_dir: Path, options, providers: list[str]):
+    """`onnxruntime.InferenceSession` over the folder, with the fast paths applied where they can be."""
+    import onnxruntime as ort
+
+    model_path = model_dir / "model.onnx"
+    metadata_path = model_dir / "lowbit.json"
+    metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else None
+    if not has_blockwise_matmul(model_dir, metadata):
+        return ort.InferenceSession(str(model_path), options, providers=providers)
+    off = None if enabled() else f"{ENV_SWITCH}=0"
+    if providers[0] != "CPUExecutionProvider":
+        off = "the fast path is for the CPU provider"
+    if off is not None:
+        print(f"lowbit: lowbit.MatMulBlockwise nodes run as their ONNX function bodies ({off})", file=sys.stderr)
+        return ort.InferenceSession(str(model_path), options, providers=providers)
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    try:
+        with tempfile.TemporaryDirectory(prefix="lowbit-fast-path-", ignore_cleanup_errors=True) as folder:
+            result = rewrite_blockwise(model, model_dir, accuracy_levels(metadata), Path(folder))
+            if result.fast:
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+                session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    except OSError as e:  # no temporary space: every node keeps its function body
+        result = RewriteResult(fallback=[("all lowbit.MatMulBlockwise nodes", f"no temporary folder: {e}")])
+    if not result.fast:
+        session = ort.InferenceSession(str(model_path), options, providers=providers)
+    for line in result.messages():
+        print(f"lowbit: {line}", file=sys.stderr)
+    return session
+
+
+@dataclass
+class RewriteResult:
+    fast: list[str] = field(default_factory=list)  # nodes now running as MatMulNBits
+    fallback: list[tuple[str, str]] = field(default_factory=list)  # (node, why it kept its function body)
+
+    def messages(self) -> list[str]:
+        lines = []
+        if self.fast:
+            lines.append(f"{len(self.fast)} lowbit.MatMulBlockwise nodes run as MatMulNBits (repacked at load)")
+        lines += [f"{name} runs as its ONNX function body ({why})" for name, why in self.fallback]
+        return lines
+
+
+# ------------------------------------------------------------------------------ tensors in and out
+
+
+class _TensorReader:
+    """Initializers of a graph loaded without external data, read through memory maps of the external files
+    (one per tensor, released with the array: only the layer being repacked is mapped)."""
+
+    def __init__(self, model_dir: Path, graph):
+        self.model_dir = model_dir
+        self.protos = {t.name: t for t in graph.initializer}
+
+    def has(self, name: str) -> bool:
+        return name in self.protos
+
+    def read(self, name: str) -> np.ndarray:
+        from onnx import TensorProto, helper, numpy_helper
+
+        proto = self.protos[name]
+        if proto.data_location != TensorProto.EXTERNAL:
+            return numpy_helper.to_array(proto)
+        info = {entry.key: entry.value for entry in proto.external_data}
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(proto.data_type))
+        shape = tuple(proto.dims)
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if int(info.get("length", size)) != size:
+            raise ValueError(f"{name}: external data length {info['length']} is not {size} bytes ({shape} {dtype})")
+        path = (self.model_dir / info["location"]).resolve()
+        if not path.is_relative_to(self.model_dir.resolve()):  # as ORT: external data lives inside the folder
+            raise ValueError(f"{name}: external data {info['location']!r} lies outside {self.model_dir}")
+        if size == 0:
+            return np.zeros(shape, dtype)
+        return np.memmap(path, dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=shape)
+
+
+class _DataFile:
+    """External data written to the temporary folder: new arrays, and the folder's own data ORT still needs."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.file = open(folder / DATA_FILE, "wb")
+
+    def close(self) -> None:
+        self.file.close()
+
+    def write(self, array: np.ndarray) -> tuple[int, int]:
+        """Appends the array's bytes at the next aligned offset: (offset, length)."""
+        offset = -(-self.file.tell() // ALIGN) * ALIGN
+        self.file.seek(offset)
+        data = np.ascontiguousarray(array)
+        self.file.write(memoryview(data.reshape(-1)).cast("B") if data.size else b"")
+        return offset, data.nbytes
+
+    def tensor(self, name: str, array: np.ndarray):
+        from onnx import TensorProto, helper
+
+        offset, length = self.write(array)
+        proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
+                            data_location=TensorProto.EXTERNAL)
+        _set_location(proto, DATA_FILE, offset, length)
+        return proto
+
+    def take_over(self, graph, reader: _TensorReader) -> None:
+        """Makes the graph's remaining external tensors readable from the temporary folder: their files hard-linked
+        into it, or, across file systems, their bytes copied into the data file."""
+        from onnx import TensorProto
+
+        linked: dict[str, bool] = {}
+        for proto in graph.initializer:
+            if proto.data_location != TensorProto.EXTERNAL or proto.name not in reader.protos:
+                continue
+            location = {entry.key: entry.value for entry in proto.external_data}["location"]
+            if location not in linked:
+                target = self.folder / location
+                try:
+                    if location == DATA_FILE or Path(location).name != location:
+                        raise OSError("not a plain file name")
+                    os.link(reader.model_dir / location, target)
+                    linked[location] = True
+                except OSError:
+                    linked[location] = False
+            if not linked[location]:
+                offset, length = self.write(reader.read(proto.name))
+                _set_location(proto, DATA_FILE, offset, length)
+
+
+def _set_location(proto, location: str, offset: int, length: int) -> None:
+    del proto.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = proto.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _attributes(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _why_not(node, reader: _TensorReader) -> str | None:
+    """Why a MatMulBlockwise node cannot run as MatMulNBits (None: it can)."""
+    attrs = _attributes(node)
+    if len(node.input) != 4 or not all(reader.has(name) for name in node.input[1:]):
+        return "its words, scales and zero points are not all initializers"
+    bits, group, k = attrs.get("bits"), attrs.get("group_size"), attrs.get("K")
+    if not (isinstance(bits, int) and 2 <= bits <= 8 and isinstance(group, int) and group >= 1 and isinstance(k, int)):
+        return f"attributes bits={bits} group_size={group} K={k} are out of range"
+    words, scales, zeros = (reader.protos[name] for name in node.input[1:])
+    if scales.data_type not in FLOAT_TYPES or zeros.data_type != scales.data_type:
+        return "MatMulNBits takes float32 or float16 scales and activations"
+    if len(words.dims) != 2 or len(scales.dims) != 2 or list(scales.dims) != list(zeros.dims):
+        return "unexpected tensor shapes"
+    n, groups = scales.dims
+    if words.dims[0] != n or not (groups - 1) * group < k <= groups * group \
+            or words.dims[1] * (32 // bits) < groups * group:
+        return "tensor shapes disagree with the attributes"
+    return None
+
+
+# ------------------------------------------------------------------------------ ranks
+
+# Ops whose output has the rank of the broadcast of their inputs (elementwise) or of their first input.
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "Equal", "Less", "Greater", "And", "Or",
+                "Sigmoid", "Tanh", "Relu", "Gelu", "FastGelu", "QuickGelu", "BiasGelu", "Erf", "Neg", "Abs", "Sqrt",
+                "Reciprocal", "Exp", "Log", "Softplus", "Cast", "CastLike", "Identity", "Not", "Clip", "Softmax"}
+_LIKE_FIRST = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
+               "SkipLayerNormalization", "RMSNormalization", "Split", "Transpose", "RotaryEmbedding", "Slice",
+               "Concat", "Pad", "MatMulNBits", "MatMulBlockwise", "GroupQueryAttention", "MultiHeadAttention",
+               "Attention"}
+
+
+def known_ranks(graph) -> dict[str, int]:
+    """Ranks of the values a short rule table follows from the graph inputs (activations are [batch, seq, ...]);
+    a value missing here gets its shapes from Shape() at run time instead."""
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in graph.input if v.type.tensor_type.HasField("shape")}
+    lengths = {}  # 1-D initializers (Reshape shapes, Unsqueeze axes): their lengths
+    for t in graph.initializer:
+        ranks[t.name] = len(t.dims)
+        if len(t.dims) == 1:
+            lengths[t.name] = t.dims[0]
+    for node in graph.node:
+        present = [ranks.get(name) for name in node.input if name]
+        first = ranks.get(node.input[0]) if node.input else None
+        out = None
+        if node.op_type in _ELEMENTWISE and present and None not in present:
+            out = max(present)
+        elif node.op_type in _LIKE_FIRST:
+            out = first
+        elif node.op_type == "MatMul" and len(present) == 2 and None not in present and min(present) >= 2:
+            out = max(present)
+        elif node.op_type in ("Gather", "GatherBlockQuantized") and len(present) >= 2 and None not in present[:2]:
+            out = present[0] + present[1] - 1
+        elif node.op_type == "GatherBlockwise" and len(present) >= 2 and present[1] is not None:
+            out = present[1] + 1
+        elif node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in lengths:
+            out = lengths[node.input[1]]
+        elif node.op_type == "Unsqueeze" and first is not None and len(node.input) > 1 and node.input[1] in lengths:
+            out = first + lengths[node.input[1]]
+        elif node.op_type == "Shape":
+            out = 1
+        if out is None:
+            continue
+        ranks[node.output[0]] = out
+        if node.op_type in ("Split", "SkipSimplifiedLayerNormalization", "SkipLayerNormalization"):
+            for name in node.output[1:]:  # Split's parts; the skip-norms' residual sum (their last output)
+                ranks[name] = out
+    return ranks
+
+
+# ------------------------------------------------------------------------------ the rewrite
+
+
+class _GraphWriter:
+    """Nodes and initializers of the rewritten graph; activation-side helpers are shared per input."""
+
+    def __init__(self, data: _DataFile, ranks: dict[str, int]):
+        self.data = data
+        self.ranks = ranks
+        self.nodes: list = []
+        self.initializers: list = []
+        self.shared: dict[tuple, str] = {}
+        self.count = 0
+
+    def name(self, stem: str) -> str:
+        self.count += 1
+        return f"lowbit_fast/{stem}_{self.count}"
+
+    def node(self, op: str, inputs: list[str], stem: str, domain: str = "", output: str | None = None, **attrs) -> str:
+        from onnx import helper
+
+        name = self.name(stem)
+        self.nodes.append(helper.make_node(op, inputs, [output or name], name=name, domain=domain, **attrs))
+        return output or name
+
+    def const(self, values) -> str:
+        """A small int64 constant (shapes, indices), stored in the graph."""
+        from onnx import numpy_helper
+
+        values = np.asarray(values, np.int64)
+        key = ("const", values.tobytes(), values.shape)
+        if key not in self.shared:
+            self.shared[key] = name = self.name("const")
+            self.initializers.append(numpy_helper.from_array(values, name))
+        return self.shared[key]
+
+    def array(self, stem: str, value: np.ndarray) -> str:
+        """A weight array, written to the data file now."""
+        name = self.name(stem)
+        self.initializers.append(self.data.tensor(name, value))
+        return name
+
+    def relaid(self, x: str, layout) -> str:
+        """x [..., K] -> [..., k_out] in the padded order: a Gather of whole chunks of rows (MLC's 40 on K = 576:
+        chunks of 8) between two Reshapes, with constant shapes when x's rank is known, else from Shape(x)."""
+        key = ("relaid", x, layout.group_size, layout.groups, layout.k)
+        if key in self.shared:
+            return self.shared[key]
+        c = layout.chunk
+        rank = self.ranks.get(x)
+        if rank:
+            chunked_shape = self.const([0] * (rank - 1) + [layout.k // c, c])
+            flat_shape = self.const([0] * (rank - 1) + [layout.k_out])
+        else:
+            lead = self.shared.get(("lead", x)) or self.node("Shape", [x], "lead", end=-1)
+            self.shared[("lead", x)] = lead
+            chunked_shape = self.node("Concat", [lead, self.const([layout.k // c, c])], "shape", axis=0)
+            flat_shape = self.node("Concat", [lead, self.const([layout.k_out])], "shape", axis=0)
+        chunks = self.node("Reshape", [x, chunked_shape], "chunks")
+        gathered = self.node("Gather", [chunks, self.const(layout.chunk_index())], "relaid_chunks", axis=-2)
+        self.shared[key] = out = self.node("Reshape", [gathered, flat_shape], "relaid")
+        return out
+
+    def group_sums(self, x: str, layout, dtype) -> str:
+        """[..., G]: x summed over each group's K positions (ReduceSum [..., 1] for one group per row)."""
+        key = ("sums", x, layout.group_size, layout.groups, layout.k)
+        if key not in self.shared:
+            if layout.groups == 1:
+                out = self.node("ReduceSum", [x, self.const([-1])], "row_sum", keepdims=1)
+            else:
+                out = self.node("MatMul", [x, self.array("group_matrix", layout.group_matrix(dtype))], "group_sums")
+            self.shared[key] = out
+        return self.shared[key]
+
+
+def rewrite_blockwise(model, model_dir: Path, levels: dict[str, int], folder: Path) -> RewriteResult:
+    """Rewrites every `lowbit.MatMulBlockwise` node of `model` (an onnx.ModelProto loaded without external data) in
+    place, writing the new weights, and the external data the graph still reads, into `folder`."""
+    from onnx import helper
+
+    from lowbit.custom_ops import blockwise_repack, matmul_nbits
+
+    graph = model.graph
+    reader = _TensorReader(model_dir, graph)
+    result = RewriteResult()
+    data = _DataFile(folder)
+    writer = _GraphWriter(data, known_ranks(graph))
+    try:
+        for node in graph.node:
+            if (node.domain, node.op_type) != MATMUL_OP:
+                writer.nodes.append(node)
+                continue
+            label = node.name or node.output[0]
+            why = _why_not(node, reader)
+            if why is not None:
+                result.fallback.append((label, why))
+                writer.nodes.append(node)
+                continue
+            attrs = _attributes(node)
+            x, words, scales, zeros = node.input
+            dtype = FLOAT_TYPES[reader.protos[scales].data_type]
+            arrays = SimpleNamespace(  # blockwise.BlockwiseArrays' fields, memory-mapped
+                words=reader.read(words), scales=reader.read(scales), zero_points=reader.read(zeros),
+                bits=attrs["bits"], group_size=attrs["group_size"], k=attrs["K"])
+            repacked = blockwise_repack.repack(arrays)
+            del arrays
+            layout, weight = repacked.layout, repacked.weight
+            inputs = [writer.relaid(x, layout) if layout.relaid else x,
+                      writer.array("B", weight.b), writer.array("scales", weight.scales)]
+            if weight.zero_points is not None:
+                inputs.append(writer.array("zero_points", weight.zero_points))
+            y = node.output[0]
+            product = writer.node(
+                "MatMulNBits", inputs, "matmul_nbits", domain=matmul_nbits.DOMAIN,
+                output=None if repacked.correction is not None else y, K=weight.k, N=weight.n, bits=weight.bits,
+                block_size=weight.block_size, accuracy_level=levels.get(node.name, DEFAULT_ACCURACY_LEVEL))
+            if repacked.correction is not None:
+                sums = writer.group_sums(x, layout, dtype)
+                if layout.groups == 1:
+                    fix = writer.node("Mul", [sums, writer.array("correction", repacked.correction[0])], "correction")
+                else:
+                    fix = writer.node("MatMul", [sums, writer.array("correction", repacked.correction)], "correction")
+                writer.node("Sub", [product, fix], "corrected", output=y)
+            result.fast.append(label)
+        if not result.fast:
+            return result
+        del graph.node[:]
+        graph.node.extend(writer.nodes)
+        used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+        kept = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept + writer.initializers)
+        data.take_over(graph, reader)
+        if not any(op.domain == matmul_nbits.DOMAIN for op in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(matmul_nbits.DOMAIN, 1))
+        return result
+    finally:
+        data.close()
