@@ -31,7 +31,8 @@ def convert(
 
     scheme: a name from docs/schemes.md (default q0f32), or None with `quant_config`, a DashInfer
     quantization config JSON. group_size, symmetric, accuracy_level, dtype, pad and clip_search override
-    the scheme's preset. target: "ort" or "tensorrt". overwrite: replace a non-empty output folder.
+    the scheme's preset. target: "ort" or "tensorrt". overwrite: replace an output folder that lowbit wrote
+    (one holding lowbit.json); any other non-empty folder is an error.
     progress: called as progress(tensor, info) for each tensor written.
     Raises LowbitError for bad input; nothing is left at `output` then.
     """

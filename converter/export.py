@@ -4,6 +4,7 @@ into place only when everything succeeded."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -53,28 +54,45 @@ class ConversionReport:
 
 def load_config(model_dir: Path):
     """The transformers config, after checking that we support its model_type."""
+    path = model_dir / "config.json"
     try:
-        raw = json.loads((model_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LowbitError(f"{model_dir / 'config.json'}: cannot read ({e.__class__.__name__})") from None
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise LowbitError(f"{path}: cannot read ({e.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise LowbitError(f"{path}: not a JSON object")
     model_type = raw.get("model_type")
     if model_type is None:
-        raise LowbitError(f"{model_dir / 'config.json'}: no model_type")
+        raise LowbitError(f"{path}: no model_type")
+    if not isinstance(model_type, str):
+        raise LowbitError(f"{path}: model_type must be a string, got {model_type!r}")
     arch = get_architecture(model_type)
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a bad config
-        raise LowbitError(f"{model_dir / 'config.json'}: transformers cannot read it ({e})") from None
+        message = " ".join(str(e).split()) or e.__class__.__name__  # its messages span lines; ours is one
+        raise LowbitError(f"{path}: transformers cannot read it ({message[:400]})") from None
     return arch, config
 
 
 def prepare_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise LowbitError(f"{output}: exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise LowbitError(f"{output}: exists and is not empty (use --overwrite)")
+    """An output folder may be new, empty, or (with overwrite) one that lowbit wrote: it holds lowbit.json.
+    Nothing else is ever replaced, so no command deletes files that lowbit did not write."""
+    try:
+        if output.is_symlink():
+            raise LowbitError(f"{output}: is a symbolic link (give the folder it points to)")
+        if output.exists() and not output.is_dir():
+            raise LowbitError(f"{output}: exists and is not a directory")
+        if output.is_dir() and any(output.iterdir()):
+            if not overwrite:
+                raise LowbitError(f"{output}: exists and is not empty (use --overwrite)")
+            if not (output / "lowbit.json").is_file():
+                raise LowbitError(f"{output}: not written by lowbit (no lowbit.json), so --overwrite will not "
+                                  "replace it; choose another folder or empty it yourself")
+    except OSError as e:
+        raise LowbitError(f"{output}: cannot use as output folder ({e.strerror or e.__class__.__name__})") from None
 
 
 def convert(
@@ -87,7 +105,7 @@ def convert(
     options: SchemeOptions | None = None,
 ) -> ConversionReport:
     start = time.perf_counter()
-    output = Path(output)
+    output = Path(os.path.abspath(output))  # `.` and `..` spelled out: staging goes beside the real folder
     if target not in TARGETS:
         raise LowbitError(f"unknown target '{target}' (known: {', '.join(TARGETS)})")
     scheme_obj = get_scheme(scheme, options, target)
@@ -95,24 +113,31 @@ def convert(
     source = resolve_model_dir(model)
     arch, config = load_config(source)
     spec: DecoderSpec = arch.spec(config)
-    checkpoint = Checkpoint(source)
-    graph = DecoderGraph(spec, WeightSource(checkpoint, arch.weights), scheme_obj.dtype, TARGETS[target]).build()
+    weights = WeightSource(Checkpoint(source), arch.weights)
+    weights.check(spec)  # shapes and dtypes from the headers, before anything is built or written
+    decoder = DecoderGraph(spec, weights, scheme_obj.dtype, TARGETS[target])
+    graph = decoder.build()
     float_bytes = _weight_bytes(graph)
     quant = quantize_model(graph, scheme_obj.plan, target, scheme_obj.dtype) if scheme_obj.plan else None
     weight_bytes = _weight_bytes(graph)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    created = [p for p in output.parents if not p.exists()]  # removed again if the conversion fails
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    except OSError as e:
+        raise LowbitError(f"{output.parent}: cannot create the output folder there "
+                          f"({e.strerror or e.__class__.__name__})") from None
     try:
         # two writer threads: lazy tensors (reads, casts, quantization) run in numpy, which releases the GIL
-        ir.save(graph, staging / "model.onnx", external_data="model.onnx.data", callback=progress, max_workers=2,
-                max_in_flight_bytes=256 << 20)
+        _save(graph, staging / "model.onnx", progress)
         if quant is not None:
             quant.resolve_shared()
         for name in COPIED_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, staging / name)
-        (staging / "genai_config.json").write_text(json.dumps(genai_config(spec, arch.genai_type, source), indent=2))
+        genai = genai_config(spec, arch.genai_type, source, share_buffer=decoder.attention.shares_kv_buffer)
+        (staging / "genai_config.json").write_text(json.dumps(genai, indent=2))
         session_config = {}
         if quant is not None and quant.qdq_accuracy_level() is not None:
             session_config["session.qdq_matmulnbits_accuracy_level"] = str(quant.qdq_accuracy_level())
@@ -131,16 +156,37 @@ def convert(
             "versions": _versions(),
         }
         (staging / "lowbit.json").write_text(json.dumps(metadata, indent=2))
+        prepare_output(output, overwrite)  # again: the folder may have changed while we converted
         if output.exists():
             shutil.rmtree(output)
         staging.rename(output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for parent in created:  # nearest first; each is empty unless someone else wrote there meanwhile
+            try:
+                parent.rmdir()
+            except OSError:
+                break
         raise
     return ConversionReport(
         output, scheme, target, spec.model_type, time.perf_counter() - start, dir_size(output), float_bytes,
         weight_bytes, quant,
     )
+
+
+def _save(graph: ir.Model, path: Path, progress: Callable | None) -> None:
+    """ir.save; a LowbitError from a lazy tensor (NaN in a weight, a truncated read) comes out as itself, also
+    from the small tensors that onnx_ir serializes inline and whose errors it wraps in SerdeError."""
+    try:
+        ir.save(graph, path, external_data="model.onnx.data", callback=progress, max_workers=2,
+                max_in_flight_bytes=256 << 20)
+    except ir.serde.SerdeError as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, LowbitError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def _weight_bytes(model: ir.Model) -> int:

@@ -34,12 +34,16 @@ class SchemeOptions:
     clip_search: bool = False
 
     def __post_init__(self):
-        if self.group_size is not None and self.group_size < 1:
-            raise LowbitError(f"--group-size must be positive, got {self.group_size}")
-        if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise LowbitError(f"--accuracy-level must be 0..4, got {self.accuracy_level}")
+        if self.group_size is not None and not (_is_int(self.group_size) and self.group_size >= 1):
+            raise LowbitError(f"--group-size must be a positive integer, got {self.group_size!r}")
+        if self.accuracy_level is not None and not (_is_int(self.accuracy_level) and 0 <= self.accuracy_level <= 4):
+            raise LowbitError(f"--accuracy-level must be 0..4, got {self.accuracy_level!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise LowbitError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,8 @@ _mlc("q3f16_1", 3, 40, "float16", "MLC 3-bit group 40, s = max|w|/3, embedding a
 def _dashinfer(match: re.Match, options: SchemeOptions, target: str) -> Scheme:
     bits = int(match["bits"])
     group = int(match["group"]) if match["group"] else options.group_size
+    if group is not None and group < 1:
+        raise LowbitError(f"scheme {match[0]}: the group size must be positive")
     minmax = bool(match["minmax"])
     if minmax and bits != 8:
         raise LowbitError("the DashInfer CPU min/max rule is 8-bit only (a16w8-minmax)")
@@ -134,15 +140,15 @@ def dashinfer_scheme_name(config: dict) -> str:
     if fmt not in formats:
         raise LowbitError(f"quant config: weight_format must be one of {sorted(formats)}, got {fmt!r}")
     group = config.get("group_size", -1)
-    if not isinstance(group, int) or (group != -1 and group < 1):
+    if not _is_int(group) or (group != -1 and group < 1):
         raise LowbitError(f"quant config: group_size must be -1 (per-channel) or a positive int, got {group!r}")
     return formats[fmt] + (f"-g{group}" if group != -1 else "")
 
 
 def scheme_from_quant_config(path: Path) -> str:
     try:
-        config = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        config = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise LowbitError(f"{path}: cannot read quant config ({e.__class__.__name__})") from None
     if not isinstance(config, dict):
         raise LowbitError(f"{path}: quant config must be a JSON object")

@@ -1,4 +1,8 @@
-"""Logical weights of a decoder (by `WeightMap`) as lazy tensors read from a `Checkpoint`."""
+"""Logical weights of a decoder (by `WeightMap`) as lazy tensors read from a `Checkpoint`.
+
+`WeightSource.check(spec)` compares every tensor the graph will read with the shape the config
+implies (from the checkpoint's headers, before anything is built or written).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from lowbit.converter.architectures.base import WeightMap
+from lowbit.converter.architectures.base import DecoderSpec, WeightMap
 from lowbit.converter.checkpoint import Checkpoint
 from lowbit.errors import LowbitError
 
@@ -91,3 +95,80 @@ class WeightSource:
         if offset:
             return (lambda: weight() + np.float32(offset)), bias, shape[0]
         return weight, bias, shape[0]
+
+    # ------------------------------------------------------------------ checks against the config
+
+    def check(self, spec: DecoderSpec) -> None:
+        """Every tensor the decoder reads: present, floating point, and of the shape `spec` implies; and no
+        layers beyond `spec.num_layers`. Raises LowbitError naming the tensor (and both shapes)."""
+        self._check_layer_count(spec.num_layers)
+        for name, shape, required in self._expected(spec):
+            real = self.resolve(name, required)
+            if real is None:
+                continue
+            found = tuple(self.checkpoint.shape(real))
+            if found != shape:
+                raise LowbitError(
+                    f"tensor {real}: shape {list(found)} does not match config.json (expected {list(shape)})"
+                )
+            if not self.checkpoint.is_float(real):
+                raise LowbitError(f"tensor {real}: dtype {self.checkpoint.dtype_name(real)} is not a float weight "
+                                  "(quantized checkpoints are not supported; convert from float weights)")
+
+    def _expected(self, spec: DecoderSpec):
+        """(name, shape, required) of each tensor the decoder reads."""
+        n, s = self.names, spec
+        h, d = s.hidden_size, s.head_dim
+        yield f"{n.embed}.weight", (s.vocab_size, h), True
+        if n.position_embed:
+            yield f"{n.position_embed}.weight", (s.max_position_embeddings, h), True
+        yield from self._norm_shapes(n.final_norm, h)
+        if not s.tie_word_embeddings and n.lm_head:
+            yield from self._linear_shapes((n.lm_head,), h, (s.vocab_size,), required=False)
+        qkv_parts = (s.num_heads * d, s.num_kv_heads * d, s.num_kv_heads * d)
+        up_parts = (s.intermediate_size, s.intermediate_size) if s.gated_mlp else (s.intermediate_size,)
+        for i in range(s.num_layers):
+            yield from self._norm_shapes(n.attn_norm.format(i=i), h)
+            yield from self._norm_shapes(n.mlp_norm.format(i=i), h)
+            yield from self._linear_shapes(tuple(p.format(i=i) for p in n.qkv), h, qkv_parts)
+            yield from self._linear_shapes((n.o.format(i=i),), s.num_heads * d, (h,))
+            yield from self._linear_shapes(tuple(p.format(i=i) for p in n.up), h, up_parts)
+            yield from self._linear_shapes((n.down.format(i=i),), s.intermediate_size, (h,))
+            if s.qk_norm:
+                yield from self._norm_shapes(n.q_norm.format(i=i), d)
+                yield from self._norm_shapes(n.k_norm.format(i=i), d)
+            if s.sandwich_norm:
+                yield from self._norm_shapes(n.post_attn_norm.format(i=i), h)
+                yield from self._norm_shapes(n.post_mlp_norm.format(i=i), h)
+
+    @staticmethod
+    def _norm_shapes(prefix: str, size: int):
+        yield f"{prefix}.weight", (size,), True
+        yield f"{prefix}.bias", (size,), False
+
+    def _linear_shapes(self, prefixes: tuple[str, ...], in_features: int, parts: tuple[int, ...], required=True):
+        """Shapes of a (possibly fused) linear stored as `prefixes`: one tensor per logical part, or one for all."""
+        if len(prefixes) != len(parts):
+            if len(prefixes) != 1:
+                raise LowbitError(f"{prefixes}: cannot split {len(parts)} projections over {len(prefixes)} tensors")
+            parts = (sum(parts),)
+        for prefix, out in zip(prefixes, parts):
+            yield f"{prefix}.weight", ((in_features, out) if self.names.conv1d else (out, in_features)), required
+            yield f"{prefix}.bias", (out,), False
+
+    def _check_layer_count(self, num_layers: int) -> None:
+        """Weights of layers >= num_layers mean config.json describes a different (shallower) model."""
+        templates = {t.split("{i}")[0] for t in _layer_templates(self.names)}
+        starts = templates | {t[len(p):] for t in templates for p in self.names.strip_prefixes if t.startswith(p)}
+        for name in self.checkpoint.names():
+            for start in starts:
+                index = name[len(start):].split(".", 1)[0] if name.startswith(start) else ""
+                if index.isdigit() and int(index) >= num_layers:
+                    raise LowbitError(f"tensor {name} belongs to layer {index}, but config.json has "
+                                      f"num_hidden_layers = {num_layers}")
+
+
+def _layer_templates(names: WeightMap) -> list[str]:
+    values = [getattr(names, f) for f in names.__dataclass_fields__]
+    flat = [v for value in values for v in (value if isinstance(value, tuple) else (value,))]
+    return [v for v in flat if isinstance(v, str) and "{i}" in v]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -10,6 +12,16 @@ from pathlib import Path
 import click
 
 from lowbit.errors import LowbitError
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (which pass its comparisons)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 class LowbitGroup(click.Group):
@@ -20,6 +32,10 @@ class LowbitGroup(click.Group):
             return super().invoke(ctx)
         except LowbitError as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except click.UsageError as e:  # a bad option value of a command: the same one line
+            command = f"{e.ctx.command_path}: " if e.ctx is not None and e.ctx is not ctx else ""
+            click.echo(f"error: {command}{' '.join(e.format_message().split())}", err=True)
             sys.exit(2)
 
 
@@ -33,8 +49,10 @@ def _keep_torch_out(model: str) -> None:
     """Conversion needs no torch, but transformers imports it whenever it is installed (~170 MB and
     ~2 s before the first tensor is read). Marking it absent for this process keeps it out, unless
     the checkpoint is pytorch_model.bin, which only torch reads."""
+    from lowbit.converter.checkpoint import weight_format  # file names only: what the checkpoint declares
+
     path = Path(model)
-    reads_bin = path.is_dir() and not any(path.glob("*.safetensors")) and any(path.glob("pytorch_model*.bin"))
+    reads_bin = path.is_dir() and weight_format(path) == "bin"
     if not reads_bin and "torch" not in sys.modules and "transformers" not in sys.modules:
         sys.modules["torch"] = None
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -61,16 +79,18 @@ def _progress_callback():
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--scheme", default=None, help="Quantization scheme (see docs/schemes.md) [default: q0f32].")
 @click.option("--target", default="ort", show_default=True, type=click.Choice(["ort", "tensorrt"]))
-@click.option("--group-size", type=int, default=None, help="Group (block) size along K, for schemes that take one.")
+@click.option("--group-size", type=click.IntRange(min=1), default=None,
+              help="Group (block) size along K, for schemes that take one; a group larger than K is per-channel.")
 @click.option("--symmetric/--asymmetric", default=None, help="Symmetric or asymmetric weights (generic schemes).")
-@click.option("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level: 0 float, 4 int8 activations.")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="MatMulNBits accuracy_level: 0 float, 4 int8 activations.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None, help="Compute dtype override.")
 @click.option("--no-pad", is_flag=True, help="Reject layers whose K is not a multiple of the group instead of padding.")
 @click.option("--clip-search", is_flag=True,
               help="Per group, shrink the range to the ratio (1.0 ... 0.5) with the least squared weight error.")
 @click.option("--quant-config", type=click.Path(path_type=Path), default=None,
               help="DashInfer quantization config JSON (instead of --scheme).")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an output folder that lowbit wrote (it holds lowbit.json).")
 def convert(model, output, scheme, target, group_size, symmetric, accuracy_level, dtype, no_pad, clip_search,
             quant_config, overwrite):
     """Convert MODEL (a local HF folder or a hub id) into an ONNX folder."""
@@ -106,10 +126,10 @@ def sampling_options(command):
         click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1)),
         click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"])),
         click.option("--sample", is_flag=True, help="Sample instead of greedy decoding."),
-        click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True)),
+        click.option("--temperature", default=1.0, show_default=True, type=FiniteFloatRange(min=0, min_open=True)),
         click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 disables top-k."),
-        click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True)),
-        click.option("--seed", type=int, default=None),
+        click.option("--top-p", default=1.0, show_default=True, type=FiniteFloatRange(0, 1, min_open=True)),
+        click.option("--seed", type=click.IntRange(min=0), default=None),
     ]):
         command = option(command)
     return command
@@ -142,9 +162,11 @@ def run(model_dir, prompts, as_chat, system, max_new_tokens, provider, sample, t
         encoded = [tokenizer.encode(p) for p in prompts]
     sampling = _sampling(sample, temperature, top_k, top_p, seed)
     if len(encoded) == 1:  # stream: the prompt's text, then each piece as its token arrives
+        pieces = model.stream(encoded[0], max_new_tokens, **sampling)
+        first = next(pieces, "")  # bad input (beyond the context, ...) is an error before anything is printed
         if not as_chat:
             click.echo(tokenizer.decode(encoded[0]), nl=False)
-        for piece in model.stream(encoded[0], max_new_tokens, **sampling):
+        for piece in itertools.chain([first], pieces):
             click.echo(piece, nl=False)
         click.echo()
         return
@@ -184,8 +206,9 @@ def chat(model_dir, system, max_new_tokens, provider, sample, temperature, top_k
 @main.command(name="eval")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Plain text file.")
-@click.option("--seq-len", type=int, default=None, help="Window length [default: min(2048, context)].")
-@click.option("--stride", type=int, default=None, help="Window step [default: seq-len].")
+@click.option("--seq-len", type=click.IntRange(min=2), default=None,
+              help="Window length [default: min(2048, context)].")
+@click.option("--stride", type=click.IntRange(min=1), default=None, help="Window step [default: seq-len].")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Only score the first N tokens of the file.")
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
@@ -193,12 +216,12 @@ def evaluate(model_dir, data, seq_len, stride, max_tokens, provider, as_json):
     """Perplexity of a converted model over a text file (sliding window)."""
     from tqdm import tqdm
 
+    from lowbit.runtime.evaluate import read_text_file
     from lowbit.runtime.model import Model
 
-    if not data.is_file():
-        raise LowbitError(f"{data}: no such file")
+    text = read_text_file(data)  # a missing, empty or non-UTF-8 file is an error before the model loads
     model = Model.load(model_dir, provider)
-    result = model.perplexity(path=data, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
+    result = model.perplexity(text, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
                               progress=lambda it: tqdm(it, desc="eval", leave=False, disable=None))
     if as_json:
         click.echo(json.dumps({"perplexity": result.perplexity, "tokens": result.tokens, "windows": result.windows,
@@ -209,10 +232,11 @@ def evaluate(model_dir, data, seq_len, stride, max_tokens, provider, as_json):
 
 @main.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("--prompt-len", default=128, show_default=True)
-@click.option("--new-tokens", default=64, show_default=True)
-@click.option("--repeats", default=3, show_default=True)
-@click.option("--threads", type=int, default=None, help="ORT intra-op threads [default: all cores].")
+@click.option("--prompt-len", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+              help="ORT intra-op threads [default: all cores].")
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def bench(model_dir, prompt_len, new_tokens, repeats, threads, provider, as_json):
@@ -254,6 +278,62 @@ def inspect(model_dir, as_json):
             compute = f"{q['compute']} compute" if "compute" in q else ""
             click.echo(f"  {name:32s} {q['op']:36s} {q['quant']:26s} {q['format']:24s} {compute:14s} {size}")
     click.echo("ops: " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
+
+
+@main.command()
+@click.argument("model_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Plain text file.")
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="Folder (e.g. the q0f32 one) to measure KL and top-1 agreement against.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="HTML file to write.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the numbers here.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=None,
+              help="Window length [default: min(2048, context)].")
+@click.option("--stride", type=click.IntRange(min=1), default=None, help="Window step [default: seq-len].")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None,
+              help="Only score the first N tokens of the file.")
+@click.option("--prompt-len", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+              help="ORT intra-op threads [default: all cores].")
+@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]))
+def report(model_dirs, data, reference, output, json_path, seq_len, stride, max_tokens, prompt_len, new_tokens,
+           repeats, threads, provider):
+    """Size, perplexity, KL to a reference and speed of converted folders: one HTML page with plots and a table."""
+    import shlex
+
+    from tqdm import tqdm
+
+    from lowbit.runtime.evaluate import read_text_file
+    from lowbit.runtime.report import check_output, measure, require_matplotlib, write_report
+
+    require_matplotlib()
+    for path in (output, json_path):  # refuse before measuring for minutes
+        if path is not None:
+            check_output(path)
+    text = read_text_file(data)
+    ctx = click.get_current_context()
+    words = ["lowbit", "report"]
+    for param in ctx.command.params:  # the command as given, for the record on the page
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            words += map(str, value)
+        elif value not in (None, False, param.default):
+            words += [param.opts[0]] + ([] if value is True else [str(value)])
+
+    def on_result(r):
+        kl = f", KL {r.kl:.5f}, top-1 {r.top1:.4f}" if r.kl is not None else ""
+        name = r.label if r.label == r.scheme else f"{r.label} ({r.scheme})"
+        click.echo(f"{name}: {r.model_bytes / 1e6:.2f} MB, perplexity {r.perplexity:.4f}{kl}, "
+                   f"prefill {r.prefill_tokens_per_s:.1f} tok/s, decode {r.decode_tokens_per_s:.1f} tok/s")
+
+    result = measure(model_dirs, text, reference, data=str(data), seq_len=seq_len, stride=stride,
+                     max_tokens=max_tokens, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
+                     provider=provider, threads=threads, command=shlex.join(words), on_result=on_result,
+                     progress=lambda it, label: tqdm(it, desc=label, leave=False, disable=None))
+    write_report(result, output, json_path)
+    click.echo(f"wrote {output}" + (f" and {json_path}" if json_path else ""))
 
 
 if __name__ == "__main__":

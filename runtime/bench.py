@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lowbit.errors import LowbitError
 from lowbit.runtime.session import DecoderSession
 
 
@@ -32,6 +33,12 @@ def peak_rss_mb() -> float:
 
 def benchmark(session: DecoderSession, prompt_len: int = 128, new_tokens: int = 64, repeats: int = 3) -> BenchResult:
     """Best of `repeats` runs: a prefill of `prompt_len` random tokens, then `new_tokens` decode steps."""
+    for name, value in (("prompt_len", prompt_len), ("new_tokens", new_tokens), ("repeats", repeats)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise LowbitError(f"{name} must be a positive integer, got {value!r}")
+    if prompt_len + new_tokens > session.context_length:
+        raise LowbitError(f"prompt_len + new_tokens ({prompt_len} + {new_tokens}) exceeds the model's context length "
+                          f"({session.context_length})")
     rng = np.random.default_rng(0)
     best_prefill, best_decode = float("inf"), float("inf")
     for _ in range(repeats + 1):  # the first run warms up

@@ -8,9 +8,11 @@ exactly `exp(sum(nll) / count)` of transformers' `labels`-based loss with the sa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from lowbit.errors import LowbitError
 from lowbit.runtime.session import DecoderSession
 
 
@@ -22,6 +24,31 @@ class PerplexityResult:
     windows: int
     seq_len: int
     stride: int
+
+
+def read_text_file(path: str | Path) -> str:
+    """An evaluation text: a UTF-8 file with some text in it (anything else is a LowbitError naming the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LowbitError(f"{path}: no such file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise LowbitError(f"{path}: cannot read ({e.strerror or e.__class__.__name__})") from None
+    except UnicodeDecodeError as e:
+        raise LowbitError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        raise LowbitError(f"{path}: the evaluation text is empty")
+    return text
+
+
+def check_windows(total: int, seq_len: int, stride: int) -> None:
+    """What a sliding-window evaluation needs: >= 2 tokens, seq_len >= 2, 1 <= stride <= seq_len."""
+    if not (isinstance(seq_len, (int, np.integer)) and isinstance(stride, (int, np.integer))
+            and seq_len >= 2 and 1 <= stride <= seq_len):
+        raise LowbitError(f"need seq_len >= 2 and 1 <= stride <= seq_len (got seq_len {seq_len}, stride {stride})")
+    if total < 2:
+        raise LowbitError("the evaluation text has fewer than 2 tokens: nothing to score")
 
 
 def windows(total: int, seq_len: int, stride: int):
@@ -42,6 +69,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def perplexity(session: DecoderSession, token_ids: np.ndarray, seq_len: int, stride: int, progress=None):
+    check_windows(len(token_ids), seq_len, stride)
     nll_sum, count, n_windows = 0.0, 0, 0
     spans = list(windows(len(token_ids), seq_len, stride))
     for begin, end, new in progress(spans) if progress else spans:
@@ -58,6 +86,20 @@ def perplexity(session: DecoderSession, token_ids: np.ndarray, seq_len: int, str
         count += len(scored)
         n_windows += 1
     return PerplexityResult(float(np.exp(nll_sum / count)), nll_sum, count, n_windows, seq_len, stride)
+
+
+def kl_divergence(reference_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """KL(P_reference || P) in nats for each position: softmax over the last axis of both, float64."""
+    ref, logp = log_softmax(reference_logits), log_softmax(logits)
+    p = np.exp(ref)
+    with np.errstate(invalid="ignore"):  # p == 0 terms are 0, even where both log-probs are -inf
+        terms = np.where(p > 0, p * (ref - logp), 0.0)
+    return np.maximum(terms.sum(-1), 0.0)
+
+
+def top1_agreement(reference_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """For each position, whether both distributions put their maximum on the same token."""
+    return np.argmax(reference_logits, -1) == np.argmax(logits, -1)
 
 
 def transformers_perplexity(model, token_ids: np.ndarray, seq_len: int, stride: int) -> tuple[float, int]:

@@ -81,15 +81,12 @@ class Model:
     def perplexity(self, text: str | None = None, *, path: str | Path | None = None, seq_len: int | None = None,
                    stride: int | None = None, max_tokens: int | None = None, progress=None):
         """Sliding-window perplexity of `text` (or the file at `path`): a PerplexityResult."""
-        from lowbit.runtime.evaluate import perplexity
+        from lowbit.runtime.evaluate import perplexity, read_text_file
 
         if (text is None) == (path is None):
             raise LowbitError("give either text or path")
         if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise LowbitError(f"{path}: no such file")
-            text = path.read_text()
+            text = read_text_file(path)
         seq_len = seq_len or min(2048, self.session.context_length)
         stride = stride or seq_len
         if seq_len < 2 or stride < 1 or stride > seq_len:

@@ -81,9 +81,16 @@ def test_existing_non_empty_output_without_overwrite(tmp_path):
     result = run_convert(SAMPLE_MODEL, "-o", out)
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # --overwrite replaces only what lowbit wrote (a folder with lowbit.json): never the user's files
+    result = run_convert(SAMPLE_MODEL, "-o", out, "--overwrite")
+    assert result.exit_code == 2 and "not written by lowbit" in result.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert run_convert(SAMPLE_MODEL, "-o", out).exit_code == 0  # an empty folder is fine
+    (out / "extra.txt").write_text("stale")
     result = run_convert(SAMPLE_MODEL, "-o", out, "--overwrite")
     assert result.exit_code == 0, result.output
-    assert (out / "model.onnx").is_file() and not (out / "keep.txt").exists()
+    assert (out / "model.onnx").is_file() and not (out / "extra.txt").exists()
 
 
 def test_hub_id_without_network_is_a_clean_error(tmp_path, monkeypatch):

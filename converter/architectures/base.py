@@ -102,10 +102,15 @@ ARCHITECTURES: dict[str, Architecture] = {}
 
 
 def register(model_type: str, weights: WeightMap, genai_type: str | None = None):
-    """Decorator for a `config -> DecoderSpec` function that registers an architecture."""
+    """Decorator for a `config -> DecoderSpec` function that registers an architecture. The registered
+    `spec` checks the config first (`check_config`), so spec functions may trust the values they read."""
 
     def wrap(spec_fn):
-        ARCHITECTURES[model_type] = Architecture(model_type, spec_fn, weights, genai_type or model_type)
+        def checked_spec(config) -> DecoderSpec:
+            check_config(config)
+            return spec_fn(config)
+
+        ARCHITECTURES[model_type] = Architecture(model_type, checked_spec, weights, genai_type or model_type)
         return spec_fn
 
     return wrap
@@ -117,6 +122,103 @@ def get_architecture(model_type: str) -> Architecture:
         known = ", ".join(sorted(ARCHITECTURES))
         raise LowbitError(f"unsupported model_type '{model_type}' (supported: {known})")
     return arch
+
+
+# ----------------------------------------------------------------------------------- config checks
+
+# Sizes and positions: float32 holds every integer up to 2^24 exactly (rope angles are formed from float32
+# positions), and no real model comes near it in any dimension.
+MAX_SIZE = 1 << 24
+
+REQUIRED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
+OPTIONAL_SIZES = ("intermediate_size", "n_inner", "num_key_value_heads", "head_dim", "sliding_window")
+POSITIVE_NUMBERS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "rope_theta", "partial_rotary_factor",
+                    "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
+STRINGS = ("hidden_act", "hidden_activation", "activation_function")
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _config_key(config, name: str) -> str:
+    """The key config.json spells a standard name with (GPT-2: n_embd for hidden_size, ...)."""
+    return getattr(config, "attribute_map", {}).get(name, name)
+
+
+def _config_error(config, name: str, value, what: str) -> LowbitError:
+    return LowbitError(f"config.json: {_config_key(config, name)} must be {what}, got {value!r}")
+
+
+def check_config(config) -> None:
+    """Types and ranges of the config values the decoder reads (by their standard transformers names), and
+    the relations between them. Raises LowbitError naming the key."""
+
+    def size(name, optional):
+        value = getattr(config, name, None)
+        if value is None and optional:
+            return None
+        if not (_is_int(value) and 1 <= value <= MAX_SIZE):
+            raise _config_error(config, name, value, f"an integer within 1..{MAX_SIZE}")
+        return value
+
+    sizes = {name: size(name, optional=False) for name in REQUIRED_SIZES}
+    sizes.update({name: size(name, optional=True) for name in OPTIONAL_SIZES})
+    heads, kv_heads = sizes["num_attention_heads"], sizes["num_key_value_heads"]
+    if kv_heads is not None and heads % kv_heads:
+        raise LowbitError(f"config.json: num_attention_heads ({heads}) is not a multiple of "
+                          f"num_key_value_heads ({kv_heads})")
+    if sizes["head_dim"] is None and sizes["hidden_size"] % heads:
+        hidden, heads_key = _config_key(config, "hidden_size"), _config_key(config, "num_attention_heads")
+        raise LowbitError(f"config.json: {hidden} ({sizes['hidden_size']}) is not divisible by {heads_key} ({heads}) "
+                          "and no head_dim is given")
+    for name in POSITIVE_NUMBERS:
+        value = getattr(config, name, None)
+        if value is not None and not (_is_number(value) and value > 0):
+            raise _config_error(config, name, value, "a positive finite number")
+    factor = getattr(config, "partial_rotary_factor", None)
+    if factor is not None and factor > 1:
+        raise _config_error(config, "partial_rotary_factor", factor, "within (0, 1]")
+    for name in STRINGS:
+        value = getattr(config, name, None)
+        if value is not None and not isinstance(value, str):
+            raise _config_error(config, name, value, "a string")
+    for name in TOKEN_IDS:
+        value = getattr(config, name, None)
+        ok = value is None or _is_int(value) or (
+            name == "eos_token_id" and isinstance(value, list) and all(_is_int(v) for v in value)
+        )
+        if not ok:
+            what = "an integer or a list of integers" if name == "eos_token_id" else "an integer"
+            raise _config_error(config, name, value, what)
+    tie = getattr(config, "tie_word_embeddings", None)
+    if tie is not None and not isinstance(tie, bool):
+        raise _config_error(config, "tie_word_embeddings", tie, "true or false")
+    for name in ("rope_parameters", "rope_scaling"):
+        value = getattr(config, name, None)
+        if value is not None and not isinstance(value, dict):
+            raise _config_error(config, name, value, "an object")
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and not (
+        isinstance(layer_types, list) and len(layer_types) == sizes["num_hidden_layers"]
+        and all(isinstance(t, str) for t in layer_types)
+    ):
+        raise _config_error(config, "layer_types", layer_types,
+                            f"a list of {sizes['num_hidden_layers']} strings (one per layer)")
+
+
+def _rope_value(p: dict, key: str, kind: str, integer: bool = False):
+    """A required rope parameter: a positive finite number (integer if asked)."""
+    value = p.get(key)
+    if not (_is_int(value) if integer else _is_number(value)) or value <= 0:
+        what = "a positive integer" if integer else "a positive finite number"
+        raise LowbitError(f"config.json: rope '{kind}' needs {key} to be {what}, got {value!r}")
+    return value
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -147,29 +249,50 @@ def _llama3_scaling(inv_freq: np.ndarray, p: dict) -> np.ndarray:
 
 def build_rope(config, head_dim: int) -> RopeSpec:
     p = rope_parameters(config)
-    partial = p.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
-    dim = int(head_dim * partial)
-    base = float(p["rope_theta"])
-    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float64) / dim
-    inv_freq = 1.0 / (base**exponents)
     kind = p["rope_type"]
+    partial = p.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
+    if not (_is_number(partial) and 0 < partial <= 1):
+        raise LowbitError(f"config.json: partial_rotary_factor must be within (0, 1], got {partial!r}")
+    dim = int(head_dim * partial)
+    if dim < 2 or dim % 2:
+        raise LowbitError(f"config.json: the rotary dimension (head_dim {head_dim} x partial_rotary_factor {partial}) "
+                          f"must be even and at least 2, got {dim}")
+    base = float(_rope_value(p, "rope_theta", kind))
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float64) / dim
+    with np.errstate(over="ignore", divide="ignore"):
+        inv_freq = 1.0 / (base**exponents)
+    if not np.all(np.isfinite(inv_freq) & (inv_freq > 0)):
+        raise LowbitError(f"config.json: rope_theta {base} gives non-finite rotary frequencies")
     if kind == "default":
         return RopeSpec(inv_freq, dim)
     if kind == "linear":
-        return RopeSpec(inv_freq / p["factor"], dim)
+        return RopeSpec(inv_freq / _rope_value(p, "factor", kind), dim)
     if kind == "llama3":
+        for key in ("factor", "low_freq_factor", "high_freq_factor"):
+            _rope_value(p, key, kind)
+        _rope_value(p, "original_max_position_embeddings", kind, integer=True)
+        if p["high_freq_factor"] == p["low_freq_factor"]:
+            raise LowbitError("config.json: rope 'llama3' needs high_freq_factor != low_freq_factor")
         return RopeSpec(_llama3_scaling(inv_freq, p), dim)
     if kind == "longrope":
         original = p.get("original_max_position_embeddings") or getattr(
             config, "original_max_position_embeddings", None
         )
-        factor = p.get("factor") or config.max_position_embeddings / original
-        scaling = p.get("attention_factor") or (
-            1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        original = _rope_value({"original_max_position_embeddings": original}, "original_max_position_embeddings",
+                               kind, integer=True)
+        factor = _rope_value(p, "factor", kind) if p.get("factor") else config.max_position_embeddings / original
+        scaling = _rope_value(p, "attention_factor", kind) if p.get("attention_factor") else (
+            1.0 if factor <= 1.0 or original == 1 else math.sqrt(1 + math.log(factor) / math.log(original))
         )
-        short = 1.0 / (np.asarray(p["short_factor"], np.float64) * base**exponents)
-        long = 1.0 / (np.asarray(p["long_factor"], np.float64) * base**exponents)
-        return RopeSpec(short, dim, scaling, long, original)
+        tables = []
+        for key in ("short_factor", "long_factor"):
+            values = p.get(key)
+            ok = isinstance(values, list) and len(values) == dim // 2 and all(_is_number(v) and v > 0 for v in values)
+            if not ok:
+                raise LowbitError(f"config.json: rope 'longrope' needs {key} to be a list of {dim // 2} positive "
+                                  f"numbers, got {values!r}")
+            tables.append(1.0 / (np.asarray(values, np.float64) * base**exponents))
+        return RopeSpec(tables[0], dim, scaling, tables[1], original)
     raise LowbitError(f"rope type '{kind}' is not supported (supported: default, linear, llama3, longrope)")
 
 

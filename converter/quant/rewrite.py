@@ -8,7 +8,7 @@ peak memory follows the largest layer.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -148,6 +148,8 @@ def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype) -> Quan
         layer = plan.lookup(site.module)
         if layer is None:
             continue
+        if layer.weight.group_size is not None and layer.weight.group_size > site.k:
+            layer = replace(layer, weight=replace(layer.weight, group_size=None))  # one group per row: per channel
         g = group_size_for(layer.weight, site.k)
         if site.k % g and not plan.pad:
             raise LowbitError(
