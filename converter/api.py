@@ -23,6 +23,7 @@ def convert(
     dtype: str | None = None,
     pad: bool = True,
     clip_search: bool = False,
+    ignore: tuple[str, ...] | list[str] = (),
     quant_config: str | Path | None = None,
     overwrite: bool = False,
     progress: Callable | None = None,
@@ -31,7 +32,8 @@ def convert(
 
     scheme: a name from docs/schemes.md (default q0f32), or None with `quant_config`, a DashInfer
     quantization config JSON. group_size, symmetric, accuracy_level, dtype, pad and clip_search override
-    the scheme's preset. target: "ort" or "tensorrt". overwrite: replace an output folder that lowbit wrote
+    the scheme's preset. ignore: --ignore patterns (globs, `re:` regexes; our or transformers' module
+    names) whose modules stay float. target: "ort" or "tensorrt". overwrite: replace an output folder that lowbit wrote
     (one holding lowbit.json); any other non-empty folder is an error.
     progress: called as progress(tensor, info) for each tensor written.
     Raises LowbitError for bad input; nothing is left at `output` then.
@@ -41,4 +43,6 @@ def convert(
             raise LowbitError("give either --scheme or --quant-config (scheme= or quant_config=), not both")
         scheme = scheme_from_quant_config(Path(quant_config))
     options = SchemeOptions(group_size, symmetric, accuracy_level, dtype, pad=pad, clip_search=clip_search)
-    return export_folder(str(model), output, scheme or "q0f32", target, overwrite, progress, options)
+    if isinstance(ignore, str):
+        ignore = (ignore,)
+    return export_folder(str(model), output, scheme or "q0f32", target, overwrite, progress, options, tuple(ignore))

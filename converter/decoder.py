@@ -17,7 +17,7 @@ import onnx_ir as ir
 from lowbit.converter.architectures.base import DecoderSpec, WeightMap
 from lowbit.converter.attention import choose_attention
 from lowbit.errors import LowbitError
-from lowbit.converter.graph import GraphBuilder, ir_dtype, lazy_tensor
+from lowbit.converter.graph import GraphBuilder, ir_dtype, lazy_tensor, set_hf_modules
 from lowbit.converter.weights import WeightSource
 
 OPSET = 21
@@ -84,6 +84,8 @@ class DecoderGraph:
         w = self._weight(f"{name}.weight", (lin.in_features, lin.out_features), lin.in_out,
                          transposed_source=lambda: np.asarray(lin.out_in(), dtype=dtype))
         y = self.b.op("MatMul", x, w, node_name=name)  # the module name quantization plans match
+        prefixes = (prefixes,) if isinstance(prefixes, str) else prefixes
+        set_hf_modules(y.producer(), [p.format(i=layer) for p in prefixes])
         if lin.bias is not None:
             y = self.b.op("Add", y, self._weight(f"{name}.bias", (lin.out_features,), lin.bias))
         return y
@@ -151,6 +153,7 @@ class DecoderGraph:
         # Tied (or no lm_head in the checkpoint): reuse the [vocab, hidden] embedding table through Gemm(transB=1), stored once.
         flat = b.op("Reshape", hidden, b.i64(-1, s.hidden_size))
         logits = b.op("Gemm", flat, embed_table, transB=1, node_name="lm_head")
+        set_hf_modules(logits.producer(), ["lm_head"])
         out_shape = b.op("Concat", b.op("Shape", hidden, end=2), b.i64(s.vocab_size), axis=0)
         return b.op("Reshape", logits, out_shape)
 
@@ -171,12 +174,15 @@ class DecoderGraph:
         embed_shape, embed_load = self.w.tensor(f"{n.embed}.weight")
         embed_table = self._weight("embed_tokens.weight", embed_shape, embed_load)
         hidden = b.op("Gather", embed_table, input_ids, axis=0, node_name="embed_tokens")
+        set_hf_modules(hidden.producer(), [n.embed])
         if s.embedding_scale is not None:
             hidden = b.op("Mul", hidden, self.scalar(s.embedding_scale))
         if n.position_embed:
             pos_shape, pos_load = self.w.tensor(f"{n.position_embed}.weight")
             table = self._weight("embed_positions.weight", pos_shape, pos_load)
-            hidden = b.op("Add", hidden, b.op("Gather", table, position_ids, axis=0, node_name="embed_positions"))
+            positions = b.op("Gather", table, position_ids, axis=0, node_name="embed_positions")
+            set_hf_modules(positions.producer(), [n.position_embed])
+            hidden = b.op("Add", hidden, positions)
 
         attention = self.attention(self, input_ids, attention_mask, position_ids)
         off = s.norm_weight_offset

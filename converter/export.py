@@ -103,12 +103,15 @@ def convert(
     overwrite: bool = False,
     progress: Callable | None = None,
     options: SchemeOptions | None = None,
+    ignore: tuple[str, ...] = (),
 ) -> ConversionReport:
     start = time.perf_counter()
     output = Path(os.path.abspath(output))  # `.` and `..` spelled out: staging goes beside the real folder
     if target not in TARGETS:
         raise LowbitError(f"unknown target '{target}' (known: {', '.join(TARGETS)})")
     scheme_obj = get_scheme(scheme, options, target)
+    if ignore and not scheme_obj.plan:
+        raise LowbitError(f"--ignore keeps modules of a quantizing scheme in float; {scheme} quantizes nothing")
     prepare_output(output, overwrite)
     source = resolve_model_dir(model)
     arch, config = load_config(source)
@@ -118,7 +121,7 @@ def convert(
     decoder = DecoderGraph(spec, weights, scheme_obj.dtype, TARGETS[target])
     graph = decoder.build()
     float_bytes = _weight_bytes(graph)
-    quant = quantize_model(graph, scheme_obj.plan, target, scheme_obj.dtype) if scheme_obj.plan else None
+    quant = quantize_model(graph, scheme_obj.plan, target, scheme_obj.dtype, tuple(ignore)) if scheme_obj.plan else None
     weight_bytes = _weight_bytes(graph)
 
     created = [p for p in output.parents if not p.exists()]  # removed again if the conversion fails
@@ -153,6 +156,7 @@ def convert(
             "weight_bytes": weight_bytes,
             "ort_session_config": session_config,
             "quantization": quant.as_dict() if quant else {},
+            "ignore": {"patterns": list(ignore), "modules": quant.ignored if quant else []},
             "versions": _versions(),
         }
         (staging / "lowbit.json").write_text(json.dumps(metadata, indent=2))

@@ -27,6 +27,18 @@ def ir_dtype(dtype) -> ir.DataType:
 
 
 TRANSPOSED_SOURCE = "lowbit.transposed_source"  # tensor.meta key: loader of the tensor's transpose
+HF_MODULES = "lowbit.hf_modules"  # node metadata: the transformers modules a weight node computes, comma-separated
+
+
+def set_hf_modules(node: ir.Node, modules: list[str]) -> None:
+    """Records which transformers modules (`model.layers.0.self_attn.q_proj`, ...) `node` computes: several
+    for a fused projection. Saved with the node, so the names stay findable in the written model."""
+    node.metadata_props[HF_MODULES] = ",".join(modules)
+
+
+def hf_modules(node: ir.Node) -> tuple[str, ...]:
+    value = node.metadata_props.get(HF_MODULES)
+    return tuple(value.split(",")) if value else ()
 
 
 def lazy_tensor(

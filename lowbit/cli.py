@@ -88,18 +88,21 @@ def _progress_callback():
 @click.option("--no-pad", is_flag=True, help="Reject layers whose K is not a multiple of the group instead of padding.")
 @click.option("--clip-search", is_flag=True,
               help="Per group, shrink the range to the ratio (1.0 ... 0.5) with the least squared weight error.")
+@click.option("--ignore", "ignore", multiple=True, metavar="PATTERN",
+              help="Keep matching modules in float (repeatable): a glob or re:REGEX over module names, ours "
+                   "(layers.0.mlp.down_proj) or transformers' (model.layers.0.mlp.down_proj, lm_head).")
 @click.option("--quant-config", type=click.Path(path_type=Path), default=None,
               help="DashInfer quantization config JSON (instead of --scheme).")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that lowbit wrote (it holds lowbit.json).")
 def convert(model, output, scheme, target, group_size, symmetric, accuracy_level, dtype, no_pad, clip_search,
-            quant_config, overwrite):
+            ignore, quant_config, overwrite):
     """Convert MODEL (a local HF folder or a hub id) into an ONNX folder."""
     _keep_torch_out(model)
     from lowbit.converter.api import convert as run_convert
 
     report = run_convert(model, output, scheme, target=target, group_size=group_size, symmetric=symmetric,
                          accuracy_level=accuracy_level, dtype=dtype, pad=not no_pad, clip_search=clip_search,
-                         quant_config=quant_config,
+                         ignore=ignore, quant_config=quant_config,
                          overwrite=overwrite, progress=_progress_callback())
     click.echo(
         f"wrote {report.output} ({report.model_type}, scheme {report.scheme}, target {report.target}): "
@@ -113,6 +116,8 @@ def convert(model, output, scheme, target, group_size, symmetric, accuracy_level
             f"{len(layers)} layers quantized"
             + (f"; max relative weight error {worst.max_rel_error:.4f} ({worst.module})" if worst else "")
         )
+        if report.quant.ignored:
+            click.echo(f"kept in float by --ignore: {', '.join(report.quant.ignored)}")
         for r in layers:
             shared = f" (shares {r.shares}'s tensors)" if r.shares else ""
             click.echo(f"  {r.module:32s} {r.quant:28s} {r.format:24s} max rel err {r.max_rel_error:.4f}{shared}")

@@ -40,6 +40,8 @@ def dequantized_reference(model, scheme):
         for i in range(ref.config.num_hidden_layers):
             for module, hf_names in MODULE_OF.items():
                 layer = plan.lookup(f"layers.{i}.{module}")
+                if layer is None:  # kept in float
+                    continue
                 for hf in hf_names:
                     p = params[f"model.layers.{i}.{hf}.weight"]
                     p.copy_(torch.from_numpy(dequantize(quantize(p.numpy(), layer.weight, scheme.dtype))))

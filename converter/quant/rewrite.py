@@ -14,9 +14,10 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.errors import LowbitError
-from lowbit.converter.graph import TRANSPOSED_SOURCE, lazy_tensor
+from lowbit.converter.graph import TRANSPOSED_SOURCE, hf_modules, lazy_tensor, set_hf_modules
 from lowbit.affine import group_size_for, quantize, relative_error
 from lowbit.converter.quant.formats import FORMATS, PREFERENCE, Site, StorageFormat
+from lowbit.converter.quant.ignore import WeightModule, ignored_modules
 from lowbit.converter.quant.plan import LayerQuant, QuantPlan
 from lowbit.custom_ops import blockwise
 
@@ -38,6 +39,7 @@ class LayerReport:
 @dataclass
 class QuantReport:
     layers: list[LayerReport] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # modules --ignore kept in float
 
     def resolve_shared(self) -> None:
         """After writing: layers that reuse another's tensors take over its error."""
@@ -135,17 +137,19 @@ def _weight_loader(site: Site):
     return lambda: np.asarray(tensor.numpy(), dtype=np.float32).T
 
 
-def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype) -> QuantReport:
-    """Rewrites `model` in place; returns the per-layer report (errors filled in at write time)."""
+def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype,
+                   ignore: tuple[str, ...] = ()) -> QuantReport:
+    """Rewrites `model` in place; returns the per-layer report (errors filled in at write time).
+    `ignore`: --ignore patterns (`ignore.py`); the modules they match stay float."""
     graph = model.graph
     report = QuantReport()
     used_functions: set[str] = set()
     emitted: dict[tuple, tuple] = {}  # (source weight, settings, format) -> (node, values, report)
-    for node in list(graph):
-        site = _site(node)
-        if site is None:
-            continue
-        layer = plan.lookup(site.module)
+    sites = [site for site in map(_site, list(graph)) if site is not None]
+    ignored = ignored_modules([WeightModule(s.module, hf_modules(s.node)) for s in sites], ignore)
+    report.ignored = sorted(ignored)
+    for site in sites:
+        layer = None if site.module in ignored else plan.lookup(site.module)
         if layer is None:
             continue
         if layer.weight.group_size is not None and layer.weight.group_size > site.k:
@@ -175,8 +179,10 @@ def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype) -> Quan
         for new_node in tape.nodes:
             new_node.metadata_props["lowbit.quant"] = layer.weight.describe()
             new_node.metadata_props["lowbit.format"] = fmt.name
+        if hf_modules(site.node):
+            set_hf_modules(tape.nodes[-1], list(hf_modules(site.node)))
         ir.convenience.replace_nodes_and_values(
-            graph, node, [node], list(tape.nodes), [node.outputs[0]], [output]
+            graph, site.node, [site.node], list(tape.nodes), [site.node.outputs[0]], [output]
         )
         used_functions.update(emission.functions)
         report.layers.append(layer_report)
