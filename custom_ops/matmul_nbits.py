@@ -97,3 +97,17 @@ def reference(a: np.ndarray, arrays: MatMulNBitsArrays) -> np.ndarray:
     w = dequantize(unpack(arrays))  # [N, K]
     return (a.astype(np.float32) @ w.T).astype(a.dtype)
 
+
+
+def widen(arrays: MatMulNBitsArrays, bits: int = 4) -> MatMulNBitsArrays:
+    """The same weight with `bits`-bit codes: every code and zero point shifted by 2^(bits-1) - 2^(b-1), so
+    q - zp and hence the dequantized weight are unchanged (an absent zero point stays absent: both default to
+    2^(bits-1)). ORT's CPU kernel runs 2-bit blocks slower than 4-bit ones at M > 1 (docs/targets.md)."""
+    shift = np.uint8(2 ** (bits - 1) - 2 ** (arrays.bits - 1))
+    n, blocks, bs = arrays.n, arrays.b.shape[1], arrays.block_size
+    codes = unpack_bytes(arrays.b, arrays.bits, bs) + shift
+    zp = None
+    if arrays.zero_points is not None:
+        zp = pack_bytes(unpack_bytes(arrays.zero_points.reshape(n, -1), arrays.bits, blocks) + shift, bits)
+        zp = zp.reshape(-1)
+    return MatMulNBitsArrays(pack_bytes(codes, bits), arrays.scales, zp, arrays.k, n, bits, bs)

@@ -56,6 +56,13 @@ def has_blockwise_matmul(model_dir: Path, metadata: dict | None) -> bool:
     return MATMUL_OP[1].encode() in (model_dir / "model.onnx").read_bytes()
 
 
+def has_2bit_matmul_nbits(metadata: dict | None) -> bool:
+    """lowbit.json lists a 2-bit MatMulNBits layer (folders without lowbit.json are left as they are)."""
+    layers = (metadata or {}).get("quantization", {}).values()
+    return any(layer.get("format") == "matmulnbits" and str(layer.get("quant", "")).startswith("2-bit")
+               for layer in layers)
+
+
 def accuracy_levels(metadata: dict | None) -> dict[str, int]:
     layers = (metadata or {}).get("quantization", {})
     return {name: int(layer.get("accuracy_level", DEFAULT_ACCURACY_LEVEL)) for name, layer in layers.items()}
@@ -68,13 +75,15 @@ def inference_session(model_dir: Path, options, providers: list[str]):
     model_path = model_dir / "model.onnx"
     metadata_path = model_dir / "lowbit.json"
     metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else None
-    if not has_blockwise_matmul(model_dir, metadata):
+    blockwise = has_blockwise_matmul(model_dir, metadata)
+    if not blockwise and not has_2bit_matmul_nbits(metadata):
         return ort.InferenceSession(str(model_path), options, providers=providers)
     off = None if enabled() else f"{ENV_SWITCH}=0"
     if providers[0] != "CPUExecutionProvider":
         off = "the fast path is for the CPU provider"
     if off is not None:
-        print(f"lowbit: lowbit.MatMulBlockwise nodes run as their ONNX function bodies ({off})", file=sys.stderr)
+        if blockwise:
+            print(f"lowbit: lowbit.MatMulBlockwise nodes run as their ONNX function bodies ({off})", file=sys.stderr)
         return ort.InferenceSession(str(model_path), options, providers=providers)
     import onnx
 
@@ -82,12 +91,12 @@ def inference_session(model_dir: Path, options, providers: list[str]):
     try:
         with tempfile.TemporaryDirectory(prefix="lowbit-fast-path-", ignore_cleanup_errors=True) as folder:
             result = rewrite_blockwise(model, model_dir, accuracy_levels(metadata), Path(folder))
-            if result.fast:
+            if result.changed:
                 options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
                 session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     except OSError as e:  # no temporary space: every node keeps its function body
         result = RewriteResult(fallback=[("all lowbit.MatMulBlockwise nodes", f"no temporary folder: {e}")])
-    if not result.fast:
+    if not result.changed:
         session = ort.InferenceSession(str(model_path), options, providers=providers)
     for line in result.messages():
         print(f"lowbit: {line}", file=sys.stderr)
@@ -98,11 +107,19 @@ def inference_session(model_dir: Path, options, providers: list[str]):
 class RewriteResult:
     fast: list[str] = field(default_factory=list)  # nodes now running as MatMulNBits
     fallback: list[tuple[str, str]] = field(default_factory=list)  # (node, why it kept its function body)
+    widened: list[str] = field(default_factory=list)  # 2-bit MatMulNBits nodes now running as 4-bit
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.fast or self.widened)
 
     def messages(self) -> list[str]:
         lines = []
         if self.fast:
             lines.append(f"{len(self.fast)} lowbit.MatMulBlockwise nodes run as MatMulNBits (repacked at load)")
+        if self.widened:
+            lines.append(f"{len(self.widened)} 2-bit MatMulNBits nodes run as 4-bit (the same weights, widened at "
+                         "load: ORT's 4-bit kernel is the faster one)")
         lines += [f"{name} runs as its ONNX function body ({why})" for name, why in self.fallback]
         return lines
 
@@ -223,6 +240,35 @@ def _why_not(node, reader: _TensorReader) -> str | None:
             or words.dims[1] * (32 // bits) < groups * group:
         return "tensor shapes disagree with the attributes"
     return None
+
+
+def _widen_2bit(node, reader: _TensorReader, writer) -> bool:
+    """A 2-bit com.microsoft.MatMulNBits node with initializer weights becomes the 4-bit node over the same weights
+    (`matmul_nbits.widen`), appended to `writer`; False leaves the node to the caller."""
+    from onnx import helper
+
+    from lowbit.custom_ops import matmul_nbits
+
+    if (node.domain, node.op_type) != (matmul_nbits.DOMAIN, "MatMulNBits"):
+        return False
+    attrs = _attributes(node)
+    inputs = list(node.input)
+    has_zp = len(inputs) > 3 and inputs[3] != ""
+    if attrs.get("bits") != 2 or not all(reader.has(name) for name in inputs[1:3] + inputs[3:4] * has_zp):
+        return False
+    arrays = matmul_nbits.MatMulNBitsArrays(
+        reader.read(inputs[1]), reader.read(inputs[2]), reader.read(inputs[3]) if has_zp else None,
+        attrs["K"], attrs["N"], 2, attrs["block_size"])
+    if arrays.b.ndim != 3 or arrays.b.shape[0] != arrays.n or arrays.b.shape[2] * 4 != arrays.block_size:
+        return False
+    wide = matmul_nbits.widen(arrays)
+    inputs[1] = writer.array("B", wide.b)
+    if has_zp:
+        inputs[3] = writer.array("zero_points", wide.zero_points)
+    attrs["bits"] = 4
+    writer.nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name,
+                                         domain=matmul_nbits.DOMAIN, **attrs))
+    return True
 
 
 # ------------------------------------------------------------------------------ ranks
@@ -364,6 +410,9 @@ def rewrite_blockwise(model, model_dir: Path, levels: dict[str, int], folder: Pa
     writer = _GraphWriter(data, known_ranks(graph))
     try:
         for node in graph.node:
+            if _widen_2bit(node, reader, writer):
+                result.widened.append(node.name or node.output[0])
+                continue
             if (node.domain, node.op_type) != MATMUL_OP:
                 writer.nodes.append(node)
                 continue
@@ -399,7 +448,7 @@ def rewrite_blockwise(model, model_dir: Path, levels: dict[str, int], folder: Pa
                     fix = writer.node("MatMul", [sums, writer.array("correction", repacked.correction)], "correction")
                 writer.node("Sub", [product, fix], "corrected", output=y)
             result.fast.append(label)
-        if not result.fast:
+        if not result.changed:
             return result
         del graph.node[:]
         graph.node.extend(writer.nodes)

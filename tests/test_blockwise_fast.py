@@ -269,3 +269,45 @@ def test_other_folders_do_not_import_onnx(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.split() == ["False", "False"], result.stderr
     assert "lowbit:" not in result.stderr
+
+
+# ------------------------------------------------------------------ 2-bit MatMulNBits widened to 4-bit at load
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("block", [16, 32, 128])
+def test_widened_2bit_weights_dequantize_identically(symmetric, block, rng):
+    from lowbit.affine import WeightQuant, dequantize, quantize
+    from lowbit.custom_ops import matmul_nbits
+
+    w = rng.standard_normal((24, 200)).astype(np.float32)
+    qw = quantize(w, WeightQuant(2, block, "symmetric_full" if symmetric else "asymmetric"), np.float32)
+    narrow = matmul_nbits.pack(qw, symmetric=symmetric)
+    wide = matmul_nbits.widen(narrow)
+    assert wide.bits == 4 and (wide.zero_points is None) == symmetric
+    assert wide.b.shape == (24, narrow.b.shape[1], block // 2)
+    assert np.array_equal(dequantize(matmul_nbits.unpack(wide)), dequantize(matmul_nbits.unpack(narrow)))
+    a = rng.standard_normal((3, 200)).astype(np.float32)
+    assert np.array_equal(matmul_nbits.reference(a, wide), matmul_nbits.reference(a, narrow))
+
+
+@pytest.mark.parametrize("level", [4, 0])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_2bit_layers_run_as_4bit_with_the_same_logits(arch, symmetric, level, tiny_sources, tmp_path, monkeypatch,
+                                                      capfd, rng):
+    """Level 0: the same float weights, so equal to summation order. Level 4: ORT's 2-bit and 4-bit kernels both
+    quantize activations to int8 per block but round differently (TOLERANCE)."""
+    import lowbit
+
+    out = tmp_path / "out"
+    lowbit.convert(str(tiny_sources[arch]), out, scheme="w2a16", group_size=16, symmetric=symmetric,
+                   accuracy_level=level)
+    layers = count_ops(out / "model.onnx", "MatMulNBits")
+    capfd.readouterr()
+    fast, plain = both_paths(out, monkeypatch, lambda s: prefill_and_decode(s, rng))
+    assert capfd.readouterr().err.splitlines() == [
+        f"lowbit: {layers} 2-bit MatMulNBits nodes run as 4-bit (the same weights, widened at load: ORT's 4-bit "
+        "kernel is the faster one)"]
+    for a, b in zip(fast, plain):
+        assert relative(a, b) <= TOLERANCE[(level, "float32")]
