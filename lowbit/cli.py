@@ -215,10 +215,12 @@ def chat(model_dir, system, max_new_tokens, provider, sample, temperature, top_k
               help="Window length [default: min(2048, context)].")
 @click.option("--stride", type=click.IntRange(min=1), default=None, help="Window step [default: seq-len].")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Only score the first N tokens of the file.")
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="Float folder (e.g. the q0f32 conversion): also report KL divergence and top-1 agreement to it.")
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
-def evaluate(model_dir, data, seq_len, stride, max_tokens, provider, as_json):
-    """Perplexity of a converted model over a text file (sliding window)."""
+def evaluate(model_dir, data, seq_len, stride, max_tokens, reference, provider, as_json):
+    """Perplexity of a converted model over a text file (sliding window); KL to a reference model."""
     from tqdm import tqdm
 
     from lowbit.runtime.evaluate import read_text_file
@@ -226,13 +228,16 @@ def evaluate(model_dir, data, seq_len, stride, max_tokens, provider, as_json):
 
     text = read_text_file(data)  # a missing, empty or non-UTF-8 file is an error before the model loads
     model = Model.load(model_dir, provider)
-    result = model.perplexity(text, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
+    ref = Model.load(reference, provider) if reference is not None else None
+    result = model.perplexity(text, seq_len=seq_len, stride=stride, max_tokens=max_tokens, reference=ref,
                               progress=lambda it: tqdm(it, desc="eval", leave=False, disable=None))
     if as_json:
-        click.echo(json.dumps({"perplexity": result.perplexity, "tokens": result.tokens, "windows": result.windows,
-                               "seq_len": result.seq_len, "stride": result.stride}))
-    else:
-        click.echo(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.windows} windows)")
+        click.echo(json.dumps({k: v for k, v in result.as_dict().items() if k != "nll_sum"}))
+        return
+    click.echo(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.windows} windows)")
+    if ref is not None:
+        click.echo(f"KL divergence to {reference}: mean {result.kl:.5f} nats/token, 99th percentile "
+                   f"{result.kl_p99:.5f}; top-1 agreement {result.top1:.4f}")
 
 
 @main.command()

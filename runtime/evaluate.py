@@ -7,13 +7,16 @@ exactly `exp(sum(nll) / count)` of transformers' `labels`-based loss with the sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lowbit.errors import LowbitError
 from lowbit.runtime.session import DecoderSession
+
+
+ROWS = 256  # logit rows turned into float64 at a time
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,12 @@ class PerplexityResult:
     windows: int
     seq_len: int
     stride: int
+    kl: float | None = None  # with a reference: mean KL(P_reference || P) per scored token, nats
+    kl_p99: float | None = None  # its 99th percentile over the scored tokens
+    top1: float | None = None  # fraction of scored tokens whose argmax agrees with the reference's
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def read_text_file(path: str | Path) -> str:
@@ -68,24 +77,46 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
-def perplexity(session: DecoderSession, token_ids: np.ndarray, seq_len: int, stride: int, progress=None):
+def _window_logits(session: DecoderSession, ids: np.ndarray) -> np.ndarray:
+    """Logits [length, vocab] of one window from a fresh context."""
+    positions = np.arange(ids.shape[1], dtype=np.int64)[None]
+    logits, _ = session.forward(ids, np.ones_like(ids), positions, session.empty_past(1))
+    return logits[0]
+
+
+def perplexity(session: DecoderSession, token_ids: np.ndarray, seq_len: int, stride: int, progress=None,
+               reference: DecoderSession | None = None) -> PerplexityResult:
+    """Sliding-window perplexity; with `reference` (a session over the same vocabulary, possibly `session`
+    itself) also KL(P_reference || P) and top-1 agreement at every scored position, as llama.cpp's
+    `perplexity --kl-divergence` reports them. Each window's logits are scored in blocks of ROWS rows and
+    dropped: memory follows one window, plus one float per scored token for the KL percentile."""
     check_windows(len(token_ids), seq_len, stride)
-    nll_sum, count, n_windows = 0.0, 0, 0
+    nll = 0.0
+    agree = count = n_windows = 0
+    kls: list[np.ndarray] = []
     spans = list(windows(len(token_ids), seq_len, stride))
     for begin, end, new in progress(spans) if progress else spans:
         ids = token_ids[None, begin:end].astype(np.int64)
-        length = end - begin
-        mask = np.ones_like(ids)
-        positions = np.arange(length, dtype=np.int64)[None]
-        logits, _ = session.forward(ids, mask, positions, session.empty_past(1))
-        logp = log_softmax(logits[0, :-1])
-        targets = ids[0, 1:]
-        picked = logp[np.arange(length - 1), targets]
-        scored = picked[max(length - new, 1) - 1:]  # targets at window positions >= length - new
-        nll_sum -= float(scored.sum())
-        count += len(scored)
+        first = max(end - begin - new, 1) - 1  # logit row i predicts ids[i + 1]; rows >= first are new
+        logits = _window_logits(session, ids)[first:-1]
+        targets = ids[0, first + 1:]
+        ref = None
+        if reference is not None:
+            ref = logits if reference is session else _window_logits(reference, ids)[first:-1]
+        for r in range(0, len(targets), ROWS):
+            rows = slice(r, r + ROWS)
+            logp = log_softmax(logits[rows])
+            nll -= float(logp[np.arange(logp.shape[0]), targets[rows]].sum())
+            if ref is not None:
+                kls.append(kl_divergence(ref[rows], logits[rows]))
+                agree += int(top1_agreement(ref[rows], logits[rows]).sum())
+        count += len(targets)
         n_windows += 1
-    return PerplexityResult(float(np.exp(nll_sum / count)), nll_sum, count, n_windows, seq_len, stride)
+    kl = kl_p99 = top1 = None
+    if reference is not None:
+        per_token = np.concatenate(kls)  # float64, one per scored token
+        kl, kl_p99, top1 = float(per_token.mean()), float(np.percentile(per_token, 99)), agree / count
+    return PerplexityResult(float(np.exp(nll / count)), nll, count, n_windows, seq_len, stride, kl, kl_p99, top1)
 
 
 def kl_divergence(reference_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:

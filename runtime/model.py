@@ -79,8 +79,11 @@ class Model:
             yield tail
 
     def perplexity(self, text: str | None = None, *, path: str | Path | None = None, seq_len: int | None = None,
-                   stride: int | None = None, max_tokens: int | None = None, progress=None):
-        """Sliding-window perplexity of `text` (or the file at `path`): a PerplexityResult."""
+                   stride: int | None = None, max_tokens: int | None = None, progress=None,
+                   reference: "Model | str | Path | None" = None):
+        """Sliding-window perplexity of `text` (or the file at `path`): a PerplexityResult. With `reference` (a
+        Model or a folder, e.g. the q0f32 conversion) also the mean KL divergence to its next-token distribution,
+        its 99th percentile and the top-1 agreement, over the same scored positions."""
         from lowbit.runtime.evaluate import perplexity, read_text_file
 
         if (text is None) == (path is None):
@@ -98,7 +101,24 @@ class Model:
             ids = ids[:max_tokens]
         if len(ids) < 2:
             raise LowbitError("the evaluation text has fewer than 2 tokens: nothing to score")
-        return perplexity(self.session, ids, seq_len, stride, progress)
+        ref_session = None
+        if reference is not None:
+            ref = reference if isinstance(reference, Model) else Model.load(reference)  # a folder: CPU
+            self._check_reference(ref, text, ids, max_tokens, seq_len)
+            ref_session = ref.session
+        return perplexity(self.session, ids, seq_len, stride, progress, reference=ref_session)
+
+    def _check_reference(self, ref: "Model", text: str, ids: np.ndarray, max_tokens: int | None, seq_len: int):
+        """KL compares distributions token by token: the same vocabulary and the same tokens are needed."""
+        if ref.session.vocab_size != self.session.vocab_size:
+            raise LowbitError(f"{ref.folder}: a vocabulary of {ref.session.vocab_size} tokens, {self.folder} has "
+                              f"{self.session.vocab_size}: KL needs the same vocabulary")
+        if not np.array_equal(np.asarray(ref.tokenizer.encode(text), np.int64)[:max_tokens], ids):
+            raise LowbitError(f"{ref.folder}: its tokenizer encodes the text differently from {self.folder}'s: "
+                              "KL needs the same tokens")
+        if seq_len > ref.session.context_length:
+            raise LowbitError(f"{ref.folder}: seq_len {seq_len} exceeds the reference's context length "
+                              f"({ref.session.context_length})")
 
     def bench(self, prompt_len: int = 128, new_tokens: int = 64, repeats: int = 3):
         """Prefill and decode tokens per second, peak RSS and model bytes: a BenchResult."""

@@ -1,7 +1,7 @@
 """`lowbit report`: converted folders side by side (size, perplexity, KL to a reference, speed) as one
 self-contained HTML page, plus the raw numbers as JSON.
 
-Quality runs the sliding-window recipe of `evaluate.perplexity` window by window: each window's logits
+Quality is `evaluate.perplexity` with the reference session: each window's logits
 are scored and dropped, so memory does not grow with the text. With a reference folder, its forward
 pass runs on the same window beside each folder's (two models loaded at most), and every scored
 position adds KL(P_reference || P_folder) and whether both argmaxes agree. Speed is `bench.benchmark`.
@@ -25,22 +25,12 @@ import numpy as np
 
 from lowbit.errors import LowbitError
 from lowbit.runtime.bench import benchmark, model_bytes
-from lowbit.runtime.evaluate import check_windows, kl_divergence, log_softmax, top1_agreement, windows
-from lowbit.runtime.session import DecoderSession, create_session
+from lowbit.runtime.evaluate import check_windows, perplexity
+from lowbit.runtime.session import create_session
 from lowbit.runtime.tokenizer import load_tokenizer
 
 GENERATOR = "lowbit report"  # marks the files we write: only those are ever replaced
-ROWS = 256  # logit rows turned into float64 at a time
 INSTALL_HINT = "lowbit report draws its plots with matplotlib, which is not installed: pip install 'lowbit[report]'"
-
-
-@dataclass(frozen=True)
-class Quality:
-    perplexity: float
-    tokens: int  # scored tokens
-    windows: int
-    kl: float | None  # mean KL(reference || model) per scored token, nats
-    top1: float | None  # fraction of scored tokens whose argmax agrees with the reference's
 
 
 @dataclass(frozen=True)
@@ -53,6 +43,7 @@ class FolderResult:
     tokens: int
     windows: int
     kl: float | None
+    kl_p99: float | None
     top1: float | None
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
@@ -71,43 +62,6 @@ class Report:
 
     def as_dict(self) -> dict:
         return {"generator": GENERATOR, **asdict(self)}
-
-
-def _window_logits(session: DecoderSession, ids: np.ndarray) -> np.ndarray:
-    length = ids.shape[1]
-    positions = np.arange(length, dtype=np.int64)[None]
-    logits, _ = session.forward(ids, np.ones_like(ids), positions, session.empty_past(1))
-    return logits[0]
-
-
-def quality(session: DecoderSession, token_ids: np.ndarray, seq_len: int, stride: int,
-            reference: DecoderSession | None = None, progress=None) -> Quality:
-    """Perplexity over the windows of `evaluate.perplexity`; with `reference`, the mean KL to its next-token
-    distributions and the top-1 agreement at the same scored positions (`reference` may be `session`)."""
-    check_windows(len(token_ids), seq_len, stride)
-    nll = kl = 0.0
-    agree = count = n_windows = 0
-    spans = list(windows(len(token_ids), seq_len, stride))
-    for begin, end, new in progress(spans) if progress else spans:
-        ids = token_ids[None, begin:end].astype(np.int64)
-        first = max(end - begin - new, 1) - 1  # logit row i predicts ids[i + 1]; rows >= first are new
-        logits = _window_logits(session, ids)[first:-1]
-        targets = ids[0, first + 1:]
-        ref = None
-        if reference is not None:
-            ref = logits if reference is session else _window_logits(reference, ids)[first:-1]
-        for r in range(0, len(targets), ROWS):
-            rows = slice(r, r + ROWS)
-            logp = log_softmax(logits[rows])
-            nll -= float(logp[np.arange(logp.shape[0]), targets[rows]].sum())
-            if ref is not None:
-                kl += float(kl_divergence(ref[rows], logits[rows]).sum())
-                agree += int(top1_agreement(ref[rows], logits[rows]).sum())
-        count += len(targets)
-        n_windows += 1
-    return Quality(float(np.exp(nll / count)), count, n_windows,
-                   kl / count if reference is not None else None,
-                   agree / count if reference is not None else None)
 
 
 @dataclass(frozen=True)
@@ -216,10 +170,11 @@ def measure(folders, text: str, reference=None, *, data: str = "", seq_len: int 
         same = ref_info is not None and info.path.resolve() == ref_info.path.resolve()
         session = ref_session if same else create_session(info.path, provider, threads)
         wrap = (lambda it, label=label: progress(it, label)) if progress else None
-        q = quality(session, ids, seq_len, stride, ref_session, wrap)
+        q = perplexity(session, ids, seq_len, stride, wrap, reference=ref_session)
         speed = benchmark(session, prompt_len, new_tokens, repeats)
         result = FolderResult(label, str(info.path), info.scheme, model_bytes(info.path), q.perplexity, q.tokens,
-                              q.windows, q.kl, q.top1, speed.prefill_tokens_per_s, speed.decode_tokens_per_s, same)
+                              q.windows, q.kl, q.kl_p99, q.top1, speed.prefill_tokens_per_s,
+                              speed.decode_tokens_per_s, same)
         results.append(result)
         if on_result:
             on_result(result)
@@ -292,13 +247,13 @@ def render_html(report: Report) -> str:
     speed_png = _figure(report, [("decode_tokens_per_s", "decode tok/s"), ("prefill_tokens_per_s", "prefill tok/s")])
     e = html.escape
     s = report.settings
-    head = ["folder", "scheme", "size (MB)", "perplexity", "KL (nats/token)", "top-1 agreement", "prefill tok/s",
-            "decode tok/s", "scored tokens"]
+    head = ["folder", "scheme", "size (MB)", "perplexity", "KL (nats/token)", "KL p99", "top-1 agreement",
+            "prefill tok/s", "decode tok/s", "scored tokens"]
     rows = []
     for r in report.results:
         cells = [e(r.label) + (" (reference)" if r.is_reference else ""), e(r.scheme), f"{r.model_bytes / 1e6:.3f}",
-                 f"{r.perplexity:.4f}", _number(r.kl, 5), _number(r.top1, 4), f"{r.prefill_tokens_per_s:.1f}",
-                 f"{r.decode_tokens_per_s:.1f}", str(r.tokens)]
+                 f"{r.perplexity:.4f}", _number(r.kl, 5), _number(r.kl_p99, 5), _number(r.top1, 4),
+                 f"{r.prefill_tokens_per_s:.1f}", f"{r.decode_tokens_per_s:.1f}", str(r.tokens)]
         rows.append("<tr>" + "".join(f'<td{" class=l" if i < 2 else ""}>{c}</td>' for i, c in enumerate(cells))
                     + "</tr>")
     machine = "".join(f"<dt>{e(str(k))}</dt><dd>{e(str(v))}</dd>" for k, v in report.machine.items())

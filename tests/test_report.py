@@ -112,7 +112,21 @@ def test_kl_equals_a_plain_computation_over_the_windows(folders):
     (result,) = report.results
     assert result.tokens == 4 * 63
     assert result.kl == pytest.approx(np.concatenate(kls).mean(), rel=1e-9)
+    assert result.kl_p99 == pytest.approx(np.percentile(np.concatenate(kls), 99), rel=1e-9)
     assert result.top1 == pytest.approx(np.concatenate(agree).mean(), abs=1e-12)
+    # lowbit eval --reference: the same numbers through the API and the CLI
+    model = lowbit.load(folders / "q4f16_1")
+    direct = model.perplexity(TEXT, seq_len=64, max_tokens=256, reference=folders / "q0f32")
+    assert (direct.kl, direct.kl_p99, direct.top1, direct.tokens) == (result.kl, result.kl_p99, result.top1, 4 * 63)
+    cli = CliRunner().invoke(main, ["eval", str(folders / "q4f16_1"), "--data", str(folders / "data.txt"),
+                                    "--seq-len", "64", "--max-tokens", "256", "--reference", str(folders / "q0f32"),
+                                    "--json"])
+    assert cli.exit_code == 0, cli.output
+    numbers = json.loads(cli.output.strip().splitlines()[-1])
+    assert numbers["kl"] == pytest.approx(result.kl, rel=1e-12) and numbers["top1"] == result.top1
+    assert numbers["kl_p99"] == pytest.approx(result.kl_p99, rel=1e-12)
+    alone = model.perplexity(TEXT, seq_len=64, max_tokens=256)
+    assert alone.perplexity == direct.perplexity and alone.kl is None and alone.top1 is None
 
 
 def test_page_and_json(folders, page):
@@ -218,6 +232,12 @@ def test_reference_with_another_vocabulary(folders, tmp_path):
                                   reference=tmp_path / "tiny"))
     assert "vocabulary of 512 tokens" in message and "has 96" in message
     assert_nothing_written(tmp_path, out)
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):  # the sample's tokenizer
+        if (folders / "q0f32" / name).is_file():
+            shutil.copy(folders / "q0f32" / name, tmp_path / "tiny" / name)
+    result = CliRunner().invoke(main, ["eval", str(folders / "q0f32"), "--data", str(folders / "data.txt"),
+                                       "--reference", str(tmp_path / "tiny")])
+    assert result.exit_code == 2 and "KL needs the same vocabulary" in error_of(result)
 
 
 def test_existing_output_files(folders, tmp_path):
