@@ -186,12 +186,11 @@ def main():
         parser.error("baseline jobs need --baseline-src")
     os.chdir(HERE.parent)
     sys.path.insert(0, str(HERE.parent))
-    from benchmarks.random_model import make_random_model
     from lowbit.runtime.bench import model_bytes
 
     source = args.work / f"{args.model}-random"
-    if not (source / "config.json").is_file():
-        make_random_model(args.model, source)
+    if not (source / "config.json").is_file():  # in a child: a fork of a process holding torch would count its RSS
+        run_child([sys.executable, str(HERE / "random_model.py"), args.model, str(source)])
     rows = []
     for name in args.jobs:
         kind, scheme, extra = JOBS[name]
