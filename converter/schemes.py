@@ -17,7 +17,7 @@ import numpy as np
 
 from lowbit.errors import LowbitError
 from lowbit.affine import WeightQuant
-from lowbit.converter.quant.plan import LayerQuant, QuantPlan, uniform_plan
+from lowbit.converter.quant.plan import ActivationQuant, LayerQuant, QuantPlan, uniform_plan
 
 DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 
@@ -153,6 +153,26 @@ def scheme_from_quant_config(path: Path) -> str:
     if not isinstance(config, dict):
         raise LowbitError(f"{path}: quant config must be a JSON object")
     return dashinfer_scheme_name(config)
+
+
+# ------------------------------------------------------------------------------ A8W8: dynamic int8 activations
+
+
+def _w8a8(name: str):
+    def make(options: SchemeOptions, target: str) -> Scheme:
+        _no_options(options, name, allowed=())
+        activation = ActivationQuant(bits=8, type="int", dynamic=True, symmetric=False, strategy="tensor")
+        layer = LayerQuant(WeightQuant(8, None, "symmetric"), activation=activation)
+        # lm_head stays float (as DashInfer's A8W8 keeps it): int8 there costs quality, see docs/schemes.md
+        return Scheme(name, DTYPES["float32"], "int8 per-channel symmetric weights (s = max|w|/127), activations "
+                      "quantized to uint8 per tensor at run time, integer GEMM; lm_head and embedding float",
+                      uniform_plan(layer, embeddings=False, lm_head=False, pad=options.pad))
+
+    return make
+
+
+for _name in ("w8a8", "a8w8"):  # a8w8: DashInfer's name for the same scheme
+    SCHEMES[_name] = _w8a8(_name)
 
 
 # ------------------------------------------------------------------------------ generic weight-only

@@ -13,6 +13,8 @@ from lowbit.errors import LowbitError
 
 # MatMulNBits accuracy_level -> what the CPU kernel computes with
 COMPUTE = {0: "float", 1: "float32", 2: "float16", 3: "bfloat16", 4: "int8"}
+# ops whose compute is fixed by the op itself, not by an accuracy level
+OP_COMPUTE = {"com.microsoft.DynamicQuantizeMatMul": "int8"}
 
 
 def inspect_model(model_dir: str | Path) -> dict:
@@ -39,7 +41,10 @@ def inspect_model(model_dir: str | Path) -> dict:
         if module in quantized:
             quantized[module].update(bytes=info["bytes"], float_bytes=info["float_bytes"],
                                      max_rel_error=info["max_rel_error"])
-            if info.get("accuracy_level") is not None and "Gather" not in quantized[module]["op"]:
+            op = quantized[module]["op"]
+            if op in OP_COMPUTE:
+                quantized[module]["compute"] = OP_COMPUTE[op]
+            elif info.get("accuracy_level") is not None and "Gather" not in op:
                 quantized[module]["compute"] = COMPUTE[info["accuracy_level"]]
     return {
         "scheme": meta.get("scheme", "?"),

@@ -3,7 +3,9 @@
 Each format says whether it can hold a given quantization (`unsupported`, returning a reason
 or None) and emits the replacement nodes for one weight-consuming site. Sites are `matmul`
 (`MatMul(x, W[K, N])`), `gemm_t` (`Gemm(x, W[N, K], transB=1)`, the tied lm_head) and
-`gather` (`Gather(W[V, K], ids)`, the embedding).
+`gather` (`Gather(W[V, K], ids)`, the embedding). A format's `activation` is the activation
+quantization its nodes compute with (None: float activations); it is chosen only for layers whose
+plan asks for exactly that.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.affine import QuantizedWeight, WeightQuant, group_size_for, padded_k
+from lowbit.converter.quant.plan import ActivationQuant
 from lowbit.custom_ops import blockwise, gather_block_quantized, matmul_nbits
+from lowbit.errors import LowbitError
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class StorageFormat:
     unsupported: Callable[[WeightQuant, Site], str | None]
     emission: Callable[[WeightQuant, Site, np.dtype, int], Emission]
     description: str
+    activation: ActivationQuant | None = None  # what the nodes do to the activations; None: nothing (weight-only)
 
 
 FORMATS: dict[str, StorageFormat] = {}
@@ -223,5 +228,46 @@ register_format(StorageFormat(
     "lowbit.MatMulBlockwise / GatherBlockwise: any bits 2-8, any group, float zero points (ONNX functions)",
 ))
 
+# ------------------------------------------------------------------------------ DynamicQuantizeMatMul (A8W8)
+
+
+def _dqmm_unsupported(q: WeightQuant, site: Site):
+    if q.bits != 8:
+        return f"DynamicQuantizeMatMul takes 8-bit weights, not {q.bits}"
+    if q.group_size is not None:
+        return "DynamicQuantizeMatMul takes per-channel weights, not groups"
+    if not q.integer_zero_point:
+        return "DynamicQuantizeMatMul needs integer zero points"
+    return None
+
+
+def _dqmm_emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level: int) -> Emission:
+    # Weights stay uint8 codes with their zero point (128 for the symmetric rules), not int8: on AVX2 without
+    # VNNI, ORT's u8 x s8 kernel sums pairs of products in int16 (vpmaddubsw) and saturates, 255 * 127 * 2 >
+    # 32767; its u8 x u8 kernel widens to int16 first and is exact (same prompt speed, 15-20% slower decode).
+    if np.dtype(scale_dtype) != np.float32:
+        raise LowbitError(f"{site.module}: DynamicQuantizeMatMul computes in float32, not {np.dtype(scale_dtype)}")
+    n, k = site.n, site.k
+    parts = [
+        Part("qweight", np.dtype(np.uint8), (k, n), lambda qw: np.ascontiguousarray(qw.codes[:, :k].T)),
+        Part("scales", np.dtype(np.float32), (n,), lambda qw: qw.scales[:, 0]),
+        Part("qzeros", np.dtype(np.uint8), (n,), lambda qw: qw.zero_points[:, 0]),
+    ]
+
+    def build(tape, site, values):
+        return tape.op("DynamicQuantizeMatMul", [site.x, *values], domain="com.microsoft", name=site.module)
+
+    return Emission(parts, lambda qw: qw, build)
+
+
+DYNAMIC_INT8 = ActivationQuant(bits=8, type="int", dynamic=True, symmetric=False, strategy="tensor")
+
+register_format(StorageFormat(
+    "dynamic_quantize_matmul", ("matmul", "gemm_t"), ("ort",), _dqmm_unsupported, _dqmm_emission,
+    "com.microsoft.DynamicQuantizeMatMul: activations quantized per tensor to uint8 (asymmetric) on every call, "
+    "8-bit per-channel weights as uint8 codes [K, N] with per-column scales and zero points, integer GEMM",
+    activation=DYNAMIC_INT8,
+))
+
 # Preference order when a plan names no format.
-PREFERENCE = ("matmulnbits", "gather_block_quantized", "dq", "blockwise")
+PREFERENCE = ("matmulnbits", "gather_block_quantized", "dq", "blockwise", "dynamic_quantize_matmul")

@@ -5,7 +5,8 @@ Module names are those of the graph's weight-consuming nodes: `embed_tokens`,
 MLPs) or `layers.{i}.mlp.fc_proj`, `layers.{i}.mlp.down_proj`, `lm_head`. Patterns are shell
 globs (`layers.*.mlp.*`); the first matching rule wins; `None` keeps a module in float.
 A scheme expands to a plan; a recipe file can later build one with different settings per
-pattern.
+pattern. A layer's `activation` (None: float activations) asks for quantized activations; only
+a storage format that computes with exactly that setting is chosen for it.
 """
 
 from __future__ import annotations
@@ -17,10 +18,35 @@ from lowbit.affine import WeightQuant
 
 
 @dataclass(frozen=True)
+class ActivationQuant:
+    """How a layer's input activations are quantized: `dynamic` = range measured at run time on every call;
+    `strategy` "tensor" (one scale and zero point for the whole input) or "token" (one per row)."""
+
+    bits: int = 8
+    type: str = "int"
+    dynamic: bool = True
+    symmetric: bool = False
+    strategy: str = "tensor"
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"activation bits must be within 2..8, got {self.bits}")
+        if self.type not in ("int", "float"):
+            raise ValueError(f"activation type must be 'int' or 'float', got {self.type!r}")
+        if self.strategy not in ("tensor", "token"):
+            raise ValueError(f"activation strategy must be 'tensor' or 'token', got {self.strategy!r}")
+
+    def describe(self) -> str:
+        return (f"{self.type}{self.bits} {'dynamic' if self.dynamic else 'static'} "
+                f"{'symmetric' if self.symmetric else 'asymmetric'} per-{self.strategy}")
+
+
+@dataclass(frozen=True)
 class LayerQuant:
     weight: WeightQuant
     format: str | None = None  # storage format name (lowbit.converter.quant.formats); None = best for target
     accuracy_level: int = 0  # MatMulNBits accuracy_level (0 float compute, 4 int8 activations)
+    activation: ActivationQuant | None = None  # None: float activations (weight-only)
 
 
 @dataclass(frozen=True)

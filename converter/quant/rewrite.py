@@ -8,7 +8,7 @@ peak memory follows the largest layer.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -18,7 +18,7 @@ from lowbit.converter.graph import TRANSPOSED_SOURCE, hf_modules, lazy_tensor, s
 from lowbit.affine import group_size_for, quantize, relative_error
 from lowbit.converter.quant.formats import FORMATS, PREFERENCE, Site, StorageFormat
 from lowbit.converter.quant.ignore import WeightModule, ignored_modules
-from lowbit.converter.quant.plan import LayerQuant, QuantPlan
+from lowbit.converter.quant.plan import ActivationQuant, LayerQuant, QuantPlan
 from lowbit.custom_ops import blockwise
 
 
@@ -34,6 +34,11 @@ class LayerReport:
     accuracy_level: int = 0
     max_rel_error: float | None = None  # filled in when the weight is quantized (at write time)
     shares: str | None = None  # module whose quantized tensors this one reuses (tied embeddings)
+
+    @property
+    def activation(self) -> ActivationQuant | None:
+        """What the layer's nodes do to its activations: the format's setting, which is the plan's (choose_format)."""
+        return FORMATS[self.format].activation
 
 
 @dataclass
@@ -57,7 +62,8 @@ class QuantReport:
         return {
             r.module: {"quant": r.quant, "format": r.format, "shape": [r.n, r.k], "bytes": r.quant_bytes,
                        "float_bytes": r.float_bytes, "max_rel_error": r.max_rel_error, "shares": r.shares,
-                       "accuracy_level": r.accuracy_level}
+                       "accuracy_level": r.accuracy_level,
+                       "activation": asdict(r.activation) if r.activation else None}
             for r in self.layers
         }
 
@@ -119,11 +125,19 @@ def choose_format(layer: LayerQuant, site: Site, target: str) -> StorageFormat:
         if target not in fmt.targets:
             reasons.append(f"{name}: not for target {target}")
             continue
+        if fmt.activation != layer.activation:
+            reasons.append(f"{name}: {_activations(fmt.activation)} activations, not {_activations(layer.activation)}")
+            continue
         why = fmt.unsupported(layer.weight, site)
         if why is None:
             return fmt
         reasons.append(f"{name}: {why}")
-    raise LowbitError(f"{site.module}: cannot store {layer.weight.describe()} for target {target} ({'; '.join(reasons)})")
+    what = layer.weight.describe() + (f" with {_activations(layer.activation)} activations" if layer.activation else "")
+    raise LowbitError(f"{site.module}: cannot store {what} for target {target} ({'; '.join(reasons)})")
+
+
+def _activations(activation: ActivationQuant | None) -> str:
+    return activation.describe() if activation else "float"
 
 
 def _weight_loader(site: Site):
