@@ -20,7 +20,8 @@ from lowbit.converter.checkpoint import Checkpoint, dir_size, resolve_model_dir
 from lowbit.converter.decoder import TARGETS, DecoderGraph
 from lowbit.errors import LowbitError
 from lowbit.converter.genai import genai_config
-from lowbit.converter.quant.rewrite import QuantReport, quantize_model
+from lowbit.converter.algorithms.pipeline import ALGORITHMS, AlgorithmSpec, ModelInput
+from lowbit.converter.quant.rewrite import QuantReport, planned_sites, quantize_model, weight_loader
 from lowbit.converter.schemes import SchemeOptions, get_scheme
 from lowbit.converter.weights import WeightSource
 
@@ -104,7 +105,18 @@ def convert(
     progress: Callable | None = None,
     options: SchemeOptions | None = None,
     ignore: tuple[str, ...] = (),
+    algorithm: AlgorithmSpec | None = None,
+    calibration_progress: Callable[[str], object] | None = None,
 ) -> ConversionReport:
+    """`lowbit convert`. `algorithm`: --algo and its settings (default round to nearest);
+    `calibration_progress(stage label)` gives a per-sample callback for each calibration pass."""
+    with tempfile.TemporaryDirectory(prefix="lowbit-algorithm-") as work:  # an algorithm's files, until written
+        return _convert(model, output, scheme, target, overwrite, progress, options, tuple(ignore),
+                        algorithm or AlgorithmSpec(), calibration_progress, Path(work))
+
+
+def _convert(model, output, scheme, target, overwrite, progress, options, ignore, algorithm: AlgorithmSpec,
+             calibration_progress, work: Path) -> ConversionReport:
     start = time.perf_counter()
     output = Path(os.path.abspath(output))  # `.` and `..` spelled out: staging goes beside the real folder
     if target not in TARGETS:
@@ -112,6 +124,9 @@ def convert(
     scheme_obj = get_scheme(scheme, options, target)
     if ignore and not scheme_obj.plan:
         raise LowbitError(f"--ignore keeps modules of a quantizing scheme in float; {scheme} quantizes nothing")
+    run_algorithm = ALGORITHMS[algorithm.name]
+    if run_algorithm is not None and not scheme_obj.plan:
+        raise LowbitError(f"--algo {algorithm.name} quantizes weights; {scheme} quantizes nothing")
     prepare_output(output, overwrite)
     source = resolve_model_dir(model)
     arch, config = load_config(source)
@@ -121,7 +136,14 @@ def convert(
     decoder = DecoderGraph(spec, weights, scheme_obj.dtype, TARGETS[target])
     graph = decoder.build()
     float_bytes = _weight_bytes(graph)
-    quant = quantize_model(graph, scheme_obj.plan, target, scheme_obj.dtype, tuple(ignore)) if scheme_obj.plan else None
+    quant, quantized, algorithm_record = None, None, {"name": algorithm.name}
+    if scheme_obj.plan and run_algorithm is not None:
+        sites, _ = planned_sites(graph, scheme_obj.plan, ignore)
+        inputs = ModelInput(lambda site: weight_loader(site)(), source, scheme_obj.dtype, spec.max_position_embeddings)
+        result = run_algorithm(graph, sites, inputs, algorithm, work, calibration_progress)
+        quantized, algorithm_record = result.weights, result.record
+    if scheme_obj.plan:
+        quant = quantize_model(graph, scheme_obj.plan, target, scheme_obj.dtype, ignore, quantized)
     weight_bytes = _weight_bytes(graph)
 
     created = [p for p in output.parents if not p.exists()]  # removed again if the conversion fails
@@ -157,6 +179,7 @@ def convert(
             "ort_session_config": session_config,
             "quantization": quant.as_dict() if quant else {},
             "ignore": {"patterns": list(ignore), "modules": quant.ignored if quant else []},
+            "algorithm": algorithm_record,
             "versions": _versions(),
         }
         (staging / "lowbit.json").write_text(json.dumps(metadata, indent=2))

@@ -74,6 +74,23 @@ def _progress_callback():
     return callback
 
 
+def _calibration_progress(stage: str):
+    """A tqdm bar over the calibration samples of one pass (`--algo gptq`: one pass per decoder layer)."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=f"calibrating {stage}", unit="sample", leave=False, disable=None)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
 @main.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
@@ -91,18 +108,36 @@ def _progress_callback():
 @click.option("--ignore", "ignore", multiple=True, metavar="PATTERN",
               help="Keep matching modules in float (repeatable): a glob or re:REGEX over module names, ours "
                    "(layers.0.mlp.down_proj) or transformers' (model.layers.0.mlp.down_proj, lm_head).")
+@click.option("--algo", default="rtn", show_default=True, type=click.Choice(["rtn", "gptq"]),
+              help="Weight algorithm: round to nearest, or GPTQ calibrated through ONNX Runtime.")
+@click.option("--calib-data", type=click.Path(path_type=Path), default=None,
+              help="Calibration text, JSONL or JSON (Alpaca, {text}, ShareGPT rows) [default: lowbit's own set].")
+@click.option("--num-samples", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Calibration samples.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=None,
+              help="Tokens per calibration sample at most [default: min(512, context)].")
+@click.option("--calib-seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Which samples, when the data holds more.")
+@click.option("--damp", default=0.01, show_default=True, type=FiniteFloatRange(0, 1, max_open=True),
+              help="GPTQ dampening, as a fraction of the Hessian's mean diagonal.")
+@click.option("--act-order", is_flag=True, help="GPTQ: columns in order of decreasing Hessian diagonal (static groups).")
+@click.option("--sequential/--independent", default=True,
+              help="GPTQ: calibrate each layer on the outputs of the quantized layers before it, or on float inputs.")
 @click.option("--quant-config", type=click.Path(path_type=Path), default=None,
               help="DashInfer quantization config JSON (instead of --scheme).")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that lowbit wrote (it holds lowbit.json).")
 def convert(model, output, scheme, target, group_size, symmetric, accuracy_level, dtype, no_pad, clip_search,
-            ignore, quant_config, overwrite):
+            ignore, algo, calib_data, num_samples, seq_len, calib_seed, damp, act_order, sequential, quant_config,
+            overwrite):
     """Convert MODEL (a local HF folder or a hub id) into an ONNX folder."""
     _keep_torch_out(model)
     from lowbit.converter.api import convert as run_convert
 
     report = run_convert(model, output, scheme, target=target, group_size=group_size, symmetric=symmetric,
                          accuracy_level=accuracy_level, dtype=dtype, pad=not no_pad, clip_search=clip_search,
-                         ignore=ignore, quant_config=quant_config,
+                         ignore=ignore, algo=algo, calib_data=calib_data, num_samples=num_samples, seq_len=seq_len,
+                         calib_seed=calib_seed, damp=damp, act_order=act_order, sequential=sequential,
+                         calibration_progress=_calibration_progress, quant_config=quant_config,
                          overwrite=overwrite, progress=_progress_callback())
     click.echo(
         f"wrote {report.output} ({report.model_type}, scheme {report.scheme}, target {report.target}): "

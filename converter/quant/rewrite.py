@@ -8,6 +8,7 @@ peak memory follows the largest layer.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -15,7 +16,7 @@ import onnx_ir as ir
 
 from lowbit.errors import LowbitError
 from lowbit.converter.graph import TRANSPOSED_SOURCE, hf_modules, lazy_tensor, set_hf_modules
-from lowbit.affine import group_size_for, quantize, relative_error
+from lowbit.affine import QuantizedWeight, group_size_for, quantize, relative_error
 from lowbit.converter.quant.formats import FORMATS, PREFERENCE, Site, StorageFormat
 from lowbit.converter.quant.ignore import WeightModule, ignored_modules
 from lowbit.converter.quant.plan import ActivationQuant, LayerQuant, QuantPlan
@@ -71,9 +72,10 @@ class QuantReport:
 class _QuantizeOnce:
     """Quantizes one weight on first use and hands the packed result to each of its parts."""
 
-    def __init__(self, load_nk, layer: LayerQuant, scale_dtype, pack, parts: int, report: LayerReport):
+    def __init__(self, load_nk, layer: LayerQuant, scale_dtype, pack, parts: int, report: LayerReport,
+                 quantized: Callable[[], QuantizedWeight] | None = None):
         self._load, self._layer, self._dtype, self._pack = load_nk, layer, scale_dtype, pack
-        self._left, self._report = parts, report
+        self._left, self._report, self._quantized = parts, report, quantized
         self._packed = None
         self._lock = threading.Lock()
 
@@ -81,7 +83,7 @@ class _QuantizeOnce:
         with self._lock:
             if self._packed is None:
                 weight = self._load()
-                qw = quantize(weight, self._layer.weight, self._dtype)
+                qw = self._quantized() if self._quantized else quantize(weight, self._layer.weight, self._dtype)
                 self._report.max_rel_error = relative_error(weight, qw)
                 self._packed = self._pack(qw)
             packed = self._packed
@@ -140,7 +142,7 @@ def _activations(activation: ActivationQuant | None) -> str:
     return activation.describe() if activation else "float"
 
 
-def _weight_loader(site: Site):
+def weight_loader(site: Site):
     """Loads the site's float weight as [N, K] float32 (in the graph's dtype first, as stored)."""
     tensor = site.weight.const_value
     if site.kind != "matmul":
@@ -151,36 +153,48 @@ def _weight_loader(site: Site):
     return lambda: np.asarray(tensor.numpy(), dtype=np.float32).T
 
 
-def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype,
-                   ignore: tuple[str, ...] = ()) -> QuantReport:
-    """Rewrites `model` in place; returns the per-layer report (errors filled in at write time).
-    `ignore`: --ignore patterns (`ignore.py`); the modules they match stay float."""
-    graph = model.graph
-    report = QuantReport()
-    used_functions: set[str] = set()
-    emitted: dict[tuple, tuple] = {}  # (source weight, settings, format) -> (node, values, report)
-    sites = [site for site in map(_site, list(graph)) if site is not None]
+def planned_sites(model: ir.Model, plan: QuantPlan, ignore: tuple[str, ...] = ()):
+    """([(site, its LayerQuant)] the plan quantizes, in graph order; [modules --ignore keeps float]).
+    A group larger than the site's K means one group per row (per channel)."""
+    sites = [site for site in map(_site, list(model.graph)) if site is not None]
     ignored = ignored_modules([WeightModule(s.module, hf_modules(s.node)) for s in sites], ignore)
-    report.ignored = sorted(ignored)
+    planned = []
     for site in sites:
         layer = None if site.module in ignored else plan.lookup(site.module)
         if layer is None:
             continue
         if layer.weight.group_size is not None and layer.weight.group_size > site.k:
-            layer = replace(layer, weight=replace(layer.weight, group_size=None))  # one group per row: per channel
+            layer = replace(layer, weight=replace(layer.weight, group_size=None))
         g = group_size_for(layer.weight, site.k)
         if site.k % g and not plan.pad:
             raise LowbitError(
                 f"{site.module}: K={site.k} is not a multiple of the group size {g} and padding is disabled"
             )
+        planned.append((site, layer))
+    return planned, sorted(ignored)
+
+
+def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype, ignore: tuple[str, ...] = (),
+                   quantized: dict[str, Callable[[], QuantizedWeight]] | None = None) -> QuantReport:
+    """Rewrites `model` in place; returns the per-layer report (errors filled in at write time).
+    `ignore`: --ignore patterns (`ignore.py`); the modules they match stay float. `quantized`: loaders of
+    weights an algorithm already quantized (GPTQ), by module; the others are rounded to nearest."""
+    graph = model.graph
+    report = QuantReport()
+    used_functions: set[str] = set()
+    emitted: dict[tuple, tuple] = {}  # (source weight, settings, format) -> (node, values, report)
+    sites, report.ignored = planned_sites(model, plan, ignore)
+    quantized = quantized or {}
+    for site, layer in sites:
         fmt = choose_format(layer, site, target)
         emission = fmt.emission(layer.weight, site, np.dtype(dtype), layer.accuracy_level)
-        load = _weight_loader(site)
+        load = weight_loader(site)
         layer_report = LayerReport(
             site.module, layer.weight.describe(), fmt.name, site.n, site.k, site.weight.const_value.nbytes,
             sum(_part_bytes(p) for p in emission.parts), layer.accuracy_level,
         )
-        once = _QuantizeOnce(load, layer, np.dtype(dtype), emission.pack, len(emission.parts), layer_report)
+        once = _QuantizeOnce(load, layer, np.dtype(dtype), emission.pack, len(emission.parts), layer_report,
+                             quantized.get(site.module))
         values = []
         for part in emission.parts:
             name = f"{site.module}.{part.suffix}"

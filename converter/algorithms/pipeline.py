@@ -1,0 +1,210 @@
+"""Calibrated weight algorithms in the conversion pipeline: `lowbit convert --algo gptq`.
+
+The float graph is written once to a temporary folder. Its quantized MatMul sites are taken in stages, one
+decoder layer at a time (then an untied lm_head): each stage runs the calibration samples through that float
+folder in an ONNX Runtime session (`lowbit.converter.calibration`), accumulating the Hessian of every site's
+input, and each site's weight is quantized from it (`gptq.gptq_quantize`). With `sequential` (the default) the
+stage's dequantized weights are then written over the float ones in the temporary folder, so the next layer is
+calibrated on the outputs of the already-quantized layers before it, as GPTQ's and llm-compressor's sequential
+pipelines do; `independent` keeps every stage on float inputs. Results go to small files in the temporary
+folder and are read back when the final model is written, so memory holds one layer's Hessians and weights
+(plus ORT's copy of the float model) whatever the model's depth or the number of samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.affine import QuantizedWeight, dequantize
+from lowbit.converter.algorithms.gptq import gptq_quantize
+from lowbit.converter.calibration import DEFAULT_CALIBRATION_FILE, calibrate_statistics, load_calibration_samples
+from lowbit.converter.quant.formats import Site
+from lowbit.converter.quant.plan import LayerQuant
+from lowbit.errors import LowbitError
+
+DEFAULT_SEQ_LEN = 512
+FLOAT_MODEL = "model.onnx"
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Which samples calibrate: a file (None: the set that ships with lowbit), how many, how long, which."""
+
+    data: Path | None = None
+    num_samples: int = 128
+    seq_len: int | None = None  # None: min(DEFAULT_SEQ_LEN, the model's context length)
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, low in (("num_samples", 1), ("seq_len", 2), ("seed", 0)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise LowbitError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class GPTQSettings:
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    sequential: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not (
+                math.isfinite(self.damp) and 0 <= self.damp < 1):
+            raise LowbitError(f"--damp must be a number in [0, 1), got {self.damp!r}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise LowbitError(f"the GPTQ block size must be a positive integer, got {self.block_size!r}")
+
+
+@dataclass(frozen=True)
+class AlgorithmResult:
+    """Loaders of the quantized weights by module, and what lowbit.json records about the run."""
+
+    weights: dict[str, Callable[[], QuantizedWeight]]
+    record: dict
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stage_key(module: str) -> int:
+    """Decoder layer index of a module name (`layers.3.mlp.down_proj` -> 3); lm_head and others come last."""
+    parts = module.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit() else 1 << 30
+
+
+def stages(sites: list[tuple[Site, LayerQuant]]) -> list[list[tuple[Site, LayerQuant]]]:
+    by_key: dict[int, list] = {}
+    for item in sites:
+        by_key.setdefault(_stage_key(item[0].module), []).append(item)
+    return [by_key[key] for key in sorted(by_key)]
+
+
+class _WeightStore:
+    """Quantized weights as .npz files in the work folder, read back one at a time when the model is written."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def save(self, module: str, qw: QuantizedWeight) -> Callable[[], QuantizedWeight]:
+        path = self.folder / f"{module}.npz"
+        np.savez(path, codes=qw.codes, scales=qw.scales, zero_points=qw.zero_points,
+                 meta=np.array([qw.bits, qw.group_size, qw.k], np.int64))
+
+        def load() -> QuantizedWeight:
+            with np.load(path) as f:
+                bits, group, k = (int(v) for v in f["meta"])
+                return QuantizedWeight(f["codes"], f["scales"], f["zero_points"], bits, group, k)
+
+        return load
+
+
+class _FloatWeights:
+    """The temporary float model's weight initializers, writable in place (memory-mapped external data)."""
+
+    def __init__(self, model_path: Path):
+        import onnx
+
+        self.folder = model_path.parent
+        self.entries = {}
+        for tensor in onnx.load(str(model_path), load_external_data=False).graph.initializer:
+            info = {e.key: e.value for e in tensor.external_data}
+            if "location" in info:
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+                self.entries[tensor.name] = (info["location"], int(info.get("offset", 0)), tuple(tensor.dims), dtype)
+
+    def write(self, name: str, value: np.ndarray) -> None:
+        location, offset, shape, dtype = self.entries[name]
+        view = np.memmap(self.folder / location, dtype=dtype, mode="r+", offset=offset, shape=shape)
+        view[...] = value.astype(dtype)
+        view.flush()
+        del view
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """`--algo` and its settings, as `lowbit convert` and `lowbit.convert` take them."""
+
+    name: str = "rtn"
+    calibration: CalibrationSettings = CalibrationSettings()
+    gptq: GPTQSettings = GPTQSettings()
+
+    def __post_init__(self):
+        if self.name not in ALGORITHMS:
+            raise LowbitError(f"unknown algorithm '{self.name}' (known: {', '.join(ALGORITHMS)})")
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What an algorithm needs from the conversion besides the graph."""
+
+    load_weight: Callable[[Site], np.ndarray]  # float [N, K] of a site, as the checkpoint holds it
+    tokenizer_folder: Path
+    scale_dtype: np.dtype
+    context_length: int
+
+
+def run_gptq(model: ir.Model, sites: list[tuple[Site, LayerQuant]], source: ModelInput, spec: AlgorithmSpec,
+             work: Path, progress: Callable[[str], object] | None = None) -> AlgorithmResult:
+    """GPTQ for every (site, plan) in `sites` whose site is a MatMul. Returns the loaders `quantize_model` takes
+    instead of round-to-nearest, and the run's record. `progress(label)` gives each stage's per-sample callback."""
+    calibration, settings = spec.calibration, spec.gptq
+    context_length, scale_dtype = source.context_length, source.scale_dtype
+    seq_len = calibration.seq_len or min(DEFAULT_SEQ_LEN, context_length)
+    if seq_len > context_length:
+        raise LowbitError(f"--seq-len {seq_len} exceeds the model's context length ({context_length})")
+    samples = load_calibration_samples(calibration.data, source.tokenizer_folder, calibration.num_samples, seq_len,
+                                       calibration.seed)
+    targets = [(site, layer) for site, layer in sites if site.kind == "matmul"]
+    if not targets:
+        raise LowbitError(f"--algo {spec.name}: the scheme quantizes no MatMul layer")
+    float_path = work / "float" / FLOAT_MODEL
+    float_path.parent.mkdir(parents=True)
+    ir.save(model, float_path, external_data=FLOAT_MODEL + ".data")
+    float_weights = _FloatWeights(float_path)
+    store = _WeightStore(work / "quantized")
+    loaders, errors = {}, {}
+    for stage in stages(targets):
+        names = [site.module for site, _ in stage]
+        label = names[0].rsplit(".", 2)[0] if _stage_key(names[0]) < 1 << 30 else ", ".join(names)
+        statistics = calibrate_statistics(float_path, names, ["hessian"], samples,
+                                          progress=progress(label) if progress else None)
+        for site, layer in stage:
+            try:
+                result = gptq_quantize(source.load_weight(site), statistics[site.module]["hessian"], layer.weight,
+                                       damp=settings.damp, block_size=settings.block_size,
+                                       act_order=settings.act_order, scale_dtype=scale_dtype)
+            except LowbitError as e:
+                raise LowbitError(f"{site.module}: {e}") from None
+            loaders[site.module] = store.save(site.module, result.quantized)
+            errors[site.module] = {"gptq": result.error, "rtn": result.rtn_error}
+            if settings.sequential:
+                float_weights.write(site.weight.name, dequantize(result.quantized).T)
+        del statistics
+    data = calibration.data or DEFAULT_CALIBRATION_FILE
+    record = {
+        "name": "gptq", **asdict(settings),
+        "calibration": {"data": str(calibration.data) if calibration.data else "lowbit default set",
+                        "sha256": file_sha256(data), "samples": len(samples),
+                        "tokens": int(sum(len(s) for s in samples)), "seq_len": seq_len, "seed": calibration.seed},
+        "layer_output_error": errors,  # trace((W - Q) H (W - Q)^T) for GPTQ and for round-to-nearest
+    }
+    return AlgorithmResult(loaders, record)
+
+
+# --algo: name -> function(model, sites, source, spec, work, progress) -> AlgorithmResult; None: round to nearest
+ALGORITHMS: dict[str, Callable | None] = {"rtn": None, "gptq": run_gptq}
