@@ -40,6 +40,14 @@ def test_minmax_absmax_per_channel_exact(rng):
     np.testing.assert_array_equal(per_channel, np.abs(everything).max(axis=0))
 
 
+def test_mean_abs_per_channel_is_awq_mean_in_float64(rng):
+    data = chunks(rng, scale=3.0)
+    everything = np.concatenate(data).astype(np.float64)
+    means = fed("mean_abs_per_channel", data)
+    assert means.shape == (FEATURES,) and means.dtype == np.float64
+    np.testing.assert_allclose(means, np.abs(everything).mean(axis=0), rtol=1e-12, atol=0)
+
+
 def test_hessian_is_gptq_mean_in_float64(rng):
     data = chunks(rng)
     x = np.concatenate(data).astype(np.float64)

@@ -5,6 +5,20 @@ Each takes a weight and statistics gathered by `lowbit.converter.calibration` (e
 unchanged. See docs/algorithms.md.
 """
 
+from lowbit.converter.algorithms.awq import (
+    AWQResult,
+    AWQScales,
+    awq_clip_search,
+    awq_quantize,
+    awq_scales,
+    awq_search,
+    clip_ratios,
+    fold_into_linear_rows,
+    fold_into_norm,
+    quantize_clipped,
+)
 from lowbit.converter.algorithms.gptq import GPTQResult, gptq_quantize, inverse_cholesky_upper
 
 __all__ = ["GPTQResult", "gptq_quantize", "inverse_cholesky_upper"]
+__all__ += ["AWQResult", "AWQScales", "awq_clip_search", "awq_quantize", "awq_scales", "awq_search", "clip_ratios",
+            "fold_into_linear_rows", "fold_into_norm", "quantize_clipped"]

@@ -9,6 +9,7 @@ Each observer takes batches of rows x [tokens, features] (`update`) and gives it
 | `absmax_per_channel` | max over rows of |x| per input feature, float32 [features] | [features] |
 | `percentile` | the `percentile` % point of |x| (float), from an `AbsHistogram` | `bins` counts |
 | `mse` | clip c = absmax · r (r in `ratios`) of least Σ (x − q(x))² for the element type (float) | `bins` counts |
+| `mean_abs_per_channel` | mean over rows of |x| per input feature (AWQ's statistic), float64 [features] | [features] |
 | `hessian` | GPTQ's H = 2/n Σ xᵀx over all n rows, float64 [features, features] | [features, features] |
 
 Adding one is a class with `update`/`result` and `@register_observer("name")`.
@@ -108,6 +109,25 @@ class AbsMaxPerChannelObserver(Observer):
 
     def result(self) -> np.ndarray:
         return self.absmax.copy()
+
+
+@register_observer("mean_abs_per_channel")
+class MeanAbsPerChannelObserver(Observer):
+    """Σ |x| per feature in float64 and the row count n; the result is the sum / n (AWQ's mean |x|)."""
+
+    def __init__(self):
+        self.total: np.ndarray | None = None
+        self.rows = 0
+
+    def update(self, x):
+        x = self._rows(x)
+        if self.total is None:
+            self.total = np.zeros(x.shape[1], np.float64)
+        self.total += np.abs(x).sum(axis=0, dtype=np.float64)
+        self.rows += x.shape[0]
+
+    def result(self) -> np.ndarray:
+        return self.total / max(self.rows, 1)
 
 
 @register_observer("percentile")
