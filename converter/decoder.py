@@ -9,6 +9,7 @@ Self-attention comes from the builder the target prefers among those that suppor
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,16 @@ ACTIVATIONS = {
     "gelu_fast": lambda b, x: b.op("Gelu", x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda b, x: b.op("Gelu", x, approximate="tanh"),
 }
+
+
+LAYER_INPUTS = "lowbit.layer_inputs"  # model metadata: [[residual, normed] value names] entering each layer, then final
+
+
+def _name_boundary(hidden: ir.Value, x: ir.Value, prefix: str) -> list[str]:
+    """Names the residual stream and its normed copy where they enter a decoder layer (or the final norm's
+    output), so layer-by-layer calibration can cut the graph there."""
+    hidden.name, x.name = f"{prefix}.residual", f"{prefix}.normed"
+    return [hidden.name, x.name]
 
 
 class DecoderGraph:
@@ -188,6 +199,7 @@ class DecoderGraph:
         off = s.norm_weight_offset
         presents = []
         x = self.norm(hidden, "layers.0.attn_norm", n.attn_norm, 0, off)
+        boundaries = [_name_boundary(hidden, x, "layers.0")]
         for i in range(s.num_layers):
             with b.scope(f"layers.{i}"):
                 attn, pk, pv = attention(i, x, *pasts[i])
@@ -202,6 +214,7 @@ class DecoderGraph:
                 else:
                     hidden, x = self._residual_norm(hidden, mlp, "final_norm", n.final_norm, None, off)
                 presents.append((pk, pv))
+            boundaries.append(_name_boundary(hidden, x, f"layers.{i + 1}" if i + 1 < s.num_layers else "final_norm"))
 
         hidden = x
         logits = self._lm_head(hidden, embed_table)
@@ -214,4 +227,6 @@ class DecoderGraph:
         for i, (pk, pv) in enumerate(presents):
             b.output(pk, f"present.{i}.key", dt, present_shape)
             b.output(pv, f"present.{i}.value", dt, present_shape)
-        return ir.Model(b.graph, ir_version=10, producer_name="lowbit")
+        model = ir.Model(b.graph, ir_version=10, producer_name="lowbit")
+        model.metadata_props[LAYER_INPUTS] = json.dumps(boundaries)
+        return model

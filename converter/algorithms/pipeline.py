@@ -1,14 +1,15 @@
 """Calibrated weight algorithms in the conversion pipeline: `lowbit convert --algo gptq`.
 
 The float graph is written once to a temporary folder. Its quantized MatMul sites are taken in stages, one
-decoder layer at a time (then an untied lm_head): each stage runs the calibration samples through that float
-folder in an ONNX Runtime session (`lowbit.converter.calibration`), accumulating the Hessian of every site's
-input, and each site's weight is quantized from it (`gptq.gptq_quantize`). With `sequential` (the default) the
-stage's dequantized weights are then written over the float ones in the temporary folder, so the next layer is
-calibrated on the outputs of the already-quantized layers before it, as GPTQ's and llm-compressor's sequential
-pipelines do; `independent` keeps every stage on float inputs. Results go to small files in the temporary
-folder and are read back when the final model is written, so memory holds one layer's Hessians and weights
-(plus ORT's copy of the float model) whatever the model's depth or the number of samples.
+decoder layer at a time (then an untied lm_head). Each stage runs only that layer's subgraph
+(`calibration.layerwise`) over the calibration samples in an ONNX Runtime session, fed the residual stream the
+previous stage produced for each sample, and accumulates the Hessian of every site's input; each site's weight
+is then quantized from it (`gptq.gptq_quantize`). With `sequential` (the default) the stage's dequantized
+weights are written over the float ones in the temporary folder and the layer runs again, so the next layer is
+calibrated on the outputs of the already-quantized layers, as GPTQ's and llm-compressor's sequential pipelines
+do; `independent` passes the float outputs on. Results go to small files in the temporary folder and are read
+back when the final model is written, so memory holds one layer's Hessians and weights, one residual stream per
+sample, and ORT's copy of one layer, whatever the model's depth.
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ import onnx_ir as ir
 
 from lowbit.affine import QuantizedWeight, dequantize
 from lowbit.converter.algorithms.gptq import gptq_quantize
-from lowbit.converter.calibration import DEFAULT_CALIBRATION_FILE, calibrate_statistics, load_calibration_samples
+from lowbit.converter.calibration import DEFAULT_CALIBRATION_FILE, load_calibration_samples
+from lowbit.converter.calibration.layerwise import LayerRunner, capture_value, layer_boundaries
+from lowbit.converter.calibration.observers import make_observer
 from lowbit.converter.quant.formats import Site
 from lowbit.converter.quant.plan import LayerQuant
 from lowbit.errors import LowbitError
 
 DEFAULT_SEQ_LEN = 512
+AFTER_LAYERS = 1 << 30  # stage key of modules after the decoder layers (an untied lm_head)
 FLOAT_MODEL = "model.onnx"
 
 
@@ -83,7 +87,7 @@ def file_sha256(path: Path) -> str:
 def _stage_key(module: str) -> int:
     """Decoder layer index of a module name (`layers.3.mlp.down_proj` -> 3); lm_head and others come last."""
     parts = module.split(".")
-    return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit() else 1 << 30
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit() else AFTER_LAYERS
 
 
 def stages(sites: list[tuple[Site, LayerQuant]]) -> list[list[tuple[Site, LayerQuant]]]:
@@ -178,14 +182,11 @@ def run_gptq(model: ir.Model, sites: list[tuple[Site, LayerQuant]], source: Mode
     float_weights = _FloatWeights(float_path)
     store = _WeightStore(work / "quantized")
     loaders, errors = {}, {}
-    for stage in stages(targets):
-        names = [site.module for site, _ in stage]
-        label = names[0].rsplit(".", 2)[0] if _stage_key(names[0]) < 1 << 30 else ", ".join(names)
-        statistics = calibrate_statistics(float_path, names, ["hessian"], samples,
-                                          progress=progress(label) if progress else None)
+
+    def quantize_stage(stage, hessians):
         for site, layer in stage:
             try:
-                result = gptq_quantize(source.load_weight(site), statistics[site.module]["hessian"], layer.weight,
+                result = gptq_quantize(source.load_weight(site), hessians[site.module], layer.weight,
                                        damp=settings.damp, block_size=settings.block_size,
                                        act_order=settings.act_order, scale_dtype=scale_dtype)
             except LowbitError as e:
@@ -194,7 +195,8 @@ def run_gptq(model: ir.Model, sites: list[tuple[Site, LayerQuant]], source: Mode
             errors[site.module] = {"gptq": result.error, "rtn": result.rtn_error}
             if settings.sequential:
                 float_weights.write(site.weight.name, dequantize(result.quantized).T)
-        del statistics
+
+    run_layerwise(float_path, stages(targets), samples, quantize_stage, settings.sequential, progress)
     data = calibration.data or DEFAULT_CALIBRATION_FILE
     record = {
         "name": "gptq", **asdict(settings),
@@ -204,6 +206,51 @@ def run_gptq(model: ir.Model, sites: list[tuple[Site, LayerQuant]], source: Mode
         "layer_output_error": errors,  # trace((W - Q) H (W - Q)^T) for GPTQ and for round-to-nearest
     }
     return AlgorithmResult(loaders, record)
+
+
+def run_layerwise(float_path: Path, stages_: list[list[tuple[Site, LayerQuant]]], samples: list[np.ndarray],
+                  quantize_stage: Callable[[list, dict], None], sequential: bool,
+                  progress: Callable[[str], object] | None = None) -> None:
+    """Walks the decoder one layer at a time (`calibration.layerwise`): for each layer, its MatMul inputs' Hessians
+    over every sample, fed the residual stream the layers before produced; `quantize_stage(stage, {module:
+    hessian})` quantizes the layer's sites (and, when `sequential`, writes their dequantized weights into the
+    float folder, whose next pass then gives the quantized layer's outputs to the layer after it)."""
+    import onnx
+
+    proto = onnx.load(str(float_path), load_external_data=False)
+    boundaries = layer_boundaries(proto)
+    by_layer = {_stage_key(stage[0][0].module): stage for stage in stages_}
+    folder = float_path.parent
+    cache: list[tuple[np.ndarray, ...]] = [()] * len(samples)  # each sample's values at the current boundary
+    for index in range(len(boundaries)):
+        last = index == len(boundaries) - 1
+        stage = by_layer.get(AFTER_LAYERS if last else index, [])
+        if last and not stage:
+            break
+        inputs = list(boundaries[index]) if index else []
+        following = [] if last else list(boundaries[index + 1])
+        captures = {site.module: capture_value(proto, site.module) for site, _ in stage}
+        runner = LayerRunner(folder, proto, inputs, following + list(captures.values()))
+        observers = {module: make_observer("hessian") for module in captures}
+        label = "lm_head" if last else f"layer {index}"
+        report = progress(label) if progress and stage else None
+        next_cache = []
+        for i, sample in enumerate(samples):
+            values = runner.run(sample, cache[i])
+            for module, value in captures.items():
+                observers[module].update(values[value].reshape(-1, values[value].shape[-1]))
+            next_cache.append(tuple(values[name] for name in following))
+            if report:
+                report(i + 1, len(samples))
+        del runner
+        if stage:
+            quantize_stage(stage, {module: observer.result() for module, observer in observers.items()})
+            del observers
+            if sequential and not last:  # the next layer sees this layer's quantized outputs
+                runner = LayerRunner(folder, proto, inputs, following)
+                next_cache = [tuple(runner.run(sample, cache[i]).values()) for i, sample in enumerate(samples)]
+                del runner
+        cache = next_cache
 
 
 # --algo: name -> function(model, sites, source, spec, work, progress) -> AlgorithmResult; None: round to nearest
