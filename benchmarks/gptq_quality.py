@@ -1,4 +1,4 @@
-"""Weight-algorithm quality on stories260K: round to nearest, clip search, GPTQ (± act-order), 4-bit and 3-bit.
+"""Weight-algorithm quality on stories260K: round to nearest, clip search, GPTQ (± act-order), AWQ, 4 and 3 bits.
 
     python benchmarks/gptq_quality.py --calib ../shared/data/alpaca_seed_tasks.jsonl \
         --data ../shared/data/wikitext2_test.txt [--max-tokens N]
@@ -28,10 +28,13 @@ VARIANTS = {  # label -> convert arguments after the model and -o
     "w4 g32 sym GPTQ": ["--scheme", "w4a16", "--algo", "gptq", *DECODER_ONLY],
     "w4 g32 sym GPTQ act-order": ["--scheme", "w4a16", "--algo", "gptq", "--act-order", *DECODER_ONLY],
     "w4 g32 sym GPTQ independent": ["--scheme", "w4a16", "--algo", "gptq", "--independent", *DECODER_ONLY],
+    "w4 g32 sym AWQ": ["--scheme", "w4a16", "--algo", "awq", *DECODER_ONLY],
     "w4 g32 asym RTN": ["--scheme", "w4a16", "--asymmetric", *DECODER_ONLY],
+    "w4 g32 asym AWQ": ["--scheme", "w4a16", "--asymmetric", "--algo", "awq", *DECODER_ONLY],
     "w4 g32 asym GPTQ": ["--scheme", "w4a16", "--asymmetric", "--algo", "gptq", *DECODER_ONLY],
     "w3 g32 sym RTN": ["--scheme", "w3a16", *DECODER_ONLY],
     "w3 g32 sym GPTQ": ["--scheme", "w3a16", "--algo", "gptq", *DECODER_ONLY],
+    "w3 g32 sym AWQ": ["--scheme", "w3a16", "--algo", "awq", *DECODER_ONLY],
     "q3f16_1 RTN": ["--scheme", "q3f16_1"],
     "q3f16_1 GPTQ": ["--scheme", "q3f16_1", "--algo", "gptq"],
 }

@@ -37,6 +37,8 @@ SCHEMES = [
     ("w3a16", "w3a16", []),
     ("w2a16", "w2a16", []),
     ("w8a8", "w8a8", []),
+    ("e4m3_e4m3_f16", "e4m3_e4m3_f16", ["--num-samples", "16"]),  # activation scales: lowbit's default set
+    ("e5m2_e5m2_f16", "e5m2_e5m2_f16", ["--num-samples", "16"]),
 ]
 
 

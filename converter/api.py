@@ -8,7 +8,7 @@ from typing import Callable
 from lowbit.converter.algorithms.pipeline import AlgorithmSpec, CalibrationSettings, GPTQSettings
 from lowbit.converter.export import ConversionReport
 from lowbit.converter.export import convert as export_folder
-from lowbit.converter.schemes import SchemeOptions, scheme_from_quant_config
+from lowbit.converter.schemes import SchemeOptions, get_scheme, scheme_from_quant_config
 from lowbit.errors import LowbitError
 
 
@@ -43,10 +43,11 @@ def convert(
     scheme: a name from docs/schemes.md (default q0f32), or None with `quant_config`, a DashInfer
     quantization config JSON. group_size, symmetric, accuracy_level, dtype, pad and clip_search override
     the scheme's preset. ignore: --ignore patterns (globs, `re:` regexes; our or transformers' module
-    names) whose modules stay float. algo: "rtn" (round to nearest) or "gptq", calibrated on `calib_data`
+    names) whose modules stay float. algo: "rtn" (round to nearest), "gptq" or "awq", calibrated on `calib_data`
     (a text/JSONL/JSON file; None: the set that ships with lowbit) with `num_samples` samples of at most
-    `seq_len` tokens (None: min(512, context)) picked by `calib_seed`; GPTQ's `damp`, `act_order` and
-    `sequential` (False: every layer calibrated on float inputs). target: "ort" or "tensorrt".
+    `seq_len` tokens (None: min(512, context)) picked by `calib_seed`; GPTQ's `damp` and `act_order`;
+    `sequential` (False: every layer calibrated on float inputs). The FP8 schemes (e4m3_e4m3_f16, e5m2_e5m2_f16)
+    take the same calibration options for their activation scales. target: "ort" or "tensorrt".
     overwrite: replace an output folder that lowbit wrote (one holding lowbit.json); any other non-empty folder
     is an error. progress: called as progress(tensor, info) for each tensor written. calibration_progress:
     called as calibration_progress(stage) for each calibration pass; returns a callback(done, total).
@@ -61,11 +62,21 @@ def convert(
         ignore = (ignore,)
     calibration = CalibrationSettings(None if calib_data is None else Path(calib_data), num_samples, seq_len,
                                       calib_seed)
-    if algo == "rtn" and calibration != CalibrationSettings():
-        raise LowbitError("calibration options (--calib-data, --num-samples, --seq-len, --calib-seed) need a "
-                          "calibrated --algo (gptq)")
-    if algo != "gptq" and (damp != 0.01 or act_order or not sequential):
-        raise LowbitError("--damp, --act-order and --independent are GPTQ options: add --algo gptq")
-    algorithm = AlgorithmSpec(algo, calibration, GPTQSettings(damp, act_order=act_order, sequential=sequential))
+    # FP8 schemes calibrate activation scales themselves, so they take the calibration options too
+    if calibration != CalibrationSettings() or algo != "rtn":
+        scheme_obj = get_scheme(scheme or "q0f32", options, target)
+        static = scheme_obj.plan is not None and scheme_obj.plan.static_activations()
+        if algo != "rtn" and static:
+            raise LowbitError(f"--algo {algo} is for integer weights; {scheme_obj.name} rounds its float8 weights "
+                              "to nearest")
+        if algo == "rtn" and not scheme_obj.calibrates_at_conversion:
+            later = " (a *_max_calibrate folder takes them in `lowbit calibrate`)" if static else ""
+            raise LowbitError("calibration options (--calib-data, --num-samples, --seq-len, --calib-seed) need a "
+                              f"calibrated --algo (gptq, awq) or a scheme with static activation scales{later}")
+    if algo != "gptq" and (damp != 0.01 or act_order):
+        raise LowbitError("--damp and --act-order are GPTQ options: add --algo gptq")
+    if algo == "rtn" and not sequential:
+        raise LowbitError("--independent applies to calibrated algorithms: add --algo gptq or awq")
+    algorithm = AlgorithmSpec(algo, calibration, GPTQSettings(damp, act_order=act_order), sequential=sequential)
     return export_folder(str(model), output, scheme or "q0f32", target, overwrite, progress, options, tuple(ignore),
                          algorithm, calibration_progress)

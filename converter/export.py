@@ -16,6 +16,8 @@ import onnx_ir as ir
 
 import lowbit
 from lowbit.converter.architectures import DecoderSpec, get_architecture
+from lowbit.converter.calibrate_folder import METADATA_KEY as ACTIVATION_CALIBRATION
+from lowbit.converter.calibrate_folder import calibrate_staging
 from lowbit.converter.checkpoint import Checkpoint, dir_size, resolve_model_dir
 from lowbit.converter.decoder import TARGETS, DecoderGraph
 from lowbit.errors import LowbitError
@@ -136,14 +138,15 @@ def _convert(model, output, scheme, target, overwrite, progress, options, ignore
     decoder = DecoderGraph(spec, weights, scheme_obj.dtype, TARGETS[target])
     graph = decoder.build()
     float_bytes = _weight_bytes(graph)
-    quant, quantized, algorithm_record = None, None, {"name": algorithm.name}
+    quant, quantized, quantized_floats, algorithm_record = None, None, None, {"name": algorithm.name}
     if scheme_obj.plan and run_algorithm is not None:
         sites, _ = planned_sites(graph, scheme_obj.plan, ignore)
-        inputs = ModelInput(lambda site: weight_loader(site)(), source, scheme_obj.dtype, spec.max_position_embeddings)
+        inputs = ModelInput(lambda site: weight_loader(site)(), source, scheme_obj.dtype, spec.max_position_embeddings,
+                            spec)
         result = run_algorithm(graph, sites, inputs, algorithm, work, calibration_progress)
-        quantized, algorithm_record = result.weights, result.record
+        quantized, algorithm_record, quantized_floats = result.weights, result.record, result.float_weights
     if scheme_obj.plan:
-        quant = quantize_model(graph, scheme_obj.plan, target, scheme_obj.dtype, ignore, quantized)
+        quant = quantize_model(graph, scheme_obj.plan, target, scheme_obj.dtype, ignore, quantized, quantized_floats)
     weight_bytes = _weight_bytes(graph)
 
     created = [p for p in output.parents if not p.exists()]  # removed again if the conversion fails
@@ -163,9 +166,13 @@ def _convert(model, output, scheme, target, overwrite, progress, options, ignore
                 shutil.copy2(source / name, staging / name)
         genai = genai_config(spec, arch.genai_type, source, share_buffer=decoder.attention.shares_kv_buffer)
         (staging / "genai_config.json").write_text(json.dumps(genai, indent=2))
+        activation_record = calibrate_staging(staging, scheme_obj, algorithm.calibration, source,
+                                              spec.max_position_embeddings, calibration_progress)
         session_config = {}
         if quant is not None and quant.qdq_accuracy_level() is not None:
             session_config["session.qdq_matmulnbits_accuracy_level"] = str(quant.qdq_accuracy_level())
+        if quant is not None and target == "ort":  # TensorRT must see the Q/DQ nodes as they are
+            session_config.update(quant.session_config())
         metadata = {
             "lowbit_version": lowbit.__version__,
             "scheme": scheme,
@@ -182,6 +189,8 @@ def _convert(model, output, scheme, target, overwrite, progress, options, ignore
             "algorithm": algorithm_record,
             "versions": _versions(),
         }
+        if activation_record is not None:  # static activation scales (FP8): measured here, or left for calibrate
+            metadata[ACTIVATION_CALIBRATION] = activation_record
         (staging / "lowbit.json").write_text(json.dumps(metadata, indent=2))
         prepare_output(output, overwrite)  # again: the folder may have changed while we converted
         if output.exists():

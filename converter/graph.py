@@ -51,7 +51,8 @@ def lazy_tensor(
     """
 
     def materialize():
-        array = np.ascontiguousarray(load(), dtype=dtype)
+        array = np.asarray(load(), dtype=dtype)
+        array = np.ascontiguousarray(array) if array.ndim else array  # (a 0-d array would become [1])
         assert array.shape == tuple(shape), (name, array.shape, shape)
         return ir.tensor(array, name=name)
 

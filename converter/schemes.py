@@ -17,7 +17,9 @@ import numpy as np
 
 from lowbit.errors import LowbitError
 from lowbit.affine import WeightQuant
+from lowbit.converter.quant.formats import static_fp8
 from lowbit.converter.quant.plan import ActivationQuant, LayerQuant, QuantPlan, uniform_plan
+from lowbit.fp8 import FLOAT8
 
 DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 
@@ -52,6 +54,13 @@ class Scheme:
     dtype: np.dtype
     description: str
     plan: QuantPlan | None = None
+    calibrated_name: str | None = None  # static activation scales left as placeholders: `lowbit calibrate` makes
+    #                                     the folder this scheme (MLC's `*_max_calibrate` -> the final code)
+
+    @property
+    def calibrates_at_conversion(self) -> bool:
+        """Static activation scales measured by `lowbit convert` itself (one-shot)."""
+        return self.plan is not None and self.plan.static_activations() and self.calibrated_name is None
 
 
 SCHEMES: dict[str, Callable[[SchemeOptions, str], Scheme]] = {}
@@ -173,6 +182,34 @@ def _w8a8(name: str):
 
 for _name in ("w8a8", "a8w8"):  # a8w8: DashInfer's name for the same scheme
     SCHEMES[_name] = _w8a8(_name)
+
+
+# ------------------------------------------------------------------------------ FP8: MLC's e4m3_e4m3_f16, e5m2_e5m2_f16
+
+
+def _fp8(flavour: str, max_calibrate: bool):
+    name = f"{flavour}_{flavour}_f16"
+
+    def make(options: SchemeOptions, target: str) -> Scheme:
+        scheme_name = name + ("_max_calibrate" if max_calibrate else "")
+        _no_options(options, scheme_name, allowed=())
+        # MLC's PerTensorQuantize: one scale per weight tensor and per activation tensor, max calibration
+        layer = LayerQuant(WeightQuant(8, None, f"fp8_{flavour}", per_tensor=True), activation=static_fp8(flavour))
+        calibration = ("activation scales left at 1.0 until `lowbit calibrate`" if max_calibrate
+                       else "activation scales from max calibration at conversion")
+        return Scheme(scheme_name, DTYPES["float16"],
+                      f"float8 {flavour} weights (per-tensor s = max|w|/{FLOAT8[flavour].max_value:g}) and activations "
+                      f"(per-tensor static s = absmax/{FLOAT8[flavour].max_value:g}), float16 compute, {calibration}; "
+                      "lm_head and embedding float",
+                      uniform_plan(layer, embeddings=False, lm_head=False, pad=options.pad),
+                      calibrated_name=name if max_calibrate else None)
+
+    SCHEMES[name + ("_max_calibrate" if max_calibrate else "")] = make
+
+
+for _flavour in FLOAT8:
+    for _max_calibrate in (False, True):
+        _fp8(_flavour, _max_calibrate)
 
 
 # ------------------------------------------------------------------------------ generic weight-only

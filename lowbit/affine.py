@@ -16,6 +16,10 @@ from typing import Callable
 
 import numpy as np
 
+from lowbit.fp8 import FLOAT8, RULE_FLAVOURS, quantize_weight
+
+FLOAT8_RULES = RULE_FLAVOURS  # float8 grids (lowbit.fp8): codes are fp8 bit patterns, not affine integers
+
 
 @dataclass(frozen=True)
 class WeightQuant:
@@ -25,26 +29,31 @@ class WeightQuant:
     group_size: int | None
     rule: str = "symmetric"
     clip_search: bool = False  # per group, the shrunk range (CLIP_RATIOS) with the least squared error
+    per_tensor: bool = False  # one scale for the whole weight (float8 rules only)
 
     def __post_init__(self):
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be within 2..8, got {self.bits}")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size must be positive, got {self.group_size}")
-        if self.rule not in RULES:
-            raise ValueError(f"unknown rule '{self.rule}' (known: {', '.join(RULES)})")
+        if self.rule not in RULES and self.rule not in FLOAT8_RULES:
+            raise ValueError(f"unknown rule '{self.rule}' (known: {', '.join([*RULES, *FLOAT8_RULES])})")
+        if self.rule in FLOAT8_RULES and (self.bits != 8 or self.group_size is not None or self.clip_search):
+            raise ValueError(f"rule {self.rule} is 8-bit, per channel or per tensor, without clip search")
+        if self.per_tensor and self.rule not in FLOAT8_RULES:
+            raise ValueError(f"per-tensor scales are implemented for the float8 rules only, not {self.rule}")
 
     @property
     def integer_zero_point(self) -> bool:
-        return RULES[self.rule].integer_zero_point
+        return self.rule in RULES and RULES[self.rule].integer_zero_point
 
     @property
     def centered(self) -> bool:
         """Zero point 2^(bits-1) for every group: stored without zero points (signed codes in DequantizeLinear)."""
-        return RULES[self.rule].centered
+        return self.rule in RULES and RULES[self.rule].centered
 
     def describe(self) -> str:
-        group = f"g{self.group_size}" if self.group_size else "per-channel"
+        group = "per-tensor" if self.per_tensor else f"g{self.group_size}" if self.group_size else "per-channel"
         return f"{self.bits}-bit {group} {self.rule}" + (" clip-search" if self.clip_search else "")
 
 
@@ -56,6 +65,7 @@ class QuantizedWeight:
     bits: int
     group_size: int  # the effective group size (K for per-channel)
     k: int  # original K (before padding)
+    element: str | None = None  # float8 rules: "e4m3" / "e5m2", codes are its bit patterns and zero points 0
 
     @property
     def n(self) -> int:
@@ -126,6 +136,8 @@ ROWS_PER_CHUNK = 4096  # bounds the float temporaries of one call, whatever the 
 
 def quantize(weight: np.ndarray, quant: WeightQuant, scale_dtype=np.float32) -> QuantizedWeight:
     """Quantize W [N, K] (float) with `quant`; scales (and float zero points) stored as `scale_dtype`."""
+    if quant.rule in FLOAT8_RULES:
+        return _quantize_float8(weight, quant, scale_dtype)
     n, k = weight.shape
     g = group_size_for(quant, k)
     kp = padded_k(quant, k)
@@ -196,7 +208,10 @@ def _squared_error(groups: np.ndarray, codes, scale, zero_points) -> np.ndarray:
 
 
 def dequantize(qw: QuantizedWeight) -> np.ndarray:
-    """(q - z) * s in float32, [N, K] (padding dropped)."""
+    """(q - z) * s in float32, [N, K] (padding dropped); float8 codes: fp8 value * s."""
+    if qw.element is not None:
+        values = qw.codes.view(FLOAT8[qw.element].dtype).astype(np.float32)
+        return values * qw.scales.astype(np.float32)
     n, g = qw.n, qw.group_size
     codes = qw.codes.reshape(n, -1, g).astype(np.float32)
     values = (codes - qw.zero_points.astype(np.float32)[..., None]) * qw.scales.astype(np.float32)[..., None]
@@ -204,7 +219,8 @@ def dequantize(qw: QuantizedWeight) -> np.ndarray:
 
 
 def _row_slice(qw: QuantizedWeight, rows: slice) -> QuantizedWeight:
-    return QuantizedWeight(qw.codes[rows], qw.scales[rows], qw.zero_points[rows], qw.bits, qw.group_size, qw.k)
+    return QuantizedWeight(qw.codes[rows], qw.scales[rows], qw.zero_points[rows], qw.bits, qw.group_size, qw.k,
+                           qw.element)
 
 
 def relative_error(weight: np.ndarray, qw: QuantizedWeight) -> float:
@@ -216,3 +232,12 @@ def relative_error(weight: np.ndarray, qw: QuantizedWeight) -> float:
         worst = max(worst, float(np.abs(chunk - dequantize(_row_slice(qw, rows))).max()))
         peak = max(peak, float(np.abs(chunk).max()))
     return worst / (peak or 1.0)
+
+
+def _quantize_float8(weight: np.ndarray, quant: WeightQuant, scale_dtype) -> QuantizedWeight:
+    """Float8 rules (lowbit.fp8): codes = the fp8 bit patterns as uint8 [N, K], scales [N, 1] (per tensor: the one
+    scale on every row), zero points 0."""
+    values, scales = quantize_weight(weight, FLOAT8_RULES[quant.rule], quant.per_tensor, scale_dtype)
+    n, k = values.shape
+    return QuantizedWeight(values.view(np.uint8), scales, np.zeros((n, 1), np.uint8), 8, k, k,
+                           FLOAT8_RULES[quant.rule])

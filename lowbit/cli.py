@@ -108,8 +108,8 @@ def _calibration_progress(stage: str):
 @click.option("--ignore", "ignore", multiple=True, metavar="PATTERN",
               help="Keep matching modules in float (repeatable): a glob or re:REGEX over module names, ours "
                    "(layers.0.mlp.down_proj) or transformers' (model.layers.0.mlp.down_proj, lm_head).")
-@click.option("--algo", default="rtn", show_default=True, type=click.Choice(["rtn", "gptq"]),
-              help="Weight algorithm: round to nearest, or GPTQ calibrated through ONNX Runtime.")
+@click.option("--algo", default="rtn", show_default=True, type=click.Choice(["rtn", "gptq", "awq"]),
+              help="Weight algorithm: round to nearest, or GPTQ / AWQ calibrated through ONNX Runtime.")
 @click.option("--calib-data", type=click.Path(path_type=Path), default=None,
               help="Calibration text, JSONL or JSON (Alpaca, {text}, ShareGPT rows) [default: lowbit's own set].")
 @click.option("--num-samples", default=128, show_default=True, type=click.IntRange(min=1),
@@ -122,7 +122,8 @@ def _calibration_progress(stage: str):
               help="GPTQ dampening, as a fraction of the Hessian's mean diagonal.")
 @click.option("--act-order", is_flag=True, help="GPTQ: columns in order of decreasing Hessian diagonal (static groups).")
 @click.option("--sequential/--independent", default=True,
-              help="GPTQ: calibrate each layer on the outputs of the quantized layers before it, or on float inputs.")
+              help="GPTQ/AWQ: calibrate each layer on the outputs of the quantized layers before it, or on "
+                   "float inputs.")
 @click.option("--quant-config", type=click.Path(path_type=Path), default=None,
               help="DashInfer quantization config JSON (instead of --scheme).")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that lowbit wrote (it holds lowbit.json).")
@@ -158,6 +159,28 @@ def convert(model, output, scheme, target, group_size, symmetric, accuracy_level
             click.echo(f"  {r.module:32s} {r.quant:28s} {r.format:24s} max rel err {r.max_rel_error:.4f}{shared}")
     for note in report.notes:
         click.echo(note)
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--calib-data", "--dataset", "calib_data", type=click.Path(path_type=Path), default=None,
+              help="Calibration text, JSONL or JSON (Alpaca, {text}, ShareGPT rows) [default: lowbit's own set].")
+@click.option("--num-samples", "--num-calibration-samples", "num_samples", default=128, show_default=True,
+              type=click.IntRange(min=1), help="Calibration samples.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=None,
+              help="Tokens per calibration sample at most [default: min(512, context)].")
+@click.option("--calib-seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Which samples, when the data holds more.")
+def calibrate(model_dir, calib_data, num_samples, seq_len, calib_seed):
+    """Measure the activation scales of a *_max_calibrate folder (max observers, ONNX Runtime) and write them in
+    place: the folder becomes the final scheme (e4m3_e4m3_f16_max_calibrate -> e4m3_e4m3_f16)."""
+    from lowbit.converter.algorithms.pipeline import CalibrationSettings
+    from lowbit.converter.calibrate_folder import calibrate_folder
+
+    record = calibrate_folder(model_dir, CalibrationSettings(calib_data, num_samples, seq_len, calib_seed),
+                              _calibration_progress("activation scales"))
+    click.echo(f"calibrated {model_dir} ({record['calibrated_scheme']}): {len(record['scales'])} activation scales "
+               f"from {record['samples']} samples, {record['tokens']} tokens of {record['data']}")
 
 
 def sampling_options(command):
@@ -321,7 +344,9 @@ def inspect(model_dir, as_json):
         for name, q in info["quantized"].items():
             size = f"{q['bytes'] / 1e3:.1f} kB (float {q['float_bytes'] / 1e3:.1f} kB)" if "bytes" in q else ""
             compute = f"{q['compute']} compute" if "compute" in q else ""
-            click.echo(f"  {name:32s} {q['op']:36s} {q['quant']:26s} {q['format']:24s} {compute:14s} {size}")
+            activation = f"; activations {q['activation']}" if "activation" in q else ""
+            click.echo(f"  {name:32s} {q['op']:36s} {q['quant']:26s} {q['format']:24s} {compute:14s} {size}"
+                       + activation)
     click.echo("ops: " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
 
 

@@ -32,8 +32,11 @@ def inspect_model(model_dir: str | Path) -> dict:
     if (model_dir / "lowbit.json").is_file():
         meta = json.loads((model_dir / "lowbit.json").read_text())
     quantized = {}
+    modules = meta.get("quantization") or {}
     for node in model.graph.node:
         props = {p.key: p.value for p in node.metadata_props}
+        if modules and node.name not in modules:
+            continue  # a helper node of a quantized layer (activation Q/DQ, weight DQ): listed under its layer
         if "lowbit.quant" in props and node.name:
             quantized.setdefault(node.name, {"op": f"{node.domain}.{node.op_type}" if node.domain else node.op_type,
                                              "quant": props["lowbit.quant"], "format": props["lowbit.format"]})
@@ -42,7 +45,12 @@ def inspect_model(model_dir: str | Path) -> dict:
             quantized[module].update(bytes=info["bytes"], float_bytes=info["float_bytes"],
                                      max_rel_error=info["max_rel_error"])
             op = quantized[module]["op"]
-            if op in OP_COMPUTE:
+            activation = info.get("activation")
+            if activation:
+                quantized[module]["activation"] = _describe_activation(activation, module, meta)
+            if activation and activation.get("type") == "float":  # float8 Q/DQ: dequantized, then the model dtype
+                quantized[module]["compute"] = meta.get("dtype", "float")
+            elif op in OP_COMPUTE:
                 quantized[module]["compute"] = OP_COMPUTE[op]
             elif info.get("accuracy_level") is not None and "Gather" not in op:
                 quantized[module]["compute"] = COMPUTE[info["accuracy_level"]]
@@ -58,3 +66,16 @@ def inspect_model(model_dir: str | Path) -> dict:
         "inputs": [i.name for i in model.graph.input],
         "outputs": [o.name for o in model.graph.output],
     }
+
+
+def _describe_activation(activation: dict, module: str, meta: dict) -> str:
+    """`int8 dynamic per-tensor`, `fp8 e4m3 static per-tensor scale 0.0121` (or `placeholder scale 1`)."""
+    kind = f"fp8 {activation['element']}" if activation.get("type") == "float" else f"int{activation['bits']}"
+    text = f"{kind} {'dynamic' if activation['dynamic'] else 'static'} per-{activation['strategy']}"
+    calibration = meta.get("activation_calibration") or {}
+    if activation["dynamic"]:
+        return text
+    if calibration.get("status") == "placeholder":
+        return f"{text} placeholder scale {calibration.get('placeholder_scale', '?')} (run lowbit calibrate)"
+    scale = calibration.get("scales", {}).get(module)
+    return f"{text} scale {scale:.4g}" if scale is not None else text

@@ -134,3 +134,44 @@ def test_bad_input(tmp_path, calibration, args, message):
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert message in lines[0]
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ --algo awq
+
+
+def test_independent_awq_equals_the_core_on_float_statistics(calibration):
+    """Layer 0 of an --independent AWQ folder: scales from `awq_search` on the float model's statistics, folded into
+    the norms (and up_proj's rows for down_proj), weights quantized from W·diag(s) by the clip search."""
+    from lowbit.converter.algorithms.awq import (awq_clip_search, awq_search, fold_into_norm, quantize_clipped,
+                                                 scale_weight)
+
+    root, data, reference, samples = calibration
+    out = root / "awq"
+    lowbit.convert(SAMPLE_MODEL, out, scheme="w4a16", accuracy_level=0, ignore=["lm_head", "embed_tokens"],
+                   algo="awq", calib_data=data, sequential=False, **SETTINGS)
+    floats, stored = initializers(reference), initializers(out)
+    modules = ["layers.0.attn.qkv_proj", "layers.0.mlp.gate_up_proj", "layers.0.mlp.down_proj", "layers.0.attn.o_proj"]
+    stats = calibrate_statistics(reference / "model.onnx", modules, ["hessian", "mean_abs_per_channel"], samples)
+    w = {m: np.ascontiguousarray(floats[f"{m}.weight"].T) for m in modules}
+    s = {m: awq_search([w[m]], stats[m]["hessian"], stats[m]["mean_abs_per_channel"], QUANT).scales
+         for m in modules[:3]}
+    for module, norm in (("layers.0.attn.qkv_proj", "layers.0.attn_norm"), ("layers.0.mlp.gate_up_proj",
+                                                                          "layers.0.mlp_norm")):
+        np.testing.assert_array_equal(stored[f"{norm}.weight"], fold_into_norm(floats[f"{norm}.weight"], s[module]))
+    scaled = {m: scale_weight(w[m], s[m]) for m in modules[:3]}
+    half = scaled["layers.0.mlp.gate_up_proj"].shape[0] // 2
+    scaled["layers.0.mlp.gate_up_proj"][half:] = (
+        scaled["layers.0.mlp.gate_up_proj"][half:].astype(np.float64) / s["layers.0.mlp.down_proj"][:, None]
+    ).astype(np.float32)
+    scaled["layers.0.attn.o_proj"] = w["layers.0.attn.o_proj"]
+    for module in ("layers.0.mlp.gate_up_proj", "layers.0.mlp.down_proj", "layers.0.attn.o_proj"):
+        h = stats[module]["hessian"]
+        if module in s:
+            h = h / np.outer(s[module], s[module])
+        bounds = awq_clip_search(scaled[module], h, QUANT)
+        expected = matmul_nbits.pack(quantize_clipped(scaled[module], bounds, QUANT), symmetric=True)
+        assert np.array_equal(stored[f"{module}.qweight"], expected.b), module
+        assert np.array_equal(stored[f"{module}.scales"], expected.scales), module
+    record = json.loads((out / "lowbit.json").read_text())["algorithm"]
+    assert record["name"] == "awq" and record["sequential"] is False and set(record["alpha"]) >= set(modules[:3])
+    assert all(e["awq"] < e["rtn"] for e in record["layer_output_error"].values())

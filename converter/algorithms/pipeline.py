@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.affine import QuantizedWeight, dequantize
+from lowbit.affine import QuantizedWeight, dequantize, quantize
+from lowbit.converter.algorithms.awq import (awq_clip_search, awq_search, fold_into_linear_rows, fold_into_norm,
+                                             output_error, quantize_clipped, scale_weight)
 from lowbit.converter.algorithms.gptq import gptq_quantize
+from lowbit.converter.graph import lazy_tensor
 from lowbit.converter.calibration import DEFAULT_CALIBRATION_FILE, load_calibration_samples
 from lowbit.converter.calibration.layerwise import LayerRunner, capture_value, layer_boundaries
 from lowbit.converter.calibration.observers import make_observer
@@ -58,7 +61,6 @@ class GPTQSettings:
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
-    sequential: bool = True
 
     def __post_init__(self):
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not (
@@ -69,11 +71,19 @@ class GPTQSettings:
 
 
 @dataclass(frozen=True)
+class AWQSettings:
+    grid: int = 20  # α = i / grid
+    duo_scaling: bool = False
+    clip: bool = True  # AutoAWQ's weight-clip search after scaling (never on q and k rows)
+
+
+@dataclass(frozen=True)
 class AlgorithmResult:
     """Loaders of the quantized weights by module, and what lowbit.json records about the run."""
 
     weights: dict[str, Callable[[], QuantizedWeight]]
     record: dict
+    float_weights: dict[str, Callable[[], np.ndarray]] = field(default_factory=dict)  # what was quantized (AWQ: scaled)
 
 
 def file_sha256(path: Path) -> str:
@@ -116,6 +126,11 @@ class _WeightStore:
 
         return load
 
+    def save_float(self, module: str, weight: np.ndarray) -> Callable[[], np.ndarray]:
+        path = self.folder / f"{module}.float.npy"
+        np.save(path, weight)
+        return lambda: np.load(path)
+
 
 class _FloatWeights:
     """The temporary float model's weight initializers, writable in place (memory-mapped external data)."""
@@ -130,6 +145,10 @@ class _FloatWeights:
             if "location" in info:
                 dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
                 self.entries[tensor.name] = (info["location"], int(info.get("offset", 0)), tuple(tensor.dims), dtype)
+
+    def read(self, name: str) -> np.ndarray:
+        location, offset, shape, dtype = self.entries[name]
+        return np.array(np.memmap(self.folder / location, dtype=dtype, mode="r", offset=offset, shape=shape))
 
     def write(self, name: str, value: np.ndarray) -> None:
         location, offset, shape, dtype = self.entries[name]
@@ -146,6 +165,8 @@ class AlgorithmSpec:
     name: str = "rtn"
     calibration: CalibrationSettings = CalibrationSettings()
     gptq: GPTQSettings = GPTQSettings()
+    awq: AWQSettings = AWQSettings()
+    sequential: bool = True  # layer l calibrated on the outputs of the quantized layers before it
 
     def __post_init__(self):
         if self.name not in ALGORITHMS:
@@ -160,14 +181,35 @@ class ModelInput:
     tokenizer_folder: Path
     scale_dtype: np.dtype
     context_length: int
+    spec: object = None  # the DecoderSpec (AWQ reads projection sizes and the MLP kind)
 
 
-def run_gptq(model: ir.Model, sites: list[tuple[Site, LayerQuant]], source: ModelInput, spec: AlgorithmSpec,
-             work: Path, progress: Callable[[str], object] | None = None) -> AlgorithmResult:
-    """GPTQ for every (site, plan) in `sites` whose site is a MatMul. Returns the loaders `quantize_model` takes
-    instead of round-to-nearest, and the run's record. `progress(label)` gives each stage's per-sample callback."""
-    calibration, settings = spec.calibration, spec.gptq
-    context_length, scale_dtype = source.context_length, source.scale_dtype
+@dataclass
+class _Run:
+    """What every calibrated algorithm starts from: samples, the MatMul sites, the float folder, a weight store."""
+
+    samples: list[np.ndarray]
+    seq_len: int
+    targets: list[tuple[Site, LayerQuant]]
+    float_path: Path
+    float_weights: "_FloatWeights"
+    store: "_WeightStore"
+
+    def record(self, spec: AlgorithmSpec, settings: dict, errors: dict) -> dict:
+        calibration = spec.calibration
+        data = calibration.data or DEFAULT_CALIBRATION_FILE
+        return {
+            "name": spec.name, "sequential": spec.sequential, **settings,
+            "calibration": {"data": str(Path(calibration.data).resolve()) if calibration.data else "lowbit default set",
+                            "sha256": file_sha256(data), "samples": len(self.samples),
+                            "tokens": int(sum(len(s) for s in self.samples)), "seq_len": self.seq_len,
+                            "seed": calibration.seed},
+            "layer_output_error": errors,  # trace((W - Q) H (W - Q)^T), the algorithm's and round-to-nearest's
+        }
+
+
+def _prepare(model: ir.Model, sites, source: ModelInput, spec: AlgorithmSpec, work: Path) -> _Run:
+    calibration, context_length = spec.calibration, source.context_length
     seq_len = calibration.seq_len or min(DEFAULT_SEQ_LEN, context_length)
     if seq_len > context_length:
         raise LowbitError(f"--seq-len {seq_len} exceeds the model's context length ({context_length})")
@@ -178,39 +220,144 @@ def run_gptq(model: ir.Model, sites: list[tuple[Site, LayerQuant]], source: Mode
         raise LowbitError(f"--algo {spec.name}: the scheme quantizes no MatMul layer")
     float_path = work / "float" / FLOAT_MODEL
     float_path.parent.mkdir(parents=True)
-    ir.save(model, float_path, external_data=FLOAT_MODEL + ".data")
-    float_weights = _FloatWeights(float_path)
-    store = _WeightStore(work / "quantized")
+    # weights (norms of >= 32 floats included) go to the data file, where sequential runs overwrite them in place;
+    # shape constants stay inline, where ORT's shape inference reads them
+    ir.save(model, float_path, external_data=FLOAT_MODEL + ".data", size_threshold_bytes=128)
+    return _Run(samples, seq_len, targets, float_path, _FloatWeights(float_path), _WeightStore(work / "quantized"))
+
+
+def run_gptq(model: ir.Model, sites: list[tuple[Site, LayerQuant]], source: ModelInput, spec: AlgorithmSpec,
+             work: Path, progress: Callable[[str], object] | None = None) -> AlgorithmResult:
+    """GPTQ for every (site, plan) in `sites` whose site is a MatMul. Returns the loaders `quantize_model` takes
+    instead of round-to-nearest, and the run's record. `progress(label)` gives each stage's per-sample callback."""
+    run = _prepare(model, sites, source, spec, work)
+    settings = spec.gptq
     loaders, errors = {}, {}
 
-    def quantize_stage(stage, hessians):
+    def quantize_stage(stage, statistics):
         for site, layer in stage:
             try:
-                result = gptq_quantize(source.load_weight(site), hessians[site.module], layer.weight,
+                result = gptq_quantize(source.load_weight(site), statistics[site.module]["hessian"], layer.weight,
                                        damp=settings.damp, block_size=settings.block_size,
-                                       act_order=settings.act_order, scale_dtype=scale_dtype)
+                                       act_order=settings.act_order, scale_dtype=source.scale_dtype)
             except LowbitError as e:
                 raise LowbitError(f"{site.module}: {e}") from None
-            loaders[site.module] = store.save(site.module, result.quantized)
+            loaders[site.module] = run.store.save(site.module, result.quantized)
             errors[site.module] = {"gptq": result.error, "rtn": result.rtn_error}
-            if settings.sequential:
-                float_weights.write(site.weight.name, dequantize(result.quantized).T)
+            if spec.sequential:
+                run.float_weights.write(site.weight.name, dequantize(result.quantized).T)
 
-    run_layerwise(float_path, stages(targets), samples, quantize_stage, settings.sequential, progress)
-    data = calibration.data or DEFAULT_CALIBRATION_FILE
-    record = {
-        "name": "gptq", **asdict(settings),
-        "calibration": {"data": str(calibration.data) if calibration.data else "lowbit default set",
-                        "sha256": file_sha256(data), "samples": len(samples),
-                        "tokens": int(sum(len(s) for s in samples)), "seq_len": seq_len, "seed": calibration.seed},
-        "layer_output_error": errors,  # trace((W - Q) H (W - Q)^T) for GPTQ and for round-to-nearest
-    }
-    return AlgorithmResult(loaders, record)
+    run_layerwise(run.float_path, stages(run.targets), run.samples, quantize_stage, spec.sequential, progress)
+    return AlgorithmResult(loaders, run.record(spec, asdict(settings), errors))
+
+
+def _concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    first = parts[0]
+    return QuantizedWeight(np.concatenate([q.codes for q in parts]), np.concatenate([q.scales for q in parts]),
+                           np.concatenate([q.zero_points for q in parts]), first.bits, first.group_size, first.k)
+
+
+def run_awq(model: ir.Model, sites: list[tuple[Site, LayerQuant]], source: ModelInput, spec: AlgorithmSpec,
+            work: Path, progress: Callable[[str], object] | None = None) -> AlgorithmResult:
+    """AWQ for every (site, plan) in `sites` whose site is a MatMul, layer by layer (docs/algorithms.md): per-input-
+    channel scales searched on each layer's calibration statistics, folded into the op before (the input norm for
+    q/k/v, the post-attention norm for gate/up, up_proj's rows for down_proj; o_proj and lm_head keep s = 1),
+    then the clip search and quantization of the scaled weights. The folded norm weights replace the graph's."""
+    run = _prepare(model, sites, source, spec, work)
+    settings, decoder = spec.awq, source.spec
+    initializers = model.graph.initializers
+    loaders, folded_loaders, errors, alphas = {}, {}, {}, {}
+
+    def norm_names(layer: int, norm: str) -> list[str]:
+        return [name for name in (f"layers.{layer}.{norm}.weight", f"layers.{layer}.{norm}.bias")
+                if name in initializers]
+
+    def quantize_stage(stage, statistics):
+        by_kind = {site.module.rsplit(".", 1)[-1]: (site, layer) for site, layer in stage}
+        weights = {site.module: source.load_weight(site) for site, _ in stage}
+        index = int(stage[0][0].module.split(".")[1]) if stage[0][0].module.startswith("layers.") else None
+        scales, folds = {}, []  # module -> s of its input; (initializer names, s) to divide
+        mappings = [("qkv_proj", "attn_norm"), ("gate_up_proj", "mlp_norm"), ("fc_proj", "mlp_norm")]
+        for kind, norm in mappings:
+            if kind in by_kind and index is not None and norm_names(index, norm):
+                site, layer = by_kind[kind]
+                stats = statistics[site.module]
+                search = awq_search([weights[site.module]], stats["hessian"], stats["mean_abs_per_channel"],
+                                    layer.weight, grid=settings.grid, duo_scaling=settings.duo_scaling,
+                                    scale_dtype=source.scale_dtype)
+                scales[site.module], alphas[site.module] = search.scales, search.alpha
+                folds.append((norm_names(index, norm), search.scales))
+        down_scale = None
+        if "down_proj" in by_kind and "gate_up_proj" in by_kind and decoder is not None and decoder.gated_mlp:
+            site, layer = by_kind["down_proj"]
+            stats = statistics[site.module]
+            search = awq_search([weights[site.module]], stats["hessian"], stats["mean_abs_per_channel"],
+                                layer.weight, grid=settings.grid, duo_scaling=settings.duo_scaling,
+                                scale_dtype=source.scale_dtype)
+            scales[site.module], alphas[site.module] = search.scales, search.alpha
+            down_scale = search.scales
+        for site, layer in stage:
+            module, w = site.module, weights[site.module]
+            s = scales.get(module)
+            if s is not None:
+                w = scale_weight(w, s)
+            if down_scale is not None and module.endswith("gate_up_proj"):  # up's rows feed down_proj
+                half = w.shape[0] // 2
+                w = np.concatenate([w[:half], fold_into_linear_rows(w[half:], down_scale)]).astype(np.float32)
+            hessian = statistics[module]["hessian"]
+            scaled_hessian = hessian if s is None else hessian / np.outer(s, s)
+            plain = replace(layer.weight, clip_search=False)
+            rows = [w.shape[0]]
+            clip = [settings.clip]
+            if module.endswith("qkv_proj") and decoder is not None:  # AutoAWQ clips neither q nor k
+                q, kv = decoder.num_heads * decoder.head_dim, decoder.num_kv_heads * decoder.head_dim
+                rows, clip = [q, kv, kv], [False, False, settings.clip]
+            parts, start = [], 0
+            for count, flag in zip(rows, clip):
+                part = w[start:start + count]
+                start += count
+                if flag:
+                    bounds = awq_clip_search(part, scaled_hessian, layer.weight, scale_dtype=source.scale_dtype)
+                    parts.append(quantize_clipped(part, bounds, layer.weight, source.scale_dtype))
+                else:
+                    parts.append(quantize(part, plain, source.scale_dtype))
+            quantized = _concat_rows(parts)
+            loaders[module] = run.store.save(module, quantized)
+            folded = run.store.save_float(module, w)
+            folded_loaders[module] = folded
+            unscaled = dequantize(quantized) if s is None else dequantize(quantized) / s
+            original = weights[module]
+            if down_scale is not None and module.endswith("gate_up_proj"):
+                half = original.shape[0] // 2
+                unscaled[half:] *= down_scale[:, None]
+            rtn = dequantize(quantize(original, layer.weight, source.scale_dtype))
+            errors[module] = {"awq": output_error(unscaled - original, hessian),
+                              "rtn": output_error(rtn - original, hessian)}
+            if spec.sequential:
+                run.float_weights.write(site.weight.name, dequantize(quantized).T)
+        for names, s in folds:
+            for name in names:
+                _fold_norm(initializers[name], s)
+                if spec.sequential:
+                    run.float_weights.write(name, fold_into_norm(run.float_weights.read(name), s))
+
+    run_layerwise(run.float_path, stages(run.targets), run.samples, quantize_stage, spec.sequential, progress,
+                  observers=("hessian", "mean_abs_per_channel"))
+    record = run.record(spec, asdict(settings), errors)
+    record["alpha"] = alphas
+    return AlgorithmResult(loaders, record, folded_loaders)
+
+
+def _fold_norm(value: ir.Value, s: np.ndarray) -> None:
+    """The graph's norm weight (or bias) initializer, divided by s when it is written (stays lazy)."""
+    tensor = value.const_value
+    value.const_value = lazy_tensor(value.name, tensor.dtype.numpy(), tuple(tensor.shape),
+                                    lambda: fold_into_norm(tensor.numpy(), s))
 
 
 def run_layerwise(float_path: Path, stages_: list[list[tuple[Site, LayerQuant]]], samples: list[np.ndarray],
                   quantize_stage: Callable[[list, dict], None], sequential: bool,
-                  progress: Callable[[str], object] | None = None) -> None:
+                  progress: Callable[[str], object] | None = None, observers: tuple[str, ...] = ("hessian",)) -> None:
     """Walks the decoder one layer at a time (`calibration.layerwise`): for each layer, its MatMul inputs' Hessians
     over every sample, fed the residual stream the layers before produced; `quantize_stage(stage, {module:
     hessian})` quantizes the layer's sites (and, when `sequential`, writes their dequantized weights into the
@@ -231,21 +378,24 @@ def run_layerwise(float_path: Path, stages_: list[list[tuple[Site, LayerQuant]]]
         following = [] if last else list(boundaries[index + 1])
         captures = {site.module: capture_value(proto, site.module) for site, _ in stage}
         runner = LayerRunner(folder, proto, inputs, following + list(captures.values()))
-        observers = {module: make_observer("hessian") for module in captures}
+        state = {module: {name: make_observer(name) for name in observers} for module in captures}
         label = "lm_head" if last else f"layer {index}"
         report = progress(label) if progress and stage else None
         next_cache = []
         for i, sample in enumerate(samples):
             values = runner.run(sample, cache[i])
             for module, value in captures.items():
-                observers[module].update(values[value].reshape(-1, values[value].shape[-1]))
+                rows = values[value].reshape(-1, values[value].shape[-1])
+                for observer in state[module].values():
+                    observer.update(rows)
             next_cache.append(tuple(values[name] for name in following))
             if report:
                 report(i + 1, len(samples))
         del runner
         if stage:
-            quantize_stage(stage, {module: observer.result() for module, observer in observers.items()})
-            del observers
+            quantize_stage(stage, {module: {name: o.result() for name, o in by_name.items()}
+                                   for module, by_name in state.items()})
+            del state
             if sequential and not last:  # the next layer sees this layer's quantized outputs
                 runner = LayerRunner(folder, proto, inputs, following)
                 next_cache = [tuple(runner.run(sample, cache[i]).values()) for i, sample in enumerate(samples)]
@@ -254,4 +404,4 @@ def run_layerwise(float_path: Path, stages_: list[list[tuple[Site, LayerQuant]]]
 
 
 # --algo: name -> function(model, sites, source, spec, work, progress) -> AlgorithmResult; None: round to nearest
-ALGORITHMS: dict[str, Callable | None] = {"rtn": None, "gptq": run_gptq}
+ALGORITHMS: dict[str, Callable | None] = {"rtn": None, "gptq": run_gptq, "awq": run_awq}

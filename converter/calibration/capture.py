@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -91,9 +92,12 @@ def empty_feeds(session, token_ids: np.ndarray) -> dict[str, np.ndarray]:
 
 
 class ActivationCapture:
-    """An ORT session over a saved model that also returns the input rows of chosen MatMul/Gemm nodes."""
+    """An ORT session over a saved model that also returns the input rows of chosen MatMul/Gemm nodes.
+    `edit(model)`, if given, changes the graph (an onnx_ir Model, weights not loaded) before the outputs are added,
+    e.g. to bypass activation quantization (lowbit.converter.calibrate_folder)."""
 
-    def __init__(self, model_onnx: str | Path, sites: list[str], provider: str = "cpu", threads: int | None = None):
+    def __init__(self, model_onnx: str | Path, sites: list[str], provider: str = "cpu", threads: int | None = None,
+                 edit: Callable[[object], None] | None = None):
         import onnx_ir as ir
         import onnxruntime as ort
 
@@ -105,6 +109,8 @@ class ActivationCapture:
         if provider not in PROVIDERS:
             raise LowbitError(f"unknown provider '{provider}' (known: {', '.join(PROVIDERS)})")
         model = _load_graph(model_onnx)
+        if edit is not None:
+            edit(model)
         self.sites = add_capture_outputs(model, list(sites), model_onnx)
         self.output_names = list(dict.fromkeys(site.value for site in self.sites))
         options = ort.SessionOptions()

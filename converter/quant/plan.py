@@ -12,21 +12,24 @@ a storage format that computes with exactly that setting is chosen for it.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from lowbit.affine import WeightQuant
+from lowbit.fp8 import FLOAT8
 
 
 @dataclass(frozen=True)
 class ActivationQuant:
-    """How a layer's input activations are quantized: `dynamic` = range measured at run time on every call;
-    `strategy` "tensor" (one scale and zero point for the whole input) or "token" (one per row)."""
+    """How a layer's input activations are quantized: `dynamic` = range measured at run time on every call
+    (static: a scale calibrated beforehand); `strategy` "tensor" (one scale and zero point for the whole input) or
+    "token" (one per row); `type` "int" or "float" (8-bit, `element` "e4m3" or "e5m2": lowbit.fp8)."""
 
     bits: int = 8
     type: str = "int"
     dynamic: bool = True
     symmetric: bool = False
     strategy: str = "tensor"
+    element: str | None = None  # float8 flavour of type "float"; None for "int"
 
     def __post_init__(self):
         if not 2 <= self.bits <= 8:
@@ -35,9 +38,19 @@ class ActivationQuant:
             raise ValueError(f"activation type must be 'int' or 'float', got {self.type!r}")
         if self.strategy not in ("tensor", "token"):
             raise ValueError(f"activation strategy must be 'tensor' or 'token', got {self.strategy!r}")
+        if self.type == "float" and (self.bits != 8 or self.element not in FLOAT8):
+            raise ValueError(f"float activations are 8-bit with element one of {', '.join(FLOAT8)}, got "
+                             f"{self.bits}-bit {self.element!r}")
+        if self.type == "int" and self.element is not None:
+            raise ValueError(f"integer activations take no float8 element, got {self.element!r}")
+
+    def as_dict(self) -> dict:
+        """The fields as lowbit.json writes them (`element` only when set)."""
+        return {k: v for k, v in asdict(self).items() if k != "element" or v is not None}
 
     def describe(self) -> str:
-        return (f"{self.type}{self.bits} {'dynamic' if self.dynamic else 'static'} "
+        kind = f"fp8 {self.element}" if self.type == "float" else f"{self.type}{self.bits}"
+        return (f"{kind} {'dynamic' if self.dynamic else 'static'} "
                 f"{'symmetric' if self.symmetric else 'asymmetric'} per-{self.strategy}")
 
 
@@ -59,6 +72,11 @@ class QuantRule:
 class QuantPlan:
     rules: tuple[QuantRule, ...]
     pad: bool = True  # zero-pad K to a multiple of the group; False: such a layer is an error
+
+    def static_activations(self) -> bool:
+        """Some layer quantizes its activations with calibrated (static) scales."""
+        return any(r.quant is not None and r.quant.activation is not None and not r.quant.activation.dynamic
+                   for r in self.rules)
 
     def lookup(self, module: str) -> LayerQuant | None:
         for rule in self.rules:

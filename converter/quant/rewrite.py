@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -59,12 +59,16 @@ class QuantReport:
         levels = [r.accuracy_level for r in self.layers if r.format == "dq"]
         return min(levels) if levels else None
 
+    def session_config(self) -> dict[str, str]:
+        """ORT session entries the layers' formats ask for (target ort)."""
+        return {k: v for r in self.layers for k, v in FORMATS[r.format].session_config}
+
     def as_dict(self) -> dict:
         return {
             r.module: {"quant": r.quant, "format": r.format, "shape": [r.n, r.k], "bytes": r.quant_bytes,
                        "float_bytes": r.float_bytes, "max_rel_error": r.max_rel_error, "shares": r.shares,
                        "accuracy_level": r.accuracy_level,
-                       "activation": asdict(r.activation) if r.activation else None}
+                       "activation": r.activation.as_dict() if r.activation else None}
             for r in self.layers
         }
 
@@ -175,10 +179,13 @@ def planned_sites(model: ir.Model, plan: QuantPlan, ignore: tuple[str, ...] = ()
 
 
 def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype, ignore: tuple[str, ...] = (),
-                   quantized: dict[str, Callable[[], QuantizedWeight]] | None = None) -> QuantReport:
+                   quantized: dict[str, Callable[[], QuantizedWeight]] | None = None,
+                   float_weights: dict[str, Callable[[], np.ndarray]] | None = None) -> QuantReport:
     """Rewrites `model` in place; returns the per-layer report (errors filled in at write time).
     `ignore`: --ignore patterns (`ignore.py`); the modules they match stay float. `quantized`: loaders of
-    weights an algorithm already quantized (GPTQ), by module; the others are rounded to nearest."""
+    weights an algorithm already quantized (GPTQ, AWQ), by module; the others are rounded to nearest.
+    `float_weights`: the float weight an algorithm quantized where it is not the checkpoint's (AWQ's scaled
+    W·diag(s)), for the error report."""
     graph = model.graph
     report = QuantReport()
     used_functions: set[str] = set()
@@ -188,7 +195,7 @@ def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype, ignore:
     for site, layer in sites:
         fmt = choose_format(layer, site, target)
         emission = fmt.emission(layer.weight, site, np.dtype(dtype), layer.accuracy_level)
-        load = weight_loader(site)
+        load = (float_weights or {}).get(site.module) or weight_loader(site)
         layer_report = LayerReport(
             site.module, layer.weight.describe(), fmt.name, site.n, site.k, site.weight.const_value.nbytes,
             sum(_part_bytes(p) for p in emission.parts), layer.accuracy_level,

@@ -1,0 +1,215 @@
+"""Static activation scales: max calibration of a converted folder's Q/DQ activations (FP8 schemes).
+
+A static activation site is a MatMul/Gemm whose first input is DequantizeLinear(QuantizeLinear(x, s, z), s, z)
+with s an initializer (`{module}.input_scale`, float8 zero point z). Calibration observes x with every such
+activation Q/DQ bypassed (x fed straight into the MatMul; the weights stay quantized, as MLC's calibration runs
+the model with quantized weights), so the result never depends on the scales the folder holds now: a folder with
+placeholder scales and one already calibrated give the same scales, and calibrating twice changes nothing.
+Each site's scale is s = max|x| / fp8_max over all calibration tokens (`absmax` observer, lowbit.fp8.scale_for).
+
+`lowbit convert --scheme e4m3_e4m3_f16` runs this on its staging folder before moving it into place;
+`lowbit calibrate OUT` runs it on a `*_max_calibrate` folder and rewrites it in place: the new model.onnx
+(the scales are small tensors stored inside it; model.onnx.data is not touched) and lowbit.json are written
+to temporary files in the folder and moved over the old ones with os.replace, model.onnx first. An error
+before or between the two moves puts the old model.onnx back, so the folder is then as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from lowbit.converter.algorithms.pipeline import DEFAULT_SEQ_LEN, CalibrationSettings, file_sha256
+from lowbit.converter.calibration import DEFAULT_CALIBRATION_FILE, calibrate_statistics, load_calibration_samples
+from lowbit.converter.quant.formats import ACTIVATION_SCALE_PLACEHOLDER
+from lowbit.errors import LowbitError
+from lowbit.fp8 import scale_for
+
+FLOAT8_TYPES = {onnx.TensorProto.FLOAT8E4M3FN: "e4m3", onnx.TensorProto.FLOAT8E5M2: "e5m2"}
+WEIGHTED_OPS = ("MatMul", "Gemm")
+OBSERVER = "absmax"
+METADATA_KEY = "activation_calibration"  # lowbit.json: {"status": "placeholder" | "calibrated", ...}
+
+
+def _activation_qdq(node, producer: Callable):
+    """(QuantizeLinear, DequantizeLinear) feeding a MatMul/Gemm's first input, or None."""
+    if node.op_type not in WEIGHTED_OPS:
+        return None
+    dq = producer(node, 0)
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    q = producer(dq, 0)
+    if q is None or q.op_type != "QuantizeLinear":
+        return None
+    return q, dq
+
+
+def static_sites(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
+    """{node name: (activation scale initializer, float8 flavour)} of the static float8 activation sites."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    initializers = {t.name: t for t in model.graph.initializer}
+    sites = {}
+    for node in model.graph.node:
+        qdq = _activation_qdq(node, lambda n, i: producers.get(n.input[i]) if len(n.input) > i else None)
+        if qdq is None:
+            continue
+        q, dq = qdq
+        zero = initializers.get(q.input[2]) if len(q.input) > 2 else None
+        if q.input[1] not in initializers or dq.input[1] != q.input[1] or zero is None:
+            continue
+        if zero.data_type in FLOAT8_TYPES:
+            sites[node.name] = (q.input[1], FLOAT8_TYPES[zero.data_type])
+    return sites
+
+
+def bypass_activation_qdq(model) -> None:
+    """onnx_ir edit: every MatMul/Gemm reads x instead of DequantizeLinear(QuantizeLinear(x)); the pairs go."""
+    def producer(node, index):
+        return node.inputs[index].producer() if len(node.inputs) > index and node.inputs[index] is not None else None
+
+    for node in list(model.graph):
+        qdq = _activation_qdq(node, producer)
+        if qdq is None:
+            continue
+        q, dq = qdq
+        node.replace_input_with(0, q.inputs[0])
+        for dead in (dq, q):
+            if not any(output.uses() for output in dead.outputs):
+                model.graph.remove(dead, safe=True)
+
+
+def measure_scales(model_onnx: Path, settings: CalibrationSettings, tokenizer_folder: Path, context_length: int,
+                   progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """({scale initializer name: new scale}, the calibration record for lowbit.json) for a saved model."""
+    model = _load(model_onnx)
+    sites = static_sites(model)
+    if not sites:
+        raise LowbitError(f"{model_onnx}: no static activation scales to calibrate")
+    seq_len = settings.seq_len or min(DEFAULT_SEQ_LEN, context_length)
+    if seq_len > context_length:
+        raise LowbitError(f"--seq-len {seq_len} exceeds the model's context length ({context_length})")
+    samples = load_calibration_samples(settings.data, tokenizer_folder, settings.num_samples, seq_len, settings.seed)
+    statistics = calibrate_statistics(model_onnx, list(sites), [OBSERVER], samples, progress,
+                                      edit=bypass_activation_qdq)
+    dtypes = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in model.graph.initializer}
+    scales, absmax = {}, {}
+    for node, (scale_name, flavour) in sites.items():
+        absmax[node] = float(statistics[node][OBSERVER])
+        scales[scale_name] = scale_for(absmax[node], flavour, dtypes[scale_name])
+    record = {
+        "status": "calibrated", "observer": OBSERVER,
+        "data": str(settings.data) if settings.data else "lowbit default set",
+        "sha256": file_sha256(settings.data or DEFAULT_CALIBRATION_FILE), "samples": len(samples),
+        "tokens": int(sum(len(s) for s in samples)), "seq_len": seq_len, "seed": settings.seed,
+        "absmax": absmax, "scales": {node: float(scales[name]) for node, (name, _) in sites.items()},
+    }
+    return scales, record
+
+
+def _load(model_onnx: Path) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(model_onnx), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - onnx raises protobuf's and its own exception types
+        raise LowbitError(f"{model_onnx}: cannot read it as ONNX ({str(e).splitlines()[0] if str(e) else e})") from None
+
+
+def with_scales(model_onnx: Path, scales: dict[str, np.ndarray]) -> bytes:
+    """The model file's bytes with the named (inline) scale initializers replaced."""
+    model = _load(model_onnx)
+    for tensor in model.graph.initializer:
+        if tensor.name in scales:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
+                raise LowbitError(f"{model_onnx}: activation scale {tensor.name} is stored outside model.onnx")
+            tensor.CopyFrom(numpy_helper.from_array(np.asarray(scales[tensor.name]), tensor.name))
+    return model.SerializeToString()
+
+
+def replace_files(folder: Path, contents: dict[str, bytes]) -> None:
+    """Write each file to a temporary one in `folder`, then move them over the old ones in order; on an error
+    the files already moved get their old contents back (kept as hard links until the end), temporaries go."""
+    temporaries, backups, done = {}, {}, []
+    try:
+        for name, data in contents.items():
+            handle, path = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+            temporaries[name] = Path(path)
+            with os.fdopen(handle, "wb") as f:
+                f.write(data)
+            shutil.copymode(folder / name, temporaries[name])  # mkstemp's files are private (0600)
+            backups[name] = temporaries[name].with_name(temporaries[name].name + ".old")  # unique: beside mkstemp's
+            os.link(folder / name, backups[name])
+        for name in contents:
+            os.replace(temporaries[name], folder / name)
+            del temporaries[name]
+            done.append(name)
+    except BaseException as e:
+        for name in reversed(done):
+            os.replace(backups.pop(name), folder / name)
+        if isinstance(e, OSError):
+            raise LowbitError(f"{folder}: cannot write the calibrated files ({e.strerror or e.__class__.__name__}); "
+                              "the folder is unchanged") from None
+        raise
+    finally:
+        for path in [*temporaries.values(), *backups.values()]:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def context_length_of(folder: Path) -> int:
+    try:
+        return int(json.loads((folder / "genai_config.json").read_text())["model"]["context_length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise LowbitError(f"{folder}: no context length in genai_config.json (is this a lowbit folder?)") from None
+
+
+def calibrate_folder(folder: str | Path, settings: CalibrationSettings = CalibrationSettings(),
+                     progress: Callable[[int, int], None] | None = None) -> dict:
+    """`lowbit calibrate`: measure the activation scales of a `*_max_calibrate` folder (or recalibrate a folder
+    with static activation scales) and rewrite them in place; the folder becomes the scheme it was made for.
+    Returns lowbit.json's new calibration record. Raises LowbitError, the folder unchanged."""
+    folder = Path(folder)
+    meta_path = folder / "lowbit.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        raise LowbitError(f"{folder}: no readable lowbit.json (is this a `lowbit convert` output folder?)") from None
+    record = meta.get(METADATA_KEY) if isinstance(meta, dict) else None
+    if not isinstance(record, dict):
+        raise LowbitError(f"{folder}: scheme {meta.get('scheme', '?') if isinstance(meta, dict) else '?'} has no "
+                          "static activation scales; calibrate takes a *_max_calibrate output (e.g. "
+                          "--scheme e4m3_e4m3_f16_max_calibrate)")
+    model_onnx = folder / "model.onnx"
+    scales, new_record = measure_scales(model_onnx, settings, folder, context_length_of(folder), progress)
+    model_bytes = with_scales(model_onnx, scales)
+    final = record.get("calibrated_scheme", meta["scheme"])
+    meta[METADATA_KEY] = {**new_record, "calibrated_scheme": final,
+                          "converted_as": record.get("converted_as", meta["scheme"]), "by": "lowbit calibrate"}
+    meta["scheme"] = final
+    replace_files(folder, {"model.onnx": model_bytes, "lowbit.json": json.dumps(meta, indent=2).encode()})
+    return meta[METADATA_KEY]
+
+
+def calibrate_staging(staging: Path, scheme, settings: CalibrationSettings, tokenizer_folder: Path,
+                      context_length: int, progress: Callable[[str], object] | None = None) -> dict | None:
+    """`lowbit convert`'s part: the record for lowbit.json of a static-activation scheme (scales measured and
+    written into the staging folder's model.onnx for a one-shot scheme; placeholders kept for `*_max_calibrate`),
+    None for other schemes."""
+    if scheme.plan is None or not scheme.plan.static_activations():
+        return None
+    if not scheme.calibrates_at_conversion:
+        return {"status": "placeholder", "placeholder_scale": ACTIVATION_SCALE_PLACEHOLDER,
+                "calibrated_scheme": scheme.calibrated_name, "converted_as": scheme.name}
+    model_onnx = staging / "model.onnx"
+    scales, record = measure_scales(model_onnx, settings, tokenizer_folder, context_length,
+                                    progress("activation scales") if progress else None)
+    model_onnx.write_bytes(with_scales(model_onnx, scales))
+    return {**record, "calibrated_scheme": scheme.name, "converted_as": scheme.name, "by": "lowbit convert"}
