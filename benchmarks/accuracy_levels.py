@@ -12,21 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import lowbit  # noqa: E402
 SCHEMES = ["q4f32_1", "q4f16_1", "q3f16_1", "a16w8", "a16w8-g128", "a16w8-minmax", "a16w4", "a16w4-g32", "w8a16",
            "w4a16", "w3a16", "w2a16"]
-
-
-def lowbit(*args) -> str:
-    result = subprocess.run([sys.executable, "-m", "lowbit", *map(str, args)], capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(result.stderr)
-    return result.stdout
 
 
 def main():

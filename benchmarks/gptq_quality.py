@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import lowbit  # noqa: E402
 DECODER_ONLY = ["--ignore", "lm_head", "--ignore", "embed_tokens"]
 VARIANTS = {  # label -> convert arguments after the model and -o
     "w4 g32 sym RTN": ["--scheme", "w4a16", *DECODER_ONLY],
@@ -39,13 +40,6 @@ VARIANTS = {  # label -> convert arguments after the model and -o
     "q3f16_1 GPTQ": ["--scheme", "q3f16_1", "--algo", "gptq"],
 }
 CALIBRATED = "--algo"
-
-
-def lowbit(*args) -> str:
-    result = subprocess.run([sys.executable, "-m", "lowbit", *map(str, args)], capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(result.stderr)
-    return result.stdout
 
 
 def main():

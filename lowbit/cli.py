@@ -183,6 +183,19 @@ def calibrate(model_dir, calib_data, num_samples, seq_len, calib_seed):
                f"from {record['samples']} samples, {record['tokens']} tokens of {record['data']}")
 
 
+def speed_options(command):
+    """The benchmark flags shared by `bench` and `report`."""
+    for option in reversed([
+        click.option("--prompt-len", default=128, show_default=True, type=click.IntRange(min=1)),
+        click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(min=1)),
+        click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1)),
+        click.option("--threads", type=click.IntRange(1, 1024), default=None,
+                     help="ORT intra-op threads [default: all cores]."),
+    ]):
+        command = option(command)
+    return command
+
+
 def sampling_options(command):
     """The sampling flags shared by `run` and `chat`."""
     for option in reversed([
@@ -300,11 +313,7 @@ def evaluate(model_dir, data, seq_len, stride, max_tokens, reference, provider, 
 
 @main.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("--prompt-len", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
-@click.option("--threads", type=click.IntRange(1, 1024), default=None,
-              help="ORT intra-op threads [default: all cores].")
+@speed_options
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def bench(model_dir, prompt_len, new_tokens, repeats, threads, provider, as_json):
@@ -362,11 +371,7 @@ def inspect(model_dir, as_json):
 @click.option("--stride", type=click.IntRange(min=1), default=None, help="Window step [default: seq-len].")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=None,
               help="Only score the first N tokens of the file.")
-@click.option("--prompt-len", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
-@click.option("--threads", type=click.IntRange(1, 1024), default=None,
-              help="ORT intra-op threads [default: all cores].")
+@speed_options
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]))
 def report(model_dirs, data, reference, output, json_path, seq_len, stride, max_tokens, prompt_len, new_tokens,
            repeats, threads, provider):
