@@ -62,6 +62,11 @@ def convert(
         ignore = (ignore,)
     calibration = CalibrationSettings(None if calib_data is None else Path(calib_data), num_samples, seq_len,
                                       calib_seed)
+    implied = get_scheme(scheme or "q0f32", options, target).algorithm  # e.g. q4f16_awq is AWQ by definition
+    if implied is not None:
+        if algo not in ("rtn", implied):
+            raise LowbitError(f"scheme {scheme} is {implied} by definition; --algo {algo} contradicts it")
+        algo = implied
     # FP8 schemes calibrate activation scales themselves, so they take the calibration options too
     if calibration != CalibrationSettings() or algo != "rtn":
         scheme_obj = get_scheme(scheme or "q0f32", options, target)

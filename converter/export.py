@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -126,6 +126,8 @@ def _convert(model, output, scheme, target, overwrite, progress, options, ignore
     scheme_obj = get_scheme(scheme, options, target)
     if ignore and not scheme_obj.plan:
         raise LowbitError(f"--ignore keeps modules of a quantizing scheme in float; {scheme} quantizes nothing")
+    if scheme_obj.algorithm is not None and algorithm.name == "rtn":  # a scheme defined with its algorithm
+        algorithm = replace(algorithm, name=scheme_obj.algorithm)
     run_algorithm = ALGORITHMS[algorithm.name]
     if run_algorithm is not None and not scheme_obj.plan:
         raise LowbitError(f"--algo {algorithm.name} quantizes weights; {scheme} quantizes nothing")

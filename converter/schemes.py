@@ -56,6 +56,7 @@ class Scheme:
     plan: QuantPlan | None = None
     calibrated_name: str | None = None  # static activation scales left as placeholders: `lowbit calibrate` makes
     #                                     the folder this scheme (MLC's `*_max_calibrate` -> the final code)
+    algorithm: str | None = None  # the weight algorithm the scheme is defined with (MLC's q4f16_awq: "awq")
 
     @property
     def calibrates_at_conversion(self) -> bool:
@@ -109,6 +110,19 @@ _mlc("q0f16", 0, None, "float16", "no quantization, float16 weights and compute"
 _mlc("q4f16_1", 4, 32, "float16", "MLC 4-bit group 32, s = max|w|/7, embedding and lm_head too, float16")
 _mlc("q4f32_1", 4, 32, "float32", "MLC 4-bit group 32, s = max|w|/7, embedding and lm_head too, float32")
 _mlc("q3f16_1", 3, 40, "float16", "MLC 3-bit group 40, s = max|w|/3, embedding and lm_head too, float16")
+
+
+def _mlc_awq(options: SchemeOptions, target: str) -> Scheme:
+    """MLC's q4f16_awq: AWQ's int4 with zero points in groups of 128 on the decoder linears (MLC keeps the
+    embedding and the final projection float), float16; lowbit runs AWQ itself (`--algo awq` is implied)."""
+    _no_options(options, "q4f16_awq", allowed=("accuracy_level",))
+    layer = LayerQuant(WeightQuant(4, 128, "asymmetric"), accuracy_level=_accuracy_level(options))
+    return Scheme("q4f16_awq", DTYPES["float16"], "MLC AWQ: 4-bit group 128 with zero points, decoder linears, "
+                  "AWQ scales folded into the norms, float16",
+                  uniform_plan(layer, embeddings=False, lm_head=False, pad=options.pad), algorithm="awq")
+
+
+SCHEMES["q4f16_awq"] = _mlc_awq
 
 
 # ------------------------------------------------------------------------------ DashInfer InstantQuant

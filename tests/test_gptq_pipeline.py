@@ -123,6 +123,8 @@ def test_stages_follow_the_layers():
     (["--scheme", "w4a16", "--algo", "gptq", "--calib-data", "EMPTY"], "empty"),
     (["--scheme", "w4a16", "--algo", "gptq", "--num-samples", "0"], "--num-samples"),
     (["--scheme", "w4a16", "--algo", "gptq", "--damp", "1.5"], "--damp"),
+    (["--scheme", "q4f16_awq", "--algo", "gptq"], "q4f16_awq is awq by definition"),
+    (["--scheme", "q4f16_awq", "--group-size", "32"], "q4f16_awq"),
 ])
 def test_bad_input(tmp_path, calibration, args, message):
     empty = tmp_path / "empty.txt"
@@ -175,3 +177,17 @@ def test_independent_awq_equals_the_core_on_float_statistics(calibration):
     record = json.loads((out / "lowbit.json").read_text())["algorithm"]
     assert record["name"] == "awq" and record["sequential"] is False and set(record["alpha"]) >= set(modules[:3])
     assert all(e["awq"] < e["rtn"] for e in record["layer_output_error"].values())
+
+
+def test_mlc_q4f16_awq_is_awq_with_mlc_storage(calibration, tmp_path):
+    root, data, reference, samples = calibration
+    out = tmp_path / "q4f16_awq"
+    lowbit.convert(SAMPLE_MODEL, out, scheme="q4f16_awq", calib_data=data, **SETTINGS)
+    meta = json.loads((out / "lowbit.json").read_text())
+    assert meta["algorithm"]["name"] == "awq" and meta["dtype"] == "float16"
+    layers = meta["quantization"]
+    assert set(layers) == {f"layers.{i}.{m}" for i in range(5)
+                           for m in ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
+    assert all(q["quant"].startswith("4-bit") and "asymmetric" in q["quant"] for q in layers.values())
+    stored = initializers(out)
+    assert all(f"{m}.qzeros" in stored for m in layers)  # zero points, as AWQ stores them

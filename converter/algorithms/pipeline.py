@@ -36,6 +36,7 @@ from lowbit.converter.quant.plan import LayerQuant
 from lowbit.errors import LowbitError
 
 DEFAULT_SEQ_LEN = 512
+EXTERNAL_FROM_BYTES = 65
 AFTER_LAYERS = 1 << 30  # stage key of modules after the decoder layers (an untied lm_head)
 FLOAT_MODEL = "model.onnx"
 
@@ -146,12 +147,18 @@ class _FloatWeights:
                 dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
                 self.entries[tensor.name] = (info["location"], int(info.get("offset", 0)), tuple(tensor.dims), dtype)
 
+    def _entry(self, name: str):
+        if name not in self.entries:
+            raise LowbitError(f"{name}: too small to be rewritten in the calibration model ({EXTERNAL_FROM_BYTES} "
+                              "bytes at least); use --independent")
+        return self.entries[name]
+
     def read(self, name: str) -> np.ndarray:
-        location, offset, shape, dtype = self.entries[name]
+        location, offset, shape, dtype = self._entry(name)
         return np.array(np.memmap(self.folder / location, dtype=dtype, mode="r", offset=offset, shape=shape))
 
     def write(self, name: str, value: np.ndarray) -> None:
-        location, offset, shape, dtype = self.entries[name]
+        location, offset, shape, dtype = self._entry(name)
         view = np.memmap(self.folder / location, dtype=dtype, mode="r+", offset=offset, shape=shape)
         view[...] = value.astype(dtype)
         view.flush()
@@ -220,9 +227,9 @@ def _prepare(model: ir.Model, sites, source: ModelInput, spec: AlgorithmSpec, wo
         raise LowbitError(f"--algo {spec.name}: the scheme quantizes no MatMul layer")
     float_path = work / "float" / FLOAT_MODEL
     float_path.parent.mkdir(parents=True)
-    # weights (norms of >= 32 floats included) go to the data file, where sequential runs overwrite them in place;
-    # shape constants stay inline, where ORT's shape inference reads them
-    ir.save(model, float_path, external_data=FLOAT_MODEL + ".data", size_threshold_bytes=128)
+    # weights (norm weights over 64 bytes included) go to the data file, where sequential runs overwrite them in
+    # place; shape constants (at most 8 int64) stay inline, where ORT's shape inference reads them
+    ir.save(model, float_path, external_data=FLOAT_MODEL + ".data", size_threshold_bytes=EXTERNAL_FROM_BYTES)
     return _Run(samples, seq_len, targets, float_path, _FloatWeights(float_path), _WeightStore(work / "quantized"))
 
 
