@@ -96,6 +96,20 @@ def build_tiny_model(arch_id: str, directory: Path, dtype=None):
     return model
 
 
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """get(arch_id) -> (folder, torch model): each tiny model built once per test module."""
+    cache = {}
+
+    def get(arch_id):
+        if arch_id not in cache:
+            directory = tmp_path_factory.mktemp(arch_id)
+            cache[arch_id] = (directory, build_tiny_model(arch_id, directory))
+        return cache[arch_id]
+
+    return get
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng()

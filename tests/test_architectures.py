@@ -52,19 +52,6 @@ def onnx_logits(session, ids, mask, steps, next_tokens):
     return out
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    cache = {}
-
-    def get(arch_id):
-        if arch_id not in cache:
-            directory = tmp_path_factory.mktemp(arch_id)
-            cache[arch_id] = (directory, build_tiny_model(arch_id, directory))
-        return cache[arch_id]
-
-    return get
-
-
 @pytest.mark.parametrize("target", ["ort", "tensorrt"])
 @pytest.mark.parametrize("scheme,tolerance", [("q0f32", 1e-4), ("q0f16", 2e-2)])
 @pytest.mark.parametrize("arch_id", list(TINY_CONFIGS))

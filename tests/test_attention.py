@@ -55,16 +55,8 @@ def test_group_query_attention_declines_partial_rotary_below_16():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    cache = {}
-
-    def get(arch_id):
-        if arch_id not in cache:
-            directory = tmp_path_factory.mktemp(arch_id)
-            cache[arch_id] = (directory, build_tiny_model(arch_id, directory))
-        return cache[arch_id]
-
-    return get
+def tiny(tiny_models):
+    return tiny_models
 
 
 @pytest.mark.parametrize("target,op,share", [("ort", "GroupQueryAttention", True), ("tensorrt", "Softmax", False)])
