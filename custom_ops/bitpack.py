@@ -30,11 +30,23 @@ def _pack_aligned(codes: np.ndarray, bits: int) -> np.ndarray:
 def unpack_bytes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     """Inverse of `pack_bytes`: the first `count` codes of each row."""
     packed = np.asarray(packed, np.uint8)
+    if bits in (2, 4, 8):
+        return _unpack_aligned(packed, bits)[..., :count]
     rows = packed.reshape(-1, packed.shape[-1])
     flat = np.unpackbits(rows, axis=-1, bitorder="little")[:, : count * bits]
     weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint16)
     codes = (flat.reshape(rows.shape[0], count, bits).astype(np.uint16) * weights).sum(-1).astype(np.uint8)
     return codes.reshape(*packed.shape[:-1], count)
+
+
+def _unpack_aligned(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Fast path of `unpack_bytes` when whole bytes hold whole codes: shifts and masks, one byte per code
+    (`np.unpackbits` would first spend a byte per bit)."""
+    if bits == 8:
+        return packed.copy()
+    mask = np.uint8((1 << bits) - 1)
+    parts = [(packed >> np.uint8(bits * j)) & mask for j in range(8 // bits)]
+    return np.stack(parts, axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
 
 
 def values_per_word(bits: int) -> int:

@@ -161,12 +161,13 @@ def test_mlc_rule_values(rng):
             assert np.array_equal(qw.codes[row, j * 32:(j + 1) * 32], mlc + 1)
 
 
+@pytest.mark.parametrize("count", [40, 37])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
-def test_bitpack_round_trip_and_layout(bits, rng):
-    codes = rng.integers(0, 2**bits, (3, 5, 40), dtype=np.uint8)
+def test_bitpack_round_trip_and_layout(bits, count, rng):
+    codes = rng.integers(0, 2**bits, (3, 5, count), dtype=np.uint8)
     packed = pack_bytes(codes, bits)
-    assert packed.shape == (3, 5, math.ceil(40 * bits / 8))
-    assert np.array_equal(unpack_bytes(packed, bits, 40), codes)
+    assert packed.shape == (3, 5, math.ceil(count * bits / 8))
+    assert np.array_equal(unpack_bytes(packed, bits, count), codes)
     stream = "".join(format(int(c), f"0{bits}b")[::-1] for c in codes[1, 2])  # LSB-first bit stream
     stream += "0" * (len(packed[1, 2]) * 8 - len(stream))
     assert [int(stream[i:i + 8][::-1], 2) for i in range(0, len(stream), 8)] == packed[1, 2].tolist()
