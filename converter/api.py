@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from lowbit.converter.algorithms.pipeline import AlgorithmSpec, CalibrationSettings, GPTQSettings
+from lowbit.converter.algorithms.pipeline import AlgorithmSpec, GPTQSettings
+from lowbit.converter.calibration import CalibrationSettings
 from lowbit.converter.export import ConversionReport
 from lowbit.converter.export import convert as export_folder
 from lowbit.converter.schemes import SchemeOptions, get_scheme, scheme_from_quant_config

@@ -27,8 +27,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from lowbit.converter.algorithms.pipeline import DEFAULT_SEQ_LEN, CalibrationSettings, file_sha256
-from lowbit.converter.calibration import DEFAULT_CALIBRATION_FILE, calibrate_statistics, load_calibration_samples
+from lowbit.converter.calibration import CalibrationSettings, calibrate_statistics
 from lowbit.converter.quant.formats import ACTIVATION_SCALE_PLACEHOLDER
 from lowbit.errors import LowbitError
 from lowbit.fp8 import scale_for
@@ -93,10 +92,7 @@ def measure_scales(model_onnx: Path, settings: CalibrationSettings, tokenizer_fo
     sites = static_sites(model)
     if not sites:
         raise LowbitError(f"{model_onnx}: no static activation scales to calibrate")
-    seq_len = settings.seq_len or min(DEFAULT_SEQ_LEN, context_length)
-    if seq_len > context_length:
-        raise LowbitError(f"--seq-len {seq_len} exceeds the model's context length ({context_length})")
-    samples = load_calibration_samples(settings.data, tokenizer_folder, settings.num_samples, seq_len, settings.seed)
+    samples, seq_len = settings.samples(tokenizer_folder, context_length)
     statistics = calibrate_statistics(model_onnx, list(sites), [OBSERVER], samples, progress,
                                       edit=bypass_activation_qdq)
     dtypes = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in model.graph.initializer}
@@ -105,10 +101,7 @@ def measure_scales(model_onnx: Path, settings: CalibrationSettings, tokenizer_fo
         absmax[node] = float(statistics[node][OBSERVER])
         scales[scale_name] = scale_for(absmax[node], flavour, dtypes[scale_name])
     record = {
-        "status": "calibrated", "observer": OBSERVER,
-        "data": str(settings.data) if settings.data else "lowbit default set",
-        "sha256": file_sha256(settings.data or DEFAULT_CALIBRATION_FILE), "samples": len(samples),
-        "tokens": int(sum(len(s) for s in samples)), "seq_len": seq_len, "seed": settings.seed,
+        "status": "calibrated", "observer": OBSERVER, **settings.record(samples, seq_len),
         "absmax": absmax, "scales": {node: float(scales[name]) for node, (name, _) in sites.items()},
     }
     return scales, record

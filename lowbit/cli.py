@@ -120,7 +120,8 @@ def _calibration_progress(stage: str):
               help="Which samples, when the data holds more.")
 @click.option("--damp", default=0.01, show_default=True, type=FiniteFloatRange(0, 1, max_open=True),
               help="GPTQ dampening, as a fraction of the Hessian's mean diagonal.")
-@click.option("--act-order", is_flag=True, help="GPTQ: columns in order of decreasing Hessian diagonal (static groups).")
+@click.option("--act-order", is_flag=True,
+              help="GPTQ: columns in order of decreasing Hessian diagonal (static groups).")
 @click.option("--sequential/--independent", default=True,
               help="GPTQ/AWQ: calibrate each layer on the outputs of the quantized layers before it, or on "
                    "float inputs.")
@@ -174,7 +175,7 @@ def convert(model, output, scheme, target, group_size, symmetric, accuracy_level
 def calibrate(model_dir, calib_data, num_samples, seq_len, calib_seed):
     """Measure the activation scales of a *_max_calibrate folder (max observers, ONNX Runtime) and write them in
     place: the folder becomes the final scheme (e4m3_e4m3_f16_max_calibrate -> e4m3_e4m3_f16)."""
-    from lowbit.converter.algorithms.pipeline import CalibrationSettings
+    from lowbit.converter.calibration import CalibrationSettings
     from lowbit.converter.calibrate_folder import calibrate_folder
 
     record = calibrate_folder(model_dir, CalibrationSettings(calib_data, num_samples, seq_len, calib_seed),

@@ -16,7 +16,7 @@ from lowbit.converter.attention import ATTENTION, choose_attention
 from lowbit.converter.decoder import TARGETS
 from lowbit.converter.export import convert
 from lowbit.runtime.session import create_session
-from tests.conftest import TINY_CONFIGS, build_tiny_model
+from tests.conftest import TINY_CONFIGS
 from tests.test_architectures import STANDARD_ATTENTION_ON_ORT
 
 torch = pytest.importorskip("torch")

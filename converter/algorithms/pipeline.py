@@ -14,7 +14,6 @@ sample, and ORT's copy of one layer, whatever the model's depth.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,33 +27,16 @@ from lowbit.converter.algorithms.awq import (awq_clip_search, awq_search, fold_i
                                              output_error, quantize_clipped, scale_weight)
 from lowbit.converter.algorithms.gptq import gptq_quantize
 from lowbit.converter.graph import lazy_tensor
-from lowbit.converter.calibration import DEFAULT_CALIBRATION_FILE, load_calibration_samples
+from lowbit.converter.calibration import CalibrationSettings
 from lowbit.converter.calibration.layerwise import LayerRunner, capture_value, layer_boundaries
 from lowbit.converter.calibration.observers import make_observer
 from lowbit.converter.quant.formats import Site
 from lowbit.converter.quant.plan import LayerQuant
 from lowbit.errors import LowbitError
 
-DEFAULT_SEQ_LEN = 512
 EXTERNAL_FROM_BYTES = 65
 AFTER_LAYERS = 1 << 30  # stage key of modules after the decoder layers (an untied lm_head)
 FLOAT_MODEL = "model.onnx"
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    """Which samples calibrate: a file (None: the set that ships with lowbit), how many, how long, which."""
-
-    data: Path | None = None
-    num_samples: int = 128
-    seq_len: int | None = None  # None: min(DEFAULT_SEQ_LEN, the model's context length)
-    seed: int = 0
-
-    def __post_init__(self):
-        for name, low in (("num_samples", 1), ("seq_len", 2), ("seed", 0)):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise LowbitError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -85,14 +67,6 @@ class AlgorithmResult:
     weights: dict[str, Callable[[], QuantizedWeight]]
     record: dict
     float_weights: dict[str, Callable[[], np.ndarray]] = field(default_factory=dict)  # what was quantized (AWQ: scaled)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _stage_key(module: str) -> int:
@@ -203,25 +177,15 @@ class _Run:
     store: "_WeightStore"
 
     def record(self, spec: AlgorithmSpec, settings: dict, errors: dict) -> dict:
-        calibration = spec.calibration
-        data = calibration.data or DEFAULT_CALIBRATION_FILE
         return {
             "name": spec.name, "sequential": spec.sequential, **settings,
-            "calibration": {"data": str(Path(calibration.data).resolve()) if calibration.data else "lowbit default set",
-                            "sha256": file_sha256(data), "samples": len(self.samples),
-                            "tokens": int(sum(len(s) for s in self.samples)), "seq_len": self.seq_len,
-                            "seed": calibration.seed},
+            "calibration": spec.calibration.record(self.samples, self.seq_len),
             "layer_output_error": errors,  # trace((W - Q) H (W - Q)^T), the algorithm's and round-to-nearest's
         }
 
 
 def _prepare(model: ir.Model, sites, source: ModelInput, spec: AlgorithmSpec, work: Path) -> _Run:
-    calibration, context_length = spec.calibration, source.context_length
-    seq_len = calibration.seq_len or min(DEFAULT_SEQ_LEN, context_length)
-    if seq_len > context_length:
-        raise LowbitError(f"--seq-len {seq_len} exceeds the model's context length ({context_length})")
-    samples = load_calibration_samples(calibration.data, source.tokenizer_folder, calibration.num_samples, seq_len,
-                                       calibration.seed)
+    samples, seq_len = spec.calibration.samples(source.tokenizer_folder, source.context_length)
     targets = [(site, layer) for site, layer in sites if site.kind == "matmul"]
     if not targets:
         raise LowbitError(f"--algo {spec.name}: the scheme quantizes no MatMul layer")

@@ -6,7 +6,12 @@ See docs/calibration.md.
 
 from lowbit.converter.calibration.calibrate import calibrate_statistics, observe
 from lowbit.converter.calibration.capture import ActivationCapture, CaptureSite
-from lowbit.converter.calibration.data import DEFAULT_CALIBRATION_FILE, ROW_FORMATS, load_calibration_samples
+from lowbit.converter.calibration.data import (
+    DEFAULT_CALIBRATION_FILE,
+    ROW_FORMATS,
+    CalibrationSettings,
+    load_calibration_samples,
+)
 from lowbit.converter.calibration.fake_quant import ELEMENT_TYPES, ElementType, fake_quantize
 from lowbit.converter.calibration.histogram import AbsHistogram
 from lowbit.converter.calibration.observers import (
@@ -25,6 +30,7 @@ __all__ = [
     "OBSERVERS",
     "ROW_FORMATS",
     "AbsHistogram",
+    "CalibrationSettings",
     "ActivationCapture",
     "CaptureSite",
     "ElementType",

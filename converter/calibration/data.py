@@ -27,7 +27,9 @@ fewer, all are returned.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +39,7 @@ from lowbit.errors import LowbitError
 from lowbit.runtime.tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_CALIBRATION_FILE = Path(__file__).with_name("default_calibration.txt")
+DEFAULT_SEQ_LEN = 512
 JSON_LINES_SUFFIXES = {".jsonl", ".ndjson"}
 JSON_SUFFIXES = {".json"}
 
@@ -191,3 +194,40 @@ def load_calibration_samples(
     if not samples:
         raise LowbitError(f"{path}: the tokenizer gives no tokens for it")
     return samples
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Which samples calibrate: a file (None: the set that ships with lowbit), how many, how long, which."""
+
+    data: Path | None = None
+    num_samples: int = 128
+    seq_len: int | None = None  # None: min(DEFAULT_SEQ_LEN, the model's context length)
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, low in (("num_samples", 1), ("seq_len", 2), ("seed", 0)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise LowbitError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+
+    def samples(self, tokenizer: Tokenizer | str | Path, context_length: int) -> tuple[list[np.ndarray], int]:
+        """(the samples, the sequence length they were cut to) for a model of `context_length` positions."""
+        seq_len = self.seq_len or min(DEFAULT_SEQ_LEN, context_length)
+        if seq_len > context_length:
+            raise LowbitError(f"--seq-len {seq_len} exceeds the model's context length ({context_length})")
+        return load_calibration_samples(self.data, tokenizer, self.num_samples, seq_len, self.seed), seq_len
+
+    def record(self, samples: list[np.ndarray], seq_len: int) -> dict:
+        """What lowbit.json records of a calibration: the file and its hash, samples, tokens, seq-len, seed."""
+        return {"data": str(Path(self.data).resolve()) if self.data else "lowbit default set",
+                "sha256": file_sha256(self.data or DEFAULT_CALIBRATION_FILE), "samples": len(samples),
+                "tokens": int(sum(len(s) for s in samples)), "seq_len": seq_len, "seed": self.seed}
