@@ -70,13 +70,15 @@ def add_capture_outputs(model, sites: list[str], model_onnx: Path) -> list[Captu
     return captured
 
 
-def empty_feeds(session, token_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Inputs for one prefill of `token_ids` (batch 1) over an empty KV cache."""
+def empty_feeds(session, token_ids: np.ndarray, values: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Inputs for one prefill of `token_ids` (batch 1) over an empty KV cache; `values` feed other inputs by name
+    (a layer subgraph's residual stream)."""
     seq = token_ids.shape[0]
     known = {
         "input_ids": token_ids[None, :],
         "attention_mask": np.ones((1, seq), np.int64),
         "position_ids": np.arange(seq, dtype=np.int64)[None, :],
+        **(values or {}),
     }
     feeds = {}
     for graph_input in session.get_inputs():

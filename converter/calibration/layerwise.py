@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowbit.converter.calibration.capture import PAST_PREFIX
+from lowbit.converter.calibration.capture import PAST_PREFIX, empty_feeds
 from lowbit.errors import LowbitError
 
 LAYER_INPUTS = "lowbit.layer_inputs"  # the decoder's metadata key (converter/decoder.py)
@@ -111,20 +111,6 @@ class LayerRunner:
         known = dict(zip(self.inputs, boundary))
         if self.session is None:
             return {name: known[name] for name in self.outputs}
-        seq = len(token_ids)
-        standard = {"input_ids": token_ids[None, :].astype(np.int64), "attention_mask": np.ones((1, seq), np.int64),
-                    "position_ids": np.arange(seq, dtype=np.int64)[None, :]}
-        feeds = {}
-        for graph_input in self.session.get_inputs():
-            name = graph_input.name
-            if name in known:
-                feeds[name] = known[name]
-            elif name in standard:
-                feeds[name] = standard[name]
-            elif name.startswith(PAST_PREFIX):
-                shape = [1] + [d if isinstance(d, int) else 0 for d in graph_input.shape[1:]]
-                feeds[name] = np.zeros(shape, np.float16 if graph_input.type == "tensor(float16)" else np.float32)
-            else:
-                raise LowbitError(f"calibration subgraph input '{name}' is not one calibration can feed")
+        feeds = empty_feeds(self.session, np.asarray(token_ids, np.int64), known)
         values = dict(zip(self.fetch, self.session.run(self.fetch, feeds)))
         return {name: values[name] if name in values else known[name] for name in self.outputs}
