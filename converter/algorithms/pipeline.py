@@ -246,35 +246,33 @@ def run_awq(model: ir.Model, sites: list[tuple[Site, LayerQuant]], source: Model
     def quantize_stage(stage, statistics):
         by_kind = {site.module.rsplit(".", 1)[-1]: (site, layer) for site, layer in stage}
         weights = {site.module: source.load_weight(site) for site, _ in stage}
-        index = int(stage[0][0].module.split(".")[1]) if stage[0][0].module.startswith("layers.") else None
+        index = _stage_key(stage[0][0].module)
         scales, folds = {}, []  # module -> s of its input; (initializer names, s) to divide
-        mappings = [("qkv_proj", "attn_norm"), ("gate_up_proj", "mlp_norm"), ("fc_proj", "mlp_norm")]
-        for kind, norm in mappings:
-            if kind in by_kind and index is not None and norm_names(index, norm):
-                site, layer = by_kind[kind]
-                stats = statistics[site.module]
-                search = awq_search([weights[site.module]], stats["hessian"], stats["mean_abs_per_channel"],
-                                    layer.weight, grid=settings.grid, duo_scaling=settings.duo_scaling,
-                                    scale_dtype=source.scale_dtype)
-                scales[site.module], alphas[site.module] = search.scales, search.alpha
-                folds.append((norm_names(index, norm), search.scales))
+
+        def search(kind: str) -> np.ndarray:
+            site, layer = by_kind[kind]
+            stats = statistics[site.module]
+            found = awq_search([weights[site.module]], stats["hessian"], stats["mean_abs_per_channel"], layer.weight,
+                               grid=settings.grid, duo_scaling=settings.duo_scaling, scale_dtype=source.scale_dtype)
+            scales[site.module], alphas[site.module] = found.scales, found.alpha
+            return found.scales
+
+        for kind, norm in (("qkv_proj", "attn_norm"), ("gate_up_proj", "mlp_norm"), ("fc_proj", "mlp_norm")):
+            if kind in by_kind and index != AFTER_LAYERS and norm_names(index, norm):
+                folds.append((norm_names(index, norm), search(kind)))
         down_scale = None
         if "down_proj" in by_kind and "gate_up_proj" in by_kind and decoder is not None and decoder.gated_mlp:
-            site, layer = by_kind["down_proj"]
-            stats = statistics[site.module]
-            search = awq_search([weights[site.module]], stats["hessian"], stats["mean_abs_per_channel"],
-                                layer.weight, grid=settings.grid, duo_scaling=settings.duo_scaling,
-                                scale_dtype=source.scale_dtype)
-            scales[site.module], alphas[site.module] = search.scales, search.alpha
-            down_scale = search.scales
+            down_scale = search("down_proj")
         for site, layer in stage:
             module, w = site.module, weights[site.module]
             s = scales.get(module)
             if s is not None:
                 w = scale_weight(w, s)
-            if down_scale is not None and module.endswith("gate_up_proj"):  # up's rows feed down_proj
-                half = w.shape[0] // 2
-                w = np.concatenate([w[:half], fold_into_linear_rows(w[half:], down_scale)]).astype(np.float32)
+            up_rows = slice(w.shape[0] // 2, None) if down_scale is not None and module.endswith("gate_up_proj") \
+                else None  # up's rows feed down_proj: they carry its scales
+            if up_rows is not None:
+                w = w.copy()
+                w[up_rows] = fold_into_linear_rows(w[up_rows], down_scale)
             hessian = statistics[module]["hessian"]
             scaled_hessian = hessian if s is None else hessian / np.outer(s, s)
             plain = replace(layer.weight, clip_search=False)
@@ -294,13 +292,11 @@ def run_awq(model: ir.Model, sites: list[tuple[Site, LayerQuant]], source: Model
                     parts.append(quantize(part, plain, source.scale_dtype))
             quantized = _concat_rows(parts)
             loaders[module] = run.store.save(module, quantized)
-            folded = run.store.save_float(module, w)
-            folded_loaders[module] = folded
+            folded_loaders[module] = run.store.save_float(module, w)
             unscaled = dequantize(quantized) if s is None else dequantize(quantized) / s
             original = weights[module]
-            if down_scale is not None and module.endswith("gate_up_proj"):
-                half = original.shape[0] // 2
-                unscaled[half:] *= down_scale[:, None]
+            if up_rows is not None:
+                unscaled[up_rows] *= down_scale[:, None]
             rtn = dequantize(quantize(original, layer.weight, source.scale_dtype))
             errors[module] = {"awq": output_error(unscaled - original, hessian),
                               "rtn": output_error(rtn - original, hessian)}
