@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from lowbit.converter.algorithms.pipeline import AlgorithmSpec, GPTQSettings
+from lowbit.converter.algorithms.pipeline import AlgorithmSpec, GPTQSettings, effective_algorithm
 from lowbit.converter.calibration import CalibrationSettings
 from lowbit.converter.export import ConversionReport
 from lowbit.converter.export import convert as export_folder
@@ -63,14 +63,10 @@ def convert(
         ignore = (ignore,)
     calibration = CalibrationSettings(None if calib_data is None else Path(calib_data), num_samples, seq_len,
                                       calib_seed)
-    implied = get_scheme(scheme or "q0f32", options, target).algorithm  # e.g. q4f16_awq is AWQ by definition
-    if implied is not None:
-        if algo not in ("rtn", implied):
-            raise LowbitError(f"scheme {scheme} is {implied} by definition; --algo {algo} contradicts it")
-        algo = implied
+    scheme_obj = get_scheme(scheme or "q0f32", options, target)
+    algo = effective_algorithm(scheme_obj, algo)  # e.g. q4f16_awq is AWQ by definition
     # FP8 schemes calibrate activation scales themselves, so they take the calibration options too
     if calibration != CalibrationSettings() or algo != "rtn":
-        scheme_obj = get_scheme(scheme or "q0f32", options, target)
         static = scheme_obj.plan is not None and scheme_obj.plan.static_activations()
         if algo != "rtn" and static:
             raise LowbitError(f"--algo {algo} is for integer weights; {scheme_obj.name} rounds its float8 weights "

@@ -22,7 +22,7 @@ from lowbit.converter.checkpoint import Checkpoint, dir_size, resolve_model_dir
 from lowbit.converter.decoder import TARGETS, DecoderGraph
 from lowbit.errors import LowbitError
 from lowbit.converter.genai import genai_config
-from lowbit.converter.algorithms.pipeline import ALGORITHMS, AlgorithmSpec, ModelInput
+from lowbit.converter.algorithms.pipeline import ALGORITHMS, AlgorithmSpec, ModelInput, effective_algorithm
 from lowbit.converter.quant.rewrite import QuantReport, planned_sites, quantize_model, weight_loader
 from lowbit.converter.schemes import SchemeOptions, get_scheme
 from lowbit.converter.weights import WeightSource
@@ -126,8 +126,7 @@ def _convert(model, output, scheme, target, overwrite, progress, options, ignore
     scheme_obj = get_scheme(scheme, options, target)
     if ignore and not scheme_obj.plan:
         raise LowbitError(f"--ignore keeps modules of a quantizing scheme in float; {scheme} quantizes nothing")
-    if scheme_obj.algorithm is not None and algorithm.name == "rtn":  # a scheme defined with its algorithm
-        algorithm = replace(algorithm, name=scheme_obj.algorithm)
+    algorithm = replace(algorithm, name=effective_algorithm(scheme_obj, algorithm.name))
     run_algorithm = ALGORITHMS[algorithm.name]
     if run_algorithm is not None and not scheme_obj.plan:
         raise LowbitError(f"--algo {algorithm.name} quantizes weights; {scheme} quantizes nothing")

@@ -370,5 +370,16 @@ def run_layerwise(float_path: Path, stages_: list[list[tuple[Site, LayerQuant]]]
         cache = next_cache
 
 
+def effective_algorithm(scheme, algo: str) -> str:
+    """The algorithm a conversion runs: `algo`, or the one a scheme is defined with (MLC's q4f16_awq: awq) when
+    none is asked for; asking for another is an error."""
+    implied = scheme.algorithm
+    if implied is None or algo == implied:
+        return algo
+    if algo != "rtn":
+        raise LowbitError(f"scheme {scheme.name} is {implied} by definition; --algo {algo} contradicts it")
+    return implied
+
+
 # --algo: name -> function(model, sites, source, spec, work, progress) -> AlgorithmResult; None: round to nearest
 ALGORITHMS: dict[str, Callable | None] = {"rtn": None, "gptq": run_gptq, "awq": run_awq}
