@@ -25,7 +25,6 @@ nodes took the fast path.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -68,13 +67,12 @@ def accuracy_levels(metadata: dict | None) -> dict[str, int]:
     return {name: int(layer.get("accuracy_level", DEFAULT_ACCURACY_LEVEL)) for name, layer in layers.items()}
 
 
-def inference_session(model_dir: Path, options, providers: list[str]):
-    """`onnxruntime.InferenceSession` over the folder, with the fast paths applied where they can be."""
+def inference_session(model_dir: Path, options, providers: list[str], metadata: dict | None):
+    """`onnxruntime.InferenceSession` over the folder, with the fast paths applied where they can be;
+    `metadata`: the folder's lowbit.json (None without one)."""
     import onnxruntime as ort
 
     model_path = model_dir / "model.onnx"
-    metadata_path = model_dir / "lowbit.json"
-    metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else None
     blockwise = has_blockwise_matmul(model_dir, metadata)
     if not blockwise and not has_2bit_matmul_nbits(metadata):
         return ort.InferenceSession(str(model_path), options, providers=providers)

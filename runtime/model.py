@@ -84,7 +84,7 @@ class Model:
         """Sliding-window perplexity of `text` (or the file at `path`): a PerplexityResult. With `reference` (a
         Model or a folder, e.g. the q0f32 conversion) also the mean KL divergence to its next-token distribution,
         its 99th percentile and the top-1 agreement, over the same scored positions."""
-        from lowbit.runtime.evaluate import perplexity, read_text_file
+        from lowbit.runtime.evaluate import check_windows, perplexity, read_text_file
 
         if (text is None) == (path is None):
             raise LowbitError("give either text or path")
@@ -92,8 +92,7 @@ class Model:
             text = read_text_file(path)
         seq_len = seq_len or min(2048, self.session.context_length)
         stride = stride or seq_len
-        if seq_len < 2 or stride < 1 or stride > seq_len:
-            raise LowbitError("need seq_len >= 2 and 1 <= stride <= seq_len")
+        check_windows(2, seq_len, stride)  # before the text is tokenized
         if seq_len > self.session.context_length:
             raise LowbitError(f"seq_len {seq_len} exceeds the model's context length ({self.session.context_length})")
         ids = np.asarray(self.tokenizer.encode(text), np.int64)

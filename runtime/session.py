@@ -89,13 +89,14 @@ def create_session(model_dir: str | Path, provider: str = "cpu", threads: int | 
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
     metadata_path = model_dir / "lowbit.json"
-    if metadata_path.is_file():  # e.g. the accuracy level ORT's DQ+MatMul -> MatMulNBits fusion should use
-        for key, value in json.loads(metadata_path.read_text()).get("ort_session_config", {}).items():
-            options.add_session_config_entry(key, value)
+    metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else None
+    # e.g. the accuracy level ORT's DQ+MatMul -> MatMulNBits fusion should use
+    for key, value in (metadata or {}).get("ort_session_config", {}).items():
+        options.add_session_config_entry(key, value)
     providers = [ep] if ep == "CPUExecutionProvider" else [ep, "CPUExecutionProvider"]
     try:
         # lowbit.MatMulBlockwise nodes run as MatMulNBits, repacked at load (runtime/fast_paths.py)
-        session = fast_paths.inference_session(model_dir, options, providers)
+        session = fast_paths.inference_session(model_dir, options, providers, metadata)
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         raise LowbitError(f"{model_path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
     config = json.loads((model_dir / "genai_config.json").read_text())["model"]
