@@ -37,6 +37,7 @@ SCHEMES = [
     ("w3a16", "w3a16", []),
     ("w2a16", "w2a16", []),
     ("w8a8", "w8a8", []),
+    ("w8a8-static", "w8a8-static", ["--num-samples", "16"]),
     ("e4m3_e4m3_f16", "e4m3_e4m3_f16", ["--num-samples", "16"]),  # activation scales: lowbit's default set
     ("e5m2_e5m2_f16", "e5m2_e5m2_f16", ["--num-samples", "16"]),
 ]
@@ -54,6 +55,7 @@ def main():
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     sys.path.insert(0, str(HERE.parent))
+    from benchmarks.common import interleaved_bench
     from benchmarks.compare_builder import run_child
     from lowbit.runtime.bench import model_bytes
 
@@ -72,20 +74,8 @@ def main():
         run_child([sys.executable, "-m", "lowbit", "convert", str(source), "-o", str(out), "--scheme", scheme,
                    "--overwrite", *extra])
         print(f"converted {label}: {model_bytes(out) / 1e6:.1f} MB", flush=True)
-    results: dict[str, dict] = {}
-    for round_ in range(args.rounds):
-        order = labels[round_ % len(labels):] + labels[:round_ % len(labels)]
-        for label in order:
-            cmd = [sys.executable, "-m", "lowbit", "bench", str(folders[label]), "--prompt-len", str(args.prompt_len),
-                   "--new-tokens", str(args.new_tokens), "--repeats", "2", "--threads", str(args.threads), "--json"]
-            _, rss, out = run_child(cmd)
-            r = json.loads(out.strip().splitlines()[-1])
-            best = results.setdefault(label, {"prefill": 0.0, "decode": 0.0, "rss_mb": 0.0,
-                                              "model_bytes": r["model_bytes"]})
-            best["prefill"] = max(best["prefill"], r["prefill_tokens_per_s"])
-            best["decode"] = max(best["decode"], r["decode_tokens_per_s"])
-            best["rss_mb"] = max(best["rss_mb"], rss)
-        print(f"round {round_ + 1}/{args.rounds} done", flush=True)
+    results = interleaved_bench({label: folders[label] for label in labels}, args.rounds, args.prompt_len,
+                                args.new_tokens, args.threads)
     base = results["q0f32"]
     print(f"\n{args.model} (random weights), prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"{args.threads} threads, best of {args.rounds} interleaved rounds\n")

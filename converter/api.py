@@ -34,8 +34,11 @@ def convert(
     damp: float = 0.01,
     act_order: bool = False,
     sequential: bool = True,
+    smoothquant_alpha: float | None = None,
+    recipe: str | Path | None = None,
     quant_config: str | Path | None = None,
     overwrite: bool = False,
+    requantize: bool = False,
     progress: Callable | None = None,
     calibration_progress: Callable[[str], Callable[[int, int], None]] | None = None,
 ) -> ConversionReport:
@@ -47,11 +50,18 @@ def convert(
     names) whose modules stay float. algo: "rtn" (round to nearest), "gptq" or "awq", calibrated on `calib_data`
     (a text/JSONL/JSON file; None: the set that ships with lowbit) with `num_samples` samples of at most
     `seq_len` tokens (None: min(512, context)) picked by `calib_seed`; GPTQ's `damp` and `act_order`;
-    `sequential` (False: every layer calibrated on float inputs). The FP8 schemes (e4m3_e4m3_f16, e5m2_e5m2_f16)
-    take the same calibration options for their activation scales. target: "ort" or "tensorrt".
+    `sequential` (False: every layer calibrated on float inputs). The schemes with static activation scales
+    (e4m3_e4m3_f16, e5m2_e5m2_f16, w8a8-static) take the same calibration options for their activation scales.
+    smoothquant_alpha: SmoothQuant's migration strength α in [0, 1] for schemes that quantize activations
+    (w8a8, w8a8-static, the FP8 codes), calibrated on the same data. recipe: an llm-compressor style recipe file
+    (YAML/JSON, docs/recipes.md) instead of a scheme: quantization per module, its modifiers' algorithms.
+    target: "ort" or "tensorrt".
     overwrite: replace an output folder that lowbit wrote (one holding lowbit.json); any other non-empty folder
     is an error. progress: called as progress(tensor, info) for each tensor written. calibration_progress:
     called as calibration_progress(stage) for each calibration pass; returns a callback(done, total).
+    A GPTQ, AWQ or compressed-tensors checkpoint is imported with its own integers and scales (docs/importers.md):
+    scheme None takes the scheme it implies; requantize: requantize it symmetrically for target "tensorrt" where it
+    is asymmetric (otherwise an error).
     Raises LowbitError for bad input; nothing is left at `output` then.
     """
     if quant_config is not None:
@@ -63,22 +73,33 @@ def convert(
         ignore = (ignore,)
     calibration = CalibrationSettings(None if calib_data is None else Path(calib_data), num_samples, seq_len,
                                       calib_seed)
-    scheme_obj = get_scheme(scheme or "q0f32", options, target)
+    # scheme None: q0f32, or the scheme a pre-quantized checkpoint implies (the exporter checks the options then)
+    scheme_obj = get_scheme(scheme or "q0f32", options if scheme is not None else SchemeOptions(pad=pad), target)
     algo = effective_algorithm(scheme_obj, algo)  # e.g. q4f16_awq is AWQ by definition
-    # FP8 schemes calibrate activation scales themselves, so they take the calibration options too
-    if calibration != CalibrationSettings() or algo != "rtn":
+    # FP8 schemes calibrate activation scales themselves, so they take the calibration options too; a recipe's
+    # modifiers decide what is calibrated (the exporter checks the recipe against the other options)
+    if recipe is None and (calibration != CalibrationSettings() or algo != "rtn"):
         static = scheme_obj.plan is not None and scheme_obj.plan.static_activations()
-        if algo != "rtn" and static:
+        if algo != "rtn" and _float8_weights(scheme_obj):
             raise LowbitError(f"--algo {algo} is for integer weights; {scheme_obj.name} rounds its float8 weights "
                               "to nearest")
-        if algo == "rtn" and not scheme_obj.calibrates_at_conversion:
+        if algo == "rtn" and smoothquant_alpha is None and not scheme_obj.calibrates_at_conversion:
             later = " (a *_max_calibrate folder takes them in `lowbit calibrate`)" if static else ""
             raise LowbitError("calibration options (--calib-data, --num-samples, --seq-len, --calib-seed) need a "
-                              f"calibrated --algo (gptq, awq) or a scheme with static activation scales{later}")
+                              "calibrated --algo (gptq, awq), --smoothquant-alpha or a scheme with static activation "
+                              f"scales{later}")
     if algo != "gptq" and (damp != 0.01 or act_order):
         raise LowbitError("--damp and --act-order are GPTQ options: add --algo gptq")
-    if algo == "rtn" and not sequential:
+    if algo == "rtn" and not sequential and recipe is None:
         raise LowbitError("--independent applies to calibrated algorithms: add --algo gptq or awq")
-    algorithm = AlgorithmSpec(algo, calibration, GPTQSettings(damp, act_order=act_order), sequential=sequential)
-    return export_folder(str(model), output, scheme or "q0f32", target, overwrite, progress, options, tuple(ignore),
-                         algorithm, calibration_progress)
+    algorithm = AlgorithmSpec(algo, calibration, GPTQSettings(damp, act_order=act_order), sequential=sequential,
+                              smoothquant_alpha=smoothquant_alpha)
+    return export_folder(str(model), output, scheme, target, overwrite, progress, options, tuple(ignore),
+                         algorithm, calibration_progress, requantize, None if recipe is None else Path(recipe))
+
+
+def _float8_weights(scheme) -> bool:
+    from lowbit.affine import FLOAT8_RULES
+
+    return scheme.plan is not None and any(r.quant is not None and r.quant.weight.rule in FLOAT8_RULES
+                                           for r in scheme.plan.rules)

@@ -1,14 +1,16 @@
-"""Static activation scales: max calibration of a converted folder's Q/DQ activations (FP8 schemes).
+"""Static activation scales: calibration of a converted folder's Q/DQ activations (FP8 and INT8 schemes).
 
 A static activation site is a MatMul/Gemm whose first input is DequantizeLinear(QuantizeLinear(x, s, z), s, z)
-with s an initializer (`{module}.input_scale`, float8 zero point z). Calibration observes x with every such
-activation Q/DQ bypassed (x fed straight into the MatMul; the weights stay quantized, as MLC's calibration runs
-the model with quantized weights), so the result never depends on the scales the folder holds now: a folder with
-placeholder scales and one already calibrated give the same scales, and calibrating twice changes nothing.
-Each site's scale is s = max|x| / fp8_max over all calibration tokens (`absmax` observer, lowbit.fp8.scale_for).
+with s an initializer (`{module}.input_scale`) and z a float8, int8 or uint8 zero point. Calibration observes x with
+every such activation Q/DQ bypassed (x fed straight into the MatMul; the weights stay quantized, as MLC's calibration
+runs the model with quantized weights), so the result never depends on the scales the folder holds now: a folder
+with placeholder scales and one already calibrated give the same scales, and calibrating twice changes nothing.
+Each site's parameters come from its element type's rule (`ACTIVATION_RULES`): float8 and int8 are symmetric,
+s = max|x| / element max (`absmax` observer, zero point 0); uint8 takes the min/max range widened to include 0,
+s = (max − min) / 255 and z = round(−min / s) (`minmax` observer), as ONNX Runtime's static quantizer does.
 
-`lowbit convert --scheme e4m3_e4m3_f16` runs this on its staging folder before moving it into place;
-`lowbit calibrate OUT` runs it on a `*_max_calibrate` folder and rewrites it in place: the new model.onnx
+`lowbit convert --scheme e4m3_e4m3_f16` (or `w8a8-static`) runs this on its staging folder before moving it into
+place; `lowbit calibrate OUT` runs it on a `*_max_calibrate` folder and rewrites it in place: the new model.onnx
 (the scales are small tensors stored inside it; model.onnx.data is not touched) and lowbit.json are written
 to temporary files in the folder and moved over the old ones with os.replace, model.onnx first. An error
 before or between the two moves puts the old model.onnx back, so the folder is then as it was.
@@ -20,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -32,9 +35,45 @@ from lowbit.converter.quant.formats import ACTIVATION_SCALE_PLACEHOLDER
 from lowbit.errors import LowbitError
 from lowbit.fp8 import scale_for
 
-FLOAT8_TYPES = {onnx.TensorProto.FLOAT8E4M3FN: "e4m3", onnx.TensorProto.FLOAT8E5M2: "e5m2"}
 WEIGHTED_OPS = ("MatMul", "Gemm")
-OBSERVER = "absmax"
+QUANTIZED_WEIGHTS_FLOAT_COMPUTE = {"session.disable_quant_qdq": "1"}
+
+
+@dataclass(frozen=True)
+class ActivationRule:
+    """How one activation element type's static parameters come from calibration statistics."""
+
+    observer: str  # the observer (converter/calibration/observers.py) whose result `params` takes
+    params: Callable[[object, np.dtype], tuple[np.ndarray, np.ndarray | None]]  # (scale, zero point or None: keep)
+
+
+def _fp8_params(flavour: str):
+    return lambda absmax, scale_dtype: (scale_for(absmax, flavour, scale_dtype), None)
+
+
+def _int8_params(absmax: float, scale_dtype) -> tuple[np.ndarray, None]:
+    """Symmetric int8: s = max|x| / 127 (at least the dtype's smallest normal), zero point 0."""
+    scale = np.asarray(np.float32(absmax) / np.float32(127), np.float32)
+    return np.maximum(scale, np.float32(np.finfo(scale_dtype).tiny)).astype(scale_dtype), None
+
+
+def _uint8_params(value_range, scale_dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Asymmetric uint8 over [min(lo, 0), max(hi, 0)]: s = (hi − lo) / 255 (rounded to the stored dtype first),
+    z = clip(round(−lo / s), 0, 255) with round half to even, as QuantizeLinear rounds."""
+    lo, hi = min(float(value_range.min), 0.0), max(float(value_range.max), 0.0)
+    scale = np.asarray((np.float32(hi) - np.float32(lo)) / np.float32(255), np.float32)
+    scale = np.maximum(scale, np.float32(np.finfo(scale_dtype).tiny)).astype(scale_dtype)
+    zero = np.clip(np.rint(-np.float32(lo) / np.float32(scale)), 0, 255).astype(np.uint8)
+    return scale, zero
+
+
+# zero point's ONNX element type -> (name, rule)
+ACTIVATION_RULES = {
+    onnx.TensorProto.FLOAT8E4M3FN: ("e4m3", ActivationRule("absmax", _fp8_params("e4m3"))),
+    onnx.TensorProto.FLOAT8E5M2: ("e5m2", ActivationRule("absmax", _fp8_params("e5m2"))),
+    onnx.TensorProto.INT8: ("int8", ActivationRule("absmax", _int8_params)),
+    onnx.TensorProto.UINT8: ("uint8", ActivationRule("minmax", _uint8_params)),
+}
 METADATA_KEY = "activation_calibration"  # lowbit.json: {"status": "placeholder" | "calibrated", ...}
 
 
@@ -51,8 +90,9 @@ def _activation_qdq(node, producer: Callable):
     return q, dq
 
 
-def static_sites(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
-    """{node name: (activation scale initializer, float8 flavour)} of the static float8 activation sites."""
+def static_sites(model: onnx.ModelProto) -> dict[str, tuple[str, str, str]]:
+    """{node name: (activation scale initializer, zero point initializer, element name)} of the static
+    activation sites."""
     producers = {output: node for node in model.graph.node for output in node.output}
     initializers = {t.name: t for t in model.graph.initializer}
     sites = {}
@@ -64,8 +104,8 @@ def static_sites(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
         zero = initializers.get(q.input[2]) if len(q.input) > 2 else None
         if q.input[1] not in initializers or dq.input[1] != q.input[1] or zero is None:
             continue
-        if zero.data_type in FLOAT8_TYPES:
-            sites[node.name] = (q.input[1], FLOAT8_TYPES[zero.data_type])
+        if zero.data_type in ACTIVATION_RULES and dq.input[2:3] == q.input[2:3]:
+            sites[node.name] = (q.input[1], q.input[2], ACTIVATION_RULES[zero.data_type][0])
     return sites
 
 
@@ -87,24 +127,40 @@ def bypass_activation_qdq(model) -> None:
 
 def measure_scales(model_onnx: Path, settings: CalibrationSettings, tokenizer_folder: Path, context_length: int,
                    progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, np.ndarray], dict]:
-    """({scale initializer name: new scale}, the calibration record for lowbit.json) for a saved model."""
+    """({scale or zero-point initializer name: new value}, the calibration record for lowbit.json) for a saved
+    model."""
     model = _load(model_onnx)
     sites = static_sites(model)
     if not sites:
         raise LowbitError(f"{model_onnx}: no static activation scales to calibrate")
+    rules = {name: rule for name, rule in ACTIVATION_RULES.values()}
+    observers = sorted({rules[element].observer for _, _, element in sites.values()})
     samples, seq_len = settings.samples(tokenizer_folder, context_length)
-    statistics = calibrate_statistics(model_onnx, list(sites), [OBSERVER], samples, progress,
-                                      edit=bypass_activation_qdq)
+    # with the activation Q/DQ bypassed, ORT would fuse DequantizeLinear(weight) + MatMul into MatMulNBits (int8
+    # activations at its accuracy level 4: 1e-3 off, measured); QDQ handling off, it folds the weights to float
+    statistics = calibrate_statistics(model_onnx, list(sites), observers, samples, progress,
+                                      edit=bypass_activation_qdq, session_config=QUANTIZED_WEIGHTS_FLOAT_COMPUTE)
     dtypes = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in model.graph.initializer}
-    scales, absmax = {}, {}
-    for node, (scale_name, flavour) in sites.items():
-        absmax[node] = float(statistics[node][OBSERVER])
-        scales[scale_name] = scale_for(absmax[node], flavour, dtypes[scale_name])
+    values, absmax, ranges, zero_points = {}, {}, {}, {}
+    for node, (scale_name, zero_name, element) in sites.items():
+        rule = rules[element]
+        measured = statistics[node][rule.observer]
+        if rule.observer == "absmax":
+            absmax[node] = float(measured)
+        else:
+            ranges[node] = [float(measured.min), float(measured.max)]
+        values[scale_name], zero = rule.params(measured, dtypes[scale_name])
+        if zero is not None:
+            values[zero_name] = zero
+            zero_points[node] = int(zero)
     record = {
-        "status": "calibrated", "observer": OBSERVER, **settings.record(samples, seq_len),
-        "absmax": absmax, "scales": {node: float(scales[name]) for node, (name, _) in sites.items()},
+        "status": "calibrated", "observer": observers[0] if len(observers) == 1 else observers,
+        **settings.record(samples, seq_len),
+        "absmax": absmax, "scales": {node: float(values[name]) for node, (name, _, _) in sites.items()},
     }
-    return scales, record
+    if ranges:
+        record["ranges"], record["zero_points"] = ranges, zero_points
+    return values, record
 
 
 def _load(model_onnx: Path) -> onnx.ModelProto:

@@ -22,7 +22,10 @@ from lowbit.converter.checkpoint import Checkpoint, dir_size, resolve_model_dir
 from lowbit.converter.decoder import TARGETS, DecoderGraph
 from lowbit.errors import LowbitError
 from lowbit.converter.genai import genai_config
+from lowbit.converter.importers import detect as detect_import
+from lowbit.converter.recipe_conversion import apply_recipe, recipe_for_conversion, recipe_placeholder
 from lowbit.converter.algorithms.pipeline import ALGORITHMS, AlgorithmSpec, ModelInput, effective_algorithm
+from lowbit.converter.algorithms.smoothquant import smooth_model
 from lowbit.converter.quant.rewrite import QuantReport, planned_sites, quantize_model, weight_loader
 from lowbit.converter.schemes import SchemeOptions, get_scheme
 from lowbit.converter.weights import WeightSource
@@ -101,7 +104,7 @@ def prepare_output(output: Path, overwrite: bool) -> None:
 def convert(
     model: str,
     output: str | Path,
-    scheme: str = "q0f32",
+    scheme: str | None = None,
     target: str = "ort",
     overwrite: bool = False,
     progress: Callable | None = None,
@@ -109,21 +112,46 @@ def convert(
     ignore: tuple[str, ...] = (),
     algorithm: AlgorithmSpec | None = None,
     calibration_progress: Callable[[str], object] | None = None,
+    requantize: bool = False,
+    recipe: Path | None = None,
 ) -> ConversionReport:
-    """`lowbit convert`. `algorithm`: --algo and its settings (default round to nearest);
-    `calibration_progress(stage label)` gives a per-sample callback for each calibration pass."""
+    """`lowbit convert`. `scheme`: None is q0f32, or the scheme a pre-quantized checkpoint implies (importers);
+    `algorithm`: --algo and its settings (default round to nearest); `calibration_progress(stage label)` gives a
+    per-sample callback for each calibration pass; `requantize`: a pre-quantized checkpoint TensorRT cannot take
+    as it is (asymmetric) is requantized symmetrically instead of refused; `recipe`: an llm-compressor style recipe
+    file (converter/recipes) that sets the quantization per module instead of a scheme."""
     with tempfile.TemporaryDirectory(prefix="lowbit-algorithm-") as work:  # an algorithm's files, until written
-        return _convert(model, output, scheme, target, overwrite, progress, options, tuple(ignore),
-                        algorithm or AlgorithmSpec(), calibration_progress, Path(work))
+        return _convert(model, output, scheme, target, overwrite, progress, options or SchemeOptions(),
+                        tuple(ignore), algorithm or AlgorithmSpec(), calibration_progress, Path(work), requantize,
+                        recipe)
 
 
 def _convert(model, output, scheme, target, overwrite, progress, options, ignore, algorithm: AlgorithmSpec,
-             calibration_progress, work: Path) -> ConversionReport:
+             calibration_progress, work: Path, requantize: bool = False,
+             recipe_path: Path | None = None) -> ConversionReport:
     start = time.perf_counter()
     output = Path(os.path.abspath(output))  # `.` and `..` spelled out: staging goes beside the real folder
     if target not in TARGETS:
         raise LowbitError(f"unknown target '{target}' (known: {', '.join(TARGETS)})")
-    scheme_obj = get_scheme(scheme, options, target)
+    recipe = None
+    if recipe_path is not None:  # read and validated before the checkpoint is
+        recipe = recipe_for_conversion(recipe_path, scheme, ignore, algorithm)
+    if scheme is not None:
+        get_scheme(scheme, options, target)  # a bad name or option fails before the checkpoint is read
+    source = resolve_model_dir(model)
+    arch, config = load_config(source)
+    checkpoint, imported = Checkpoint(source), detect_import(source)  # GPTQ, AWQ, compressed-tensors: imported
+    if imported is not None:
+        checkpoint = imported.view(checkpoint, arch.weights.conv1d)
+        scheme_obj = imported.scheme(scheme, options, target, algorithm, requantize)
+        scheme = scheme_obj.name
+    elif requantize:
+        raise LowbitError("--requantize applies to pre-quantized checkpoints (GPTQ, AWQ, compressed-tensors)")
+    elif recipe is not None:
+        scheme, scheme_obj = "recipe", recipe_placeholder(options)
+    else:
+        scheme = scheme or "q0f32"
+        scheme_obj = get_scheme(scheme, options, target)
     if ignore and not scheme_obj.plan:
         raise LowbitError(f"--ignore keeps modules of a quantizing scheme in float; {scheme} quantizes nothing")
     algorithm = replace(algorithm, name=effective_algorithm(scheme_obj, algorithm.name))
@@ -131,23 +159,44 @@ def _convert(model, output, scheme, target, overwrite, progress, options, ignore
     if run_algorithm is not None and not scheme_obj.plan:
         raise LowbitError(f"--algo {algorithm.name} quantizes weights; {scheme} quantizes nothing")
     prepare_output(output, overwrite)
-    source = resolve_model_dir(model)
-    arch, config = load_config(source)
     spec: DecoderSpec = arch.spec(config)
-    weights = WeightSource(Checkpoint(source), arch.weights)
+    weights = WeightSource(checkpoint, arch.weights)
     weights.check(spec)  # shapes and dtypes from the headers, before anything is built or written
     decoder = DecoderGraph(spec, weights, scheme_obj.dtype, TARGETS[target])
     graph = decoder.build()
     float_bytes = _weight_bytes(graph)
     quant, quantized, quantized_floats, algorithm_record = None, None, None, {"name": algorithm.name}
+    recipe_run = None
+    if recipe is not None:  # the plan needs the graph's modules (and their transformers names)
+        recipe_run = apply_recipe(recipe, recipe_path, graph, options, target)
+        scheme_obj, algorithm = recipe_run.scheme, replace(algorithm, name=recipe_run.algorithm,
+                                                           gptq=recipe_run.gptq or algorithm.gptq,
+                                                           smoothquant_alpha=recipe_run.smoothquant_alpha)
+        run_algorithm = ALGORITHMS[algorithm.name]
+        algorithm_record = {"name": algorithm.name}
+    if imported is not None:  # the checkpoint's own integers and scales: one exact rule and loader per module
+        scheme_obj, quantized = imported.plan(graph, weights, scheme_obj, target)
+    if algorithm.smoothquant_alpha is not None:  # a graph -> graph pass on the float model, before any quantization
+        if not scheme_obj.plan:
+            raise LowbitError(f"--smoothquant-alpha smooths activations for quantization; {scheme} quantizes nothing")
+        sites, _ = planned_sites(graph, scheme_obj.plan, ignore)
+        algorithm_record["smoothquant"] = smooth_model(
+            graph, sites, algorithm.smoothquant_alpha, algorithm.calibration, source, spec.max_position_embeddings,
+            spec.gated_mlp, work, calibration_progress("smoothquant") if calibration_progress else None)
     if scheme_obj.plan and run_algorithm is not None:
         sites, _ = planned_sites(graph, scheme_obj.plan, ignore)
+        if recipe_run is not None:  # the algorithm runs on the modules its modifier targets; the others: RTN
+            sites = [(site, layer) for site, layer in sites if site.module in recipe_run.algorithm_modules]
         inputs = ModelInput(lambda site: weight_loader(site)(), source, scheme_obj.dtype, spec.max_position_embeddings,
                             spec)
         result = run_algorithm(graph, sites, inputs, algorithm, work, calibration_progress)
         quantized, algorithm_record, quantized_floats = result.weights, result.record, result.float_weights
     if scheme_obj.plan:
         quant = quantize_model(graph, scheme_obj.plan, target, scheme_obj.dtype, ignore, quantized, quantized_floats)
+    if imported is not None:
+        imported.tag(graph)
+    if recipe_run is not None:
+        recipe_run.tag(graph)
     weight_bytes = _weight_bytes(graph)
 
     created = [p for p in output.parents if not p.exists()]  # removed again if the conversion fails
@@ -190,6 +239,10 @@ def _convert(model, output, scheme, target, overwrite, progress, options, ignore
             "algorithm": algorithm_record,
             "versions": _versions(),
         }
+        if imported is not None:
+            metadata["import"] = imported.record
+        if recipe_run is not None:
+            metadata["recipe"] = recipe_run.record
         if activation_record is not None:  # static activation scales (FP8): measured here, or left for calibrate
             metadata[ACTIVATION_CALIBRATION] = activation_record
         (staging / "lowbit.json").write_text(json.dumps(metadata, indent=2))
@@ -207,7 +260,7 @@ def _convert(model, output, scheme, target, overwrite, progress, options, ignore
         raise
     return ConversionReport(
         output, scheme, target, spec.model_type, time.perf_counter() - start, dir_size(output), float_bytes,
-        weight_bytes, quant,
+        weight_bytes, quant, notes=list(imported.notes) if imported is not None else [],
     )
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from lowbit.errors import LowbitError
 from lowbit.affine import WeightQuant
-from lowbit.converter.quant.formats import static_fp8
+from lowbit.converter.quant.formats import STATIC_INT8_SYMMETRIC, STATIC_UINT8, static_fp8
 from lowbit.converter.quant.plan import ActivationQuant, LayerQuant, QuantPlan, uniform_plan
 from lowbit.fp8 import FLOAT8
 
@@ -196,6 +196,23 @@ def _w8a8(name: str):
 
 for _name in ("w8a8", "a8w8"):  # a8w8: DashInfer's name for the same scheme
     SCHEMES[_name] = _w8a8(_name)
+
+
+def _w8a8_static(options: SchemeOptions, target: str) -> Scheme:
+    """int8 per-channel symmetric weights, activations with one static scale per tensor from calibration at
+    conversion, as Q/DQ pairs: symmetric int8 for TensorRT, uint8 with a zero point for ORT (formats.py says why)."""
+    _no_options(options, "w8a8-static", allowed=())
+    activation = STATIC_INT8_SYMMETRIC if target == "tensorrt" else STATIC_UINT8
+    layer = LayerQuant(WeightQuant(8, None, "symmetric"), activation=activation)
+    form = ("int8 symmetric (s = absmax/127)" if target == "tensorrt"
+            else "uint8 with a zero point (min/max range)")
+    return Scheme("w8a8-static", DTYPES["float32"], "int8 per-channel symmetric weights (s = max|w|/127), "
+                  f"activations per tensor with static scales from calibration at conversion, {form}, as "
+                  "QuantizeLinear/DequantizeLinear pairs; lm_head and embedding float",
+                  uniform_plan(layer, embeddings=False, lm_head=False, pad=options.pad))
+
+
+SCHEMES["w8a8-static"] = _w8a8_static
 
 
 # ------------------------------------------------------------------------------ FP8: MLC's e4m3_e4m3_f16, e5m2_e5m2_f16

@@ -108,8 +108,9 @@ class WeightSource:
                 continue
             found = tuple(self.checkpoint.shape(real))
             if found != shape:
+                origin = getattr(self.checkpoint, "origin", lambda name: name)(real)  # an imported weight's tensor
                 raise LowbitError(
-                    f"tensor {real}: shape {list(found)} does not match config.json (expected {list(shape)})"
+                    f"tensor {origin}: shape {list(found)} does not match config.json (expected {list(shape)})"
                 )
             if not self.checkpoint.is_float(real):
                 raise LowbitError(f"tensor {real}: dtype {self.checkpoint.dtype_name(real)} is not a float weight "

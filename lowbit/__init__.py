@@ -15,8 +15,9 @@ __version__ = "0.1.0"
 __all__ = ["LowbitError", "__version__", "convert", "load"]
 
 
-def convert(model, output, scheme: str = "q0f32", **options):
-    """Convert a Hugging Face checkpoint (local folder or hub id) into an ONNX folder; see
+def convert(model, output, scheme: str | None = None, **options):
+    """Convert a Hugging Face checkpoint (local folder or hub id) into an ONNX folder (scheme None: q0f32, or the one
+    a GPTQ/AWQ/compressed-tensors checkpoint implies); see
     `lowbit.converter.api.convert` for the options. Returns a `ConversionReport`."""
     from lowbit.converter.api import convert as _convert
 

@@ -94,7 +94,9 @@ def _calibration_progress(stage: str):
 @main.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--scheme", default=None, help="Quantization scheme (see docs/schemes.md) [default: q0f32].")
+@click.option("--scheme", default=None,
+              help="Quantization scheme (see docs/schemes.md) [default: q0f32, or what a GPTQ/AWQ/compressed-tensors "
+                   "checkpoint implies].")
 @click.option("--target", default="ort", show_default=True, type=click.Choice(["ort", "tensorrt"]))
 @click.option("--group-size", type=click.IntRange(min=1), default=None,
               help="Group (block) size along K, for schemes that take one; a group larger than K is per-channel.")
@@ -125,12 +127,20 @@ def _calibration_progress(stage: str):
 @click.option("--sequential/--independent", default=True,
               help="GPTQ/AWQ: calibrate each layer on the outputs of the quantized layers before it, or on "
                    "float inputs.")
+@click.option("--smoothquant-alpha", type=FiniteFloatRange(0, 1), default=None,
+              help="SmoothQuant before quantizing (schemes with quantized activations): migration strength alpha, "
+                   "scales folded into the norms and up_proj (0.5 is the paper's default).")
+@click.option("--recipe", type=click.Path(path_type=Path), default=None,
+              help="Quantization recipe (YAML/JSON, llm-compressor's format; docs/recipes.md) instead of --scheme.")
 @click.option("--quant-config", type=click.Path(path_type=Path), default=None,
               help="DashInfer quantization config JSON (instead of --scheme).")
+@click.option("--requantize", is_flag=True,
+              help="Pre-quantized (GPTQ/AWQ/compressed-tensors) checkpoint for --target tensorrt: requantize "
+                   "asymmetric weights to symmetric INT4 (the added error is reported) instead of refusing.")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that lowbit wrote (it holds lowbit.json).")
 def convert(model, output, scheme, target, group_size, symmetric, accuracy_level, dtype, no_pad, clip_search,
-            ignore, algo, calib_data, num_samples, seq_len, calib_seed, damp, act_order, sequential, quant_config,
-            overwrite):
+            ignore, algo, calib_data, num_samples, seq_len, calib_seed, damp, act_order, sequential,
+            smoothquant_alpha, recipe, quant_config, requantize, overwrite):
     """Convert MODEL (a local HF folder or a hub id) into an ONNX folder."""
     _keep_torch_out(model)
     from lowbit.converter.api import convert as run_convert
@@ -139,8 +149,10 @@ def convert(model, output, scheme, target, group_size, symmetric, accuracy_level
                          accuracy_level=accuracy_level, dtype=dtype, pad=not no_pad, clip_search=clip_search,
                          ignore=ignore, algo=algo, calib_data=calib_data, num_samples=num_samples, seq_len=seq_len,
                          calib_seed=calib_seed, damp=damp, act_order=act_order, sequential=sequential,
-                         calibration_progress=_calibration_progress, quant_config=quant_config,
-                         overwrite=overwrite, progress=_progress_callback())
+                         smoothquant_alpha=smoothquant_alpha, recipe=recipe,
+                         calibration_progress=_calibration_progress,
+                         quant_config=quant_config,
+                         requantize=requantize, overwrite=overwrite, progress=_progress_callback())
     click.echo(
         f"wrote {report.output} ({report.model_type}, scheme {report.scheme}, target {report.target}): "
         f"{report.model_bytes / 1e6:.1f} MB in {report.seconds:.1f} s"
@@ -355,8 +367,10 @@ def inspect(model_dir, as_json):
             size = f"{q['bytes'] / 1e3:.1f} kB (float {q['float_bytes'] / 1e3:.1f} kB)" if "bytes" in q else ""
             compute = f"{q['compute']} compute" if "compute" in q else ""
             activation = f"; activations {q['activation']}" if "activation" in q else ""
+            imported = f"; imported from {q['import']}" if "import" in q else ""
+            recipe = f"; recipe {q['recipe']}" if "recipe" in q else ""
             click.echo(f"  {name:32s} {q['op']:36s} {q['quant']:26s} {q['format']:24s} {compute:14s} {size}"
-                       + activation)
+                       + activation + imported + recipe)
     click.echo("ops: " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
 
 

@@ -40,6 +40,10 @@ def inspect_model(model_dir: str | Path) -> dict:
         if "lowbit.quant" in props and node.name:
             quantized.setdefault(node.name, {"op": f"{node.domain}.{node.op_type}" if node.domain else node.op_type,
                                              "quant": props["lowbit.quant"], "format": props["lowbit.format"]})
+            if "lowbit.import" in props:  # a pre-quantized checkpoint's module: its source format
+                quantized[node.name]["import"] = props["lowbit.import"]
+            if "lowbit.recipe" in props:  # a recipe's module: the modifier and config group that produced it
+                quantized[node.name]["recipe"] = props["lowbit.recipe"]
     for module, info in meta.get("quantization", {}).items():
         if module in quantized:
             quantized[module].update(bytes=info["bytes"], float_bytes=info["float_bytes"],
@@ -52,10 +56,13 @@ def inspect_model(model_dir: str | Path) -> dict:
                 quantized[module]["compute"] = meta.get("dtype", "float")
             elif op in OP_COMPUTE:
                 quantized[module]["compute"] = OP_COMPUTE[op]
+            elif activation and activation.get("type") == "int":  # static int Q/DQ: ORT's MatMulIntegerToFloat
+                quantized[module]["compute"] = "int8"
             elif info.get("accuracy_level") is not None and "Gather" not in op:
                 quantized[module]["compute"] = COMPUTE[info["accuracy_level"]]
     return {
         "scheme": meta.get("scheme", "?"),
+        "import": meta.get("import"),
         "float_weight_bytes": meta.get("float_weight_bytes"),
         "quantized": quantized,
         "target": meta.get("target", "?"),
@@ -70,7 +77,9 @@ def inspect_model(model_dir: str | Path) -> dict:
 
 def _describe_activation(activation: dict, module: str, meta: dict) -> str:
     """`int8 dynamic per-tensor`, `fp8 e4m3 static per-tensor scale 0.0121` (or `placeholder scale 1`)."""
-    kind = f"fp8 {activation['element']}" if activation.get("type") == "float" else f"int{activation['bits']}"
+    unsigned = activation.get("type") == "int" and not activation["dynamic"] and not activation["symmetric"]
+    kind = (f"fp8 {activation['element']}" if activation.get("type") == "float"
+            else f"{'u' if unsigned else ''}int{activation['bits']}")
     text = f"{kind} {'dynamic' if activation['dynamic'] else 'static'} per-{activation['strategy']}"
     calibration = meta.get("activation_calibration") or {}
     if activation["dynamic"]:
@@ -78,4 +87,6 @@ def _describe_activation(activation: dict, module: str, meta: dict) -> str:
     if calibration.get("status") == "placeholder":
         return f"{text} placeholder scale {calibration.get('placeholder_scale', '?')} (run lowbit calibrate)"
     scale = calibration.get("scales", {}).get(module)
-    return f"{text} scale {scale:.4g}" if scale is not None else text
+    zero = calibration.get("zero_points", {}).get(module)
+    text = f"{text} scale {scale:.4g}" if scale is not None else text
+    return f"{text} zero point {zero}" if zero is not None else text

@@ -166,6 +166,19 @@ def fused_hf_names(arch_model, module: str) -> list[str]:
             "down_proj": [f"{prefix}.mlp.down_proj"]}[name]
 
 
+def load_fused_weight(model, modules: dict, module: str, weight: np.ndarray, hook) -> None:
+    """Copies our (possibly fused) module's weight [N, K] into its transformers linears, row blocks in order, and
+    registers `hook` as each one's forward pre-hook."""
+    start = 0
+    for name in fused_hf_names(model, module):
+        linear = modules[name]
+        rows = linear.weight.shape[0]
+        linear.weight.copy_(torch.from_numpy(weight[start:start + rows]))
+        start += rows
+        linear.register_forward_pre_hook(hook)
+    assert start == weight.shape[0]
+
+
 class FakeQuantReference:
     """The tiny transformers model run in float32 with the folder's tensors: every float weight rounded to
     float16 as the folder stores it, each quantized linear's weight = its float8 values * its scale, and a forward
@@ -188,14 +201,7 @@ class FakeQuantReference:
                 assert codes.dtype == FP8[flavour][0] and scale.dtype == dtype and scale.shape == ()
                 weight = (codes.astype(np.float32) * np.float32(scale)).T  # [N, K]
                 x_scale = np.float32(tensors[f"{module}.input_scale"])
-                start = 0
-                for name in fused_hf_names(model, module):
-                    linear = modules[name]
-                    rows = linear.weight.shape[0]
-                    linear.weight.copy_(torch.from_numpy(weight[start:start + rows]))
-                    start += rows
-                    linear.register_forward_pre_hook(self._hook(module, x_scale))
-                assert start == weight.shape[0]
+                load_fused_weight(model, modules, module, weight, self._hook(module, x_scale))
 
     def _hook(self, module: str, x_scale: np.float32):
         def hook(_linear, args):

@@ -6,9 +6,14 @@ quantized one after the other, and each column's rounding error is pushed onto t
 the output error ‖XWᵀ − XQᵀ‖² stays small. The math is in docs/algorithms.md.
 
 The codes, scales and zero points follow `lowbit.affine` exactly (its rules, storage rounding and padding): a group's
-parameters come from `RULES[rule].params` and every column is encoded by `lowbit.affine._encode`, so the result is a
-`QuantizedWeight` that every storage format packs unchanged. Work memory is one float64 copy of W and two K × K
-float64 matrices.
+parameters come from `RULES[rule].params` and are rounded for storage by `lowbit.affine._encode`, and every column is
+coded with `_encode`'s float32 operations, so the result is a `QuantizedWeight` that every storage format packs
+unchanged. Work memory is one float64 copy of W, two K × K float64 matrices and two [block, N] float64 buffers.
+
+Speed (benchmarks/gptq_speed.py): the per-column work is a dozen numpy operations on one column of N values, with
+rank-one updates only inside sub-blocks of SUB_BLOCK columns; the rest is BLAS: Cholesky and triangular inverse
+(K³), the lazy block updates (N·K²/2 multiply-adds) and round-to-nearest's error trace (a syrk, N·K²/2). GPTQ's own
+error comes from its losses (`_error_from_losses`) instead of a second trace.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from lowbit.affine import (
     quantize,
 )
 from lowbit.errors import LowbitError
+
+SUB_BLOCK = 64  # inside a block, columns update each other one by one within sub-blocks of this many columns
 
 
 @dataclass(frozen=True)
@@ -68,66 +75,133 @@ def gptq_quantize(
     g, kp = group_size_for(quant, k), padded_k(quant, k)
 
     h = hessian.copy()
-    w = weight.astype(np.float64)
     dead = np.diag(h) == 0  # inputs that are always zero: no information, quantize their weights as 0
     h[dead, dead] = 1
-    w[:, dead] = 0
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
-    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    damping = damp * np.mean(np.diag(h))
+    h[np.diag_indices(k)] += damping
     # padded columns (K up to a multiple of g) are zero weights with a unit, uncoupled Hessian row: dead inputs
     order = np.concatenate([perm, np.arange(k, kp)])
     hp = np.eye(kp)
-    hp[:k, :k] = h[np.ix_(perm, perm)]
+    hp[:k, :k] = h[np.ix_(perm, perm)] if act_order else h
+    del h
     u = inverse_cholesky_upper(hp, damp)
+    del hp
     wt = np.zeros((kp, n))  # the weights being updated, transposed: column `order[t]` of W is row t
-    wt[:k] = w[:, perm].T
+    wt[:k] = weight[:, perm].T
+    wt[:k][dead[perm]] = 0
 
     groups = kp // g
-    static = None
-    if act_order:  # every group's parameters from the original (dead-zeroed) weights, before any update
-        padded = np.zeros((n, kp), np.float32)
-        padded[:, :k] = w
-        static = _group_params(padded.reshape(n, groups, g), quant, scale_dtype)
-    params: list = [None] * groups
-    codes = np.empty((n, kp), np.uint8)
+    integer_zero_point, qmax = quant.integer_zero_point, np.float32(2**quant.bits - 1)
     scales = np.empty((n, groups), scale_dtype)
-    zero_points = np.empty((n, groups), np.uint8 if quant.integer_zero_point else scale_dtype)
+    zero_points = np.empty((n, groups), np.uint8 if integer_zero_point else scale_dtype)
+    # per group (rows), the float32 scale and zero point that code its columns, as `lowbit.affine._encode` has them
+    s32, z32 = np.empty((groups, n), np.float32), np.empty((groups, n), np.float32)
+
+    def set_params(j, scale, lo):  # scale, lo [N, J] float32 for the groups j (a slice); _encode rounds for storage
+        _, stored, zero = _encode(np.zeros(scale.shape + (1,), np.float32), scale, lo, quant, scale_dtype)
+        scales[:, j], zero_points[:, j] = stored, zero
+        s32[j], z32[j] = stored.T, zero.T
+
+    if act_order:  # every group's parameters from the original (dead-zeroed) weights, before any update
+        padded = np.empty((n, kp), np.float32)
+        padded[:, order] = wt.T
+        set_params(slice(None), *_group_params(padded.reshape(n, groups, g), quant, scale_dtype))
+        del padded
+    group_of = order // g
+    codes_t = np.empty((kp, n), np.uint8)
     losses = np.zeros(n)
-    diag = np.diag(u)
+    diag = np.diag(u).copy()
+    sub = min(SUB_BLOCK, block_size)
+    q, nothing = np.empty(n, np.float32), np.float32(0)
+    scratch = np.empty((min(block_size, kp), n))  # products before they are subtracted: no allocation per column
     for i1 in range(0, kp, block_size):
         i2 = min(i1 + block_size, kp)
         errors = np.empty((i2 - i1, n))
-        for t in range(i1, i2):
-            column = order[t]
-            j = column // g
-            if params[j] is None:
-                if static is not None:
-                    params[j] = tuple(None if p is None else p[:, j : j + 1] for p in static)
-                else:  # the group's first column (t == column): parameters from its current weights
-                    current = wt[t : t + g]
-                    if t + g > i2:  # columns past this block still lack this block's updates so far
-                        current = current.copy()
-                        current[i2 - t :] -= u[i1:t, i2 : t + g].T @ errors[: t - i1]
-                    params[j] = _group_params(current.T.astype(np.float32)[:, None, :], quant, scale_dtype)
-            scale, lo = params[j]
-            code, stored_scale, zero = _encode(wt[t].astype(np.float32)[:, None, None], scale, lo, quant, scale_dtype)
-            codes[:, column] = code[:, 0, 0]
-            scales[:, j], zero_points[:, j] = stored_scale[:, 0], zero[:, 0]
-            value = (code[:, 0, 0].astype(np.float32) - zero[:, 0].astype(np.float32)) * stored_scale[:, 0].astype(
-                np.float32
-            )  # as lowbit.affine.dequantize
-            error = (wt[t] - value) / diag[t]
-            wt[t + 1 : i2] -= u[t, t + 1 : i2, None] * error
-            errors[t - i1] = error
-            losses += error * error
+        # sub-blocks: rank-one updates inside one, then one matrix product for the rest of the block, so a column
+        # is up to date when it is reached; without act_order every group starts a sub-block, so its columns
+        # within the block are up to date when its parameters are computed
+        cuts = set(range(i1, i2, sub)) | {i2}
+        if not act_order:
+            cuts |= set(range(-(-i1 // g) * g, i2, g))
+        cuts = sorted(cuts)
+        for s1, s2 in zip(cuts[:-1], cuts[1:]):
+            if not act_order and s1 % g == 0:  # the group's first column: parameters from its current weights
+                current = wt[s1 : s1 + g]
+                if s1 + g > i2:  # columns past this block still lack this block's updates so far
+                    current = current.copy()
+                    current[i2 - s1 :] -= u[i1:s1, i2 : s1 + g].T @ errors[: s1 - i1]
+                j = s1 // g
+                set_params(slice(j, j + 1), *_group_params(current.T.astype(np.float32)[:, None, :], quant,
+                                                           scale_dtype))
+            for t in range(s1, s2):
+                j = group_of[t]
+                s, z = s32[j], z32[j]
+                # the code as lowbit.affine._encode computes it, float32: clamp(round(w / s) + z), float zero
+                # point clamp(round(w / s + z)); then the value (q - z)·s as lowbit.affine.dequantize has it
+                np.divide(wt[t], s, out=q, dtype=np.float32, casting="same_kind")
+                if integer_zero_point:
+                    np.rint(q, out=q)
+                    q += z
+                else:
+                    q += z
+                    np.rint(q, out=q)
+                np.maximum(q, nothing, out=q)  # np.clip, without its Python overhead
+                np.minimum(q, qmax, out=q)
+                codes_t[t] = q
+                q -= z
+                q *= s
+                error = errors[t - i1]
+                np.subtract(wt[t], q, out=error)
+                error /= diag[t]
+                if t + 1 < s2:
+                    update = np.multiply(u[t, t + 1 : s2, None], error, out=scratch[: s2 - t - 1])
+                    wt[t + 1 : s2] -= update
+            if s2 < i2:
+                wt[s2:i2] -= np.matmul(u[s1:s2, s2:i2].T, errors[s1 - i1 : s2 - i1], out=scratch[: i2 - s2])
+        losses += np.einsum("ij,ij->j", errors, errors)
         wt[i2:] -= u[i1:i2, i2:].T @ errors  # the lazy batch update of the columns after the block
+    del wt, u
 
+    codes = np.empty((n, kp), np.uint8)
+    codes[:, order] = codes_t.T
     quantized = QuantizedWeight(codes, scales, zero_points, quant.bits, g, k)
+    error = _error_from_losses(weight, quantized, hessian, dead, damping, float(losses.sum()))
+    if error is None:
+        error = output_error(weight, quantized, hessian)
     rtn = quantize(weight, quant, scale_dtype)
-    exact = weight.astype(np.float64)
-    deltas = np.concatenate([exact - dequantize(quantized), exact - dequantize(rtn)])  # float64: no rounding
-    traces = ((deltas @ hessian) * deltas).sum(axis=1)
-    return GPTQResult(quantized, losses / 2, float(traces[:n].sum()), float(traces[n:].sum()))
+    return GPTQResult(quantized, losses / 2, error, output_error(weight, rtn, hessian))
+
+
+def output_error(weight: np.ndarray, quantized: QuantizedWeight, hessian: np.ndarray) -> float:
+    """trace((W − Q) H (W − Q)ᵀ) = Σ_ij H_ij (ΔᵀΔ)_ij: one symmetric rank-N product (BLAS syrk), float64 throughout
+    (the difference of two float32 values is exact)."""
+    delta = weight.astype(np.float64)
+    delta -= dequantize(quantized)
+    gram = delta.T @ delta  # the same array on both sides: numpy calls syrk, half a general product
+    return float(np.vdot(gram, hessian))
+
+
+def _error_from_losses(weight: np.ndarray, quantized: QuantizedWeight, hessian: np.ndarray, dead: np.ndarray,
+                       damping: float, total: float) -> float | None:
+    """trace((W − Q) H (W − Q)ᵀ) without a K × K product, from GPTQ's Σ e² (`total`, all rows): U H_d Uᵀ = I makes
+    Σ_t e_t² = Δ H_d Δᵀ per row, for Δ = W − Q with the dead inputs' weights zeroed and H_d the matrix GPTQ
+    factored: H + λI on the live inputs, 1 + λ on the dead ones and 1 on the padding, these two uncoupled. So the
+    error is Σ e² − λ‖Δ_live‖² − (1 + λ)‖Δ_dead‖² − ‖Δ_padding‖² (Δ is 0 there except with a float zero point).
+    None where that is not accurate to about 1e-12 relative: dead inputs whose H rows are not zero (not uncoupled),
+    or a difference that cancels more than one decimal digit (the damping dominates an almost singular H)."""
+    if dead.any() and (hessian[dead].any() or hessian[:, dead].any()):
+        return None
+    n, k = weight.shape
+    codes = quantized.codes.reshape(n, quantized.groups, -1).astype(np.float32)
+    values = (codes - quantized.zero_points.astype(np.float32)[..., None]) * quantized.scales.astype(np.float32)[
+        ..., None
+    ]  # as lowbit.affine.dequantize, padding kept
+    delta = -values.reshape(n, -1).astype(np.float64)
+    delta[:, :k] += np.where(dead, np.float32(0), weight)
+    squares = np.einsum("ij,ij->j", delta, delta)  # per input
+    error = total - damping * squares[:k][~dead].sum() - (1 + damping) * squares[:k][dead].sum() - squares[k:].sum()
+    return float(error) if error >= 0.1 * total else None
 
 
 def inverse_cholesky_upper(h: np.ndarray, damp: float | None = None) -> np.ndarray:

@@ -148,10 +148,15 @@ class AlgorithmSpec:
     gptq: GPTQSettings = GPTQSettings()
     awq: AWQSettings = AWQSettings()
     sequential: bool = True  # layer l calibrated on the outputs of the quantized layers before it
+    smoothquant_alpha: float | None = None  # SmoothQuant before the weight algorithm (algorithms/smoothquant.py)
 
     def __post_init__(self):
         if self.name not in ALGORITHMS:
             raise LowbitError(f"unknown algorithm '{self.name}' (known: {', '.join(ALGORITHMS)})")
+        alpha = self.smoothquant_alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                  or not math.isfinite(alpha) or not 0 <= alpha <= 1):
+            raise LowbitError(f"--smoothquant-alpha must be a number within [0, 1], got {alpha!r}")
 
 
 @dataclass(frozen=True)

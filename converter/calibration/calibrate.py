@@ -62,15 +62,18 @@ def calibrate_statistics(
     provider: str = "cpu",
     threads: int | None = None,
     edit: Callable[[object], None] | None = None,
+    session_config: dict[str, str] | None = None,
 ) -> dict[str, dict[str, object]]:
     """{site: {observer name: result}} for the inputs of the named MatMul/Gemm nodes of `model_onnx`.
 
     observers: registry names, or {name: options} (e.g. {"percentile": {"percentile": 99.9}}).
     samples: 1-D token-id arrays (load_calibration_samples). progress: True for a tqdm bar, or a function
-    called as progress(done, total) after each sample. edit: a graph change before capture (ActivationCapture).
+    called as progress(done, total) after each sample. edit: a graph change before capture, session_config: extra
+    ORT session entries (ActivationCapture).
     Raises LowbitError for bad input.
     """
     specs = parse_observers(observers)
-    capture = ActivationCapture(model_onnx, sites, provider=provider, threads=threads, edit=edit)
+    capture = ActivationCapture(model_onnx, sites, provider=provider, threads=threads, edit=edit,
+                                session_config=session_config)
     state = observe(capture, specs, samples, progress)
     return {site: {name: observer.result() for name, observer in by_name.items()} for site, by_name in state.items()}

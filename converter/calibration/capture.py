@@ -49,7 +49,8 @@ def _load_graph(model_onnx: Path):
 def add_capture_outputs(model, sites: list[str], model_onnx: Path) -> list[CaptureSite]:
     """Make the first input of each named node a graph output (once per value); the sites in order."""
     nodes = {node.name: node for node in model.graph.all_nodes()}
-    outputs = {value.name for value in model.graph.outputs}
+    model.graph.outputs.clear()  # logits and KV are never read: without them ORT drops the nodes after the last site
+    outputs: set[str] = set()
     captured = []
     for site in sites:
         node = nodes.get(site)
@@ -96,10 +97,11 @@ def empty_feeds(session, token_ids: np.ndarray, values: dict[str, np.ndarray] | 
 class ActivationCapture:
     """An ORT session over a saved model that also returns the input rows of chosen MatMul/Gemm nodes.
     `edit(model)`, if given, changes the graph (an onnx_ir Model, weights not loaded) before the outputs are added,
-    e.g. to bypass activation quantization (lowbit.converter.calibrate_folder)."""
+    e.g. to bypass activation quantization (lowbit.converter.calibrate_folder). `session_config`: ORT session
+    entries applied after the folder's own (lowbit.json's `ort_session_config`)."""
 
     def __init__(self, model_onnx: str | Path, sites: list[str], provider: str = "cpu", threads: int | None = None,
-                 edit: Callable[[object], None] | None = None):
+                 edit: Callable[[object], None] | None = None, session_config: dict[str, str] | None = None):
         import onnx_ir as ir
         import onnxruntime as ort
 
@@ -118,6 +120,7 @@ class ActivationCapture:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        options.enable_cpu_mem_arena = False  # measured: 50 MB less peak RSS on SmolLM2-135M, same speed
         if threads:
             options.intra_op_num_threads = threads
         folder = model_onnx.resolve().parent
@@ -126,6 +129,8 @@ class ActivationCapture:
         if metadata.is_file():  # the session settings the converter recorded (e.g. DQ+MatMul fusion accuracy)
             for key, value in json.loads(metadata.read_text()).get("ort_session_config", {}).items():
                 options.add_session_config_entry(key, value)
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, value)
         ep = PROVIDERS[provider]
         providers = [ep] if ep == "CPUExecutionProvider" else [ep, "CPUExecutionProvider"]
         try:

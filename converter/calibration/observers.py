@@ -10,7 +10,7 @@ Each observer takes batches of rows x [tokens, features] (`update`) and gives it
 | `percentile` | the `percentile` % point of |x| (float), from an `AbsHistogram` | `bins` counts |
 | `mse` | clip c = absmax · r (r in `ratios`) of least Σ (x − q(x))² for the element type (float) | `bins` counts |
 | `mean_abs_per_channel` | mean over rows of |x| per input feature (AWQ's statistic), float64 [features] | [features] |
-| `hessian` | GPTQ's H = 2/n Σ xᵀx over all n rows, float64 [features, features] | [features, features] |
+| `hessian` | GPTQ's H = 2/n Σ xᵀx over all n rows, float64 [features, features] | [features, features] and 256 rows |
 
 Adding one is a class with `update`/`result` and `@register_observer("name")`.
 """
@@ -172,25 +172,42 @@ class MseObserver(Observer):
 
 @register_observer("hessian")
 class HessianObserver(Observer):
-    """H = 2/n Σ xᵀx kept as a running mean in float64, as GPTQ accumulates it (n counts rows)."""
+    """H = 2/n Σ xᵀx in float64, as GPTQ accumulates it (n counts rows). Rows wait in a buffer of `PENDING_ROWS`
+    until it is full, then one float64 product adds them to the sum Σ xᵀx, which `result` scales by 2/n: a running
+    mean updated per sample costs several K × K passes for one sample's few rows, more than the product itself."""
+
+    PENDING_ROWS = 256
 
     def __init__(self):
-        self.hessian: np.ndarray | None = None
+        self.sum: np.ndarray | None = None  # Σ xᵀx over the rows added so far, float64 [features, features]
+        self.pending: np.ndarray | None = None  # rows not yet in it, [PENDING_ROWS, features], float32 or wider
+        self.filled = 0
         self.rows = 0
 
     def update(self, x):
-        x = self._rows(x).astype(np.float64)
-        if self.hessian is None:
-            self.hessian = np.zeros((x.shape[1], x.shape[1]), np.float64)
-        if not x.shape[0]:
-            return
-        total = self.rows + x.shape[0]
-        self.hessian *= self.rows / total
-        self.hessian += (2.0 / total) * (x.T @ x)
-        self.rows = total
+        x = self._rows(x)
+        if self.sum is None:
+            self.sum = np.zeros((x.shape[1], x.shape[1]), np.float64)
+            # float32 rows (captures) wait as float32; wider input keeps its precision
+            self.pending = np.empty((self.PENDING_ROWS, x.shape[1]), np.promote_types(x.dtype, np.float32))
+        self.rows += x.shape[0]
+        while x.shape[0]:
+            take = min(x.shape[0], self.PENDING_ROWS - self.filled)
+            self.pending[self.filled : self.filled + take] = x[:take]
+            self.filled += take
+            x = x[take:]
+            if self.filled == self.PENDING_ROWS:
+                self._add_pending()
+
+    def _add_pending(self):
+        rows = self.pending[: self.filled].astype(np.float64)
+        self.sum += rows.T @ rows  # the same array on both sides: numpy calls syrk
+        self.filled = 0
 
     def result(self) -> np.ndarray:
-        return self.hessian.copy()
+        if self.filled:
+            self._add_pending()
+        return self.sum * (2.0 / self.rows) if self.rows else self.sum.copy()
 
 
 @dataclass(frozen=True)

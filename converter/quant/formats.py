@@ -139,6 +139,13 @@ register_format(StorageFormat(
 ))
 
 
+def _linear(tape, site: Site, x: ir.Value, weight: ir.Value) -> ir.Value:
+    """The site's own product with a (dequantized) weight: MatMul(x, W [K, N]) or Gemm(x, W [N, K], transB=1)."""
+    if site.kind == "matmul":
+        return tape.op("MatMul", [x, weight], name=site.module)
+    return tape.op("Gemm", [x, weight], {"transB": 1}, name=site.module)
+
+
 # ------------------------------------------------------------------------------ standard DequantizeLinear
 
 
@@ -184,9 +191,7 @@ def _dq_emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level: int) -
 
     def build(tape, site, values):
         weight = tape.op("DequantizeLinear", values, attrs, name=f"{site.module}.dequantize")
-        if site.kind == "matmul":
-            return tape.op("MatMul", [site.x, weight], name=site.module)
-        return tape.op("Gemm", [site.x, weight], {"transB": 1}, name=site.module)
+        return _linear(tape, site, site.x, weight)
 
     return Emission(parts, lambda qw: qw, build)
 
@@ -273,48 +278,76 @@ register_format(StorageFormat(
     activation=DYNAMIC_INT8,
 ))
 
-# ------------------------------------------------------------------------------ FP8 Q/DQ (e4m3 / e5m2)
+# ------------------------------------------------------------------------------ static activation Q/DQ (FP8, INT8)
 
-ACTIVATION_SCALE_PLACEHOLDER = 1.0  # until calibration writes max|x| / fp8_max (lowbit.converter.calibrate_folder)
+ACTIVATION_SCALE_PLACEHOLDER = 1.0  # until calibration writes the measured scale (lowbit.converter.calibrate_folder)
 ACTIVATION_SCALE = "input_scale"  # initializer `{module}.input_scale`: the activation scale calibration rewrites
+ACTIVATION_ZERO_POINT = "input_zero_point"  # `{module}.input_zero_point`: rewritten too where it is not fixed at 0
 
 
-def _fp8_unsupported(q: WeightQuant, site: Site):
-    if q.rule not in FLOAT8_RULES:
-        return f"float8 Q/DQ stores float8 weights (rules {', '.join(FLOAT8_RULES)}), not {q.rule}"
-    return None
+@dataclass(frozen=True)
+class StaticQDQ:
+    """One static Q/DQ layout: QuantizeLinear/DequantizeLinear on the input with a calibrated per-tensor scale
+    (and zero point), DequantizeLinear on the stored weight, MatMul (Gemm) in float; ORT and TensorRT fuse the
+    pattern into their quantized GEMMs where they have one."""
+
+    weight_element: np.dtype  # stored weight codes
+    activation_element: np.dtype  # the activation Q/DQ element type (the zero point's dtype)
+    codes: Callable[[QuantizedWeight], np.ndarray]  # [N, K] codes in weight_element
+    weight_zero_point: bool  # a per-channel zero-point tensor beside the codes (uint8 weights)
+    activation_zero_placeholder: int  # the zero point until calibration (the middle of an unsigned range)
+    unsupported: Callable[[WeightQuant, Site], str | None]
 
 
-def _fp8_emission(flavour: str):
+def _static_qdq_emission(layout: StaticQDQ):
     def emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level: int) -> Emission:
-        if FLOAT8_RULES[q.rule] != flavour:
-            raise LowbitError(f"{site.module}: {q.rule} weights with {flavour} activations are not one format")
+        why = layout.unsupported(q, site)
+        if why is not None:
+            raise LowbitError(f"{site.module}: {why}")
         n, k = site.n, site.k
-        element = FLOAT8[flavour].dtype
+        element, activation = layout.weight_element, layout.activation_element
         k_major = site.kind == "matmul"  # MatMul consumes W [K, N]; Gemm(transB) consumes W [N, K]
-        codes = lambda qw: qw.codes.view(element).T if k_major else qw.codes.view(element)  # noqa: E731
+
+        def codes(qw):
+            c = layout.codes(qw)[:, :k]
+            return np.ascontiguousarray(c.T) if k_major else c
+
         scale_shape = () if q.per_tensor else (n,)
         parts = [
             Part("qweight", element, (k, n) if k_major else (n, k), codes),
             Part("scales", np.dtype(scale_dtype), scale_shape,
                  lambda qw: qw.scales[0, 0] if q.per_tensor else qw.scales[:, 0]),
+        ]
+        if layout.weight_zero_point:
+            parts.append(Part("qzeros", element, (n,), lambda qw: qw.zero_points[:, 0].astype(element)))
+        parts += [
             Part(ACTIVATION_SCALE, np.dtype(scale_dtype), (), lambda qw: np.array(ACTIVATION_SCALE_PLACEHOLDER)),
-            Part("input_zero_point", element, (), lambda qw: np.zeros((), element)),
+            Part(ACTIVATION_ZERO_POINT, activation, (),
+                 lambda qw: np.array(layout.activation_zero_placeholder).astype(activation)),
         ]
         weight_attrs = {} if q.per_tensor else {"axis": 1 if k_major else 0}
 
         def build(tape, site, values):
-            qweight, scales, x_scale, x_zero = values
+            *weight, x_scale, x_zero = values
             q_x = tape.op("QuantizeLinear", [site.x, x_scale, x_zero], name=f"{site.module}.input_quantize")
             x = tape.op("DequantizeLinear", [q_x, x_scale, x_zero], name=f"{site.module}.input_dequantize")
-            weight = tape.op("DequantizeLinear", [qweight, scales], weight_attrs, name=f"{site.module}.dequantize")
-            if site.kind == "matmul":
-                return tape.op("MatMul", [x, weight], name=site.module)
-            return tape.op("Gemm", [x, weight], {"transB": 1}, name=site.module)
+            w = tape.op("DequantizeLinear", weight, weight_attrs, name=f"{site.module}.dequantize")
+            return _linear(tape, site, x, w)
 
         return Emission(parts, lambda qw: qw, build)
 
     return emission
+
+
+def _fp8_unsupported(flavour: str):
+    def unsupported(q: WeightQuant, site: Site):
+        if q.rule not in FLOAT8_RULES:
+            return f"float8 Q/DQ stores float8 weights (rules {', '.join(FLOAT8_RULES)}), not {q.rule}"
+        if FLOAT8_RULES[q.rule] != flavour:
+            return f"{q.rule} weights with {flavour} activations are not one format"
+        return None
+
+    return unsupported
 
 
 def static_fp8(flavour: str) -> ActivationQuant:
@@ -325,8 +358,11 @@ def static_fp8(flavour: str) -> ActivationQuant:
 FP8_TARGETS = {"e4m3": ("ort", "tensorrt"), "e5m2": ("ort",)}
 
 for _flavour in FLOAT8:
+    _element = np.dtype(FLOAT8[_flavour].dtype)
     register_format(StorageFormat(
-        f"qdq_fp8_{_flavour}", ("matmul", "gemm_t"), FP8_TARGETS[_flavour], _fp8_unsupported, _fp8_emission(_flavour),
+        f"qdq_fp8_{_flavour}", ("matmul", "gemm_t"), FP8_TARGETS[_flavour], _fp8_unsupported(_flavour),
+        _static_qdq_emission(StaticQDQ(_element, _element, lambda qw, e=_element: qw.codes.view(e), False, 0,
+                                       _fp8_unsupported(_flavour))),
         f"opset-21 QuantizeLinear/DequantizeLinear with float8 {_flavour}: activations per tensor with a calibrated "
         f"static scale, weights float8 with per-tensor or per-channel scales, DequantizeLinear + MatMul",
         activation=static_fp8(_flavour),
@@ -335,6 +371,77 @@ for _flavour in FLOAT8:
         session_config=(("session.disable_quant_qdq", "1"),),
     ))
 
+
+def _int8_unsupported(q: WeightQuant, site: Site):
+    if q.bits != 8 or q.rule != "symmetric" or q.group_size is not None or q.clip_search:
+        return f"static INT8 Q/DQ stores 8-bit per-channel symmetric weights (s = max|w|/127), not {q.describe()}"
+    return None
+
+
+# Static INT8 activations. TensorRT takes symmetric int8 for both (zero points 0). ORT's CPU provider fuses the
+# pattern into MatMulIntegerToFloat; on x86 without VNNI its int8 x int8 and uint8 x int8 kernels add pairs of
+# products in int16 and saturate (255 * 127 * 2 > 32767: errors of the order of the output itself, measured),
+# its uint8 x uint8 kernel is exact: so for ORT the activations are uint8 with a calibrated zero point (min/max
+# range) and the weights uint8 codes with zero point 128 (the same values as int8, s = max|w|/127).
+STATIC_INT8_SYMMETRIC = ActivationQuant(bits=8, type="int", dynamic=False, symmetric=True, strategy="tensor")
+STATIC_UINT8 = ActivationQuant(bits=8, type="int", dynamic=False, symmetric=False, strategy="tensor")
+
+register_format(StorageFormat(
+    "qdq_int8", ("matmul", "gemm_t"), ("tensorrt",), _int8_unsupported,
+    _static_qdq_emission(StaticQDQ(np.dtype(np.int8), np.dtype(np.int8),
+                                   lambda qw: (qw.codes.astype(np.int16) - 128).astype(np.int8), False, 0,
+                                   _int8_unsupported)),
+    "opset-21 QuantizeLinear/DequantizeLinear with int8: activations symmetric per tensor with a calibrated static "
+    "scale (absmax / 127), int8 per-channel weights, DequantizeLinear + MatMul (TensorRT's explicit INT8)",
+    activation=STATIC_INT8_SYMMETRIC,
+))
+
+register_format(StorageFormat(
+    "qdq_uint8", ("matmul", "gemm_t"), ("ort",), _int8_unsupported,
+    _static_qdq_emission(StaticQDQ(np.dtype(np.uint8), np.dtype(np.uint8), lambda qw: qw.codes, True, 128,
+                                   _int8_unsupported)),
+    "opset-21 QuantizeLinear/DequantizeLinear with uint8: activations per tensor with a calibrated static scale "
+    "and zero point (min/max range), 8-bit per-channel symmetric weights as uint8 codes with zero point 128, "
+    "DequantizeLinear + MatMul, which ORT fuses into MatMulIntegerToFloat (exact uint8 x uint8 integer GEMM)",
+    activation=STATIC_UINT8,
+))
+
+# ------------------------------------------------------------------------------ float8 weights, float activations
+
+
+def _dq_fp8_unsupported(q: WeightQuant, site: Site):
+    if q.rule != "fp8_e4m3" or q.group_size is not None:
+        return "float8 DequantizeLinear stores per-channel float8 e4m3 weights"
+    if site.kind == "gather":
+        return "not for embeddings"
+    return None
+
+
+def _dq_fp8_emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level: int) -> Emission:
+    n, k = site.n, site.k
+    element = FLOAT8["e4m3"].dtype
+    k_major = site.kind == "matmul"  # MatMul consumes W [K, N]; Gemm(transB) consumes W [N, K]
+    parts = [
+        Part("qweight", np.dtype(ml_dtypes.float8_e4m3fn), (k, n) if k_major else (n, k),
+             lambda qw: qw.codes.view(element).T if k_major else qw.codes.view(element)),
+        Part("scales", np.dtype(scale_dtype), (n,), lambda qw: qw.scales[:, 0]),
+    ]
+
+    def build(tape, site, values):
+        weight = tape.op("DequantizeLinear", values, {"axis": 1 if k_major else 0}, name=f"{site.module}.dequantize")
+        return _linear(tape, site, site.x, weight)
+
+    return Emission(parts, lambda qw: qw, build)
+
+
+register_format(StorageFormat(
+    "dq_fp8_e4m3", ("matmul", "gemm_t"), ("ort", "tensorrt"), _dq_fp8_unsupported, _dq_fp8_emission,
+    "float8 e4m3 weights with per-channel scales, DequantizeLinear + MatMul, float activations "
+    "(imported float-quantized checkpoints)",
+    session_config=(("session.disable_quant_qdq", "1"),),
+))
+
+
 # Preference order when a plan names no format.
 PREFERENCE = ("matmulnbits", "gather_block_quantized", "dq", "blockwise", "dynamic_quantize_matmul", "qdq_fp8_e4m3",
-              "qdq_fp8_e5m2")
+              "qdq_fp8_e5m2", "qdq_uint8", "qdq_int8", "dq_fp8_e4m3")

@@ -157,10 +157,15 @@ def weight_loader(site: Site):
     return lambda: np.asarray(tensor.numpy(), dtype=np.float32).T
 
 
+def weight_sites(model: ir.Model) -> list[Site]:
+    """Every weight-consuming site of the graph (MatMul, Gemm with transB, Gather of a 2-D initializer), in order."""
+    return [site for site in map(_site, list(model.graph)) if site is not None]
+
+
 def planned_sites(model: ir.Model, plan: QuantPlan, ignore: tuple[str, ...] = ()):
     """([(site, its LayerQuant)] the plan quantizes, in graph order; [modules --ignore keeps float]).
     A group larger than the site's K means one group per row (per channel)."""
-    sites = [site for site in map(_site, list(model.graph)) if site is not None]
+    sites = weight_sites(model)
     ignored = ignored_modules([WeightModule(s.module, hf_modules(s.node)) for s in sites], ignore)
     planned = []
     for site in sites:

@@ -1,0 +1,142 @@
+"""SmoothQuant (Xiao et al., 2022, "SmoothQuant: Accurate and Efficient Post-Training Quantization for Large
+Language Models"): `lowbit convert --smoothquant-alpha A`.
+
+Activation outliers sit in a few input channels; weights have none. Input channel j of a linear's input x is
+divided by s_j and the weight's column j multiplied by it, so x Wᵀ = (x / s)(W·diag(s))ᵀ is unchanged while the
+activation's range flattens and the weight's grows:
+
+    s_j = max|x_j|^α / max|W_j|^(1−α)     (paper eq. 4; max|W_j| over the rows of every linear sharing x)
+
+clamped to at least 1e-5 (mit-han-lab/smoothquant's and llm-compressor's MINIMUM_SMOOTHING_SCALE); a channel that
+is zero in x or in every weight keeps s = 1. The 1/s goes into the op that produces x, so the graph gains no node:
+the input norm's weight (and bias) for q/k/v, the post-attention norm's for gate/up (or the MLP's first linear),
+and, in gated MLPs, up_proj's rows for down_proj (down's input is silu(gate)·up, linear in up) — the mappings of
+llm-compressor's defaults plus AutoAWQ's up→down. o_proj keeps s = 1 (its input comes from attention, where a
+per-channel scale does not fold exactly under grouped KV heads).
+
+`smooth_model` is a graph -> graph pass on the float model before any weight quantization: max|x_j| is measured
+once on the float model through ONNX Runtime (the `absmax_per_channel` observer, one sample at a time), the site
+weights become lazy W·diag(s) and the norm weights lazy γ / s, so round to nearest, GPTQ, AWQ and the static
+activation calibration that follow all see the smoothed model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.converter.algorithms.awq import fold_into_linear_rows, scale_weight
+from lowbit.converter.algorithms.pipeline import _fold_norm
+from lowbit.converter.calibration import CalibrationSettings, calibrate_statistics
+from lowbit.converter.graph import lazy_tensor
+from lowbit.converter.quant.formats import Site
+from lowbit.converter.quant.plan import LayerQuant
+from lowbit.converter.quant.rewrite import weight_loader
+from lowbit.errors import LowbitError
+
+MINIMUM_SMOOTHING_SCALE = 1e-5
+OBSERVER = "absmax_per_channel"
+FLOAT_MODEL = "model.onnx"
+
+
+def smoothing_scales(activation_absmax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
+    """s [K] float64 = max|x_j|^α / max_i max_n |W_i[n, j]|^(1−α), at least 1e-5; 1 where x_j or the weights'
+    column j is all zero. `weights`: the [N_i, K] weights of the linears that share the input."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"SmoothQuant alpha must be within [0, 1], got {alpha}")
+    x = np.asarray(activation_absmax, np.float64)
+    w = np.max([np.abs(np.asarray(weight, np.float64)).max(axis=0) for weight in weights], axis=0)
+    if x.shape != w.shape:
+        raise ValueError(f"SmoothQuant: activation statistics for {x.shape[0]} channels, weights of {w.shape[0]}")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = x**alpha / w ** (1.0 - alpha)
+    s = np.maximum(s, MINIMUM_SMOOTHING_SCALE)
+    s[(x == 0) | (w == 0) | ~np.isfinite(s)] = 1.0
+    return s
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """One input shared by linears: the sites that read it, and where 1/s goes."""
+
+    sites: tuple[Site, ...]
+    norm: tuple[str, ...] = ()  # initializer names of the producing norm's weight (and bias)
+    rows_of: Site | None = None  # or: the linear whose rows produce it (gate_up_proj's up half for down_proj)
+
+
+def _rescale_weight(site: Site, columns: np.ndarray | None = None, rows: tuple[slice, np.ndarray] | None = None):
+    """The site's weight initializer becomes W·diag(columns) (and rows[0] of it divided by rows[1]), lazily."""
+    load, tensor = weight_loader(site), site.weight.const_value
+
+    def scaled() -> np.ndarray:
+        w = load()
+        if columns is not None:
+            w = scale_weight(w, columns)
+        if rows is not None:
+            w = w.copy()
+            w[rows[0]] = fold_into_linear_rows(w[rows[0]], rows[1])
+        return w
+
+    site.weight.const_value = lazy_tensor(site.weight.name, tensor.dtype.numpy(), tuple(tensor.shape),
+                                          lambda: scaled().T, transposed_source=scaled)
+
+
+def smoothings(model: ir.Model, sites: list[tuple[Site, LayerQuant]], gated_mlp: bool) -> list[Smoothing]:
+    """The inputs to smooth: those of the planned MatMul sites with quantized activations that a norm or the up
+    projection produces."""
+    activated = {site.module: site for site, layer in sites if site.kind == "matmul" and layer.activation}
+    all_sites = {site.module: site for site, _ in sites}
+    initializers = model.graph.initializers
+    found = []
+    for module, site in activated.items():
+        parts = module.split(".")
+        if len(parts) != 4 or parts[0] != "layers":
+            continue
+        index, kind = parts[1], parts[3]
+        norm = {"qkv_proj": "attn_norm", "gate_up_proj": "mlp_norm", "fc_proj": "mlp_norm"}.get(kind)
+        if norm is not None:
+            names = tuple(n for n in (f"layers.{index}.{norm}.weight", f"layers.{index}.{norm}.bias")
+                          if n in initializers)
+            if names:
+                found.append(Smoothing((site,), norm=names))
+        elif kind == "down_proj" and gated_mlp:
+            gate_up = all_sites.get(f"layers.{index}.mlp.gate_up_proj")
+            if gate_up is not None and f"layers.{index}.mlp.gate_up_proj.bias" not in initializers:
+                found.append(Smoothing((site,), rows_of=gate_up))
+    return found
+
+
+def smooth_model(model: ir.Model, sites: list[tuple[Site, LayerQuant]], alpha: float,
+                 calibration: CalibrationSettings, tokenizer_folder: Path, context_length: int, gated_mlp: bool,
+                 work: Path, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Smooths `model` in place (lazily) and returns the record for lowbit.json."""
+    targets = smoothings(model, sites, gated_mlp)
+    if not targets:
+        raise LowbitError("--smoothquant-alpha: no quantized-activation linear is fed by a norm or a linear that "
+                          "could absorb its scales (the scheme must quantize activations)")
+    samples, seq_len = calibration.samples(tokenizer_folder, context_length)
+    float_path = work / "smoothquant" / FLOAT_MODEL
+    float_path.parent.mkdir(parents=True)
+    ir.save(model, float_path, external_data=FLOAT_MODEL + ".data")
+    modules = [site.module for target in targets for site in target.sites]
+    statistics = calibrate_statistics(float_path, modules, [OBSERVER], samples, progress)
+    for path in float_path.parent.iterdir():  # the float copy is no longer needed: free the disk now
+        path.unlink()
+    record = {"alpha": alpha, "calibration": calibration.record(samples, seq_len), "scales": {}}
+    initializers = model.graph.initializers
+    for target in targets:
+        site = target.sites[0]
+        s = smoothing_scales(statistics[site.module][OBSERVER], [weight_loader(t)() for t in target.sites], alpha)
+        for t in target.sites:
+            _rescale_weight(t, columns=s)
+        for name in target.norm:
+            _fold_norm(initializers[name], s)
+        if target.rows_of is not None:
+            n = target.rows_of.n
+            _rescale_weight(target.rows_of, rows=(slice(n // 2, None), s))
+        record["scales"][site.module] = {"min": float(s.min()), "max": float(s.max())}
+    return record

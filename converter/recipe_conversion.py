@@ -1,0 +1,109 @@
+"""`lowbit convert MODEL -o OUT --recipe FILE`: a recipe (converter/recipes) turned into the conversion's plan.
+
+The recipe is read and validated before the checkpoint; once the float graph exists, its weight nodes (our module
+names, the transformers modules each computes, their K and N) are resolved against it into one plan rule per
+module, and the weight algorithm of the modifiers that need one (GPTQModifier, AWQModifier) runs on the modules
+they target while the others are rounded to nearest; a SmoothQuantModifier sets the SmoothQuant pass's strength.
+What the pipeline cannot run yet is an error naming it: two different calibrated algorithms in one model, and
+SmoothQuant strengths that differ between modules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+
+from lowbit.converter.algorithms.pipeline import AlgorithmSpec, GPTQSettings
+from lowbit.converter.graph import hf_modules
+from lowbit.converter.quant.rewrite import weight_sites
+from lowbit.converter.recipes import Recipe, RecipeModule, load_recipe, resolve_recipe
+from lowbit.converter.schemes import DTYPES, Scheme, SchemeOptions
+from lowbit.errors import LowbitError
+
+RECIPE_NODE_KEY = "lowbit.recipe"  # node metadata: "modifier / config group" that produced the node
+
+
+def recipe_for_conversion(path: Path, scheme: str | None, ignore: tuple[str, ...], algorithm: AlgorithmSpec) -> Recipe:
+    """The validated recipe, after checking that no option contradicts it."""
+    if scheme is not None:
+        raise LowbitError("give either --scheme or --recipe, not both (the recipe sets the quantization per module)")
+    if ignore:
+        raise LowbitError("--ignore does not combine with --recipe: list the modules under the recipe's `ignore`")
+    if algorithm.name != "rtn" or algorithm.smoothquant_alpha is not None:
+        raise LowbitError("--algo and --smoothquant-alpha do not combine with --recipe: the recipe's modifiers "
+                          "(GPTQModifier, AWQModifier, SmoothQuantModifier) choose the algorithms")
+    return load_recipe(path)
+
+
+def recipe_placeholder(options: SchemeOptions) -> Scheme:
+    """The scheme until the graph exists: the compute dtype (--dtype, default float32), no plan yet."""
+    for name in ("group_size", "symmetric"):
+        if getattr(options, name) is not None:
+            raise LowbitError(f"--{name.replace('_', '-')} does not combine with --recipe: set it in the recipe")
+    if options.clip_search:
+        raise LowbitError("--clip-search does not combine with --recipe")
+    return Scheme("recipe", DTYPES[options.dtype or "float32"], "recipe")
+
+
+@dataclass
+class RecipeRun:
+    scheme: Scheme
+    algorithm: str  # the calibrated algorithm of the recipe's modifiers, or "rtn"
+    algorithm_modules: frozenset[str]  # the modules it runs on
+    gptq: GPTQSettings | None
+    smoothquant_alpha: float | None
+    labels: dict[str, str]  # module -> "modifier / group"
+    record: dict = field(default_factory=dict)
+
+    def tag(self, model: ir.Model) -> None:
+        """Each quantized node names the modifier and config group that produced it (`lowbit inspect`)."""
+        for node in model.graph:
+            label = self.labels.get(node.name)
+            if label and "lowbit.quant" in node.metadata_props:
+                node.metadata_props[RECIPE_NODE_KEY] = label
+
+
+def apply_recipe(recipe: Recipe, path: Path, model: ir.Model, options: SchemeOptions, target: str) -> RecipeRun:
+    sites = weight_sites(model)
+    modules = [RecipeModule(s.module, hf_modules(s.node) or (s.module,), "Embedding" if s.kind == "gather" else
+                            "Linear", s.k, s.n) for s in sites]
+    resolution = resolve_recipe(recipe, modules, pad=None if options.pad else False, target=target,
+                                accuracy_level=options.accuracy_level or 0)
+    resolved = resolution.modules.values()
+    calibrated = sorted({m.algorithm for m in resolved if m.algorithm not in (None, "rtn")})
+    if len(calibrated) > 1:
+        raise LowbitError(f"recipe {path}: runs {' and '.join(calibrated)} on different modules; one calibrated "
+                          "algorithm per model is implemented so far (run them as separate conversions)")
+    algorithm = calibrated[0] if calibrated else "rtn"
+    chosen = [m for m in resolved if m.algorithm == algorithm and algorithm != "rtn"]
+    gptq = None
+    if algorithm == "gptq":
+        settings = {m.gptq for m in chosen}
+        if len(settings) > 1:
+            raise LowbitError(f"recipe {path}: GPTQ settings differ between modules; one set per model so far")
+        gptq = GPTQSettings(**asdict(settings.pop()))
+    if algorithm == "awq" and {m.awq for m in chosen} != {chosen[0].awq}:
+        raise LowbitError(f"recipe {path}: AWQ settings differ between modules; one set per model so far")
+    alphas = {m.smoothquant.alpha for m in resolved if m.smoothquant is not None}
+    if len(alphas) > 1:
+        raise LowbitError(f"recipe {path}: SmoothQuant strengths differ between modules; one per model so far")
+    quantized = [m for m in resolved if m.quant is not None]
+    if not quantized:
+        raise LowbitError(f"recipe {path}: quantizes no module of this model")
+    groups = sorted({m.group for m in quantized})
+    scheme = Scheme("recipe", DTYPES[options.dtype or "float32"],
+                    f"recipe {Path(path).name}: {len(quantized)} modules in config groups {', '.join(groups)}",
+                    resolution.plan)
+    record = {
+        "file": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+        "modules": {m.name: m.record() for m in resolved if m.quant is not None},
+        "float": [m.name for m in resolved if m.quant is None],
+        "unused_ignores": list(resolution.unused_ignores),
+    }
+    labels = {m.name: f"{m.modifier} / {m.group}" for m in quantized}
+    return RecipeRun(scheme, algorithm, frozenset(m.name for m in chosen), gptq, alphas.pop() if alphas else None,
+                     labels, record)
+
