@@ -309,7 +309,6 @@ class QuantizedCheckpoint:
 # ------------------------------------------------------------------------------ the import
 
 
-ALL_SITES = QuantPlan((QuantRule("*", LayerQuant(WeightQuant(8, None))),))
 TENSORRT_GROUPS = (64, 128)
 
 
@@ -369,11 +368,10 @@ class Import:
     def plan(self, graph: ir.Model, weights, scheme, target: str):
         """Our modules <- the checkpoint's linears (through each node's transformers names): act-order
         permutations applied to the graph, a plan with one exact rule per module, the QuantizedWeight loaders."""
-        from lowbit.converter.quant.rewrite import planned_sites
+        from lowbit.converter.quant.rewrite import weight_sites
 
-        sites, _ = planned_sites(graph, ALL_SITES)
         rules, loaders = [], {}
-        for site, _ in sites:
+        for site in weight_sites(graph):
             parts = []
             for hf in hf_modules(site.node):
                 real = weights.resolve(f"{hf}.weight", required=False)

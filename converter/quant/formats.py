@@ -286,24 +286,20 @@ ACTIVATION_ZERO_POINT = "input_zero_point"  # `{module}.input_zero_point`: rewri
 
 
 @dataclass(frozen=True)
-class StaticQDQ:
-    """One static Q/DQ layout: QuantizeLinear/DequantizeLinear on the input with a calibrated per-tensor scale
-    (and zero point), DequantizeLinear on the stored weight, MatMul (Gemm) in float; ORT and TensorRT fuse the
-    pattern into their quantized GEMMs where they have one."""
+class QDQLayout:
+    """One Q/DQ layout: DequantizeLinear on the stored weight, MatMul (Gemm) in float, and, for static activation
+    quantization, QuantizeLinear/DequantizeLinear on the input with a calibrated per-tensor scale (and zero
+    point); ORT and TensorRT fuse the pattern into their quantized GEMMs where they have one."""
 
     weight_element: np.dtype  # stored weight codes
-    activation_element: np.dtype  # the activation Q/DQ element type (the zero point's dtype)
+    activation_element: np.dtype | None  # the activation Q/DQ element type (the zero point's); None: float input
     codes: Callable[[QuantizedWeight], np.ndarray]  # [N, K] codes in weight_element
-    weight_zero_point: bool  # a per-channel zero-point tensor beside the codes (uint8 weights)
-    activation_zero_placeholder: int  # the zero point until calibration (the middle of an unsigned range)
-    unsupported: Callable[[WeightQuant, Site], str | None]
+    weight_zero_point: bool = False  # a per-channel zero-point tensor beside the codes (uint8 weights)
+    activation_zero_placeholder: int = 0  # the zero point until calibration (the middle of an unsigned range)
 
 
-def _static_qdq_emission(layout: StaticQDQ):
+def _qdq_emission(layout: QDQLayout):
     def emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level: int) -> Emission:
-        why = layout.unsupported(q, site)
-        if why is not None:
-            raise LowbitError(f"{site.module}: {why}")
         n, k = site.n, site.k
         element, activation = layout.weight_element, layout.activation_element
         k_major = site.kind == "matmul"  # MatMul consumes W [K, N]; Gemm(transB) consumes W [N, K]
@@ -320,17 +316,21 @@ def _static_qdq_emission(layout: StaticQDQ):
         ]
         if layout.weight_zero_point:
             parts.append(Part("qzeros", element, (n,), lambda qw: qw.zero_points[:, 0].astype(element)))
-        parts += [
-            Part(ACTIVATION_SCALE, np.dtype(scale_dtype), (), lambda qw: np.array(ACTIVATION_SCALE_PLACEHOLDER)),
-            Part(ACTIVATION_ZERO_POINT, activation, (),
-                 lambda qw: np.array(layout.activation_zero_placeholder).astype(activation)),
-        ]
+        if activation is not None:
+            parts += [
+                Part(ACTIVATION_SCALE, np.dtype(scale_dtype), (), lambda qw: np.array(ACTIVATION_SCALE_PLACEHOLDER)),
+                Part(ACTIVATION_ZERO_POINT, activation, (),
+                     lambda qw: np.array(layout.activation_zero_placeholder).astype(activation)),
+            ]
         weight_attrs = {} if q.per_tensor else {"axis": 1 if k_major else 0}
+        weight_count = 3 if layout.weight_zero_point else 2
 
         def build(tape, site, values):
-            *weight, x_scale, x_zero = values
-            q_x = tape.op("QuantizeLinear", [site.x, x_scale, x_zero], name=f"{site.module}.input_quantize")
-            x = tape.op("DequantizeLinear", [q_x, x_scale, x_zero], name=f"{site.module}.input_dequantize")
+            weight, x = values[:weight_count], site.x
+            if activation is not None:
+                x_scale, x_zero = values[weight_count:]
+                q_x = tape.op("QuantizeLinear", [x, x_scale, x_zero], name=f"{site.module}.input_quantize")
+                x = tape.op("DequantizeLinear", [q_x, x_scale, x_zero], name=f"{site.module}.input_dequantize")
             w = tape.op("DequantizeLinear", weight, weight_attrs, name=f"{site.module}.dequantize")
             return _linear(tape, site, x, w)
 
@@ -361,8 +361,7 @@ for _flavour in FLOAT8:
     _element = np.dtype(FLOAT8[_flavour].dtype)
     register_format(StorageFormat(
         f"qdq_fp8_{_flavour}", ("matmul", "gemm_t"), FP8_TARGETS[_flavour], _fp8_unsupported(_flavour),
-        _static_qdq_emission(StaticQDQ(_element, _element, lambda qw, e=_element: qw.codes.view(e), False, 0,
-                                       _fp8_unsupported(_flavour))),
+        _qdq_emission(QDQLayout(_element, _element, lambda qw, e=_element: qw.codes.view(e))),
         f"opset-21 QuantizeLinear/DequantizeLinear with float8 {_flavour}: activations per tensor with a calibrated "
         f"static scale, weights float8 with per-tensor or per-channel scales, DequantizeLinear + MatMul",
         activation=static_fp8(_flavour),
@@ -388,9 +387,8 @@ STATIC_UINT8 = ActivationQuant(bits=8, type="int", dynamic=False, symmetric=Fals
 
 register_format(StorageFormat(
     "qdq_int8", ("matmul", "gemm_t"), ("tensorrt",), _int8_unsupported,
-    _static_qdq_emission(StaticQDQ(np.dtype(np.int8), np.dtype(np.int8),
-                                   lambda qw: (qw.codes.astype(np.int16) - 128).astype(np.int8), False, 0,
-                                   _int8_unsupported)),
+    _qdq_emission(QDQLayout(np.dtype(np.int8), np.dtype(np.int8),
+                            lambda qw: (qw.codes.astype(np.int16) - 128).astype(np.int8))),
     "opset-21 QuantizeLinear/DequantizeLinear with int8: activations symmetric per tensor with a calibrated static "
     "scale (absmax / 127), int8 per-channel weights, DequantizeLinear + MatMul (TensorRT's explicit INT8)",
     activation=STATIC_INT8_SYMMETRIC,
@@ -398,8 +396,8 @@ register_format(StorageFormat(
 
 register_format(StorageFormat(
     "qdq_uint8", ("matmul", "gemm_t"), ("ort",), _int8_unsupported,
-    _static_qdq_emission(StaticQDQ(np.dtype(np.uint8), np.dtype(np.uint8), lambda qw: qw.codes, True, 128,
-                                   _int8_unsupported)),
+    _qdq_emission(QDQLayout(np.dtype(np.uint8), np.dtype(np.uint8), lambda qw: qw.codes, weight_zero_point=True,
+                            activation_zero_placeholder=128)),
     "opset-21 QuantizeLinear/DequantizeLinear with uint8: activations per tensor with a calibrated static scale "
     "and zero point (min/max range), 8-bit per-channel symmetric weights as uint8 codes with zero point 128, "
     "DequantizeLinear + MatMul, which ORT fuses into MatMulIntegerToFloat (exact uint8 x uint8 integer GEMM)",
@@ -417,25 +415,9 @@ def _dq_fp8_unsupported(q: WeightQuant, site: Site):
     return None
 
 
-def _dq_fp8_emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level: int) -> Emission:
-    n, k = site.n, site.k
-    element = FLOAT8["e4m3"].dtype
-    k_major = site.kind == "matmul"  # MatMul consumes W [K, N]; Gemm(transB) consumes W [N, K]
-    parts = [
-        Part("qweight", np.dtype(ml_dtypes.float8_e4m3fn), (k, n) if k_major else (n, k),
-             lambda qw: qw.codes.view(element).T if k_major else qw.codes.view(element)),
-        Part("scales", np.dtype(scale_dtype), (n,), lambda qw: qw.scales[:, 0]),
-    ]
-
-    def build(tape, site, values):
-        weight = tape.op("DequantizeLinear", values, {"axis": 1 if k_major else 0}, name=f"{site.module}.dequantize")
-        return _linear(tape, site, site.x, weight)
-
-    return Emission(parts, lambda qw: qw, build)
-
-
 register_format(StorageFormat(
-    "dq_fp8_e4m3", ("matmul", "gemm_t"), ("ort", "tensorrt"), _dq_fp8_unsupported, _dq_fp8_emission,
+    "dq_fp8_e4m3", ("matmul", "gemm_t"), ("ort", "tensorrt"), _dq_fp8_unsupported,
+    _qdq_emission(QDQLayout(np.dtype(FLOAT8["e4m3"].dtype), None, lambda qw: qw.codes.view(FLOAT8["e4m3"].dtype))),
     "float8 e4m3 weights with per-channel scales, DequantizeLinear + MatMul, float activations "
     "(imported float-quantized checkpoints)",
     session_config=(("session.disable_quant_qdq", "1"),),
