@@ -161,9 +161,10 @@ class GroupQueryAttention:
     and attention scores depend only on the difference of the two, so logits are those of
     `position_ids` (the keys stored in the present KV differ from transformers' by that rotation).
 
-    With a shared buffer (onnxruntime-genai's `past_present_share_buffer`) the past is allocated at
-    the maximum length and the node writes the new positions in place; without one (lowbit's
-    runtime) the present is the past plus the new positions, as with `StandardAttention`.
+    With a shared buffer (onnxruntime-genai's `past_present_share_buffer`, lowbit's BoundKVCache) the
+    past is allocated at the maximum length and the node writes the new positions in place; without
+    one (`DecoderSession.forward`) the present is the past plus the new positions, as with
+    `StandardAttention`.
     """
 
     name = "gqa"

@@ -32,11 +32,15 @@ class Target:
     contrib_ops: bool  # ORT's SimplifiedLayerNormalization (RMSNorm), Skip*LayerNormalization, RotaryEmbedding
     attention: tuple[str, ...]  # attention builders (attention.ATTENTION), most preferred first
     description: str
+    logits_to_keep: bool = False  # an optional `logits_to_keep` input: logits of the last k positions only
+
+
+LOGITS_TO_KEEP = "logits_to_keep"  # int64 scalar graph input, default 0 (every position), as transformers names it
 
 
 TARGETS = {
     "ort": Target("ort", True, ("gqa", "standard"),
-                  "ONNX Runtime (CPU/CUDA): ORT-specific fused ops where they apply"),
+                  "ONNX Runtime (CPU/CUDA): ORT-specific fused ops where they apply", logits_to_keep=True),
     "tensorrt": Target("tensorrt", False, ("standard",), "TensorRT: standard ONNX ops only (opset 21)"),
 }
 
@@ -168,6 +172,14 @@ class DecoderGraph:
         out_shape = b.op("Concat", b.op("Shape", hidden, end=2), b.i64(s.vocab_size), axis=0)
         return b.op("Reshape", logits, out_shape)
 
+    def _last_positions(self, hidden):
+        """hidden[:, -k:] for the `logits_to_keep` input k; its default 0 keeps every position (-0 = 0), so
+        pipelines that do not know the input (onnxruntime-genai, Optimum) get logits for all positions."""
+        b = self.b
+        keep = b.overridable(LOGITS_TO_KEEP, np.array(0, np.int64))
+        start = b.op("Neg", b.op("Unsqueeze", keep, b.i64(0)))
+        return b.op("Slice", hidden, start, b.i64(np.iinfo(np.int64).max), b.i64(1), node_name="logits_to_keep")
+
     # ------------------------------------------------------------------ whole model
 
     def build(self) -> ir.Model:
@@ -217,12 +229,15 @@ class DecoderGraph:
             boundaries.append(_name_boundary(hidden, x, f"layers.{i + 1}" if i + 1 < s.num_layers else "final_norm"))
 
         hidden = x
+        if self.target.logits_to_keep:
+            hidden = self._last_positions(hidden)
         logits = self._lm_head(hidden, embed_table)
         if s.final_logit_softcap:
             cap = self.scalar(s.final_logit_softcap)
             logits = b.op("Mul", b.op("Tanh", b.op("Div", logits, cap)), cap)
 
-        b.output(logits, "logits", dt, ["batch_size", "sequence_length", s.vocab_size])
+        logits_length = "logits_sequence_length" if self.target.logits_to_keep else "sequence_length"
+        b.output(logits, "logits", dt, ["batch_size", logits_length, s.vocab_size])
         present_shape = ["batch_size", s.num_kv_heads, "total_sequence_length", s.head_dim]
         for i, (pk, pv) in enumerate(presents):
             b.output(pk, f"present.{i}.key", dt, present_shape)

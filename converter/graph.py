@@ -111,6 +111,13 @@ class GraphBuilder:
         self.graph.inputs.append(value)
         return value
 
+    def overridable(self, name: str, default: np.ndarray) -> ir.Value:
+        """A graph input with a default value (an initializer of the same name): callers may feed it or leave it
+        out, and ORT never folds it into a constant."""
+        value = self._tape.initializer(ir.tensor(np.asarray(default), name=name), name=name)
+        self.graph.inputs.append(value)
+        return value
+
     def output(self, value: ir.Value, name: str, dtype: ir.DataType, shape: list) -> None:
         value.name = name
         value.type = ir.TensorType(dtype)

@@ -328,13 +328,17 @@ def evaluate(model_dir, data, seq_len, stride, max_tokens, reference, provider, 
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @speed_options
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]))
+@click.option("--prompt-session/--no-prompt-session", default=True, show_default=True,
+              help="Run prompts of 32+ tokens on a second session whose MatMulNBits compute in float32 (CPU, folders "
+                   "whose MatMulNBits use int8 activations; docs/targets.md#prompts).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
-def bench(model_dir, prompt_len, new_tokens, repeats, threads, provider, as_json):
+def bench(model_dir, prompt_len, new_tokens, repeats, threads, provider, prompt_session, as_json):
     """Prefill/decode tokens per second, peak RSS and model bytes."""
     from lowbit.runtime.bench import benchmark
     from lowbit.runtime.session import create_session
 
-    result = benchmark(create_session(model_dir, provider, threads), prompt_len, new_tokens, repeats)
+    session = create_session(model_dir, provider, threads, prompt_session=prompt_session)
+    result = benchmark(session, prompt_len, new_tokens, repeats)
     if as_json:
         click.echo(json.dumps(result.as_dict()))
     else:

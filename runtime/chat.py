@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from lowbit.runtime.generate import KVCache, SamplingConfig, TextStream, stream_ids
+from lowbit.runtime.generate import SamplingConfig, TextStream, stream_ids
+from lowbit.runtime.kv_cache import KVCache
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -36,6 +36,7 @@ import numpy as np
 
 ENV_SWITCH = "LOWBIT_FAST_PATH"
 DEFAULT_ACCURACY_LEVEL = 4  # what the converter records by default (int8 activations)
+PROMPT_ACCURACY_LEVEL = 1  # a prompt session's MatMulNBits: float32 compute (runtime/session.py, PROMPT_MIN_TOKENS)
 MATMUL_OP = ("lowbit", "MatMulBlockwise")  # schema in custom_ops/blockwise.py (not imported here: it needs onnx_ir)
 FLOAT_TYPES = {1: np.float32, 10: np.float16}  # TensorProto FLOAT, FLOAT16: what MatMulNBits' CPU kernel takes
 DATA_FILE = "fast_path.data"
@@ -67,36 +68,69 @@ def accuracy_levels(metadata: dict | None) -> dict[str, int]:
     return {name: int(layer.get("accuracy_level", DEFAULT_ACCURACY_LEVEL)) for name, layer in layers.items()}
 
 
-def inference_session(model_dir: Path, options, providers: list[str], metadata: dict | None):
+def prompt_accuracy_level(metadata: dict | None) -> int | None:
+    """The accuracy level a prompt session should give the folder's MatMulNBits nodes: float32 compute
+    (PROMPT_ACCURACY_LEVEL) where some layer computes with int8 activations (level 4), whose CPU kernel is the
+    slower one from about 32 rows on (docs/targets.md#prompts); None where no layer does."""
+    layers = (metadata or {}).get("quantization", {}).values()
+    int8 = any(layer.get("format") in ("matmulnbits", "blockwise")
+               and int(layer.get("accuracy_level", DEFAULT_ACCURACY_LEVEL)) == 4 for layer in layers)
+    return PROMPT_ACCURACY_LEVEL if int8 else None
+
+
+def set_accuracy_level(graph, level: int) -> int:
+    """Every com.microsoft.MatMulNBits node of `graph` at `level`; returns how many there are."""
+    from onnx import helper
+
+    count = 0
+    for node in graph.node:
+        if (node.domain, node.op_type) == ("com.microsoft", "MatMulNBits"):
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(kept + [helper.make_attribute("accuracy_level", level)])
+            count += 1
+    return count
+
+
+def inference_session(model_dir: Path, options, providers: list[str], metadata: dict | None,
+                      accuracy_level: int | None = None):
     """`onnxruntime.InferenceSession` over the folder, with the fast paths applied where they can be;
-    `metadata`: the folder's lowbit.json (None without one)."""
+    `metadata`: the folder's lowbit.json (None without one). `accuracy_level`: every MatMulNBits node (the
+    folder's own and those the fast paths make) at that level instead (a prompt session); the folder's files are
+    not changed. Only the session without `accuracy_level` reports on stderr."""
     import onnxruntime as ort
 
     model_path = model_dir / "model.onnx"
     blockwise = has_blockwise_matmul(model_dir, metadata)
-    if not blockwise and not has_2bit_matmul_nbits(metadata):
-        return ort.InferenceSession(str(model_path), options, providers=providers)
+    rewrite = blockwise or has_2bit_matmul_nbits(metadata)
     off = None if enabled() else f"{ENV_SWITCH}=0"
     if providers[0] != "CPUExecutionProvider":
         off = "the fast path is for the CPU provider"
-    if off is not None:
-        if blockwise:
-            print(f"lowbit: lowbit.MatMulBlockwise nodes run as their ONNX function bodies ({off})", file=sys.stderr)
+    report = accuracy_level is None
+    if blockwise and off is not None and report:
+        print(f"lowbit: lowbit.MatMulBlockwise nodes run as their ONNX function bodies ({off})", file=sys.stderr)
+    if (not rewrite or off is not None) and accuracy_level is None:
         return ort.InferenceSession(str(model_path), options, providers=providers)
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
+    session = None
     try:
         with tempfile.TemporaryDirectory(prefix="lowbit-fast-path-", ignore_cleanup_errors=True) as folder:
-            result = rewrite_blockwise(model, model_dir, accuracy_levels(metadata), Path(folder))
-            if result.changed:
-                options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+            result = RewriteResult()
+            if rewrite and off is None:
+                result = rewrite_blockwise(model, model_dir, accuracy_levels(metadata), Path(folder))
+            if accuracy_level is not None:
+                set_accuracy_level(model.graph, accuracy_level)
+            if result.changed or accuracy_level is not None:
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                 folder if result.changed else str(model_dir))
                 session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     except OSError as e:  # no temporary space: every node keeps its function body
         result = RewriteResult(fallback=[("all lowbit.MatMulBlockwise nodes", f"no temporary folder: {e}")])
-    if not result.changed:
+    if session is None:
         session = ort.InferenceSession(str(model_path), options, providers=providers)
-    for line in result.messages():
+    for line in result.messages() if report else []:
         print(f"lowbit: {line}", file=sys.stderr)
     return session
 

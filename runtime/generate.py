@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lowbit.errors import LowbitError
+from lowbit.runtime.kv_cache import KVCache
 from lowbit.runtime.session import DecoderSession
 
 
@@ -52,27 +53,6 @@ def left_pad(token_lists: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.
     return ids, mask
 
 
-@dataclass
-class KVCache:
-    """The KV cache of a batch and the attention mask over what it holds; kept across calls for chat."""
-
-    past: dict[str, np.ndarray]
-    mask: np.ndarray  # [B, T] int64: 1 for real tokens, 0 for left padding
-
-    @classmethod
-    def empty(cls, session: DecoderSession, batch: int) -> "KVCache":
-        return cls(session.empty_past(batch), np.zeros((batch, 0), np.int64))
-
-    @property
-    def length(self) -> int:
-        return self.mask.shape[1]
-
-    def truncate(self, length: int) -> None:
-        """Forget every position from `length` on."""
-        self.past = {name: value[:, :, :length] for name, value in self.past.items()}
-        self.mask = self.mask[:, :length]
-
-
 def stream_ids(
     session: DecoderSession,
     prompts: list[list[int]],
@@ -87,19 +67,20 @@ def stream_ids(
     rng = np.random.default_rng(config.seed)
     ids, new_mask = left_pad(prompts, pad_id)
     batch = ids.shape[0]
-    cache = cache if cache is not None else KVCache.empty(session, batch)
-    if cache.length + ids.shape[1] + config.max_new_tokens > session.context_length:
+    needed = (cache.length if cache is not None else 0) + ids.shape[1] + config.max_new_tokens
+    if needed > session.context_length:
         raise LowbitError(
-            f"prompt ({cache.length + ids.shape[1]} tokens) + max new tokens ({config.max_new_tokens}) exceeds "
+            f"prompt ({needed - config.max_new_tokens} tokens) + max new tokens ({config.max_new_tokens}) exceeds "
             f"the model's context length ({session.context_length})"
         )
+    cache = cache if cache is not None else KVCache.empty(session, batch, needed)
+    cache.reserve(needed)
     mask = np.concatenate([cache.mask, new_mask], axis=1)
     positions = np.clip(mask.cumsum(-1) - 1, 0, None)[:, cache.length:]
     finished = np.zeros(batch, bool)
     eos = list(eos_ids)
     for _ in range(config.max_new_tokens):
-        logits, cache.past = session.forward(ids, mask, positions, cache.past)
-        cache.mask = mask
+        logits = cache.forward(ids, mask, positions, logits_to_keep=1)
         tokens = np.where(finished, pad_id, select_tokens(logits[:, -1, :], config, rng))
         yield tokens
         finished |= np.isin(tokens, eos)

@@ -10,8 +10,9 @@ import numpy as np
 
 from lowbit.errors import LowbitError
 from lowbit.runtime.generate import (
-    KVCache, SamplingConfig, TextStream, eos_token_ids, generate_ids, pad_token_id, stream_ids,
+    SamplingConfig, TextStream, eos_token_ids, generate_ids, pad_token_id, stream_ids,
 )
+from lowbit.runtime.kv_cache import KVCache
 from lowbit.runtime.session import DecoderSession, create_session
 from lowbit.runtime.tokenizer import Tokenizer, load_tokenizer
 
@@ -31,8 +32,10 @@ class Model:
     tokenizer: Tokenizer
 
     @classmethod
-    def load(cls, folder: str | Path, provider: str = "cpu", threads: int | None = None) -> "Model":
-        return cls(create_session(folder, provider, threads), load_tokenizer(folder))
+    def load(cls, folder: str | Path, provider: str = "cpu", threads: int | None = None,
+             prompt_session: bool = True) -> "Model":
+        """`prompt_session`: see runtime/session.py create_session (float32 compute for long prompts)."""
+        return cls(create_session(folder, provider, threads, prompt_session=prompt_session), load_tokenizer(folder))
 
     @property
     def folder(self) -> Path:

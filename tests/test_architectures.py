@@ -7,6 +7,7 @@ import onnx
 import pytest
 
 from lowbit.converter.export import convert
+from lowbit.runtime.kv_cache import BoundKVCache, KVCache
 from lowbit.runtime.session import create_session
 from tests.conftest import TINY_CONFIGS, build_tiny_model, genai_greedy
 
@@ -52,6 +53,19 @@ def onnx_logits(session, ids, mask, steps, next_tokens):
     return out
 
 
+def cache_logits(session, ids, mask, steps, next_tokens, logits_to_keep):
+    """onnx_logits through the generation loop's KV cache (preallocated and IO-bound on shared-buffer graphs),
+    with a capacity smaller than the sequence so that the cache regrows on the way."""
+    cache = KVCache.empty(session, ids.shape[0], capacity=ids.shape[1] + 1)
+    positions = np.clip(mask.cumsum(-1) - 1, 0, None)
+    out = [cache.forward(ids, mask, positions, logits_to_keep).astype(np.float32)]
+    for step in range(steps):
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+        positions = positions[:, -1:] + 1
+        out.append(cache.forward(next_tokens[:, step:step + 1], mask, positions, logits_to_keep).astype(np.float32))
+    return out
+
+
 @pytest.mark.parametrize("target", ["ort", "tensorrt"])
 @pytest.mark.parametrize("scheme,tolerance", [("q0f32", 1e-4), ("q0f16", 2e-2)])
 @pytest.mark.parametrize("arch_id", list(TINY_CONFIGS))
@@ -79,6 +93,16 @@ def test_logits_match_transformers(arch_id, scheme, tolerance, target, tiny_mode
     assert max(errors) / scale <= tolerance, (errors, scale)
     # the check must be able to fail: a different model's logits are far away
     assert np.abs(actual[1] - expected[2]).max() / scale > tolerance
+
+    # the generation loop's path: the same logits, all positions or only the last one
+    assert isinstance(KVCache.empty(session, 1), BoundKVCache) == (target == "ort" and arch_id not in
+                                                                    STANDARD_ATTENTION_ON_ORT)
+    all_positions = cache_logits(session, ids, mask, DECODE_STEPS, next_tokens, 0)
+    last_position = cache_logits(session, ids, mask, DECODE_STEPS, next_tokens, 1)
+    for plain, cached, last in zip(actual, all_positions, last_position):
+        np.testing.assert_array_equal(cached[prefill_rows[:, -plain.shape[1]:]] if cached.shape[1] > 1 else cached,
+                                      plain[prefill_rows[:, -plain.shape[1]:]] if plain.shape[1] > 1 else plain)
+        np.testing.assert_array_equal(last, plain[:, -1:])
 
 
 def test_pytorch_model_bin_checkpoint(tmp_path, rng):
