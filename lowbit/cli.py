@@ -376,6 +376,12 @@ def inspect(model_dir, as_json):
             click.echo(f"  {name:32s} {q['op']:36s} {q['quant']:26s} {q['format']:24s} {compute:14s} {size}"
                        + activation + imported + recipe)
     click.echo("ops: " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
+    layers = {k: v for k, v in info["nodes_per_layer"].items() if k != "other"}
+    if layers:
+        spread = (f"{min(layers.values())}" if min(layers.values()) == max(layers.values())
+                  else f"{min(layers.values())}-{max(layers.values())}")
+        click.echo(f"nodes: {info['nodes']}; {spread} per decoder layer ({len(layers)} layers), "
+                   f"{info['nodes_per_layer'].get('other', 0)} outside them")
 
 
 @main.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -68,11 +69,26 @@ def inspect_model(model_dir: str | Path) -> dict:
         "target": meta.get("target", "?"),
         "model_type": meta.get("model_type", "?"),
         "ops": dict(ops.most_common()),
+        "nodes": len(model.graph.node),
+        "nodes_per_layer": nodes_per_layer(model.graph),
         "initializers": len(model.graph.initializer),
         "weight_bytes": weight_bytes,
         "inputs": [i.name for i in model.graph.input],
         "outputs": [o.name for o in model.graph.output],
     }
+
+
+LAYER_NAME = re.compile(r"^layers\.(\d+)[./]")  # node names as converter/graph.py scopes them
+
+
+def nodes_per_layer(graph) -> dict[str, int]:
+    """How many nodes each decoder layer has in the graph as written (ORT's optimizer fuses some more), by the
+    layer prefix of their names; `other`: embedding, masks, final norm, lm_head."""
+    counts = Counter()
+    for node in graph.node:
+        match = LAYER_NAME.match(node.name)
+        counts[f"layers.{match.group(1)}" if match else "other"] += 1
+    return dict(sorted(counts.items(), key=lambda item: (item[0] == "other", len(item[0]), item[0])))
 
 
 def _describe_activation(activation: dict, module: str, meta: dict) -> str:

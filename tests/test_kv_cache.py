@@ -206,3 +206,20 @@ def test_accuracy_level_rewrite_counts_matmulnbits_nodes(long_llama_w4):
     levels = [[onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "accuracy_level"]
               for n in graph.node if n.op_type == "MatMulNBits"]
     assert all(level == [1] for level in levels)
+
+
+def test_inspect_counts_nodes_per_layer(long_llama):
+    """`lowbit inspect` says how many nodes each decoder layer has (GroupQueryAttention graph: 11 as written)."""
+    from click.testing import CliRunner
+
+    from lowbit.cli import main
+    from lowbit.runtime.inspect import inspect_model
+
+    info = inspect_model(long_llama["ort"])
+    layers = {k: v for k, v in info["nodes_per_layer"].items() if k != "other"}
+    assert layers == {"layers.0": 11, "layers.1": 11}
+    assert sum(info["nodes_per_layer"].values()) == info["nodes"]
+    standard = inspect_model(long_llama["tensorrt"])["nodes_per_layer"]
+    assert standard["layers.0"] > 11  # attention spelled out in standard ops
+    result = CliRunner().invoke(main, ["inspect", str(long_llama["ort"])])
+    assert "11 per decoder layer (2 layers)" in result.output, result.output
