@@ -262,3 +262,19 @@ def calibrate_staging(staging: Path, scheme, settings: CalibrationSettings, toke
                                     progress("activation scales") if progress else None)
     model_onnx.write_bytes(with_scales(model_onnx, scales))
     return {**record, "calibrated_scheme": scheme.name, "converted_as": scheme.name, "by": "lowbit convert"}
+
+
+def imported_scales(staging: Path, scales: dict[str, float], scheme_name: str) -> dict:
+    """`lowbit convert`'s part for a checkpoint that brings its own static activation scales (compressed-tensors
+    `input_scale`): written into the staging folder's model.onnx as they are; the record for lowbit.json."""
+    model_onnx = staging / "model.onnx"
+    model = _load(model_onnx)
+    sites = static_sites(model)
+    missing = sorted(set(scales) - set(sites))
+    if missing:
+        raise LowbitError(f"no activation Q/DQ for the imported input scales of {', '.join(missing)}")
+    dtypes = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in model.graph.initializer}
+    values = {sites[module][0]: np.asarray(scale, dtypes[sites[module][0]]) for module, scale in scales.items()}
+    model_onnx.write_bytes(with_scales(model_onnx, values))
+    return {"status": "imported", "scales": {module: float(values[sites[module][0]]) for module in scales},
+            "calibrated_scheme": scheme_name, "converted_as": scheme_name, "by": "the checkpoint's input_scale"}

@@ -17,7 +17,7 @@ import onnx_ir as ir
 import lowbit
 from lowbit.converter.architectures import DecoderSpec, get_architecture
 from lowbit.converter.calibrate_folder import METADATA_KEY as ACTIVATION_CALIBRATION
-from lowbit.converter.calibrate_folder import calibrate_staging
+from lowbit.converter.calibrate_folder import calibrate_staging, imported_scales
 from lowbit.converter.checkpoint import Checkpoint, dir_size, resolve_model_dir
 from lowbit.converter.decoder import TARGETS, DecoderGraph
 from lowbit.errors import LowbitError
@@ -216,8 +216,11 @@ def _convert(model, output, scheme, target, overwrite, progress, options, ignore
                 shutil.copy2(source / name, staging / name)
         genai = genai_config(spec, arch.genai_type, source, share_buffer=decoder.attention.shares_kv_buffer)
         (staging / "genai_config.json").write_text(json.dumps(genai, indent=2))
-        activation_record = calibrate_staging(staging, scheme_obj, algorithm.calibration, source,
-                                              spec.max_position_embeddings, calibration_progress)
+        if imported is not None and imported.input_scales:  # the checkpoint's own static activation scales
+            activation_record = imported_scales(staging, imported.input_scales, scheme)
+        else:
+            activation_record = calibrate_staging(staging, scheme_obj, algorithm.calibration, source,
+                                                  spec.max_position_embeddings, calibration_progress)
         session_config = {}
         if quant is not None and quant.qdq_accuracy_level() is not None:
             session_config["session.qdq_matmulnbits_accuracy_level"] = str(quant.qdq_accuracy_level())

@@ -329,8 +329,8 @@ def evaluate(model_dir, data, seq_len, stride, max_tokens, reference, provider, 
 @speed_options
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]))
 @click.option("--prompt-session/--no-prompt-session", default=True, show_default=True,
-              help="Run prompts of 32+ tokens on a second session whose MatMulNBits compute in float32 (CPU, folders "
-                   "whose MatMulNBits use int8 activations; docs/targets.md#prompts).")
+              help="Run prompts of 32+ tokens on a second session whose MatMulNBits compute in float32 (CPU, "
+                   "symmetric 4-bit grouped folders; docs/targets.md#prompts-float32-matmulnbits).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def bench(model_dir, prompt_len, new_tokens, repeats, threads, provider, prompt_session, as_json):
     """Prefill/decode tokens per second, peak RSS and model bytes."""

@@ -26,6 +26,7 @@ nodes took the fast path.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -68,14 +69,21 @@ def accuracy_levels(metadata: dict | None) -> dict[str, int]:
     return {name: int(layer.get("accuracy_level", DEFAULT_ACCURACY_LEVEL)) for name, layer in layers.items()}
 
 
+PROMPT_SESSION_QUANT = re.compile(r"^4-bit g\d+ symmetric")  # lowbit.json "quant" of the layers it pays for
+
+
 def prompt_accuracy_level(metadata: dict | None) -> int | None:
     """The accuracy level a prompt session should give the folder's MatMulNBits nodes: float32 compute
-    (PROMPT_ACCURACY_LEVEL) where some layer computes with int8 activations (level 4), whose CPU kernel is the
-    slower one from about 32 rows on (docs/targets.md#prompts); None where no layer does."""
-    layers = (metadata or {}).get("quantization", {}).values()
-    int8 = any(layer.get("format") in ("matmulnbits", "blockwise")
-               and int(layer.get("accuracy_level", DEFAULT_ACCURACY_LEVEL)) == 4 for layer in layers)
-    return PROMPT_ACCURACY_LEVEL if int8 else None
+    (PROMPT_ACCURACY_LEVEL) where some symmetric 4-bit grouped MatMulNBits layer computes with int8 activations
+    (level 4), whose CPU kernel is the slower one from about 32 rows on (docs/targets.md#prompts-float32-matmulnbits);
+    None otherwise. Only there does ORT pack the float32 kernel's weights at about their 4-bit size (SmolLM2-135M
+    w4a16: peak RSS +67 to +112 MB); with zero points, 8 bits, per-channel scales or repacked 2/3-bit layers it took
+    +100 to +307 MB for 13-18% faster prompts, so those folders keep one session."""
+    for layer in (metadata or {}).get("quantization", {}).values():
+        if layer.get("format") == "matmulnbits" and PROMPT_SESSION_QUANT.match(str(layer.get("quant", ""))) \
+                and int(layer.get("accuracy_level", DEFAULT_ACCURACY_LEVEL)) == 4:
+            return PROMPT_ACCURACY_LEVEL
+    return None
 
 
 def set_accuracy_level(graph, level: int) -> int:

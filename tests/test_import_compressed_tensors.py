@@ -41,12 +41,13 @@ def _random_values(rng, args: QuantizationArgs, shape):
 
 
 def write_compressed(model, directory, rng, groups: dict[str, tuple[list[str], QuantizationArgs]], fmt: str | None,
-                     ignore=("lm_head",)):
-    """Quantize `model` with the library (known random codes, scales, zero points), compress it with the library,
-    save; returns (the library's decompressed weights by module, a float model holding them)."""
+                     ignore=("lm_head",), activations: QuantizationArgs | None = None):
+    """Quantize `model` with the library (known random codes, scales, zero points; with `activations`, random
+    static input scales), compress it with the library, save; returns (the library's decompressed weights by
+    module, a float model holding them)."""
     reference = copy.deepcopy(model)
     config = QuantizationConfig(
-        config_groups={name: QuantizationScheme(targets=targets, weights=args)
+        config_groups={name: QuantizationScheme(targets=targets, weights=args, input_activations=activations)
                        for name, (targets, args) in groups.items()},
         ignore=list(ignore))
     apply_quantization_config(model, config)
@@ -70,6 +71,8 @@ def write_compressed(model, directory, rng, groups: dict[str, tuple[list[str], Q
             weight = (values + expand(zeros).astype(np.float32)) * expand(scales)
             module.weight.copy_(torch.from_numpy(weight.astype(np.float32)))
             module.weight_scale.copy_(torch.from_numpy(scales))
+            if hasattr(module, "input_scale"):  # coarse on purpose: the activations' rounding shows in the logits
+                module.input_scale.fill_(float(rng.uniform(0.02, 0.05)))
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
     compressor.compress_model(model)
     model.save_pretrained(directory)
@@ -165,3 +168,88 @@ def test_missing_weight_scale_and_bad_format(tmp_path, rng):
     config["quantization_config"]["config_groups"]["group_0"]["format"] = "nvfp4-pack-quantized"
     (source / "config.json").write_text(json.dumps(config))
     assert_clean_failure(run_convert(source, "-o", out), out, "format 'nvfp4-pack-quantized' is not supported")
+
+
+def fp8_activation_hooks(model, scales: dict[str, float]):
+    """transformers' forward with each linear's input rounded to float8 e4m3 per tensor: x -> e4m3(x / s) * s
+    (saturating at 448), s from `scales` by module name."""
+    def hook(scale):
+        def pre(module, args):
+            x = args[0]
+            q = torch.clamp(x / scale, -448.0, 448.0).to(torch.float8_e4m3fn).to(x.dtype)
+            return (q * scale,) + tuple(args[1:])
+        return pre
+
+    return [model.get_submodule(name).register_forward_pre_hook(hook(scale)) for name, scale in scales.items()]
+
+
+@pytest.mark.parametrize("strategy", ["channel", "tensor"])
+def test_static_fp8_activations_import_with_the_checkpoints_scales(strategy, tmp_path, rng):
+    """llm-compressor's FP8 preset (float8 weights, static per-tensor float8 activations): each linear's input gets
+    QuantizeLinear/DequantizeLinear with the checkpoint's own input_scale (the largest of q/k/v's and of gate/up's,
+    which read one input), no calibration; the logits are transformers' with the same rounding of the inputs."""
+    source = tmp_path / "ct"
+    model = build_tiny_model("llama", source)
+    static = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False)
+    _, reference = write_compressed(model, source, rng, {"group_0": (["Linear"], fp8_args(strategy))},
+                                    "float-quantized", activations=static)
+    checkpoint = Checkpoint(source)
+    scales = {n[: -len(".input_scale")]: float(checkpoint.read(n).reshape(-1)[0]) for n in checkpoint.names()
+              if n.endswith(".input_scale")}
+    assert len(scales) == 14 and len(set(scales.values())) == 14
+    out = tmp_path / "onnx"
+    report = convert(str(source), out)
+    assert report.scheme == "w8a8-fp8"
+    layers = {r.module: r for r in report.quant.layers}
+    assert {r.format for r in layers.values()} == {"qdq_fp8_e4m3"}
+    assert all(r.max_rel_error == 0.0 for r in layers.values())
+
+    expected = {}
+    for i in range(2):
+        p = f"model.layers.{i}"
+        expected[f"layers.{i}.attn.qkv_proj"] = max(scales[f"{p}.self_attn.{m}_proj"] for m in "qkv")
+        expected[f"layers.{i}.attn.o_proj"] = scales[f"{p}.self_attn.o_proj"]
+        expected[f"layers.{i}.mlp.gate_up_proj"] = max(scales[f"{p}.mlp.{m}_proj"] for m in ("gate", "up"))
+        expected[f"layers.{i}.mlp.down_proj"] = scales[f"{p}.mlp.down_proj"]
+    meta = json.loads((out / "lowbit.json").read_text())
+    record = meta["activation_calibration"]
+    assert record["status"] == "imported" and record["scales"] == pytest.approx(expected, rel=0, abs=0)
+    assert meta["import"]["groups"]["group_0"]["activations"] == "fp8 static per-tensor"
+    info = inspect_model(out)["quantized"]["layers.0.attn.qkv_proj"]
+    assert info["activation"].startswith("fp8 e4m3 static per-tensor scale")
+
+    # the float model of the checkpoint's weights, its linears' inputs rounded as the checkpoint says
+    hf_scales = {n: expected[_ours(n)] for n in scales}
+    handles = fp8_activation_hooks(reference, hf_scales)
+    error = logits_error(reference, out, rng)
+    for handle in handles:
+        handle.remove()
+    float_error = logits_error(reference, out, rng)  # without the rounding: far off
+    assert error <= 1e-3 and float_error > 10 * error, (error, float_error)
+
+
+def _ours(hf: str) -> str:
+    layer, rest = hf.split(".")[2], hf.split(".", 3)[3]
+    module = {"self_attn.q_proj": "attn.qkv_proj", "self_attn.k_proj": "attn.qkv_proj",
+              "self_attn.v_proj": "attn.qkv_proj", "self_attn.o_proj": "attn.o_proj",
+              "mlp.gate_proj": "mlp.gate_up_proj", "mlp.up_proj": "mlp.gate_up_proj",
+              "mlp.down_proj": "mlp.down_proj"}[rest]
+    return f"layers.{layer}.{module}"
+
+
+def test_dynamic_activations_stay_float_and_are_recorded(tmp_path, rng):
+    """FP8_DYNAMIC (per-token dynamic float8 activations): the weights import exactly, the activations stay float,
+    and both lowbit.json and the summary say so."""
+    source = tmp_path / "ct"
+    model = build_tiny_model("llama", source)
+    dynamic = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True)
+    _, reference = write_compressed(model, source, rng, {"group_0": (["Linear"], fp8_args("channel"))},
+                                    "float-quantized", activations=dynamic)
+    out = tmp_path / "onnx"
+    report = convert(str(source), out)
+    assert report.scheme == "w8a16-fp8"
+    assert any("float8 dynamic per-token (activations kept float)" in note for note in report.notes), report.notes
+    meta = json.loads((out / "lowbit.json").read_text())
+    assert "activation_calibration" not in meta
+    assert meta["import"]["groups"]["group_0"]["activations"] == "float8 dynamic per-token (activations kept float)"
+    assert logits_error(reference, out, rng) <= TOLERANCE

@@ -223,3 +223,21 @@ def test_inspect_counts_nodes_per_layer(long_llama):
     assert standard["layers.0"] > 11  # attention spelled out in standard ops
     result = CliRunner().invoke(main, ["inspect", str(long_llama["ort"])])
     assert "11 per decoder layer (2 layers)" in result.output, result.output
+
+
+@pytest.mark.parametrize("quant,fmt,level,expected", [
+    ("4-bit g32 symmetric_full", "matmulnbits", 4, 1),  # w4a16
+    ("4-bit g32 symmetric", "matmulnbits", 4, 1),  # q4f32_1 / q4f16_1
+    ("4-bit g32 symmetric", "matmulnbits", 0, None),  # float compute already
+    ("4-bit g64 asymmetric", "matmulnbits", 4, None),  # zero points: float32 packing costs several bytes a weight
+    ("4-bit per-channel asymmetric", "matmulnbits", 4, None),
+    ("8-bit g32 symmetric_full", "matmulnbits", 4, None),
+    ("3-bit g40 symmetric", "blockwise", 4, None),
+    ("8-bit per-channel symmetric", "dynamic_quantize_matmul", 0, None),
+])
+def test_which_folders_get_a_prompt_session(quant, fmt, level, expected):
+    from lowbit.runtime.fast_paths import prompt_accuracy_level
+
+    metadata = {"quantization": {"layers.0.attn.qkv_proj": {"quant": quant, "format": fmt, "accuracy_level": level}}}
+    assert prompt_accuracy_level(metadata) == expected
+    assert prompt_accuracy_level(None) is None and prompt_accuracy_level({"quantization": {}}) is None

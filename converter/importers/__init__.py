@@ -31,6 +31,7 @@ import onnx_ir as ir
 
 from lowbit.affine import QuantizedWeight, WeightQuant
 from lowbit.converter.graph import TRANSPOSED_SOURCE, hf_modules, lazy_tensor
+from lowbit.converter.quant.formats import static_fp8
 from lowbit.converter.quant.plan import LayerQuant, QuantPlan, QuantRule
 from lowbit.errors import LowbitError
 
@@ -53,6 +54,7 @@ class ImportedLinear:
     tensors: tuple[str, ...]  # the checkpoint tensors that hold it (hidden from the float view)
     read_g_idx: Callable[[], np.ndarray] | None = None
     element: str | None = None  # float8 weights ("e4m3"): codes are float8 bit patterns, zero points 0
+    read_input_scale: Callable[[], float] | None = None  # static float8 activations: the checkpoint's input_scale
 
     @property
     def groups(self) -> int:
@@ -320,6 +322,7 @@ class Import:
     notes: list[str] = field(default_factory=list)
     accuracy_level: int = 4  # MatMulNBits accuracy_level of the imported modules (set by `scheme`)
     requantize: bool = False  # --requantize: TensorRT gets symmetric INT4 requantized from the dequantized weights
+    input_scales: dict[str, float] = field(default_factory=dict)  # our module -> static activation scale, by `plan`
 
     @property
     def record(self) -> dict:
@@ -357,12 +360,17 @@ class Import:
         self.requantize = requantize
         self.notes.append(f"imported {what}: scheme {name} implied; the checkpoint's integers and scales are "
                           "kept as they are")
+        for group, info in self.format.record.get("groups", {}).items():
+            if "kept float" in (info.get("activations") or ""):
+                self.notes.append(f"config group {group} quantizes activations {info['activations']}")
         return Scheme(name, DTYPES[options.dtype or "float32"], f"imported {what} ({name}), not requantized",
                       QuantPlan(()))
 
     def implied_name(self) -> str:
-        """`w{bits}a16` (integer weights of one width), `w8a16-fp8` (float8 weights) or `mixed`."""
-        kinds = {"w8a16-fp8" if lin.element else f"w{lin.bits}a16" for lin in self.linears.values()}
+        """`w{bits}a16` (integer weights of one width), `w8a16-fp8` (float8 weights), `w8a8-fp8` (float8 weights
+        and static float8 activations) or `mixed`."""
+        kinds = {("w8a8-fp8" if lin.read_input_scale else "w8a16-fp8") if lin.element else f"w{lin.bits}a16"
+                 for lin in self.linears.values()}
         return kinds.pop() if len(kinds) == 1 else "mixed"
 
     def plan(self, graph: ir.Model, weights, scheme, target: str):
@@ -393,7 +401,8 @@ class Import:
     def _module(self, site, parts: list[ImportedLinear], dtype, target: str):
         first = parts[0]
         for p in parts[1:]:
-            if (p.bits, p.group_size, p.element) != (first.bits, first.group_size, first.element):
+            if (p.bits, p.group_size, p.element, p.read_input_scale is None) != \
+                    (first.bits, first.group_size, first.element, first.read_input_scale is None):
                 raise LowbitError(f"{site.module}: fused projections are quantized differently "
                                   f"({first.prefix}: {_describe(first)}; {p.prefix}: {_describe(p)})")
         perms = [permutation(p) for p in parts]
@@ -418,7 +427,11 @@ class Import:
             self.notes.append(f"{site.module}: requantized to 4-bit g{g} symmetric for TensorRT (the added error is "
                               "its max rel err)")
             return LayerQuant(WeightQuant(4, g, "symmetric")), None, label + " requantized"
-        layer = layer_quant(kind, first.bits, group, self.accuracy_level)
+        static = first.read_input_scale is not None
+        layer = layer_quant(kind, first.bits, group, self.accuracy_level, static_activations=static)
+        if static:
+            # fused projections read one input: the largest of their scales covers each one's range (as vLLM fuses)
+            self.input_scales[site.module] = max(p.read_input_scale() for p in parts)
 
         def load(parts=parts, perm=perm):
             return concat_rows([quantized_weight(p, perm, dtype) for p in parts])
@@ -433,8 +446,12 @@ class Import:
                 node.metadata_props[IMPORT_METADATA] = label
 
 
-def layer_quant(kind: str, bits: int, group: int | None, accuracy_level: int) -> LayerQuant:
-    """The plan entry whose storage holds the checkpoint's values exactly."""
+def layer_quant(kind: str, bits: int, group: int | None, accuracy_level: int,
+                static_activations: bool = False) -> LayerQuant:
+    """The plan entry whose storage holds the checkpoint's values exactly (float8 weights with static float8
+    activations: Q/DQ on the input too, its scale the checkpoint's input_scale, written by `Import.input_scales`)."""
+    if kind == "float8" and static_activations:
+        return LayerQuant(WeightQuant(8, None, "fp8_e4m3"), format="qdq_fp8_e4m3", activation=static_fp8("e4m3"))
     if kind == "float8":
         return LayerQuant(WeightQuant(8, None, "fp8_e4m3"), format="dq_fp8_e4m3")
     if kind == "centered":
@@ -447,7 +464,7 @@ def layer_quant(kind: str, bits: int, group: int | None, accuracy_level: int) ->
 
 def _describe(linear: ImportedLinear, kind: str | None = None) -> str:
     if linear.element:
-        return f"float8 {linear.element}"
+        return f"float8 {linear.element}" + (" with static float8 activations" if linear.read_input_scale else "")
     group = "per-channel" if linear.group_size >= linear.k else f"group {linear.group_size}"
     zeros = {"centered": " symmetric", "integer": " asymmetric", "wide": " asymmetric (zero point 2^bits)"}
     return f"{linear.bits}-bit {group}{zeros.get(kind, '')}"

@@ -12,8 +12,11 @@ compressor. Per quantized module `p` (N outputs, K inputs; docs/importers.md cit
 - `p.weight_scale` [N, G] (group), [N, 1] (channel) or [1] (tensor); `p.weight_g_idx` [K] (older group act-order).
 weight = (q - zero_point) * scale, q and zero_point signed; here as unsigned codes q + 2^(bits-1).
 
-float8 weights are stored as they are (DequantizeLinear from float8 e4m3, `dq_fp8_e4m3`); the checkpoint's
-activation quantization (dynamic per token, or a static input_scale) is not reproduced: activations stay float.
+float8 weights are stored as they are (DequantizeLinear from float8 e4m3, `dq_fp8_e4m3`). Static float8
+activations per tensor (`input_activations` float 8-bit, strategy tensor, not dynamic; llm-compressor's FP8 preset)
+are reproduced: `p.input_scale` [1] becomes the scale of the input's QuantizeLinear/DequantizeLinear (`qdq_fp8_e4m3`,
+the largest one where q/k/v or gate/up are fused); other activation quantization (dynamic per token, as FP8_DYNAMIC
+and W8A8; integer) is recorded and the activations stay float.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def compressed_tensors(config: dict, where: str) -> QuantFormat:
     formats = sorted({s["format"] for s in schemes})
     record = {"format": "compressed-tensors", "version": config.get("version"), "formats": formats,
               "groups": {s["name"]: {k: s[k] for k in ("bits", "type", "symmetric", "strategy", "group_size",
-                                                       "format")} for s in schemes},
+                                                       "format", "activations")} for s in schemes},
               "ignore": ignore, "config": where}
     return QuantFormat("compressed-tensors", f"compressed-tensors {'+'.join(formats)}", record,
                        lambda checkpoint: _linears(checkpoint, schemes, ignore))
@@ -93,7 +96,27 @@ def _scheme(name: str, group, default_format, where: str) -> dict:
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise LowbitError(f"{where}: config group {name}: targets must be a list of names")
     return {"name": name, "format": fmt, "bits": bits, "type": kind, "symmetric": bool(symmetric),
-            "strategy": strategy, "group_size": group_size if strategy == "group" else None, "targets": targets}
+            "strategy": strategy, "group_size": group_size if strategy == "group" else None, "targets": targets,
+            "activations": _activations(name, group.get("input_activations"), kind, where)}
+
+
+def _activations(name: str, args, weight_type: str, where: str) -> str | None:
+    """`static fp8` (float8 e4m3 per tensor with a stored `input_scale`, reproduced as Q/DQ with that scale), a
+    description of activation quantization that stays float here (dynamic, or integer), or None."""
+    if args is None:
+        return None
+    if not isinstance(args, dict):
+        raise LowbitError(f"{where}: config group {name}: input_activations must be an object")
+    kind, bits, strategy = args.get("type", "int"), args.get("num_bits"), args.get("strategy")
+    dynamic = args.get("dynamic", False)
+    if (kind, bits, strategy, dynamic, args.get("symmetric", True), weight_type) == \
+            ("float", 8, "tensor", False, True, "float"):
+        return STATIC_FP8
+    mode = "dynamic" if dynamic else "static"
+    return f"{kind}{bits} {mode} per-{strategy} (activations kept float)"
+
+
+STATIC_FP8 = "fp8 static per-tensor"
 
 
 def _matches(module: str, target: str) -> bool:
@@ -205,7 +228,24 @@ def _linear(checkpoint, prefix: str, s: dict) -> ImportedLinear:
         tensors.append(g_idx_name)
         read_g_idx = lambda: checkpoint.read(g_idx_name).astype(np.int64)  # noqa: E731
     element = "e4m3" if s["type"] == "float" else None
-    return ImportedLinear(prefix, n, k, bits, group, read, read_zeros, tuple(tensors), read_g_idx, element)
+    read_input_scale = None
+    if s["activations"] == STATIC_FP8:
+        input_scale = f"{prefix}.input_scale"
+        if input_scale not in checkpoint:
+            raise LowbitError(f"checkpoint has no tensor {input_scale} (static float8 activations store one)")
+        if int(np.prod(checkpoint.shape(input_scale))) != 1:
+            raise LowbitError(f"tensor {input_scale}: shape {list(checkpoint.shape(input_scale))}, expected one value "
+                              "(per-tensor activations)")
+        tensors.append(input_scale)
+
+        def read_input_scale():
+            value = float(float_array(checkpoint, input_scale).reshape(-1)[0])
+            if not (np.isfinite(value) and value > 0):
+                raise LowbitError(f"tensor {input_scale}: {value} is not a positive scale")
+            return value
+
+    return ImportedLinear(prefix, n, k, bits, group, read, read_zeros, tuple(tensors), read_g_idx, element,
+                          read_input_scale)
 
 
 def _unpack_sparse(words: np.ndarray, bits: int, per_word: int, k: int) -> np.ndarray:
