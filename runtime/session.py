@@ -41,7 +41,7 @@ class DecoderSession:
     context_length: int
     shares_kv_buffer: bool = False  # the attention writes into a past of fixed capacity (runtime/kv_cache.py)
     has_logits_to_keep: bool = False  # the graph takes `logits_to_keep` (logits of the last positions only)
-    open_prompt_session: Callable[[], object] | None = None  # opens the graph with float32 MatMulNBits (below)
+    open_prompt_session: Callable[[], object] | None = None  # opens the graph with float32 MatMulNBits (create_session)
     _prompt_session: object | None = None
     output_names: list[str] = field(default_factory=list)
     next_past_names: list[str] = field(default_factory=list)
