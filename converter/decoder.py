@@ -73,8 +73,11 @@ def _name_boundary(hidden: ir.Value, x: ir.Value, prefix: str) -> list[str]:
 class DecoderGraph:
     """Builds the decoder for one spec, weight map, dtype and target."""
 
-    def __init__(self, spec: DecoderSpec, weights: WeightSource, dtype, target: Target):
+    def __init__(self, spec: DecoderSpec, weights: WeightSource, dtype, target: Target,
+                 unfuse: frozenset[str] = frozenset()):
+        """`unfuse`: fused modules (`layers.0.attn.qkv_proj`) to emit as one MatMul per part, concatenated."""
         self.spec = spec
+        self.unfuse = unfuse
         self.w = weights
         self.names: WeightMap = weights.names
         self.dtype = np.dtype(dtype)
@@ -94,6 +97,11 @@ class DecoderGraph:
         return self.b.initializer(lazy_tensor(name, self.dtype, tuple(shape), load, transposed_source))
 
     def linear(self, x, name: str, prefixes, layer: int | None = None):
+        if name in self.unfuse and not isinstance(prefixes, str) and len(prefixes) > 1:
+            # one node per part (a recipe quantizes them differently), concatenated as the fused node's output
+            stem = name.rsplit(".", 1)[0]
+            parts = [self.linear(x, f"{stem}.{p.rsplit('.', 1)[-1]}", p, layer) for p in prefixes]
+            return self.b.op("Concat", *parts, axis=-1)
         lin = self.w.linear(prefixes, layer)
         dtype = self.dtype
         w = self._weight(f"{name}.weight", (lin.in_features, lin.out_features), lin.in_out,

@@ -23,7 +23,9 @@ from lowbit.converter.decoder import TARGETS, DecoderGraph
 from lowbit.errors import LowbitError
 from lowbit.converter.genai import genai_config
 from lowbit.converter.importers import detect as detect_import
-from lowbit.converter.recipe_conversion import apply_recipe, recipe_for_conversion, recipe_placeholder
+from lowbit.converter.recipe_conversion import (
+    apply_recipe, modules_to_unfuse, recipe_for_conversion, recipe_placeholder,
+)
 from lowbit.converter.algorithms.pipeline import ALGORITHMS, AlgorithmSpec, ModelInput, effective_algorithm
 from lowbit.converter.algorithms.smoothquant import smooth_model
 from lowbit.converter.quant.rewrite import QuantReport, planned_sites, quantize_model, weight_loader
@@ -164,6 +166,11 @@ def _convert(model, output, scheme, target, overwrite, progress, options, ignore
     weights.check(spec)  # shapes and dtypes from the headers, before anything is built or written
     decoder = DecoderGraph(spec, weights, scheme_obj.dtype, TARGETS[target])
     graph = decoder.build()
+    if recipe is not None:  # q/k/v or gate/up that the recipe quantizes differently: one node each
+        unfuse = modules_to_unfuse(recipe, graph, options, target)
+        if unfuse:
+            decoder = DecoderGraph(spec, weights, scheme_obj.dtype, TARGETS[target], unfuse=unfuse)
+            graph = decoder.build()
     float_bytes = _weight_bytes(graph)
     quant, quantized, quantized_floats, algorithm_record = None, None, None, {"name": algorithm.name}
     recipe_run = None

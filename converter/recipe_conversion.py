@@ -66,11 +66,27 @@ class RecipeRun:
                 node.metadata_props[RECIPE_NODE_KEY] = label
 
 
+def _modules(model: ir.Model) -> list[RecipeModule]:
+    return [RecipeModule(s.module, hf_modules(s.node) or (s.module,), "Embedding" if s.kind == "gather" else
+                         "Linear", s.k, s.n) for s in weight_sites(model)]
+
+
+UNFUSE_BLOCKERS = ("AWQModifier", "SmoothQuantModifier")  # their scales follow the fused graph's input sharing
+
+
+def modules_to_unfuse(recipe: Recipe, model: ir.Model, options: SchemeOptions, target: str) -> frozenset[str]:
+    """The graph's fused modules (q/k/v, gate/up) whose parts the recipe treats differently: to be emitted as one
+    node per part. Empty where the recipe runs AWQ or SmoothQuant (then resolving reports the conflict as an
+    error) or where the parts are one tensor in the checkpoint (the error names the module)."""
+    if any(mod.kind in UNFUSE_BLOCKERS for mod in recipe.modifiers):
+        return frozenset()
+    resolution = resolve_recipe(recipe, _modules(model), pad=None if options.pad else False, target=target,
+                                accuracy_level=options.accuracy_level or 0, split_fused=True)
+    return frozenset(resolution.fused_conflicts)
+
+
 def apply_recipe(recipe: Recipe, path: Path, model: ir.Model, options: SchemeOptions, target: str) -> RecipeRun:
-    sites = weight_sites(model)
-    modules = [RecipeModule(s.module, hf_modules(s.node) or (s.module,), "Embedding" if s.kind == "gather" else
-                            "Linear", s.k, s.n) for s in sites]
-    resolution = resolve_recipe(recipe, modules, pad=None if options.pad else False, target=target,
+    resolution = resolve_recipe(recipe, _modules(model), pad=None if options.pad else False, target=target,
                                 accuracy_level=options.accuracy_level or 0)
     resolved = resolution.modules.values()
     calibrated = sorted({m.algorithm for m in resolved if m.algorithm not in (None, "rtn")})

@@ -145,3 +145,59 @@ def test_what_cannot_run_fails_with_one_line(tmp_path):
     ]
     for args, message in cases:
         assert_clean_failure(run_convert(SAMPLE_MODEL, "-o", out, *args), out, message)
+
+
+UNFUSED = """QuantizationModifier:
+  ignore: [lm_head]
+  config_groups:
+    int4_qk_gate:
+      targets: ["re:.*self_attn\\\\.(q|k)_proj$", "re:.*mlp\\\\.gate_proj$"]
+      weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 32}
+    int8_rest:
+      targets: ["re:.*self_attn\\\\.(v|o)_proj$", "re:.*mlp\\\\.(up|down)_proj$"]
+      weights: {num_bits: 8, type: int, symmetric: true, strategy: channel}
+"""
+
+
+@pytest.mark.parametrize("arch_id", ["llama", "qwen2"])
+def test_projections_a_recipe_splits_are_emitted_unfused(arch_id, rng, tmp_path):
+    """q/k at int4 and v at int8 (gate at int4, up at int8): q/k/v and gate/up become one MatMulNBits each, their
+    outputs concatenated as the fused node's; modules the recipe treats alike stay fused elsewhere (o, down). The
+    logits equal transformers with each linear's weight rounded by its own group's setting (1e-4)."""
+    model = build_tiny_model(arch_id, tmp_path / "src")
+    recipe = tmp_path / "unfused.yaml"
+    recipe.write_text(UNFUSED)
+    out = tmp_path / "out"
+    convert(tmp_path / "src", out, recipe=recipe)
+    nodes = quantized_nodes(out)
+    layers = model.config.num_hidden_layers
+    expected = {f"layers.{i}.{m}" for i in range(layers) for m in
+                ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                 "mlp.down_proj")}
+    assert set(nodes) == expected
+    settings = {"int4_qk_gate": WeightQuant(4, 32, "symmetric"), "int8_rest": WeightQuant(8, None, "symmetric")}
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for module, props in nodes.items():
+            group = props["lowbit.recipe"].rsplit("/ ", 1)[-1]
+            assert props["lowbit.quant"] == {"int4_qk_gate": "4-bit g32 symmetric",
+                                             "int8_rest": "8-bit per-channel symmetric"}[group]
+            _, i, block, name = module.split(".")
+            hf = modules[f"model.layers.{i}.{'self_attn' if block == 'attn' else 'mlp'}.{name}"]
+            hf.weight.copy_(torch.from_numpy(dequantize(quantize(hf.weight.numpy(), settings[group]))))
+    ids = rng.integers(3, model.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        reference = model(input_ids=torch.tensor(ids)).logits.numpy()
+    got = onnx_logits(out, ids)
+    assert np.abs(got - reference).max() <= 1e-4 * np.abs(reference).max()
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert sum(n.op_type == "Concat" and n.name.startswith("layers.") for n in graph.node) >= 2 * layers
+
+
+def test_a_split_with_smoothquant_in_the_recipe_is_still_an_error(tmp_path):
+    build_tiny_model("llama", tmp_path / "src")
+    recipe = tmp_path / "unfused_sq.yaml"
+    recipe.write_text("SmoothQuantModifier:\n  smoothing_strength: 0.5\n" + UNFUSED)
+    out = tmp_path / "out"
+    assert_clean_failure(run_convert(tmp_path / "src", "-o", out, "--recipe", recipe), out,
+                         "they can be unfused only where")

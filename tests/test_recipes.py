@@ -460,8 +460,8 @@ BAD = {
         "QuantizationModifier: {scheme: W8A16, ignore: ['re:.*gate_proj$']}\n",
         "<recipe>:1: QuantizationModifier.scheme: layers.0.mlp.gate_up_proj computes model.layers.0.mlp.gate_proj, "
         "model.layers.0.mlp.up_proj in one node but the recipe gives them different settings "
-        "(model.layers.0.mlp.gate_proj: float; model.layers.0.mlp.up_proj: 8-bit g128 symmetric (rtn)); unfused "
-        "projections are not implemented yet"),
+        "(model.layers.0.mlp.gate_proj: float; model.layers.0.mlp.up_proj: 8-bit g128 symmetric (rtn)); they can be "
+        "unfused only where"),
     "embedding activations": (
         "QuantizationModifier: {config_groups: {g: {targets: [Embedding], weights: {num_bits: 8, type: float, "
         "strategy: channel}, input_activations: {num_bits: 8, type: float}}}}\n",

@@ -7,7 +7,8 @@ Targets match the Hugging Face names as compressed-tensors matches them: `re:` +
 the name (`re.match`), otherwise the exact name or the class name; `ignore` wins. When several targets of one
 modifier match a module, compressed-tensors takes the most specific kind (exact name, then regex, then class name);
 two different config groups tied at that kind are an error, as is a module quantized by two modifiers, a target that
-matches no module, and a fused module whose parts get different settings (unfusing is not implemented yet).
+matches no module, and a fused module whose parts get different settings (unless the caller asks for those to be
+listed instead, `split_fused`, and builds the graph with them unfused: converter/recipe_conversion.py).
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class Resolution:
     modules: dict  # lowbit module name -> ResolvedModule, in model order
     plan: QuantPlan  # rules on the exact module names
     unused_ignores: tuple[str, ...] = ()  # ignore entries that matched nothing (allowed, as in llm-compressor)
+    fused_conflicts: tuple[str, ...] = ()  # with split_fused: fused modules whose parts get different settings
 
     def group(self, module: str) -> Group | None:
         """The config group (validated, with its lowbit settings, targets and `format`) that quantizes `module`
@@ -167,20 +169,23 @@ def storage_formats(weight: WeightQuant, activation: ActivationQuant | None, kin
 
 
 def resolve_recipe(recipe: Recipe, modules, *, pad: bool | None = None, target: str | None = None,
-                   accuracy_level: int = 0) -> Resolution:
+                   accuracy_level: int = 0, split_fused: bool = False) -> Resolution:
     """Per-module settings for `recipe` on `modules` (RecipeModule, WeightModule or tuples, in model order).
 
     pad: None pads a K that the group size does not divide only where the modifier sets
     bypass_divisibility_checks (llm-compressor's rule; an error otherwise); True always pads; False never.
     target: "ort" / "tensorrt" to require a storage format for that target. accuracy_level: MatMulNBits'
-    for weight-only layers (0 keeps activations float, as A16 means)."""
+    for weight-only layers (0 keeps activations float, as A16 means). split_fused: a fused module whose parts the
+    recipe treats differently is listed in `Resolution.fused_conflicts` (and left out of the plan) instead of being
+    an error, so that the caller can build the graph with it unfused and resolve again."""
     try:
-        return _resolve(recipe, [as_module(m) for m in modules], pad, target, accuracy_level)
+        return _resolve(recipe, [as_module(m) for m in modules], pad, target, accuracy_level, split_fused)
     except RecipeError as e:
         raise recipe.error(e.path, e.message) from None
 
 
-def _resolve(recipe: Recipe, modules: list[RecipeModule], pad, target, accuracy_level) -> Resolution:
+def _resolve(recipe: Recipe, modules: list[RecipeModule], pad, target, accuracy_level,
+             split_fused: bool = False) -> Resolution:
     if not modules:
         raise LowbitError("the model has no weight modules to apply the recipe to")
     names = [m.name for m in modules]
@@ -231,21 +236,25 @@ def _resolve(recipe: Recipe, modules: list[RecipeModule], pad, target, accuracy_
     awq = _transforms(recipe, parts, claims, "AWQModifier")
     smooth = _transforms(recipe, parts, claims, "SmoothQuantModifier")
 
-    resolved, rules = {}, []
+    resolved, rules, conflicts = {}, [], []
     for m in modules:
         settings, where = [], []
         for hf in m.hf_modules:
             settings.append(_part_setting(hf, claims, awq, smooth, accuracy_level, m))
             where.append(claims.get(hf))
         first = settings[0]
+        if split_fused and any(s != first for s in settings):
+            conflicts.append(m.name)
+            continue
         for hf, s, w in zip(m.hf_modules, settings, where):
             if s != first:
                 claim = w or where[0]
                 path = claim[2].path if claim else recipe.modifiers[0].path
                 detail = "; ".join(f"{h}: {x.describe()}" for h, x in zip(m.hf_modules, settings))
                 raise RecipeError(path, f"{m.name} computes {', '.join(m.hf_modules)} in one node but the recipe "
-                                        f"gives them different settings ({detail}); unfused projections are not "
-                                        "implemented yet: give them one setting")
+                                        f"gives them different settings ({detail}); they can be unfused only "
+                                        "where the checkpoint stores them apart and the recipe runs no AWQ or "
+                                        "SmoothQuant: give them one setting")
         claimed = [w for w in where if w is not None]
         groups = tuple(dict.fromkeys(g.name for _, _, g in claimed))
         mods = tuple(dict.fromkeys(mod.label for _, mod, _ in claimed))
@@ -255,7 +264,7 @@ def _resolve(recipe: Recipe, modules: list[RecipeModule], pad, target, accuracy_
                                           first.gptq, first.awq, first.smoothquant)
         rules.append(QuantRule(m.name, first.quant))
     plan = QuantPlan(tuple(rules), pad is not False)
-    return Resolution(recipe, resolved, plan, tuple(dict.fromkeys(unused_ignores)))
+    return Resolution(recipe, resolved, plan, tuple(dict.fromkeys(unused_ignores)), tuple(conflicts))
 
 
 def _transforms(recipe: Recipe, parts, claims, kind: str) -> dict:
