@@ -33,8 +33,10 @@ class KVCache:
 
     @staticmethod
     def empty(session: DecoderSession, batch: int, capacity: int = 0) -> "KVCache":
-        """An empty cache for `batch` rows; `capacity`: the positions to preallocate where the graph allows it."""
-        if session.shares_kv_buffer:
+        """An empty cache for `batch` rows; `capacity`: the positions to preallocate where the graph allows it.
+        The bound buffers are host memory: on the CPU provider only (on a GPU, ORT would copy them to the device
+        and back, and the node would no longer write into the buffer it reads)."""
+        if session.shares_kv_buffer and session.provider == "cpu":
             return BoundKVCache(session, batch, capacity)
         return GrowingKVCache(session, batch)
 

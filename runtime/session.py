@@ -40,6 +40,7 @@ class DecoderSession:
     vocab_size: int
     context_length: int
     shares_kv_buffer: bool = False  # the attention writes into a past of fixed capacity (runtime/kv_cache.py)
+    provider: str = "cpu"  # PROVIDERS key
     has_logits_to_keep: bool = False  # the graph takes `logits_to_keep` (logits of the last positions only)
     open_prompt_session: Callable[[], object] | None = None  # opens the graph with float32 MatMulNBits (create_session)
     _prompt_session: object | None = None
@@ -171,6 +172,7 @@ def create_session(model_dir: str | Path, provider: str = "cpu", threads: int | 
         vocab_size=config["vocab_size"],
         context_length=config["context_length"],
         shares_kv_buffer=bool(genai.get("search", {}).get("past_present_share_buffer")),
+        provider=provider,
         has_logits_to_keep=any(i.name == LOGITS_TO_KEEP for i in session.get_overridable_initializers()),
         open_prompt_session=open_prompt_session if prompt_level is not None else None,
     )

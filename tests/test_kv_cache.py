@@ -241,3 +241,13 @@ def test_which_folders_get_a_prompt_session(quant, fmt, level, expected):
     metadata = {"quantization": {"layers.0.attn.qkv_proj": {"quant": quant, "format": fmt, "accuracy_level": level}}}
     assert prompt_accuracy_level(metadata) == expected
     assert prompt_accuracy_level(None) is None and prompt_accuracy_level({"quantization": {}}) is None
+
+
+def test_bound_buffers_are_for_the_cpu_provider_only(long_llama):
+    """Host buffers bound to a GPU session would be copied to the device and back, and the node would no longer
+    write into the buffer it reads: other providers keep the growing cache."""
+    from dataclasses import replace
+
+    session = create_session(long_llama["ort"])
+    assert isinstance(KVCache.empty(session, 1), BoundKVCache)
+    assert isinstance(KVCache.empty(replace(session, provider="cuda"), 1), GrowingKVCache)
