@@ -221,6 +221,10 @@ def _convert(model, output, scheme, target, overwrite, progress, options, ignore
         for name in COPIED_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, staging / name)
+        if recipe_run is not None:  # the recipe as resolved, in compressed-tensors' schema (docs/recipes.md)
+            hf_config = json.loads((staging / "config.json").read_text())
+            hf_config["quantization_config"] = recipe_run.quantization_config
+            (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
         genai = genai_config(spec, arch.genai_type, source, share_buffer=decoder.attention.shares_kv_buffer)
         (staging / "genai_config.json").write_text(json.dumps(genai, indent=2))
         if imported is not None and imported.input_scales:  # the checkpoint's own static activation scales

@@ -57,6 +57,7 @@ class RecipeRun:
     smoothquant_alpha: float | None
     labels: dict[str, str]  # module -> "modifier / group"
     record: dict = field(default_factory=dict)
+    quantization_config: dict = field(default_factory=dict)  # compressed-tensors style, for config.json
 
     def tag(self, model: ir.Model) -> None:
         """Each quantized node names the modifier and config group that produced it (`lowbit inspect`)."""
@@ -121,5 +122,52 @@ def apply_recipe(recipe: Recipe, path: Path, model: ir.Model, options: SchemeOpt
     }
     labels = {m.name: f"{m.modifier} / {m.group}" for m in quantized}
     return RecipeRun(scheme, algorithm, frozenset(m.name for m in chosen), gptq, alphas.pop() if alphas else None,
-                     labels, record)
+                     labels, record, quantization_config(resolution))
+
+
+def _weight_args(q) -> dict:
+    """compressed-tensors QuantizationArgs of a lowbit WeightQuant."""
+    float8 = q.rule.startswith("fp8")
+    strategy = "tensor" if q.per_tensor else "group" if q.group_size else "channel"
+    args = {"num_bits": q.bits, "type": "float" if float8 else "int",
+            "symmetric": float8 or q.rule != "asymmetric", "strategy": strategy, "dynamic": False}
+    if q.group_size:
+        args["group_size"] = q.group_size
+    return args
+
+
+def _activation_args(a) -> dict | None:
+    if a is None:
+        return None
+    return {"num_bits": a.bits, "type": a.type, "symmetric": a.symmetric, "strategy": a.strategy,
+            "dynamic": a.dynamic}
+
+
+def _compressor(weights: dict, activations: dict | None) -> str:
+    """The compressed-tensors format llm-compressor would save such a group as."""
+    if weights["type"] == "float":
+        return "float-quantized"
+    return "int-quantized" if activations is not None else "pack-quantized"
+
+
+def quantization_config(resolution) -> dict:
+    """config.json's `quantization_config` in compressed-tensors' schema, for the recipe as resolved on this model:
+    one config group per recipe group, its targets the exact transformers names of the modules it quantizes,
+    `ignore` the linear modules left float, each group's compressor (`format`, `mixed-precision` where they
+    differ). `quantization_status` "frozen": the settings are final, but the weights live in model.onnx, not in
+    compressed safetensors."""
+    groups: dict[str, dict] = {}
+    ignore = []
+    for m in resolution.modules.values():
+        if m.quant is None:
+            ignore += list(m.hf_modules) if m.kind == "Linear" else []  # compressed-tensors targets linears
+            continue
+        name = m.group.replace("+", "_")
+        weights, activations = _weight_args(m.quant.weight), _activation_args(m.quant.activation)
+        group = groups.setdefault(name, {"targets": [], "weights": weights, "input_activations": activations,
+                                         "format": _compressor(weights, activations)})
+        group["targets"] += list(m.hf_modules)
+    formats = sorted({g["format"] for g in groups.values()})
+    return {"quant_method": "compressed-tensors", "format": formats[0] if len(formats) == 1 else "mixed-precision",
+            "quantization_status": "frozen", "config_groups": groups, "ignore": ignore}
 

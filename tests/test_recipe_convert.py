@@ -201,3 +201,27 @@ def test_a_split_with_smoothquant_in_the_recipe_is_still_an_error(tmp_path):
     out = tmp_path / "out"
     assert_clean_failure(run_convert(tmp_path / "src", "-o", out, "--recipe", recipe), out,
                          "they can be unfused only where")
+
+
+def test_config_json_carries_the_recipe_as_compressed_tensors_reads_it(tmp_path):
+    """config.json's quantization_config: compressed-tensors' own QuantizationConfig validates it, its groups
+    target exactly the transformers modules each group quantizes, lm_head is ignored, and the per-group
+    arguments are the recipe's."""
+    ct = pytest.importorskip("compressed_tensors.quantization")
+    out = tmp_path / "a"
+    convert(SAMPLE_MODEL, out, recipe=RECIPE_A)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    parsed = ct.QuantizationConfig.model_validate(config)
+    assert parsed.quant_method == "compressed-tensors" and parsed.format == "pack-quantized"
+    assert config["ignore"] == ["lm_head"]
+    groups = parsed.config_groups
+    assert set(groups) == {"int4_rest", "int8_down_proj"}
+    assert (groups["int4_rest"].weights.num_bits, groups["int4_rest"].weights.group_size) == (4, 32)
+    assert (groups["int8_down_proj"].weights.num_bits, groups["int8_down_proj"].weights.strategy) == (8, "channel")
+    meta = json.loads((out / "lowbit.json").read_text())["recipe"]["modules"]
+    for name, group in groups.items():
+        expected = sorted(hf for m in meta.values() if m["group"] == name for hf in m["hf_modules"])
+        assert sorted(group.targets) == expected
+    source = json.loads((SAMPLE_MODEL / "config.json").read_text())
+    assert {k: v for k, v in json.loads((out / "config.json").read_text()).items()
+            if k != "quantization_config"} == source  # nothing else changes
