@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,18 +35,6 @@ UNIFORM_INT4 = "{num_bits: 4, type: int, symmetric: true, strategy: group, group
 UNIFORM_INT8 = "{num_bits: 8, type: int, symmetric: true, strategy: channel}"  # (a)'s int8_down_proj
 
 
-def lowbit(*args) -> str:
-    result = subprocess.run([sys.executable, "-m", "lowbit", *map(str, args)], cwd=ROOT, capture_output=True,
-                            text=True)
-    if result.returncode:
-        sys.exit(f"error: lowbit {' '.join(map(str, args))}: {result.stderr.strip().splitlines()[-1]}")
-    return result.stdout
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "samples" / "stories260K-hf"))
@@ -56,6 +43,10 @@ def main():
     parser.add_argument("--work", type=Path, default=Path("/tmp/lowbit-recipes"))
     args = parser.parse_args()
     args.data, args.calib = Path(args.data).resolve(), Path(args.calib).resolve()
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.common import lowbit
+    from lowbit.runtime.bench import model_bytes
+
     args.work.mkdir(parents=True, exist_ok=True)
     recipes = {"uniform int4 g32": args.work / "uniform_int4.yaml",
                "uniform int8 channel": args.work / "uniform_int8.yaml"}
@@ -76,7 +67,7 @@ def main():
     for label, out in rows:
         r = json.loads(lowbit("eval", out, "--data", args.data, "--seq-len", 256, "--reference", reference,
                               "--json").strip().splitlines()[-1])
-        print(f"| {label} | {folder_bytes(out) / 1e6:.3f} | {r['perplexity']:.2f} | {r['kl']:.5f} | "
+        print(f"| {label} | {model_bytes(out) / 1e6:.3f} | {r['perplexity']:.2f} | {r['kl']:.5f} | "
               f"{r['kl_p99']:.4f} | {r['top1']:.4f} |", flush=True)
 
 

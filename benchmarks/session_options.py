@@ -50,19 +50,10 @@ def run_plain(session, prompt_len: int, new_tokens: int, rng) -> tuple[float, fl
 
 def run_once(session, prompt_len: int, new_tokens: int, rng) -> tuple[float, float]:
     """The generation path (`lowbit bench`): the KV cache generation makes, last-position logits."""
-    from lowbit.runtime.kv_cache import KVCache
+    from lowbit.runtime.bench import generation_seconds
 
-    ids = rng.integers(0, session.vocab_size, (1, prompt_len))
-    cache = KVCache.empty(session, 1, prompt_len + new_tokens)
-    t0 = time.perf_counter()
-    logits = cache.forward(ids, np.ones_like(ids), np.arange(prompt_len)[None], logits_to_keep=1)
-    t1 = time.perf_counter()
-    for step in range(new_tokens):
-        token = logits[:, -1].argmax(-1)[:, None]
-        mask = np.ones((1, prompt_len + step + 1), np.int64)
-        logits = cache.forward(token, mask, np.array([[prompt_len + step]]), logits_to_keep=1)
-    t2 = time.perf_counter()
-    return prompt_len / (t1 - t0), new_tokens / (t2 - t1)
+    prefill, decode = generation_seconds(session, rng.integers(0, session.vocab_size, (1, prompt_len)), new_tokens)
+    return prompt_len / prefill, new_tokens / decode
 
 
 def main():

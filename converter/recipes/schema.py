@@ -189,6 +189,12 @@ _NVFP4_WEIGHTS = _args(num_bits=4, type="float", strategy="tensor_group", symmet
                        scale_dtype="float8_e4m3fn", zp_dtype="float8_e4m3fn")
 _MX = {"scale_dtype": "uint8", "zp_dtype": "uint8"}
 
+
+def _mx(bits: int, dynamic: bool = False) -> dict:
+    """An OCP MX float format's arguments: groups of 32 sharing a uint8 (E8M0) scale."""
+    return _args(num_bits=bits, type="float", strategy="group", symmetric=True, dynamic=dynamic, group_size=32,
+                 **_MX)
+
 # compressed_tensors.quantization.quant_scheme.PRESET_SCHEMES (0.20), as plain dicts; tests/test_recipes.py compares
 # them with the installed library. Names are case-insensitive, as there.
 PRESETS: dict[str, dict] = {
@@ -213,28 +219,15 @@ PRESETS: dict[str, dict] = {
     "NVFP4A16": {"weights": dict(_NVFP4_WEIGHTS)},
     "NVFP4": {"weights": dict(_NVFP4_WEIGHTS),
               "input_activations": dict(_NVFP4_WEIGHTS, dynamic="local", observer="static_minmax")},
-    "MXFP4A16": {"weights": _args(num_bits=4, type="float", strategy="group", symmetric=True, dynamic=False,
-                                  group_size=32, **_MX)},
-    "MXFP4": {"weights": _args(num_bits=4, type="float", strategy="group", symmetric=True, dynamic=False,
-                               group_size=32, **_MX),
-              "input_activations": _args(num_bits=4, type="float", strategy="group", symmetric=True, dynamic=True,
-                                         group_size=32, **_MX)},
-    "MXFP4XFP8": {"weights": _args(num_bits=4, type="float", strategy="group", symmetric=True, dynamic=False,
-                                   group_size=32, **_MX),
+    "MXFP4A16": {"weights": _mx(4)},
+    "MXFP4": {"weights": _mx(4), "input_activations": _mx(4, dynamic=True)},
+    "MXFP4XFP8": {"weights": _mx(4),
                   "input_activations": _args(num_bits=8, type="float", strategy="group", symmetric=True, dynamic=True,
                                              group_size=128)},
-    "MXFP6A16": {"weights": _args(num_bits=6, type="float", strategy="group", symmetric=True, dynamic=False,
-                                  group_size=32, **_MX)},
-    "MXFP6A8": {"weights": _args(num_bits=6, type="float", strategy="group", symmetric=True, dynamic=False,
-                                 group_size=32, **_MX),
-                "input_activations": _args(num_bits=8, type="float", strategy="group", symmetric=True, dynamic=True,
-                                           group_size=32, **_MX)},
-    "MXFP8A16": {"weights": _args(num_bits=8, type="float", strategy="group", symmetric=True, dynamic=False,
-                                  group_size=32, **_MX)},
-    "MXFP8": {"weights": _args(num_bits=8, type="float", strategy="group", symmetric=True, dynamic=False,
-                               group_size=32, **_MX),
-              "input_activations": _args(num_bits=8, type="float", strategy="group", symmetric=True, dynamic=True,
-                                         group_size=32, **_MX)},
+    "MXFP6A16": {"weights": _mx(6)},
+    "MXFP6A8": {"weights": _mx(6), "input_activations": _mx(8, dynamic=True)},
+    "MXFP8A16": {"weights": _mx(8)},
+    "MXFP8": {"weights": _mx(8), "input_activations": _mx(8, dynamic=True)},
 }
 PRESETS["INT8"] = PRESETS["W8A8"]
 for _w, _a in [(2, 4), (2, 8), (2, 16), (3, 4), (3, 8), (3, 16), (4, 4), (4, 8), (4, 16), (5, 8), (5, 16), (6, 8),
