@@ -8,7 +8,8 @@ two uniform recipes written here beside sample (a): every linear at (a)'s int4 g
 channel rule (same rules, same ignore list; K not a multiple of 32 zero-padded, as compressed-tensors' shorter last
 group), so (a)'s mix can be placed between them. Each folder is evaluated
 with `lowbit eval --seq-len 256 --reference Q0F32 --json` (WikiText-2 test in non-overlapping 256-token windows,
-a fresh context each); recipes with static activation scales calibrate on --calib (never the evaluation text).
+a fresh context each); recipes with static activation scales or calibrated algorithms (GPTQ, AWQ, SmoothQuant)
+calibrate on --calib (never the evaluation text); sample (d) runs with each --pipeline.
 Prints a Markdown table (docs/performance.md keeps the latest).
 """
 
@@ -21,7 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples" / "recipes"
-RECIPES = ["a_int8_down_int4_rest.yaml", "c_fp8_attn_channel_mlp_tensor.yaml", "e_dashinfer_instant_quant.yaml"]
+RECIPES = ["a_int8_down_int4_rest.yaml", "b_nvfp4_fp8_down.yaml", "c_fp8_attn_channel_mlp_tensor.yaml",
+           "d_awq_attn_gptq_mlp.yaml", "e_dashinfer_instant_quant.yaml"]
+PIPELINES = {"d_awq_attn_gptq_mlp.yaml": ("sequential", "independent")}  # samples run with each --pipeline
 
 UNIFORM = """QuantizationModifier:
   ignore: [lm_head]
@@ -48,19 +51,22 @@ def main():
     from lowbit.runtime.bench import model_bytes
 
     args.work.mkdir(parents=True, exist_ok=True)
-    recipes = {"uniform int4 g32": args.work / "uniform_int4.yaml",
-               "uniform int8 channel": args.work / "uniform_int8.yaml"}
-    recipes["uniform int4 g32"].write_text(UNIFORM.format(weights=UNIFORM_INT4))
-    recipes["uniform int8 channel"].write_text(UNIFORM.format(weights=UNIFORM_INT8))
+    recipes = {"uniform int4 g32": (args.work / "uniform_int4.yaml", ()),
+               "uniform int8 channel": (args.work / "uniform_int8.yaml", ())}
+    recipes["uniform int4 g32"][0].write_text(UNIFORM.format(weights=UNIFORM_INT4))
+    recipes["uniform int8 channel"][0].write_text(UNIFORM.format(weights=UNIFORM_INT8))
     for name in RECIPES:
-        recipes[f"({name[0]}) {name[2:-5]}"] = SAMPLES / name
+        for pipeline in PIPELINES.get(name, (None,)):
+            label = f"({name[0]}) {name[2:-5]}" + (f", --pipeline {pipeline}" if pipeline else "")
+            recipes[label] = (SAMPLES / name, ("--pipeline", pipeline) if pipeline else ())
 
     reference = args.work / "q0f32"
     lowbit("convert", args.model, "-o", reference, "--scheme", "q0f32", "--overwrite")
     rows = [("q0f32", reference)]
-    for label, recipe in recipes.items():
-        out = args.work / recipe.stem
-        lowbit("convert", args.model, "-o", out, "--recipe", recipe, "--calib-data", args.calib, "--overwrite")
+    for label, (recipe, extra) in recipes.items():
+        out = args.work / (recipe.stem + (f"-{extra[-1]}" if extra else ""))
+        lowbit("convert", args.model, "-o", out, "--recipe", recipe, "--calib-data", args.calib, "--overwrite",
+               *extra)
         rows.append((label, out))
     print("| model | weights MB | PPL | KL to q0f32 (nats/token) | KL p99 | top-1 agreement |")
     print("|---|---|---|---|---|---|")

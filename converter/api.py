@@ -36,6 +36,7 @@ def convert(
     sequential: bool = True,
     smoothquant_alpha: float | None = None,
     recipe: str | Path | None = None,
+    emit: str | None = None,
     quant_config: str | Path | None = None,
     overwrite: bool = False,
     requantize: bool = False,
@@ -55,6 +56,8 @@ def convert(
     smoothquant_alpha: SmoothQuant's migration strength α in [0, 1] for schemes that quantize activations
     (w8a8, w8a8-static, the FP8 codes), calibrated on the same data. recipe: an llm-compressor style recipe file
     (YAML/JSON, docs/recipes.md) instead of a scheme: quantization per module, its modifiers' algorithms.
+    emit: "compressed-tensors" (with `recipe`) also writes the quantized checkpoint as compressed-tensors
+    safetensors in `output`/compressed-tensors (docs/recipes.md).
     target: "ort" or "tensorrt".
     overwrite: replace an output folder that lowbit wrote (one holding lowbit.json); any other non-empty folder
     is an error. progress: called as progress(tensor, info) for each tensor written. calibration_progress:
@@ -95,7 +98,8 @@ def convert(
     algorithm = AlgorithmSpec(algo, calibration, GPTQSettings(damp, act_order=act_order), sequential=sequential,
                               smoothquant_alpha=smoothquant_alpha)
     return export_folder(str(model), output, scheme, target, overwrite, progress, options, tuple(ignore),
-                         algorithm, calibration_progress, requantize, None if recipe is None else Path(recipe))
+                         algorithm, calibration_progress, requantize, None if recipe is None else Path(recipe),
+                         emit)
 
 
 def _float8_weights(scheme) -> bool:

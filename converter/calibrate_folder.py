@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from lowbit.converter.calibration import CalibrationSettings, calibrate_statistics
+from lowbit.converter.calibration import CalibrationSettings, calibrate_layerwise
 from lowbit.converter.quant.formats import ACTIVATION_SCALE_PLACEHOLDER
 from lowbit.errors import LowbitError
 from lowbit.fp8 import scale_for
@@ -138,8 +138,8 @@ def measure_scales(model_onnx: Path, settings: CalibrationSettings, tokenizer_fo
     samples, seq_len = settings.samples(tokenizer_folder, context_length)
     # with the activation Q/DQ bypassed, ORT would fuse DequantizeLinear(weight) + MatMul into MatMulNBits (int8
     # activations at its accuracy level 4: 1e-3 off, measured); QDQ handling off, it folds the weights to float
-    statistics = calibrate_statistics(model_onnx, list(sites), observers, samples, progress,
-                                      edit=bypass_activation_qdq, session_config=QUANTIZED_WEIGHTS_FLOAT_COMPUTE)
+    statistics = calibrate_layerwise(model_onnx, list(sites), observers, samples, progress,
+                                     edit=bypass_activation_qdq, session_config=QUANTIZED_WEIGHTS_FLOAT_COMPUTE)
     dtypes = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in model.graph.initializer}
     values, absmax, ranges, zero_points = {}, {}, {}, {}
     for node, (scale_name, zero_name, element) in sites.items():

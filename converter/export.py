@@ -20,13 +20,16 @@ from lowbit.converter.calibrate_folder import METADATA_KEY as ACTIVATION_CALIBRA
 from lowbit.converter.calibrate_folder import calibrate_staging, imported_scales
 from lowbit.converter.checkpoint import Checkpoint, dir_size, resolve_model_dir
 from lowbit.converter.decoder import TARGETS, DecoderGraph
+from lowbit.converter.emit import EmitContext, check_emit
+from lowbit.converter.emit import emit as emit_checkpoint
 from lowbit.errors import LowbitError
 from lowbit.converter.genai import genai_config
 from lowbit.converter.importers import detect as detect_import
 from lowbit.converter.recipe_conversion import (
     apply_recipe, modules_to_unfuse, recipe_for_conversion, recipe_placeholder,
 )
-from lowbit.converter.algorithms.pipeline import ALGORITHMS, AlgorithmSpec, ModelInput, effective_algorithm
+from lowbit.converter.algorithms.pipeline import (ALGORITHMS, AlgorithmSpec, ModelInput, effective_algorithm,
+                                                 run_algorithms)
 from lowbit.converter.algorithms.smoothquant import smooth_model
 from lowbit.converter.quant.rewrite import QuantReport, planned_sites, quantize_model, weight_loader
 from lowbit.converter.schemes import SchemeOptions, get_scheme
@@ -116,21 +119,23 @@ def convert(
     calibration_progress: Callable[[str], object] | None = None,
     requantize: bool = False,
     recipe: Path | None = None,
+    emit: str | None = None,
 ) -> ConversionReport:
     """`lowbit convert`. `scheme`: None is q0f32, or the scheme a pre-quantized checkpoint implies (importers);
     `algorithm`: --algo and its settings (default round to nearest); `calibration_progress(stage label)` gives a
     per-sample callback for each calibration pass; `requantize`: a pre-quantized checkpoint TensorRT cannot take
     as it is (asymmetric) is requantized symmetrically instead of refused; `recipe`: an llm-compressor style recipe
-    file (converter/recipes) that sets the quantization per module instead of a scheme."""
+    file (converter/recipes) that sets the quantization per module instead of a scheme; `emit`: also write the
+    quantized checkpoint in that format into a subfolder (converter/emit: "compressed-tensors", with a recipe)."""
     with tempfile.TemporaryDirectory(prefix="lowbit-algorithm-") as work:  # an algorithm's files, until written
         return _convert(model, output, scheme, target, overwrite, progress, options or SchemeOptions(),
                         tuple(ignore), algorithm or AlgorithmSpec(), calibration_progress, Path(work), requantize,
-                        recipe)
+                        recipe, emit)
 
 
 def _convert(model, output, scheme, target, overwrite, progress, options, ignore, algorithm: AlgorithmSpec,
              calibration_progress, work: Path, requantize: bool = False,
-             recipe_path: Path | None = None) -> ConversionReport:
+             recipe_path: Path | None = None, emit: str | None = None) -> ConversionReport:
     start = time.perf_counter()
     output = Path(os.path.abspath(output))  # `.` and `..` spelled out: staging goes beside the real folder
     if target not in TARGETS:
@@ -138,6 +143,7 @@ def _convert(model, output, scheme, target, overwrite, progress, options, ignore
     recipe = None
     if recipe_path is not None:  # read and validated before the checkpoint is
         recipe = recipe_for_conversion(recipe_path, scheme, ignore, algorithm)
+    check_emit(emit, recipe_path is not None)
     if scheme is not None:
         get_scheme(scheme, options, target)  # a bad name or option fails before the checkpoint is read
     source = resolve_model_dir(model)
@@ -176,28 +182,34 @@ def _convert(model, output, scheme, target, overwrite, progress, options, ignore
     recipe_run = None
     if recipe is not None:  # the plan needs the graph's modules (and their transformers names)
         recipe_run = apply_recipe(recipe, recipe_path, graph, options, target)
-        scheme_obj, algorithm = recipe_run.scheme, replace(algorithm, name=recipe_run.algorithm,
-                                                           gptq=recipe_run.gptq or algorithm.gptq,
-                                                           smoothquant_alpha=recipe_run.smoothquant_alpha)
-        run_algorithm = ALGORITHMS[algorithm.name]
-        algorithm_record = {"name": algorithm.name}
+        scheme_obj = recipe_run.scheme
+        algorithm_record = {"name": "+".join(recipe_run.algorithms) or "rtn"}
     if imported is not None:  # the checkpoint's own integers and scales: one exact rule and loader per module
         scheme_obj, quantized = imported.plan(graph, weights, scheme_obj, target)
-    if algorithm.smoothquant_alpha is not None:  # a graph -> graph pass on the float model, before any quantization
+    # SmoothQuant: a graph -> graph pass on the float model, before any quantization; one strength for the
+    # quantized-activation linears (--smoothquant-alpha), or one per module that a recipe's mappings name
+    smoothing = recipe_run.smoothquant if recipe_run is not None else algorithm.smoothquant_alpha
+    if smoothing is not None and smoothing != {}:
         if not scheme_obj.plan:
             raise LowbitError(f"--smoothquant-alpha smooths activations for quantization; {scheme} quantizes nothing")
         sites, _ = planned_sites(graph, scheme_obj.plan, ignore)
         algorithm_record["smoothquant"] = smooth_model(
-            graph, sites, algorithm.smoothquant_alpha, algorithm.calibration, source, spec.max_position_embeddings,
+            graph, sites, smoothing, algorithm.calibration, source, spec.max_position_embeddings,
             spec.gated_mlp, work, calibration_progress("smoothquant") if calibration_progress else None)
-    if scheme_obj.plan and run_algorithm is not None:
+    # calibrated algorithm -> the modules it runs on (None: every planned one); a recipe's modifiers name theirs
+    # (several algorithms in one model), and the modules of no such modifier are rounded to nearest
+    jobs = dict(recipe_run.algorithms) if recipe_run is not None else \
+        {algorithm.name: None} if ALGORITHMS[algorithm.name] is not None else {}
+    if scheme_obj.plan and jobs:
         sites, _ = planned_sites(graph, scheme_obj.plan, ignore)
-        if recipe_run is not None:  # the algorithm runs on the modules its modifier targets; the others: RTN
-            sites = [(site, layer) for site, layer in sites if site.module in recipe_run.algorithm_modules]
+        by_algorithm = {name: [(site, layer) for site, layer in sites if modules is None or site.module in modules]
+                        for name, modules in jobs.items()}
         inputs = ModelInput(lambda site: weight_loader(site)(), source, scheme_obj.dtype, spec.max_position_embeddings,
                             spec)
-        result = run_algorithm(graph, sites, inputs, algorithm, work, calibration_progress)
-        quantized, algorithm_record, quantized_floats = result.weights, result.record, result.float_weights
+        result = run_algorithms(graph, by_algorithm, inputs, algorithm, work, calibration_progress,
+                                recipe_run.settings if recipe_run is not None else None, rounded=sites)
+        quantized, quantized_floats = result.weights, result.float_weights
+        algorithm_record = {**result.record, **{k: v for k, v in algorithm_record.items() if k != "name"}}
     if scheme_obj.plan:
         quant = quantize_model(graph, scheme_obj.plan, target, scheme_obj.dtype, ignore, quantized, quantized_floats)
     if imported is not None:
@@ -232,6 +244,9 @@ def _convert(model, output, scheme, target, overwrite, progress, options, ignore
         else:
             activation_record = calibrate_staging(staging, scheme_obj, algorithm.calibration, source,
                                                   spec.max_position_embeddings, calibration_progress)
+        emitted = None
+        if emit is not None:  # the checkpoint in another format, from the written (and calibrated) model.onnx
+            emitted = emit_checkpoint(emit, EmitContext(staging, weights, spec, recipe_run.quantization_config))
         session_config = {}
         if quant is not None and quant.qdq_accuracy_level() is not None:
             session_config["session.qdq_matmulnbits_accuracy_level"] = str(quant.qdq_accuracy_level())
@@ -259,6 +274,8 @@ def _convert(model, output, scheme, target, overwrite, progress, options, ignore
             metadata["recipe"] = recipe_run.record
         if activation_record is not None:  # static activation scales (FP8): measured here, or left for calibrate
             metadata[ACTIVATION_CALIBRATION] = activation_record
+        if emitted is not None:
+            metadata["emit"] = emitted
         (staging / "lowbit.json").write_text(json.dumps(metadata, indent=2))
         prepare_output(output, overwrite)  # again: the folder may have changed while we converted
         if output.exists():

@@ -3,9 +3,9 @@
 The recipe is read and validated before the checkpoint; once the float graph exists, its weight nodes (our module
 names, the transformers modules each computes, their K and N) are resolved against it into one plan rule per
 module, and the weight algorithm of the modifiers that need one (GPTQModifier, AWQModifier) runs on the modules
-they target while the others are rounded to nearest; a SmoothQuantModifier sets the SmoothQuant pass's strength.
-What the pipeline cannot run yet is an error naming it: two different calibrated algorithms in one model, and
-SmoothQuant strengths that differ between modules.
+they target, with that modifier's settings, while the others are rounded to nearest; several calibrated modifiers
+run in one model (`algorithms.pipeline.run_algorithms`: one sequential pass, or one pass each with
+`--independent`). A SmoothQuantModifier smooths the modules its mappings name, each with its modifier's strength.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from lowbit.converter.algorithms.pipeline import AlgorithmSpec, GPTQSettings
+from lowbit.converter.algorithms.pipeline import AlgorithmSpec, AWQSettings, GPTQSettings
 from lowbit.converter.graph import hf_modules
 from lowbit.converter.quant.rewrite import weight_sites
 from lowbit.converter.recipes import Recipe, RecipeModule, load_recipe, resolve_recipe
@@ -51,10 +51,9 @@ def recipe_placeholder(options: SchemeOptions) -> Scheme:
 @dataclass
 class RecipeRun:
     scheme: Scheme
-    algorithm: str  # the calibrated algorithm of the recipe's modifiers, or "rtn"
-    algorithm_modules: frozenset[str]  # the modules it runs on
-    gptq: GPTQSettings | None
-    smoothquant_alpha: float | None
+    algorithms: dict[str, frozenset[str]]  # calibrated algorithm -> the modules it runs on, in modifier order
+    settings: dict[str, GPTQSettings | AWQSettings]  # module -> its modifier's settings for that algorithm
+    smoothquant: dict[str, float]  # module -> SmoothQuant strength, for the modules a SmoothQuantModifier maps
     labels: dict[str, str]  # module -> "modifier / group"
     record: dict = field(default_factory=dict)
     quantization_config: dict = field(default_factory=dict)  # compressed-tensors style, for config.json
@@ -90,23 +89,11 @@ def apply_recipe(recipe: Recipe, path: Path, model: ir.Model, options: SchemeOpt
     resolution = resolve_recipe(recipe, _modules(model), pad=None if options.pad else False, target=target,
                                 accuracy_level=options.accuracy_level or 0)
     resolved = resolution.modules.values()
-    calibrated = sorted({m.algorithm for m in resolved if m.algorithm not in (None, "rtn")})
-    if len(calibrated) > 1:
-        raise LowbitError(f"recipe {path}: runs {' and '.join(calibrated)} on different modules; one calibrated "
-                          "algorithm per model is implemented so far (run them as separate conversions)")
-    algorithm = calibrated[0] if calibrated else "rtn"
-    chosen = [m for m in resolved if m.algorithm == algorithm and algorithm != "rtn"]
-    gptq = None
-    if algorithm == "gptq":
-        settings = {m.gptq for m in chosen}
-        if len(settings) > 1:
-            raise LowbitError(f"recipe {path}: GPTQ settings differ between modules; one set per model so far")
-        gptq = GPTQSettings(**asdict(settings.pop()))
-    if algorithm == "awq" and {m.awq for m in chosen} != {chosen[0].awq}:
-        raise LowbitError(f"recipe {path}: AWQ settings differ between modules; one set per model so far")
-    alphas = {m.smoothquant.alpha for m in resolved if m.smoothquant is not None}
-    if len(alphas) > 1:
-        raise LowbitError(f"recipe {path}: SmoothQuant strengths differ between modules; one per model so far")
+    order = {ALGORITHM_OF[mod.kind]: None for mod in recipe.modifiers if mod.kind in ALGORITHM_OF}
+    algorithms = {name: frozenset(m.name for m in resolved if m.algorithm == name) for name in order}
+    algorithms = {name: modules for name, modules in algorithms.items() if modules}
+    settings = {m.name: _settings(m) for m in resolved if m.algorithm in algorithms}
+    smoothquant = {m.name: m.smoothquant.alpha for m in resolved if m.smoothquant is not None and m.quant is not None}
     quantized = [m for m in resolved if m.quant is not None]
     if not quantized:
         raise LowbitError(f"recipe {path}: quantizes no module of this model")
@@ -121,12 +108,25 @@ def apply_recipe(recipe: Recipe, path: Path, model: ir.Model, options: SchemeOpt
         "unused_ignores": list(resolution.unused_ignores),
     }
     labels = {m.name: f"{m.modifier} / {m.group}" for m in quantized}
-    return RecipeRun(scheme, algorithm, frozenset(m.name for m in chosen), gptq, alphas.pop() if alphas else None,
-                     labels, record, quantization_config(resolution))
+    return RecipeRun(scheme, algorithms, settings, smoothquant, labels, record, quantization_config(resolution))
+
+
+ALGORITHM_OF = {"GPTQModifier": "gptq", "AWQModifier": "awq"}  # modifiers that run a calibrated algorithm
+
+
+def _settings(module) -> GPTQSettings | AWQSettings:
+    """The pipeline's settings for a resolved module, from its modifier's options."""
+    gptq = GPTQSettings(**asdict(module.gptq)) if module.gptq is not None else None
+    if module.algorithm == "gptq":
+        return gptq
+    return AWQSettings(grid=module.awq.grid, duo_scaling=module.awq.duo_scaling, clip=module.awq.clip, gptq=gptq)
 
 
 def _weight_args(q) -> dict:
     """compressed-tensors QuantizationArgs of a lowbit WeightQuant."""
+    if q.rule == "nvfp4":  # compressed-tensors' NVFP4A16 weights (FP4 e2m1, FP8 e4m3 scales per 16, global scale)
+        return {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group",
+                "group_size": q.group_size, "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"}
     float8 = q.rule.startswith("fp8")
     strategy = "tensor" if q.per_tensor else "group" if q.group_size else "channel"
     args = {"num_bits": q.bits, "type": "float" if float8 else "int",
@@ -146,7 +146,7 @@ def _activation_args(a) -> dict | None:
 def _compressor(weights: dict, activations: dict | None) -> str:
     """The compressed-tensors format llm-compressor would save such a group as."""
     if weights["type"] == "float":
-        return "float-quantized"
+        return "nvfp4-pack-quantized" if weights["num_bits"] == 4 else "float-quantized"
     return "int-quantized" if activations is not None else "pack-quantized"
 
 

@@ -16,9 +16,11 @@ from typing import Callable
 
 import numpy as np
 
+from lowbit import nvfp4
 from lowbit.fp8 import FLOAT8, RULE_FLAVOURS, quantize_weight
 
 FLOAT8_RULES = RULE_FLAVOURS  # float8 grids (lowbit.fp8): codes are fp8 bit patterns, not affine integers
+FLOAT4_RULES = {"nvfp4": nvfp4.ELEMENT}  # FP4 e2m1 codes, FP8 block scales, a global scale (lowbit.nvfp4)
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,10 @@ class WeightQuant:
             raise ValueError(f"bits must be within 2..8, got {self.bits}")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size must be positive, got {self.group_size}")
-        if self.rule not in RULES and self.rule not in FLOAT8_RULES:
-            raise ValueError(f"unknown rule '{self.rule}' (known: {', '.join([*RULES, *FLOAT8_RULES])})")
+        if self.rule not in RULES and self.rule not in FLOAT8_RULES and self.rule not in FLOAT4_RULES:
+            raise ValueError(f"unknown rule '{self.rule}' (known: {', '.join([*RULES, *FLOAT8_RULES, *FLOAT4_RULES])})")
+        if self.rule in FLOAT4_RULES and (self.bits != 4 or self.group_size != nvfp4.GROUP or self.clip_search):
+            raise ValueError(f"rule {self.rule} is 4-bit in groups of {nvfp4.GROUP}, without clip search")
         if self.rule in FLOAT8_RULES and (self.bits != 8 or self.group_size is not None or self.clip_search):
             raise ValueError(f"rule {self.rule} is 8-bit, per channel or per tensor, without clip search")
         if self.per_tensor and self.rule not in FLOAT8_RULES:
@@ -66,6 +70,7 @@ class QuantizedWeight:
     group_size: int  # the effective group size (K for per-channel)
     k: int  # original K (before padding)
     element: str | None = None  # float8 rules: "e4m3" / "e5m2", codes are its bit patterns and zero points 0
+    global_scale: np.float32 | None = None  # nvfp4 (element "e2m1"): values are e2m1 · scale (float8) / global_scale
 
     @property
     def n(self) -> int:
@@ -138,6 +143,8 @@ def quantize(weight: np.ndarray, quant: WeightQuant, scale_dtype=np.float32) -> 
     """Quantize W [N, K] (float) with `quant`; scales (and float zero points) stored as `scale_dtype`."""
     if quant.rule in FLOAT8_RULES:
         return _quantize_float8(weight, quant, scale_dtype)
+    if quant.rule in FLOAT4_RULES:
+        return _quantize_nvfp4(weight, quant)
     n, k = weight.shape
     g = group_size_for(quant, k)
     kp = padded_k(quant, k)
@@ -208,7 +215,9 @@ def _squared_error(groups: np.ndarray, codes, scale, zero_points) -> np.ndarray:
 
 
 def dequantize(qw: QuantizedWeight) -> np.ndarray:
-    """(q - z) * s in float32, [N, K] (padding dropped); float8 codes: fp8 value * s."""
+    """(q - z) * s in float32, [N, K] (padding dropped); float8 codes: fp8 value * s; nvfp4: e2m1 value * s / gs."""
+    if qw.element == nvfp4.ELEMENT:
+        return nvfp4.dequantize(qw.codes, qw.scales, qw.global_scale)[:, : qw.k]
     if qw.element is not None:
         values = qw.codes.view(FLOAT8[qw.element].dtype).astype(np.float32)
         return values * qw.scales.astype(np.float32)
@@ -220,7 +229,7 @@ def dequantize(qw: QuantizedWeight) -> np.ndarray:
 
 def _row_slice(qw: QuantizedWeight, rows: slice) -> QuantizedWeight:
     return QuantizedWeight(qw.codes[rows], qw.scales[rows], qw.zero_points[rows], qw.bits, qw.group_size, qw.k,
-                           qw.element)
+                           qw.element, qw.global_scale)
 
 
 def relative_error(weight: np.ndarray, qw: QuantizedWeight) -> float:
@@ -241,3 +250,12 @@ def _quantize_float8(weight: np.ndarray, quant: WeightQuant, scale_dtype) -> Qua
     n, k = values.shape
     return QuantizedWeight(values.view(np.uint8), scales, np.zeros((n, 1), np.uint8), 8, k, k,
                            FLOAT8_RULES[quant.rule])
+
+
+def _quantize_nvfp4(weight: np.ndarray, quant: WeightQuant) -> QuantizedWeight:
+    """NVFP4 (lowbit.nvfp4): codes = e2m1 bit patterns uint8 [N, K_padded], scales float8 e4m3 [N, G], zero points 0,
+    one float32 global scale."""
+    q = nvfp4.quantize(weight, quant.group_size)
+    n, k = np.shape(weight)
+    return QuantizedWeight(q.codes, q.scales, np.zeros((n, 1), np.uint8), 4, quant.group_size, k, nvfp4.ELEMENT,
+                           q.global_scale)

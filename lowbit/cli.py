@@ -124,14 +124,20 @@ def _calibration_progress(stage: str):
               help="GPTQ dampening, as a fraction of the Hessian's mean diagonal.")
 @click.option("--act-order", is_flag=True,
               help="GPTQ: columns in order of decreasing Hessian diagonal (static groups).")
-@click.option("--sequential/--independent", default=True,
+@click.option("--sequential/--independent", default=None,
               help="GPTQ/AWQ: calibrate each layer on the outputs of the quantized layers before it, or on "
-                   "float inputs.")
+                   "float inputs; a recipe's calibrated modifiers share one such pass, or get one each on the float "
+                   "model [default: sequential].")
+@click.option("--pipeline", type=click.Choice(["sequential", "independent"]), default=None,
+              help="llm-compressor's name for --sequential / --independent.")
 @click.option("--smoothquant-alpha", type=FiniteFloatRange(0, 1), default=None,
               help="SmoothQuant before quantizing (schemes with quantized activations): migration strength alpha, "
                    "scales folded into the norms and up_proj (0.5 is the paper's default).")
 @click.option("--recipe", type=click.Path(path_type=Path), default=None,
               help="Quantization recipe (YAML/JSON, llm-compressor's format; docs/recipes.md) instead of --scheme.")
+@click.option("--emit", metavar="FORMAT", default=None,
+              help="Also write the quantized checkpoint in this format into OUT/<format>/ (compressed-tensors: "
+                   "safetensors that compressed-tensors and vLLM load; needs --recipe).")
 @click.option("--quant-config", type=click.Path(path_type=Path), default=None,
               help="DashInfer quantization config JSON (instead of --scheme).")
 @click.option("--requantize", is_flag=True,
@@ -139,17 +145,21 @@ def _calibration_progress(stage: str):
                    "asymmetric weights to symmetric INT4 (the added error is reported) instead of refusing.")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that lowbit wrote (it holds lowbit.json).")
 def convert(model, output, scheme, target, group_size, symmetric, accuracy_level, dtype, no_pad, clip_search,
-            ignore, algo, calib_data, num_samples, seq_len, calib_seed, damp, act_order, sequential,
-            smoothquant_alpha, recipe, quant_config, requantize, overwrite):
+            ignore, algo, calib_data, num_samples, seq_len, calib_seed, damp, act_order, sequential, pipeline,
+            smoothquant_alpha, recipe, emit, quant_config, requantize, overwrite):
     """Convert MODEL (a local HF folder or a hub id) into an ONNX folder."""
     _keep_torch_out(model)
     from lowbit.converter.api import convert as run_convert
+
+    if pipeline is not None and sequential is not None and (pipeline == "sequential") != sequential:
+        raise LowbitError(f"--pipeline {pipeline} contradicts --{'sequential' if sequential else 'independent'}")
+    sequential = pipeline != "independent" if pipeline is not None else sequential is not False
 
     report = run_convert(model, output, scheme, target=target, group_size=group_size, symmetric=symmetric,
                          accuracy_level=accuracy_level, dtype=dtype, pad=not no_pad, clip_search=clip_search,
                          ignore=ignore, algo=algo, calib_data=calib_data, num_samples=num_samples, seq_len=seq_len,
                          calib_seed=calib_seed, damp=damp, act_order=act_order, sequential=sequential,
-                         smoothquant_alpha=smoothquant_alpha, recipe=recipe,
+                         smoothquant_alpha=smoothquant_alpha, recipe=recipe, emit=emit,
                          calibration_progress=_calibration_progress,
                          quant_config=quant_config,
                          requantize=requantize, overwrite=overwrite, progress=_progress_callback())

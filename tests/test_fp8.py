@@ -26,7 +26,8 @@ from lowbit.affine import WeightQuant, dequantize, quantize
 from lowbit.cli import main
 from lowbit.converter import calibrate_folder as calibrate_module
 from lowbit.converter.api import convert
-from lowbit.converter.calibration import ActivationCapture, load_calibration_samples
+from lowbit.converter.calibration import load_calibration_samples
+from lowbit.converter.calibration.layerwise import LayerRunner
 from lowbit.converter.schemes import SCHEMES, get_scheme, scheme_names
 from lowbit.errors import LowbitError
 from lowbit.runtime.session import create_session
@@ -394,18 +395,18 @@ def test_bad_calibration_input_leaves_the_folder_as_it_was(deferred_folder, tmp_
     for args, message in cases:
         assert_one_line_error(CliRunner().invoke(main, ["calibrate", str(folder), *args]), message)
         assert snapshot(folder) == before, args
-    # an interrupted calibration: onnxruntime fails on the second sample
+    # an interrupted calibration: onnxruntime fails on the second sample (calibration runs layer by layer)
     calls = []
-    original_run = ActivationCapture.run
+    original_run = LayerRunner.run
 
-    def failing_run(self, token_ids):
+    def failing_run(self, token_ids, boundary):
         calls.append(1)
         if len(calls) == 2:
             raise LowbitError("onnxruntime failed on a calibration sample (simulated)")
-        return original_run(self, token_ids)
+        return original_run(self, token_ids, boundary)
 
     with monkeypatch.context() as patch:
-        patch.setattr(ActivationCapture, "run", failing_run)
+        patch.setattr(LayerRunner, "run", failing_run)
         assert_one_line_error(CliRunner().invoke(main, ["calibrate", str(folder)]), "simulated")
     assert len(calls) == 2 and snapshot(folder) == before
     # interrupted between the two file moves: model.onnx already replaced, lowbit.json fails

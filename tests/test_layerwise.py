@@ -46,3 +46,37 @@ def test_a_value_no_node_produces(tmp_path):
         layer_subgraph(proto, [], ["nothing"])
     with pytest.raises(LowbitError, match="no node named 'layers.9.mlp.down_proj'"):
         capture_value(proto, "layers.9.mlp.down_proj")
+
+
+def test_layerwise_calibration_equals_the_whole_model(tmp_path):
+    """calibrate_layerwise (one decoder layer in ORT at a time, boundaries on disk) gives the statistics of
+    calibrate_statistics (the whole model in one session), observer for observer, on a w8a8-static folder with
+    its activation Q/DQ bypassed, as `lowbit calibrate` runs it; the boundary files are gone afterwards."""
+    import tempfile
+    from pathlib import Path
+
+    from lowbit.converter.calibrate_folder import (QUANTIZED_WEIGHTS_FLOAT_COMPUTE, bypass_activation_qdq,
+                                                   static_sites)
+    from lowbit.converter.calibration import calibrate_layerwise, calibrate_statistics, load_calibration_samples
+    from tests.conftest import SAMPLE_MODEL
+
+    if not SAMPLE_MODEL.is_dir():
+        pytest.skip("samples/stories260K-hf missing")
+    out = tmp_path / "static"
+    lowbit.convert(SAMPLE_MODEL, out, scheme="w8a8-static", num_samples=2, seq_len=16)
+    sites = list(static_sites(onnx.load(str(out / "model.onnx"), load_external_data=False)))
+    assert len(sites) == 20
+    samples = load_calibration_samples(None, SAMPLE_MODEL, 5, 40, 7)
+    observers = {"absmax": {}, "minmax": {}, "percentile": {"percentile": 99.9}, "hessian": {}}
+    options = dict(edit=bypass_activation_qdq, session_config=QUANTIZED_WEIGHTS_FLOAT_COMPUTE)
+    before = set(Path(tempfile.gettempdir()).glob("lowbit-boundaries-*"))
+    layerwise = calibrate_layerwise(out / "model.onnx", sites, observers, samples, **options)
+    assert set(Path(tempfile.gettempdir()).glob("lowbit-boundaries-*")) == before
+    whole = calibrate_statistics(out / "model.onnx", sites, observers, samples, **options)
+    assert list(layerwise) == sites
+    for site in sites:
+        assert layerwise[site]["absmax"] == whole[site]["absmax"]
+        assert layerwise[site]["percentile"] == whole[site]["percentile"]
+        assert (layerwise[site]["minmax"].min, layerwise[site]["minmax"].max) == (whole[site]["minmax"].min,
+                                                                                 whole[site]["minmax"].max)
+        assert np.array_equal(layerwise[site]["hessian"], whole[site]["hessian"])

@@ -70,13 +70,14 @@ def test_sample_a_int8_down_int4_rest():
     assert res.plan.lookup("layers.1.mlp.down_proj").weight.bits == 8 and res.plan.lookup("lm_head") is None
 
 
-def test_sample_b_nvfp4_is_rejected_by_name():
-    with pytest.raises(LowbitError) as info:
-        load_recipe(SAMPLES / "b_nvfp4_fp8_down.yaml")
-    message = str(info.value)
-    assert message.startswith(f"{SAMPLES / 'b_nvfp4_fp8_down.yaml'}:9: quant_stage.quant_modifiers."
-                              "QuantizationModifier.scheme.NVFP4: preset NVFP4"), message
-    assert "NVFP4" in message and "not supported yet" in message and "\n" not in message
+def test_sample_b_nvfp4_fp8_down():
+    res = resolve_recipe(load_recipe(SAMPLES / "b_nvfp4_fp8_down.yaml"), llama(), target="ort")
+    for i in range(2):
+        assert res.modules[f"layers.{i}.mlp.down_proj"].quant.activation == static_fp8("e4m3")
+        for name in ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj"):
+            q = res.modules[f"layers.{i}.{name}"].quant
+            assert q.weight == WeightQuant(4, 16, "nvfp4") and q.activation is None
+    assert res.modules["lm_head"].quant is None
 
 
 def test_sample_c_fp8_per_channel_attention_per_tensor_mlp():
@@ -278,16 +279,26 @@ def test_llm_compressor_recipes_we_cannot_honour_are_rejected_by_name():
     assert "KV-cache quantization is not supported" in fails(
         "GPTQModifier: {scheme: W4A16, kv_cache_scheme: {num_bits: 8, type: float}}")
     assert "SparseGPTModifier (pruning) is not supported" in fails("SparseGPTModifier: {sparsity: 0.5}")
-    assert "FP8 e4m3 scales per 16" in fails("QuantizationModifier: {scheme: NVFP4A16}")
+    assert "FP8 e4m3 scales per 16" in fails("QuantizationModifier: {scheme: NVFP4}")
     assert "MXFP4" in fails("QuantizationModifier: {scheme: MXFP4A16}")
     assert "dynamic FP8 activations" in fails(
         "QuantizationModifier: {config_groups: {g: {targets: [Linear], weights: {num_bits: 8, type: float, "
         "strategy: channel}, input_activations: {num_bits: 8, type: float, strategy: tensor, dynamic: true}}}}")
-    assert "AWQ scaling followed by GPTQ" in fails("- AWQModifier: {}\n- GPTQModifier: {scheme: W4A16}")
     assert "mse" in fails("QuantizationModifier: {scheme: W4A16, weight_observer: mse}")
     assert "output activation quantization" in fails(
         "QuantizationModifier: {config_groups: {g: {targets: [Linear], weights: {num_bits: 8}, "
         "output_activations: {num_bits: 8}}}}")
+
+
+def test_awq_then_gptq_on_the_same_modules():
+    """AWQ as a transform before a GPTQModifier: the modules its mappings scale carry both settings (the pipeline
+    quantizes the scaled weight by GPTQ); the others are GPTQ alone."""
+    res = resolve("- AWQModifier: {n_grid: 10, mappings: [{smooth_layer: 're:.*input_layernorm$', "
+                  "balance_layers: ['re:.*q_proj$', 're:.*k_proj$', 're:.*v_proj$']}]}\n"
+                  "- GPTQModifier: {scheme: W4A16, targets: [Linear], ignore: [lm_head], dampening_frac: 0.05}")
+    qkv, down = res.modules["layers.0.attn.qkv_proj"], res.modules["layers.0.mlp.down_proj"]
+    assert qkv.algorithm == "awq" and qkv.awq.grid == 10 and qkv.gptq.damp == 0.05
+    assert down.algorithm == "gptq" and down.awq is None and down.gptq.damp == 0.05
 
 
 def test_awq_then_quantization_modifier_default_mappings():

@@ -28,14 +28,13 @@ from lowbit.converter.algorithms.awq import (awq_clip_search, awq_search, fold_i
 from lowbit.converter.algorithms.gptq import gptq_quantize
 from lowbit.converter.graph import lazy_tensor
 from lowbit.converter.calibration import CalibrationSettings
-from lowbit.converter.calibration.layerwise import LayerRunner, capture_value, layer_boundaries
+from lowbit.converter.calibration.layerwise import AFTER_LAYERS, layer_of, walk_layers
 from lowbit.converter.calibration.observers import make_observer
 from lowbit.converter.quant.formats import Site
 from lowbit.converter.quant.plan import LayerQuant
 from lowbit.errors import LowbitError
 
 EXTERNAL_FROM_BYTES = 65
-AFTER_LAYERS = 1 << 30  # stage key of modules after the decoder layers (an untied lm_head)
 FLOAT_MODEL = "model.onnx"
 
 
@@ -58,6 +57,7 @@ class AWQSettings:
     grid: int = 20  # α = i / grid
     duo_scaling: bool = False
     clip: bool = True  # AutoAWQ's weight-clip search after scaling (never on q and k rows)
+    gptq: GPTQSettings | None = None  # quantize the scaled weight by GPTQ instead (AWQ then GPTQ, as a recipe can)
 
 
 @dataclass(frozen=True)
@@ -69,16 +69,10 @@ class AlgorithmResult:
     float_weights: dict[str, Callable[[], np.ndarray]] = field(default_factory=dict)  # what was quantized (AWQ: scaled)
 
 
-def _stage_key(module: str) -> int:
-    """Decoder layer index of a module name (`layers.3.mlp.down_proj` -> 3); lm_head and others come last."""
-    parts = module.split(".")
-    return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit() else AFTER_LAYERS
-
-
 def stages(sites: list[tuple[Site, LayerQuant]]) -> list[list[tuple[Site, LayerQuant]]]:
     by_key: dict[int, list] = {}
     for item in sites:
-        by_key.setdefault(_stage_key(item[0].module), []).append(item)
+        by_key.setdefault(layer_of(item[0].module), []).append(item)
     return [by_key[key] for key in sorted(by_key)]
 
 
@@ -181,13 +175,6 @@ class _Run:
     float_weights: "_FloatWeights"
     store: "_WeightStore"
 
-    def record(self, spec: AlgorithmSpec, settings: dict, errors: dict) -> dict:
-        return {
-            "name": spec.name, "sequential": spec.sequential, **settings,
-            "calibration": spec.calibration.record(self.samples, self.seq_len),
-            "layer_output_error": errors,  # trace((W - Q) H (W - Q)^T), the algorithm's and round-to-nearest's
-        }
-
 
 def _prepare(model: ir.Model, sites, source: ModelInput, spec: AlgorithmSpec, work: Path) -> _Run:
     samples, seq_len = spec.calibration.samples(source.tokenizer_folder, source.context_length)
@@ -202,29 +189,44 @@ def _prepare(model: ir.Model, sites, source: ModelInput, spec: AlgorithmSpec, wo
     return _Run(samples, seq_len, targets, float_path, _FloatWeights(float_path), _WeightStore(work / "quantized"))
 
 
-def run_gptq(model: ir.Model, sites: list[tuple[Site, LayerQuant]], source: ModelInput, spec: AlgorithmSpec,
-             work: Path, progress: Callable[[str], object] | None = None) -> AlgorithmResult:
-    """GPTQ for every (site, plan) in `sites` whose site is a MatMul. Returns the loaders `quantize_model` takes
-    instead of round-to-nearest, and the run's record. `progress(label)` gives each stage's per-sample callback."""
-    run = _prepare(model, sites, source, spec, work)
-    settings = spec.gptq
-    loaders, errors = {}, {}
+@dataclass
+class StageAlgorithm:
+    """One calibrated algorithm inside a layer-by-layer pass: the statistics each of its modules needs, what it
+    does with a stage's statistics, and what it produced so far."""
+
+    name: str
+    modules: frozenset[str]
+    observers: tuple[str, ...]
+    quantize_stage: Callable[[list, dict], None]
+    weights: dict[str, Callable[[], QuantizedWeight]] = field(default_factory=dict)
+    float_weights: dict[str, Callable[[], np.ndarray]] = field(default_factory=dict)
+    errors: dict[str, dict] = field(default_factory=dict)  # trace((W - Q) H (W - Q)^T): the algorithm's and RTN's
+    extra: dict = field(default_factory=dict)  # more for the record (AWQ: the α chosen per module)
+
+    def record(self, default: object, settings: dict[str, object]) -> dict:
+        """Its settings (one set where its modules share it, else `module_settings`) and its errors."""
+        chosen = {module: settings.get(module, default) for module in sorted(self.modules)}
+        shared = set(chosen.values())
+        listed = asdict(shared.pop()) if len(shared) == 1 else {
+            "module_settings": {module: asdict(value) for module, value in chosen.items()}}
+        return {**listed, "layer_output_error": self.errors, **self.extra}
+
+
+def _gptq(run: _Run, model: ir.Model, source: ModelInput, spec: AlgorithmSpec, modules: frozenset[str],
+          settings: dict[str, object]) -> StageAlgorithm:
+    """GPTQ (algorithms/gptq.py) on each module's input Hessian, with the module's settings."""
 
     def quantize_stage(stage, statistics):
         for site, layer in stage:
-            try:
-                result = gptq_quantize(source.load_weight(site), statistics[site.module]["hessian"], layer.weight,
-                                       damp=settings.damp, block_size=settings.block_size,
-                                       act_order=settings.act_order, scale_dtype=source.scale_dtype)
-            except LowbitError as e:
-                raise LowbitError(f"{site.module}: {e}") from None
-            loaders[site.module] = run.store.save(site.module, result.quantized)
-            errors[site.module] = {"gptq": result.error, "rtn": result.rtn_error}
+            result = _gptq_weight(site, source.load_weight(site), statistics[site.module]["hessian"], layer,
+                                  settings.get(site.module, spec.gptq), source.scale_dtype)
+            algorithm.weights[site.module] = run.store.save(site.module, result.quantized)
+            algorithm.errors[site.module] = {"gptq": result.error, "rtn": result.rtn_error}
             if spec.sequential:
                 run.float_weights.write(site.weight.name, dequantize(result.quantized).T)
 
-    run_layerwise(run.float_path, stages(run.targets), run.samples, quantize_stage, spec.sequential, progress)
-    return AlgorithmResult(loaders, run.record(spec, asdict(settings), errors))
+    algorithm = StageAlgorithm("gptq", modules, ("hessian",), quantize_stage)
+    return algorithm
 
 
 def _concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
@@ -233,16 +235,46 @@ def _concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
                            np.concatenate([q.zero_points for q in parts]), first.bits, first.group_size, first.k)
 
 
-def run_awq(model: ir.Model, sites: list[tuple[Site, LayerQuant]], source: ModelInput, spec: AlgorithmSpec,
-            work: Path, progress: Callable[[str], object] | None = None) -> AlgorithmResult:
-    """AWQ for every (site, plan) in `sites` whose site is a MatMul, layer by layer (docs/algorithms.md): per-input-
-    channel scales searched on each layer's calibration statistics, folded into the op before (the input norm for
-    q/k/v, the post-attention norm for gate/up, up_proj's rows for down_proj; o_proj and lm_head keep s = 1),
-    then the clip search and quantization of the scaled weights. The folded norm weights replace the graph's."""
-    run = _prepare(model, sites, source, spec, work)
-    settings, decoder = spec.awq, source.spec
+def _awq_weight(module: str, w: np.ndarray, scaled_hessian: np.ndarray, layer: LayerQuant, clip_search: bool,
+                decoder, scale_dtype) -> QuantizedWeight:
+    """AWQ's own quantization of a scaled weight: the clip search (never on q and k rows, as AutoAWQ), else round
+    to nearest."""
+    plain = replace(layer.weight, clip_search=False)
+    rows, clip = [w.shape[0]], [clip_search]
+    if module.endswith("qkv_proj") and decoder is not None:
+        q, kv = decoder.num_heads * decoder.head_dim, decoder.num_kv_heads * decoder.head_dim
+        rows, clip = [q, kv, kv], [False, False, clip_search]
+    parts, start = [], 0
+    for count, flag in zip(rows, clip):
+        part = w[start:start + count]
+        start += count
+        if flag:
+            bounds = awq_clip_search(part, scaled_hessian, layer.weight, scale_dtype=scale_dtype)
+            parts.append(quantize_clipped(part, bounds, layer.weight, scale_dtype))
+        else:
+            parts.append(quantize(part, plain, scale_dtype))
+    return _concat_rows(parts)
+
+
+def _gptq_weight(site: Site, w: np.ndarray, hessian: np.ndarray, layer: LayerQuant, options: GPTQSettings,
+                 scale_dtype):
+    try:
+        return gptq_quantize(w, hessian, layer.weight, damp=options.damp, block_size=options.block_size,
+                             act_order=options.act_order, scale_dtype=scale_dtype)
+    except LowbitError as e:
+        raise LowbitError(f"{site.module}: {e}") from None
+
+
+def _awq(run: _Run, model: ir.Model, source: ModelInput, spec: AlgorithmSpec, modules: frozenset[str],
+         settings: dict[str, object]) -> StageAlgorithm:
+    """AWQ (docs/algorithms.md), layer by layer: per-input-channel scales searched on each layer's calibration
+    statistics, folded into the op before (the input norm for q/k/v, the post-attention norm for gate/up, up_proj's
+    rows for down_proj; o_proj and lm_head keep s = 1), then the clip search and quantization of the scaled
+    weights. The folded norm weights replace the graph's. A module's settings: `settings[module]`, else
+    `spec.awq`; modules that share a scale (q/k/v) share one module, so one setting."""
+    decoder = source.spec
     initializers = model.graph.initializers
-    loaders, folded_loaders, errors, alphas = {}, {}, {}, {}
+    alphas = {}
 
     def norm_names(layer: int, norm: str) -> list[str]:
         return [name for name in (f"layers.{layer}.{norm}.weight", f"layers.{layer}.{norm}.bias")
@@ -251,14 +283,14 @@ def run_awq(model: ir.Model, sites: list[tuple[Site, LayerQuant]], source: Model
     def quantize_stage(stage, statistics):
         by_kind = {site.module.rsplit(".", 1)[-1]: (site, layer) for site, layer in stage}
         weights = {site.module: source.load_weight(site) for site, _ in stage}
-        index = _stage_key(stage[0][0].module)
+        index = layer_of(stage[0][0].module)
         scales, folds = {}, []  # module -> s of its input; (initializer names, s) to divide
 
         def search(kind: str) -> np.ndarray:
             site, layer = by_kind[kind]
-            stats = statistics[site.module]
+            stats, options = statistics[site.module], settings.get(site.module, spec.awq)
             found = awq_search([weights[site.module]], stats["hessian"], stats["mean_abs_per_channel"], layer.weight,
-                               grid=settings.grid, duo_scaling=settings.duo_scaling, scale_dtype=source.scale_dtype)
+                               grid=options.grid, duo_scaling=options.duo_scaling, scale_dtype=source.scale_dtype)
             scales[site.module], alphas[site.module] = found.scales, found.alpha
             return found.scales
 
@@ -270,6 +302,7 @@ def run_awq(model: ir.Model, sites: list[tuple[Site, LayerQuant]], source: Model
             down_scale = search("down_proj")
         for site, layer in stage:
             module, w = site.module, weights[site.module]
+            options = settings.get(module, spec.awq)
             s = scales.get(module)
             if s is not None:
                 w = scale_weight(w, s)
@@ -280,31 +313,19 @@ def run_awq(model: ir.Model, sites: list[tuple[Site, LayerQuant]], source: Model
                 w[up_rows] = fold_into_linear_rows(w[up_rows], down_scale)
             hessian = statistics[module]["hessian"]
             scaled_hessian = hessian if s is None else hessian / np.outer(s, s)
-            plain = replace(layer.weight, clip_search=False)
-            rows = [w.shape[0]]
-            clip = [settings.clip]
-            if module.endswith("qkv_proj") and decoder is not None:  # AutoAWQ clips neither q nor k
-                q, kv = decoder.num_heads * decoder.head_dim, decoder.num_kv_heads * decoder.head_dim
-                rows, clip = [q, kv, kv], [False, False, settings.clip]
-            parts, start = [], 0
-            for count, flag in zip(rows, clip):
-                part = w[start:start + count]
-                start += count
-                if flag:
-                    bounds = awq_clip_search(part, scaled_hessian, layer.weight, scale_dtype=source.scale_dtype)
-                    parts.append(quantize_clipped(part, bounds, layer.weight, source.scale_dtype))
-                else:
-                    parts.append(quantize(part, plain, source.scale_dtype))
-            quantized = _concat_rows(parts)
-            loaders[module] = run.store.save(module, quantized)
-            folded_loaders[module] = run.store.save_float(module, w)
+            if options.gptq is not None:  # GPTQ on the scaled weight, with the scaled weight's input Hessian
+                quantized = _gptq_weight(site, w, scaled_hessian, layer, options.gptq, source.scale_dtype).quantized
+            else:
+                quantized = _awq_weight(module, w, scaled_hessian, layer, options.clip, decoder, source.scale_dtype)
+            algorithm.weights[module] = run.store.save(module, quantized)
+            algorithm.float_weights[module] = run.store.save_float(module, w)
             unscaled = dequantize(quantized) if s is None else dequantize(quantized) / s
             original = weights[module]
             if up_rows is not None:
                 unscaled[up_rows] *= down_scale[:, None]
             rtn = dequantize(quantize(original, layer.weight, source.scale_dtype))
-            errors[module] = {"awq": output_error(unscaled - original, hessian),
-                              "rtn": output_error(rtn - original, hessian)}
+            algorithm.errors[module] = {"awq": output_error(unscaled - original, hessian),
+                                        "rtn": output_error(rtn - original, hessian)}
             if spec.sequential:
                 run.float_weights.write(site.weight.name, dequantize(quantized).T)
         for names, s in folds:
@@ -313,11 +334,103 @@ def run_awq(model: ir.Model, sites: list[tuple[Site, LayerQuant]], source: Model
                 if spec.sequential:
                     run.float_weights.write(name, fold_into_norm(run.float_weights.read(name), s))
 
-    run_layerwise(run.float_path, stages(run.targets), run.samples, quantize_stage, spec.sequential, progress,
-                  observers=("hessian", "mean_abs_per_channel"))
-    record = run.record(spec, asdict(settings), errors)
-    record["alpha"] = alphas
-    return AlgorithmResult(loaders, record, folded_loaders)
+    algorithm = StageAlgorithm("awq", modules, ("hessian", "mean_abs_per_channel"), quantize_stage,
+                               extra={"alpha": alphas})
+    return algorithm
+
+
+def _rtn(run: _Run, model: ir.Model, source: ModelInput, spec: AlgorithmSpec, modules: frozenset[str],
+         settings: dict[str, object]) -> StageAlgorithm:
+    """The planned modules no algorithm takes: rounded to nearest when the model is written. In a sequential
+    pass their round-to-nearest weights go into the calibration model when their layer is done, so the layers
+    after see every quantized module of the layers before, as llm-compressor's sequential pipeline does."""
+
+    def quantize_stage(stage, statistics):
+        if spec.sequential:
+            for site, layer in stage:
+                weight = source.load_weight(site)
+                run.float_weights.write(site.weight.name, dequantize(quantize(weight, layer.weight,
+                                                                              source.scale_dtype)).T)
+
+    return StageAlgorithm("rtn", modules, (), quantize_stage)
+
+
+STAGE_ALGORITHMS = {"gptq": _gptq, "awq": _awq}  # name -> factory(run, model, source, spec, modules, settings)
+DEFAULT_SETTINGS = {"gptq": lambda spec: spec.gptq, "awq": lambda spec: spec.awq}
+
+
+def run_algorithms(model: ir.Model, sites_by_algorithm: dict[str, list[tuple[Site, LayerQuant]]],
+                   source: ModelInput, spec: AlgorithmSpec, work: Path,
+                   progress: Callable[[str], object] | None = None,
+                   settings: dict[str, object] | None = None,
+                   rounded: list[tuple[Site, LayerQuant]] = ()) -> AlgorithmResult:
+    """Calibrated algorithms on the MatMul sites each is given (`{"awq": [...], "gptq": [...]}`, in the order the
+    recipe's modifiers come), over one calibration set. `settings`: module -> its GPTQSettings / AWQSettings
+    where they differ from `spec.gptq` / `spec.awq`. `rounded`: the other planned sites (round to nearest), which a
+    sequential pass quantizes in the calibration model too.
+
+    `spec.sequential` (llm-compressor's sequential pipeline): one pass, layer by layer, in which every algorithm
+    gathers its statistics for the layer's modules, then all of them quantize, and the next layer is calibrated
+    on the outputs of the quantized layers before it. Otherwise (`--independent`, llm-compressor's independent
+    pipeline) each algorithm is calibrated on a pass of its own over the float model: no statistics see another
+    algorithm's (or its own) quantized weights. Returns the loaders `quantize_model` takes instead of round to
+    nearest, and the run's record."""
+    settings = settings or {}
+    every = [item for sites in sites_by_algorithm.values() for item in sites]
+    run = _prepare(model, every, source, spec, work)
+    matmuls = {site.module for site, _ in run.targets}
+    algorithms = []
+    for name, sites in sites_by_algorithm.items():
+        if name not in STAGE_ALGORITHMS:
+            raise LowbitError(f"unknown calibrated algorithm '{name}' (known: {', '.join(STAGE_ALGORITHMS)})")
+        modules = frozenset(site.module for site, _ in sites) & matmuls
+        if modules:
+            algorithms.append(STAGE_ALGORITHMS[name](run, model, source, spec, modules, settings))
+    passes = [list(algorithms)] if spec.sequential else [[algorithm] for algorithm in algorithms]
+    taken = {module for algorithm in algorithms for module in algorithm.modules}
+    rtn = frozenset(site.module for site, _ in rounded if site.kind == "matmul") - taken
+    if spec.sequential and rtn:
+        run.targets += [item for item in rounded if item[0].module in rtn]
+        passes[0].append(_rtn(run, model, source, spec, rtn, {}))
+    for members in passes:
+        owner = {module: algorithm for algorithm in members for module in algorithm.modules}
+
+        def quantize_stage(stage, statistics, owner=owner, members=members):
+            for algorithm in members:
+                part = [item for item in stage if owner[item[0].module] is algorithm]
+                if part:
+                    algorithm.quantize_stage(part, statistics)
+
+        targets = [item for item in run.targets if item[0].module in owner]
+        label = f"{members[0].name} " if len(passes) > 1 else ""
+        observers = {module: algorithm.observers for module, algorithm in owner.items() if algorithm.observers}
+        run_layerwise(run.float_path, stages(targets), run.samples, quantize_stage, spec.sequential,
+                      progress if progress is None or not label else (lambda text, p=label: progress(p + text)),
+                      observers=observers)
+    weights, floats, records = {}, {}, {}
+    for algorithm in algorithms:
+        weights.update(algorithm.weights)
+        floats.update(algorithm.float_weights)
+        records[algorithm.name] = algorithm.record(DEFAULT_SETTINGS[algorithm.name](spec), settings)
+    common = {"sequential": spec.sequential, "calibration": spec.calibration.record(run.samples, run.seq_len)}
+    if len(records) == 1:
+        ((name, record),) = records.items()
+        return AlgorithmResult(weights, {"name": name, **common, **record}, floats)
+    pipeline = "sequential" if spec.sequential else "independent"
+    return AlgorithmResult(weights, {"name": "+".join(records), "pipeline": pipeline, **common,
+                                     "algorithms": records}, floats)
+
+
+def run_gptq(model: ir.Model, sites: list[tuple[Site, LayerQuant]], source: ModelInput, spec: AlgorithmSpec,
+             work: Path, progress: Callable[[str], object] | None = None) -> AlgorithmResult:
+    """GPTQ for every (site, plan) in `sites` whose site is a MatMul (`run_algorithms` with GPTQ alone)."""
+    return run_algorithms(model, {"gptq": sites}, source, spec, work, progress)
+
+
+def run_awq(model: ir.Model, sites: list[tuple[Site, LayerQuant]], source: ModelInput, spec: AlgorithmSpec,
+            work: Path, progress: Callable[[str], object] | None = None) -> AlgorithmResult:
+    """AWQ for every (site, plan) in `sites` whose site is a MatMul (`run_algorithms` with AWQ alone)."""
+    return run_algorithms(model, {"awq": sites}, source, spec, work, progress)
 
 
 def _fold_norm(value: ir.Value, s: np.ndarray) -> None:
@@ -329,50 +442,33 @@ def _fold_norm(value: ir.Value, s: np.ndarray) -> None:
 
 def run_layerwise(float_path: Path, stages_: list[list[tuple[Site, LayerQuant]]], samples: list[np.ndarray],
                   quantize_stage: Callable[[list, dict], None], sequential: bool,
-                  progress: Callable[[str], object] | None = None, observers: tuple[str, ...] = ("hessian",)) -> None:
-    """Walks the decoder one layer at a time (`calibration.layerwise`): for each layer, its MatMul inputs' Hessians
-    over every sample, fed the residual stream the layers before produced; `quantize_stage(stage, {module:
-    hessian})` quantizes the layer's sites (and, when `sequential`, writes their dequantized weights into the
-    float folder, whose next pass then gives the quantized layer's outputs to the layer after it)."""
+                  progress: Callable[[str], object] | None = None,
+                  observers: dict[str, tuple[str, ...]] | tuple[str, ...] = ("hessian",)) -> None:
+    """Walks the decoder one layer at a time (`calibration.layerwise.walk_layers`): for each layer, its MatMul
+    inputs' statistics (`observers`: names for every module, or per module) over every sample, fed the residual
+    stream the layers before produced; `quantize_stage(stage, {module: {observer: result}})` quantizes the layer's
+    sites (and, when `sequential`, writes their dequantized weights into the float folder, whose next pass then
+    gives the quantized layer's outputs to the layer after it)."""
     import onnx
 
+    by_layer = {layer_of(stage[0][0].module): stage for stage in stages_}
+
+    def make_observers(module: str):
+        names = observers if isinstance(observers, tuple) else observers.get(module, ())
+        return {name: make_observer(name) for name in names}
+
+    def finish_layer(index: int, state) -> bool:
+        stage = by_layer.get(index) or by_layer[AFTER_LAYERS]
+        quantize_stage(stage, {module: {name: o.result() for name, o in by_name.items()}
+                               for module, by_name in state.items()})
+        return sequential
+
+    def layer_progress(index: int):
+        return progress("lm_head" if index not in by_layer else f"layer {index}") if progress else None
+
     proto = onnx.load(str(float_path), load_external_data=False)
-    boundaries = layer_boundaries(proto)
-    by_layer = {_stage_key(stage[0][0].module): stage for stage in stages_}
-    folder = float_path.parent
-    cache: list[tuple[np.ndarray, ...]] = [()] * len(samples)  # each sample's values at the current boundary
-    for index in range(len(boundaries)):
-        last = index == len(boundaries) - 1
-        stage = by_layer.get(AFTER_LAYERS if last else index, [])
-        if last and not stage:
-            break
-        inputs = list(boundaries[index]) if index else []
-        following = [] if last else list(boundaries[index + 1])
-        captures = {site.module: capture_value(proto, site.module) for site, _ in stage}
-        runner = LayerRunner(folder, proto, inputs, following + list(captures.values()))
-        state = {module: {name: make_observer(name) for name in observers} for module in captures}
-        label = "lm_head" if last else f"layer {index}"
-        report = progress(label) if progress and stage else None
-        next_cache = []
-        for i, sample in enumerate(samples):
-            values = runner.run(sample, cache[i])
-            for module, value in captures.items():
-                rows = values[value].reshape(-1, values[value].shape[-1])
-                for observer in state[module].values():
-                    observer.update(rows)
-            next_cache.append(tuple(values[name] for name in following))
-            if report:
-                report(i + 1, len(samples))
-        del runner
-        if stage:
-            quantize_stage(stage, {module: {name: o.result() for name, o in by_name.items()}
-                                   for module, by_name in state.items()})
-            del state
-            if sequential and not last:  # the next layer sees this layer's quantized outputs
-                runner = LayerRunner(folder, proto, inputs, following)
-                next_cache = [tuple(runner.run(sample, cache[i]).values()) for i, sample in enumerate(samples)]
-                del runner
-        cache = next_cache
+    sites = {key: [site.module for site, _ in stage] for key, stage in by_layer.items()}
+    walk_layers(float_path.parent, proto, sites, samples, make_observers, finish_layer, layer_progress)
 
 
 def effective_algorithm(scheme, algo: str) -> str:

@@ -31,7 +31,7 @@ import onnx_ir as ir
 
 from lowbit.converter.algorithms.awq import fold_into_linear_rows, scale_weight
 from lowbit.converter.algorithms.pipeline import _fold_norm
-from lowbit.converter.calibration import CalibrationSettings, calibrate_statistics
+from lowbit.converter.calibration import CalibrationSettings, calibrate_layerwise
 from lowbit.converter.graph import lazy_tensor
 from lowbit.converter.quant.formats import Site
 from lowbit.converter.quant.plan import LayerQuant
@@ -85,10 +85,12 @@ def _rescale_weight(site: Site, columns: np.ndarray | None = None, rows: tuple[s
                                           lambda: scaled().T, transposed_source=scaled)
 
 
-def smoothings(model: ir.Model, sites: list[tuple[Site, LayerQuant]], gated_mlp: bool) -> list[Smoothing]:
-    """The inputs to smooth: those of the planned MatMul sites with quantized activations that a norm or the up
-    projection produces."""
-    activated = {site.module: site for site, layer in sites if site.kind == "matmul" and layer.activation}
+def smoothings(model: ir.Model, sites: list[tuple[Site, LayerQuant]], gated_mlp: bool,
+               modules: set[str] | None = None) -> list[Smoothing]:
+    """The inputs to smooth: those of the planned MatMul sites with quantized activations (or those in `modules`,
+    whatever their activations) that a norm or the up projection produces."""
+    activated = {site.module: site for site, layer in sites if site.kind == "matmul" and (
+        layer.activation if modules is None else site.module in modules)}
     all_sites = {site.module: site for site, _ in sites}
     initializers = model.graph.initializers
     found = []
@@ -110,11 +112,19 @@ def smoothings(model: ir.Model, sites: list[tuple[Site, LayerQuant]], gated_mlp:
     return found
 
 
-def smooth_model(model: ir.Model, sites: list[tuple[Site, LayerQuant]], alpha: float,
+def smooth_model(model: ir.Model, sites: list[tuple[Site, LayerQuant]], alpha: float | dict[str, float],
                  calibration: CalibrationSettings, tokenizer_folder: Path, context_length: int, gated_mlp: bool,
                  work: Path, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Smooths `model` in place (lazily) and returns the record for lowbit.json."""
-    targets = smoothings(model, sites, gated_mlp)
+    """Smooths `model` in place (lazily) and returns the record for lowbit.json. `alpha`: one strength for every
+    quantized-activation linear (`--smoothquant-alpha`), or module -> strength for exactly those modules (a
+    recipe's SmoothQuantModifier mappings; each must be fed by a norm or by up_proj)."""
+    per_module = isinstance(alpha, dict)
+    targets = smoothings(model, sites, gated_mlp, set(alpha) if per_module else None)
+    if per_module:
+        missing = sorted(set(alpha) - {t.sites[0].module for t in targets})
+        if missing:
+            raise LowbitError(f"SmoothQuant: {', '.join(missing)} has no norm or up projection before it to absorb "
+                              "the scales (lowbit smooths q/k/v, gate/up and down_proj)")
     if not targets:
         raise LowbitError("--smoothquant-alpha: no quantized-activation linear is fed by a norm or a linear that "
                           "could absorb its scales (the scheme must quantize activations)")
@@ -123,14 +133,17 @@ def smooth_model(model: ir.Model, sites: list[tuple[Site, LayerQuant]], alpha: f
     float_path.parent.mkdir(parents=True)
     ir.save(model, float_path, external_data=FLOAT_MODEL + ".data")
     modules = [site.module for target in targets for site in target.sites]
-    statistics = calibrate_statistics(float_path, modules, [OBSERVER], samples, progress)
+    statistics = calibrate_layerwise(float_path, modules, [OBSERVER], samples, progress)
     for path in float_path.parent.iterdir():  # the float copy is no longer needed: free the disk now
         path.unlink()
-    record = {"alpha": alpha, "calibration": calibration.record(samples, seq_len), "scales": {}}
+    strengths = set(alpha.values()) if per_module else {alpha}
+    record = {"alpha": next(iter(strengths)) if len(strengths) == 1 else alpha,
+              "calibration": calibration.record(samples, seq_len), "scales": {}}
     initializers = model.graph.initializers
     for target in targets:
         site = target.sites[0]
-        s = smoothing_scales(statistics[site.module][OBSERVER], [weight_loader(t)() for t in target.sites], alpha)
+        s = smoothing_scales(statistics[site.module][OBSERVER], [weight_loader(t)() for t in target.sites],
+                             alpha[site.module] if per_module else alpha)
         for t in target.sites:
             _rescale_weight(t, columns=s)
         for name in target.norm:

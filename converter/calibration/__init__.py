@@ -4,7 +4,7 @@ Used by activation quantization (static ranges) and by data-aware weight algorit
 See docs/calibration.md.
 """
 
-from lowbit.converter.calibration.calibrate import calibrate_statistics, observe
+from lowbit.converter.calibration.calibrate import calibrate_layerwise, calibrate_statistics, observe
 from lowbit.converter.calibration.capture import ActivationCapture, CaptureSite
 from lowbit.converter.calibration.data import (
     DEFAULT_CALIBRATION_FILE,
@@ -37,6 +37,7 @@ __all__ = [
     "Observer",
     "ObserverSpec",
     "ValueRange",
+    "calibrate_layerwise",
     "calibrate_statistics",
     "fake_quantize",
     "load_calibration_samples",

@@ -94,6 +94,14 @@ def empty_feeds(session, token_ids: np.ndarray, values: dict[str, np.ndarray] | 
     return feeds
 
 
+def folder_session_config(folder: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The ORT session entries the converter recorded for a folder (lowbit.json's `ort_session_config`, e.g. the
+    DQ+MatMul fusion's accuracy level), then `extra`."""
+    metadata = Path(folder) / "lowbit.json"
+    config = json.loads(metadata.read_text()).get("ort_session_config", {}) if metadata.is_file() else {}
+    return {**config, **(extra or {})}
+
+
 class ActivationCapture:
     """An ORT session over a saved model that also returns the input rows of chosen MatMul/Gemm nodes.
     `edit(model)`, if given, changes the graph (an onnx_ir Model, weights not loaded) before the outputs are added,
@@ -125,11 +133,7 @@ class ActivationCapture:
             options.intra_op_num_threads = threads
         folder = model_onnx.resolve().parent
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-        metadata = folder / "lowbit.json"
-        if metadata.is_file():  # the session settings the converter recorded (e.g. DQ+MatMul fusion accuracy)
-            for key, value in json.loads(metadata.read_text()).get("ort_session_config", {}).items():
-                options.add_session_config_entry(key, value)
-        for key, value in (session_config or {}).items():
+        for key, value in folder_session_config(folder, session_config).items():
             options.add_session_config_entry(key, value)
         ep = PROVIDERS[provider]
         providers = [ep] if ep == "CPUExecutionProvider" else [ep, "CPUExecutionProvider"]

@@ -7,21 +7,32 @@ The decoder names the two values that enter every layer, the residual stream and
 nodes that compute the requested values from the boundary values, the graph inputs (ids, mask, positions,
 that layer's empty KV cache) and the weights, which stay in the folder's external data file. `LayerRunner` runs
 one such subgraph over every sample in an ONNX Runtime session and hands back the captured MatMul inputs and
-the values at the next boundary, which the caller keeps for the next layer (one sample's residual stream per
-sample: the memory GPTQ's and AWQ's sequential pipelines hold).
+the values at the next boundary. `walk_layers` drives it over the whole decoder: each sample's boundary values
+wait in a `BoundaryCache` on disk, so memory holds one layer's weights and one sample's activations whatever the
+depth of the model and the number of samples.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
 from lowbit.converter.calibration.capture import PAST_PREFIX, empty_feeds
+from lowbit.converter.calibration.observers import Observer
 from lowbit.errors import LowbitError
 
 LAYER_INPUTS = "lowbit.layer_inputs"  # the decoder's metadata key (converter/decoder.py)
+AFTER_LAYERS = 1 << 30  # layer key of modules after the decoder layers (an untied lm_head)
+
+
+def layer_of(module: str) -> int:
+    """Decoder layer index of a module name (`layers.3.mlp.down_proj` -> 3); AFTER_LAYERS for lm_head and others."""
+    parts = module.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit() else AFTER_LAYERS
 
 
 def layer_boundaries(model) -> list[tuple[str, str]]:
@@ -85,7 +96,8 @@ def layer_subgraph(model, inputs: list[str], outputs: list[str]):
 class LayerRunner:
     """An ORT session over one subgraph of the float model saved at `folder/model.onnx`."""
 
-    def __init__(self, folder: Path, model, inputs: list[str], outputs: list[str], threads: int | None = None):
+    def __init__(self, folder: Path, model, inputs: list[str], outputs: list[str], threads: int | None = None,
+                 session_config: dict[str, str] | None = None):
         import onnxruntime as ort
 
         self.inputs, self.outputs = list(inputs), list(outputs)
@@ -93,9 +105,12 @@ class LayerRunner:
         self.fetch = list(dict.fromkeys(fetch))
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.enable_cpu_mem_arena = False  # one layer: ORT's arena would keep its largest activations
         if threads:
             options.intra_op_num_threads = threads
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, value)
         self.session = None
         if self.fetch:
             sub = layer_subgraph(model, self.inputs, self.fetch)
@@ -112,5 +127,92 @@ class LayerRunner:
         if self.session is None:
             return {name: known[name] for name in self.outputs}
         feeds = empty_feeds(self.session, np.asarray(token_ids, np.int64), known)
-        values = dict(zip(self.fetch, self.session.run(self.fetch, feeds)))
+        try:
+            values = dict(zip(self.fetch, self.session.run(self.fetch, feeds)))
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+            raise LowbitError(f"onnxruntime failed on a calibration sample ({str(e).splitlines()[0]})") from None
         return {name: values[name] if name in values else known[name] for name in self.outputs}
+
+
+class BoundaryCache:
+    """Each sample's values at the current layer boundary, in a temporary folder: `get(i)` reads sample i's,
+    `put(i, values)` stores its values at the next boundary, `advance()` makes those current. Memory holds one
+    sample's values (the files live in the page cache or on disk, not in the process)."""
+
+    def __init__(self, count: int):
+        self._folder = tempfile.TemporaryDirectory(prefix="lowbit-boundaries-")
+        self.count, self.generation = count, 0
+
+    def _path(self, generation: int, index: int) -> Path:
+        return Path(self._folder.name) / f"{generation}-{index}.npz"
+
+    def get(self, index: int) -> tuple[np.ndarray, ...]:
+        if self.generation == 0:
+            return ()
+        with np.load(self._path(self.generation, index)) as f:
+            return tuple(f[f"arr_{k}"] for k in range(len(f.files)))
+
+    def put(self, index: int, values: tuple[np.ndarray, ...]) -> None:
+        np.savez(self._path(self.generation + 1, index), *values)
+
+    def advance(self) -> None:
+        for index in range(self.count):
+            self._path(self.generation, index).unlink(missing_ok=True)
+        self.generation += 1
+
+    def close(self) -> None:
+        self._folder.cleanup()
+
+
+LayerStatistics = dict[str, dict[str, Observer]]  # site -> observer name -> observer, after every sample
+
+
+def walk_layers(folder: Path, model, sites: dict[int, list[str]], samples: Sequence[np.ndarray],
+                make_observers: Callable[[str], dict[str, Observer]],
+                finish_layer: Callable[[int, LayerStatistics], bool] | None = None,
+                progress: Callable[[int], Callable[[int, int], None] | None] | None = None,
+                threads: int | None = None, session_config: dict[str, str] | None = None) -> None:
+    """Walks the decoder of `folder/model.onnx` (`model`: its ModelProto without external data) one layer at a
+    time. `sites`: layer index (AFTER_LAYERS for an untied lm_head) -> names of the MatMul nodes whose inputs are
+    observed there. For each layer holding sites, the layer's subgraph runs over every sample, fed that sample's
+    values at the layer's boundary, and each site's input rows go to its observers (`make_observers(site)`,
+    sites without any are not captured); then `finish_layer(index, statistics)` runs. When it returns True it has
+    changed the layer's weights in the folder, and the layer runs again so that the next one is fed its new
+    outputs. Stops after the last layer that holds a site. `progress(layer)` gives a per-sample callback."""
+    boundaries = layer_boundaries(model)
+    last_key = max(sites) if sites else -1
+    cache = BoundaryCache(len(samples))
+    try:
+        for index in range(len(boundaries)):
+            last = index == len(boundaries) - 1
+            if index > last_key:
+                break
+            names = sites.get(AFTER_LAYERS if last else index, [])
+            if last and not names:
+                break
+            state = {site: make_observers(site) for site in names}
+            captures = {site: capture_value(model, site) for site in names if state[site]}
+            inputs = list(boundaries[index]) if index else []
+            following = [] if last else list(boundaries[index + 1])
+            runner = LayerRunner(folder, model, inputs, following + list(captures.values()), threads, session_config)
+            report = progress(index) if progress is not None and names else None
+            for i, sample in enumerate(samples):
+                values = runner.run(sample, cache.get(i))
+                for site, value in captures.items():
+                    rows = values[value].reshape(-1, values[value].shape[-1]).astype(np.float32, copy=False)
+                    for observer in state[site].values():
+                        observer.update(rows)
+                cache.put(i, tuple(values[name] for name in following))
+                del values
+                if report:
+                    report(i + 1, len(samples))
+            del runner
+            if names and finish_layer is not None and finish_layer(index, state) and not last:
+                runner = LayerRunner(folder, model, inputs, following, threads, session_config)
+                for i, sample in enumerate(samples):  # the next layer sees this layer's new outputs
+                    values = runner.run(sample, cache.get(i))
+                    cache.put(i, tuple(values[name] for name in following))
+                del runner
+            cache.advance()
+    finally:
+        cache.close()

@@ -17,9 +17,10 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.affine import FLOAT8_RULES, QuantizedWeight, WeightQuant, group_size_for, padded_k
+from lowbit import nvfp4 as nvfp4_math
+from lowbit.affine import FLOAT4_RULES, FLOAT8_RULES, QuantizedWeight, WeightQuant, group_size_for, padded_k
 from lowbit.converter.quant.plan import ActivationQuant
-from lowbit.custom_ops import blockwise, gather_block_quantized, matmul_nbits
+from lowbit.custom_ops import blockwise, gather_block_quantized, matmul_nbits, nvfp4
 from lowbit.errors import LowbitError
 from lowbit.fp8 import FLOAT8
 
@@ -65,6 +66,7 @@ class StorageFormat:
     description: str
     activation: ActivationQuant | None = None  # what the nodes do to the activations; None: nothing (weight-only)
     session_config: tuple[tuple[str, str], ...] = ()  # ORT session entries a folder with this format runs best with
+    opset: int = 0  # the default-domain opset its nodes need (the pass raises the model's to it)
 
 
 FORMATS: dict[str, StorageFormat] = {}
@@ -208,6 +210,8 @@ register_format(StorageFormat(
 def _blockwise_unsupported(q: WeightQuant, site: Site):
     if q.rule in FLOAT8_RULES:
         return "lowbit blockwise stores integer codes, not float8"
+    if q.rule in FLOAT4_RULES:
+        return f"lowbit blockwise stores integer codes, not {q.rule}"
     return None
 
 
@@ -424,6 +428,77 @@ register_format(StorageFormat(
 ))
 
 
+# ------------------------------------------------------------------------------ NVFP4 weights, float activations
+
+
+def _nvfp4_unsupported(q: WeightQuant, site: Site):
+    if q.rule not in FLOAT4_RULES:
+        return f"NVFP4 stores FP4 e2m1 weights (rule {', '.join(FLOAT4_RULES)}), not {q.describe()}"
+    if site.kind == "gather":
+        return "not for embeddings"
+    return None
+
+
+def _nvfp4_two_level_unsupported(q: WeightQuant, site: Site):
+    if q.rule in FLOAT4_RULES and site.k % nvfp4_math.GROUP:
+        return f"TensorRT's FP4 blocks need K divisible by {nvfp4_math.GROUP}, not K = {site.k}"
+    return _nvfp4_unsupported(q, site)
+
+
+def _nvfp4_linear(tape, site: Site, weight_nk: ir.Value) -> ir.Value:
+    """MatMul(x, transposed W [N, K]) or Gemm(x, W [N, K], transB=1)."""
+    if site.kind == "matmul":
+        weight_nk = tape.op("Transpose", [weight_nk], {"perm": [1, 0]}, name=f"{site.module}.transpose")
+    return _linear(tape, site, site.x, weight_nk)
+
+
+def _nvfp4_unpacked_emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level: int) -> Emission:
+    n, k = site.n, site.k
+    kp = padded_k(q, k)
+    parts = [
+        Part("qweight", np.dtype(np.uint8), (n, kp // 2), lambda a: a.packed),
+        Part("scales", nvfp4_math.SCALE_DTYPE, (n, kp // q.group_size), lambda a: a.scales),
+        Part("global_scale", np.dtype(np.float32), (), lambda a: np.asarray(a.global_scale, np.float32)),
+    ]
+
+    def build(tape, site, values):
+        weight = nvfp4.dequantized_unpacked(tape, *values, n, k, scale_dtype, site.module)
+        return _nvfp4_linear(tape, site, weight)
+
+    return Emission(parts, nvfp4.pack, build)
+
+
+def _nvfp4_two_level_emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level: int) -> Emission:
+    n, k = site.n, site.k
+    parts = [
+        Part("qweight", nvfp4.FLOAT4, (n, k), lambda a: a.float4()),
+        Part("scales", nvfp4_math.SCALE_DTYPE, (n, k // q.group_size), lambda a: a.scales),
+        Part("global_scale_inverse", np.dtype(np.float32), (),
+             lambda a: np.asarray(nvfp4_math.inverse_global_scale(a.global_scale), np.float32)),
+    ]
+
+    def build(tape, site, values):
+        weight = nvfp4.dequantized_two_level(tape, *values, scale_dtype, site.module)
+        return _nvfp4_linear(tape, site, weight)
+
+    return Emission(parts, nvfp4.pack, build)
+
+
+register_format(StorageFormat(
+    "nvfp4_unpack", ("matmul", "gemm_t"), ("ort",), _nvfp4_unsupported, _nvfp4_unpacked_emission,
+    "NVFP4 weights (packed FP4 e2m1 codes, FP8 e4m3 scales per 16, a float32 global scale) unpacked by standard "
+    "ops (BitwiseAnd, BitShift, Gather from the e2m1 values, Mul by scale / global scale), which ORT folds to the "
+    "float weight at load; float activations",
+))
+
+register_format(StorageFormat(
+    "dq_nvfp4", ("matmul", "gemm_t"), ("tensorrt",), _nvfp4_two_level_unsupported, _nvfp4_two_level_emission,
+    "NVFP4 weights as TensorRT takes them (ModelOpt's 2-level DQ, opset 23): DequantizeLinear of FLOAT4E2M1 [N, K] "
+    "with block_size 16 whose scale is DequantizeLinear(FLOAT8E4M3FN scales, 1 / global scale); float activations",
+    opset=nvfp4.TWO_LEVEL_OPSET,
+))
+
+
 # Preference order when a plan names no format.
 PREFERENCE = ("matmulnbits", "gather_block_quantized", "dq", "blockwise", "dynamic_quantize_matmul", "qdq_fp8_e4m3",
-              "qdq_fp8_e5m2", "qdq_uint8", "qdq_int8", "dq_fp8_e4m3")
+              "qdq_fp8_e5m2", "qdq_uint8", "qdq_int8", "dq_fp8_e4m3", "nvfp4_unpack", "dq_nvfp4")

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from lowbit.errors import LowbitError
 from lowbit.converter.graph import TRANSPOSED_SOURCE, hf_modules, lazy_tensor, set_hf_modules
-from lowbit.affine import QuantizedWeight, group_size_for, quantize, relative_error
+from lowbit.affine import FLOAT4_RULES, QuantizedWeight, group_size_for, quantize, relative_error
 from lowbit.converter.quant.formats import FORMATS, PREFERENCE, Site, StorageFormat
 from lowbit.converter.quant.ignore import WeightModule, ignored_modules
 from lowbit.converter.quant.plan import ActivationQuant, LayerQuant, QuantPlan
@@ -172,7 +172,8 @@ def planned_sites(model: ir.Model, plan: QuantPlan, ignore: tuple[str, ...] = ()
         layer = None if site.module in ignored else plan.lookup(site.module)
         if layer is None:
             continue
-        if layer.weight.group_size is not None and layer.weight.group_size > site.k:
+        if layer.weight.group_size is not None and layer.weight.group_size > site.k \
+                and layer.weight.rule not in FLOAT4_RULES:  # NVFP4's blocks are 16 (a shorter K is padded)
             layer = replace(layer, weight=replace(layer.weight, group_size=None))
         g = group_size_for(layer.weight, site.k)
         if site.k % g and not plan.pad:
@@ -229,6 +230,9 @@ def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype, ignore:
         emitted[(id(site.weight), layer, fmt.name, site.kind)] = (tape.nodes[-1], values, layer_report)
     _share_tied_embedding(emitted)
     _drop_unused_initializers(graph)
+    opset = max((FORMATS[r.format].opset for r in report.layers), default=0)
+    if opset > model.opset_imports.get("", 0):  # e.g. FLOAT4E2M1 DequantizeLinear (opset 23)
+        model.opset_imports[""] = opset
     for name in sorted(used_functions):
         function = blockwise.FUNCTIONS[name]()
         model.functions[function.identifier()] = function
@@ -288,7 +292,7 @@ SHARED_LAYOUTS = {
 
 def _part_bytes(part) -> int:
     count = int(np.prod(part.shape))
-    return -(-count // 2) if part.dtype.name in ("int4", "uint4") else count * part.dtype.itemsize
+    return -(-count // 2) if part.dtype.name in ("int4", "uint4", "float4_e2m1fn") else count * part.dtype.itemsize
 
 
 def _drop_unused_initializers(graph: ir.Graph) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from lowbit.affine import WeightQuant
+from lowbit.affine import FLOAT4_RULES, WeightQuant
 from lowbit.converter.quant.plan import ActivationQuant, LayerQuant, QuantPlan, QuantRule
 from lowbit.converter.recipes.load import (
     AWQOptions,
@@ -260,10 +260,21 @@ def _resolve(recipe: Recipe, modules: list[RecipeModule], pad, target, accuracy_
         mods = tuple(dict.fromkeys(mod.label for _, mod, _ in claimed))
         if first.quant is not None:
             _check_module(m, claimed[0][1], claimed[0][2], first.quant, pad, target)
+            if first.algorithm in ("gptq", "awq") and first.quant.weight.rule in FLOAT4_RULES:
+                raise RecipeError(claimed[0][2].path, f"{m.name}: {first.algorithm.upper()} in lowbit searches "
+                                                      f"integer grids, not {first.quant.weight.rule} weights: "
+                                                      "quantize them with a QuantizationModifier (round to nearest)")
         resolved[m.name] = ResolvedModule(m.name, m.hf_modules, m.kind, first.quant, groups, mods, first.algorithm,
                                           first.gptq, first.awq, first.smoothquant)
         rules.append(QuantRule(m.name, first.quant))
     plan = QuantPlan(tuple(rules), pad is not False)
+    fp4 = [m for m in resolved.values() if m.quant is not None and m.quant.weight.rule in FLOAT4_RULES]
+    if target == "tensorrt" and fp4 and plan.static_activations():
+        mod = next(mod for mod in recipe.modifiers if mod.label == fp4[0].modifiers[0])
+        raise RecipeError(next(g for g in mod.groups if g.name == fp4[0].groups[0]).path,
+                          "static activation scales are calibrated by running the model in ONNX Runtime, which "
+                          "cannot run the FLOAT4E2M1 DequantizeLinear of NVFP4 weights on target tensorrt: convert "
+                          "the NVFP4 and the statically quantized groups separately, or for target ort")
     return Resolution(recipe, resolved, plan, tuple(dict.fromkeys(unused_ignores)), tuple(conflicts))
 
 
@@ -287,9 +298,6 @@ def _transforms(recipe: Recipe, parts, claims, kind: str) -> dict:
                     if q_index < index:
                         raise RecipeError(mod.path, f"{mod.label} comes after {qmod.label}, which quantizes {hf}: "
                                                     f"put {kind} first")
-                    if kind == "AWQModifier" and not own and qmod.kind == "GPTQModifier":
-                        raise RecipeError(mod.path, f"AWQ scaling followed by GPTQ on {hf} ({qmod.label}) is not "
-                                                    "supported yet: lowbit runs AWQ or GPTQ on a module, not both")
                     if kind == "AWQModifier" and not own and qmod.kind == "AWQModifier":
                         raise RecipeError(mod.path, f"{hf} is AWQ-scaled by {mod.label} and again by {qmod.label}")
                     if hf in out and out[hf][1] is not mod:

@@ -185,6 +185,8 @@ def _int_wnam(bits: int, act_bits: int = 16) -> dict:
     return scheme
 
 
+NVFP4_GROUP = 16
+FLOAT8_E4M3_NAMES = ("float8_e4m3fn", "torch.float8_e4m3fn")  # compressed-tensors' NVFP4 scale / zero-point dtype
 _NVFP4_WEIGHTS = _args(num_bits=4, type="float", strategy="tensor_group", symmetric=True, dynamic=False, group_size=16,
                        scale_dtype="float8_e4m3fn", zp_dtype="float8_e4m3fn")
 _MX = {"scale_dtype": "uint8", "zp_dtype": "uint8"}
@@ -303,10 +305,18 @@ def weight_quant(args: QuantArgs, path: Path) -> tuple[WeightQuant, bool]:
     if args.dynamic:
         raise RecipeError(path + ("dynamic",), "dynamic weight quantization is not a thing lowbit stores; "
                                                "weights are quantized once (dynamic: false)")
-    if args.type == "float":
+    nvfp4 = args.type == "float" and args.num_bits == 4 and strategy == "tensor_group"
+    if nvfp4:
+        if args.group_size != NVFP4_GROUP:
+            raise RecipeError(path + ("group_size",), f"NVFP4 weights take group_size {NVFP4_GROUP} (FP8 scales per "
+                                                      f"16 values), not {args.group_size}")
+        if not args.symmetric:
+            raise RecipeError(path + ("symmetric",), "asymmetric FP4 weights are not supported (symmetric: true)")
+    elif args.type == "float":
         if args.num_bits != 8:
             raise RecipeError(path + ("num_bits",), f"{_float_name(args, strategy)} weights are not supported yet "
-                                                    "(lowbit's float weights are FP8 e4m3)")
+                                                    "(lowbit's float weights are FP8 e4m3, and NVFP4: 4 bits, "
+                                                    "strategy tensor_group, group_size 16)")
         if strategy not in ("tensor", "channel"):
             raise RecipeError(path + ("strategy",), f"FP8 weights take strategy tensor or channel in lowbit, not "
                                                     f"{strategy} ({_float_name(args, strategy)})")
@@ -320,11 +330,14 @@ def weight_quant(args: QuantArgs, path: Path) -> tuple[WeightQuant, bool]:
             raise RecipeError(path + ("strategy",), f"integer weights with strategy {strategy} are not supported: "
                                                     "lowbit's integer weights have one scale per channel "
                                                     "(strategy channel) or per group (strategy group)")
-    if args.scale_dtype is not None:
+    if args.scale_dtype is not None and not (nvfp4 and args.scale_dtype in FLOAT8_E4M3_NAMES):
         raise RecipeError(path + ("scale_dtype",), f"scale_dtype {args.scale_dtype} is not supported: lowbit "
-                                                   "stores scales in the model dtype (--dtype)")
-    if args.zp_dtype is not None and not (args.type == "int" and args.zp_dtype in ("int8", "torch.int8")):
-        raise RecipeError(path + ("zp_dtype",), f"zp_dtype {args.zp_dtype} is not supported (int8 zero points)")
+                                                   "stores scales in the model dtype (--dtype), NVFP4's in "
+                                                   "float8_e4m3fn")
+    if args.zp_dtype is not None and not (args.type == "int" and args.zp_dtype in ("int8", "torch.int8")) \
+            and not (nvfp4 and args.zp_dtype in FLOAT8_E4M3_NAMES):
+        raise RecipeError(path + ("zp_dtype",), f"zp_dtype {args.zp_dtype} is not supported (int8 zero points; "
+                                                "NVFP4: float8_e4m3fn)")
     if args.observer is not None and args.observer not in WEIGHT_MINMAX_OBSERVERS:
         why = ("llm-compressor's MSE range search is not lowbit's clip search (a different grid and norm)"
                if args.observer in MSE_OBSERVERS else "unknown observer")
@@ -335,6 +348,8 @@ def weight_quant(args: QuantArgs, path: Path) -> tuple[WeightQuant, bool]:
     if args.actorder in (True, "group", "dynamic"):
         raise RecipeError(path + ("actorder",), f"actorder {args.actorder!r} (group order with g_idx) was removed "
                                                 "from compressed-tensors; use actorder: weight (static)")
+    if nvfp4:
+        return WeightQuant(4, NVFP4_GROUP, "nvfp4"), False
     if args.type == "float":
         return WeightQuant(8, None, "fp8_e4m3", per_tensor=strategy == "tensor"), False
     group = args.group_size if strategy == "group" else None
@@ -352,6 +367,9 @@ def activation_quant(args: QuantArgs, path: Path) -> ActivationQuant:
                                                 "ask) are not supported: lowbit's formats quantize "
                                                 "activations per tensor (int8 dynamic asymmetric: "
                                                 "DynamicQuantizeMatMul; int8 or FP8 static)")
+    if args.type == "float" and args.num_bits == 4:
+        raise RecipeError(path + ("num_bits",), f"{_float_name(args, strategy)} activations (dynamic FP4) are not "
+                                                "supported: lowbit's NVFP4 is weight-only (the NVFP4A16 preset)")
     if strategy != "tensor":
         name = _float_name(args, strategy) if args.type == "float" else f"int{args.num_bits}"
         raise RecipeError(path + ("strategy",), f"{name} activations with strategy {strategy} are not supported "
