@@ -9,6 +9,15 @@ Each site's parameters come from its element type's rule (`ACTIVATION_RULES`): f
 s = max|x| / element max (`absmax` observer, zero point 0); uint8 takes the min/max range widened to include 0,
 s = (max − min) / 255 and z = round(−min / s) (`minmax` observer), as ONNX Runtime's static quantizer does.
 
+NVFP4 input activations (W4A4, the `NVFP4` preset) are static sites too: a MatMul/Gemm fed by
+`lowbit.NVFP4ActivationQDQ(x, {module}.input_global_scale)` (ort) or by DequantizeLinear(TRT_FP4DynamicQuantize(x,
+{module}.input_global_scale_inverse)...) (tensorrt). Their block scales are computed at run time; calibration
+measures max |x| (`absmax`) and writes the global scale gs = 448 · 6 / max |x| (llm-compressor's static_minmax
+observer and generate_gparam: lowbit.nvfp4.global_scale_from_absmax), or 1 / gs for the TensorRT form. The bypass
+removes these subgraphs as it removes Q/DQ pairs, and runs NVFP4 weights of the TensorRT form (FLOAT4E2M1
+DequantizeLinear, which ORT's CPU provider lacks) as the same bytes read as uint8 and unpacked by standard ops
+(`_float4_weights_for_ort`): e2m1 · (s · (1 / gs)), the values that form computes.
+
 `lowbit convert --scheme e4m3_e4m3_f16` (or `w8a8-static`) runs this on its staging folder before moving it into
 place; `lowbit calibrate OUT` runs it on a `*_max_calibrate` folder and rewrites it in place: the new model.onnx
 (the scales are small tensors stored inside it; model.onnx.data is not touched) and lowbit.json are written
@@ -32,8 +41,10 @@ from onnx import numpy_helper
 
 from lowbit.converter.calibration import CalibrationSettings, calibrate_layerwise
 from lowbit.converter.quant.formats import ACTIVATION_SCALE_PLACEHOLDER
+from lowbit.custom_ops import nvfp4 as nvfp4_ops
 from lowbit.errors import LowbitError
 from lowbit.fp8 import scale_for
+from lowbit.nvfp4 import E2M1, GROUP, global_scale_from_absmax, inverse_global_scale
 
 WEIGHTED_OPS = ("MatMul", "Gemm")
 QUANTIZED_WEIGHTS_FLOAT_COMPUTE = {"session.disable_quant_qdq": "1"}
@@ -74,7 +85,35 @@ ACTIVATION_RULES = {
     onnx.TensorProto.INT8: ("int8", ActivationRule("absmax", _int8_params)),
     onnx.TensorProto.UINT8: ("uint8", ActivationRule("minmax", _uint8_params)),
 }
+# NVFP4 activations (no zero point): element name -> rule; the global scale gs or its inverse (TensorRT form)
+NVFP4_RULES = {
+    "nvfp4": ActivationRule("absmax", lambda absmax, _: (np.asarray(global_scale_from_absmax(absmax), np.float32),
+                                                         None)),
+    "nvfp4_inverse": ActivationRule("absmax", lambda absmax, _: (
+        np.asarray(inverse_global_scale(global_scale_from_absmax(absmax)), np.float32), None)),
+}
 METADATA_KEY = "activation_calibration"  # lowbit.json: {"status": "placeholder" | "calibrated", ...}
+
+
+def _nvfp4_activation(node, producer: Callable):
+    """(the activation input x, the global scale's input name, element name, the nodes between x and the MatMul)
+    of an NVFP4 activation subgraph feeding a MatMul/Gemm's first input, or None."""
+    if node.op_type not in WEIGHTED_OPS:
+        return None
+    first = producer(node, 0)
+    if first is None:
+        return None
+    if (first.domain, first.op_type) == (nvfp4_ops.DOMAIN, nvfp4_ops.ACTIVATION_OP):
+        return first.inputs[0] if hasattr(first, "inputs") else first.input[0], 1, "nvfp4", [first]
+    if first.op_type != "DequantizeLinear":
+        return None
+    quantize = producer(first, 0)
+    scales = producer(first, 1)
+    if quantize is None or (quantize.domain, quantize.op_type) != (nvfp4_ops.TRT_DOMAIN,
+                                                                   nvfp4_ops.TRT_DYNAMIC_QUANTIZE):
+        return None
+    x = quantize.inputs[0] if hasattr(quantize, "inputs") else quantize.input[0]
+    return x, 1, "nvfp4_inverse", [first, *([scales] if scales is not None else []), quantize]
 
 
 def _activation_qdq(node, producer: Callable):
@@ -97,7 +136,14 @@ def static_sites(model: onnx.ModelProto) -> dict[str, tuple[str, str, str]]:
     initializers = {t.name: t for t in model.graph.initializer}
     sites = {}
     for node in model.graph.node:
-        qdq = _activation_qdq(node, lambda n, i: producers.get(n.input[i]) if len(n.input) > i else None)
+        producer = (lambda n, i: producers.get(n.input[i]) if len(n.input) > i else None)
+        fp4 = _nvfp4_activation(node, producer)
+        if fp4 is not None:
+            scale = fp4[3][-1].input[fp4[1]]
+            if scale in initializers:
+                sites[node.name] = (scale, "", fp4[2])
+            continue
+        qdq = _activation_qdq(node, producer)
         if qdq is None:
             continue
         q, dq = qdq
@@ -110,11 +156,20 @@ def static_sites(model: onnx.ModelProto) -> dict[str, tuple[str, str, str]]:
 
 
 def bypass_activation_qdq(model) -> None:
-    """onnx_ir edit: every MatMul/Gemm reads x instead of DequantizeLinear(QuantizeLinear(x)); the pairs go."""
+    """onnx_ir edit: every MatMul/Gemm reads x instead of DequantizeLinear(QuantizeLinear(x)) or x's NVFP4
+    activation subgraph; those nodes go. NVFP4 weights of the TensorRT form become ORT-runnable
+    (`_float4_weights_for_ort`)."""
     def producer(node, index):
         return node.inputs[index].producer() if len(node.inputs) > index and node.inputs[index] is not None else None
 
     for node in list(model.graph):
+        fp4 = _nvfp4_activation(node, producer)
+        if fp4 is not None:
+            node.replace_input_with(0, fp4[0])
+            for dead in fp4[3]:
+                if not any(output.uses() for output in dead.outputs):
+                    model.graph.remove(dead, safe=True)
+            continue
         qdq = _activation_qdq(node, producer)
         if qdq is None:
             continue
@@ -123,6 +178,51 @@ def bypass_activation_qdq(model) -> None:
         for dead in (dq, q):
             if not any(output.uses() for output in dead.outputs):
                 model.graph.remove(dead, safe=True)
+    _float4_weights_for_ort(model)
+
+
+def _float4_weights_for_ort(model) -> None:
+    """onnx_ir edit: each DequantizeLinear of a FLOAT4E2M1 initializer [N, K] (blocks of 16 along K) becomes standard
+    ops over the same bytes read as uint8 [N, K / 2] (an external tensor at the same offset, nothing copied):
+    nibbles → Gather from the e2m1 values → times the block scales the node had → [N, K]."""
+    import onnx_ir as ir
+
+    for node in list(model.graph):
+        if node.op_type != "DequantizeLinear" or node.inputs[0] is None:
+            continue
+        data = node.inputs[0]
+        tensor = data.const_value
+        if tensor is None or tensor.dtype != ir.DataType.FLOAT4E2M1 or len(tensor.shape) != 2:
+            continue
+        n, k = (int(d) for d in tensor.shape)
+        name = f"{data.name}.as_uint8"
+        if isinstance(tensor, ir.ExternalTensor):
+            packed = ir.ExternalTensor(tensor.location, tensor.offset, tensor.length, ir.DataType.UINT8,
+                                       shape=ir.Shape([n, k // 2]), name=name, base_dir=tensor.base_dir)
+        else:
+            packed = ir.tensor(np.frombuffer(tensor.tobytes(), np.uint8).reshape(n, k // 2), name=name)
+        value = ir.Value(name=name, shape=ir.Shape([n, k // 2]), type=ir.TensorType(ir.DataType.UINT8),
+                         const_value=packed)
+        model.graph.register_initializer(value)
+        tape = ir.tape.Tape()
+
+        def const(v, dtype=np.int64):
+            return tape.op("Constant", [], {"value": ir.tensor(np.asarray(v, dtype))})
+
+        low = tape.op("BitwiseAnd", [value, const(15, np.uint8)])
+        high = tape.op("BitShift", [value, const(4, np.uint8)], {"direction": "RIGHT"})
+        pairs = tape.op("Concat", [tape.op("Unsqueeze", [low, const([-1])]), tape.op("Unsqueeze", [high, const([-1])])],
+                        {"axis": -1})
+        codes = tape.op("Cast", [tape.op("Reshape", [pairs, const([n, -1, GROUP])])], {"to": ir.DataType.INT32})
+        values = tape.op("CastLike", [tape.op("Gather", [const(E2M1, np.float32), codes], {"axis": 0}),
+                                      node.inputs[1]])
+        weight = tape.op("Reshape", [tape.op("Mul", [values, tape.op("Unsqueeze", [node.inputs[1], const([-1])])]),
+                                     const([n, k])])
+        model.graph.insert_before(node, tape.nodes)
+        ir.convenience.replace_all_uses_with(node.outputs[0], weight)
+        model.graph.remove(node, safe=True)
+    if any(n.op_type == "BitShift" for n in model.graph):
+        model.opset_imports[""] = max(model.opset_imports.get("", 0), 21)
 
 
 def measure_scales(model_onnx: Path, settings: CalibrationSettings, tokenizer_folder: Path, context_length: int,
@@ -133,7 +233,7 @@ def measure_scales(model_onnx: Path, settings: CalibrationSettings, tokenizer_fo
     sites = static_sites(model)
     if not sites:
         raise LowbitError(f"{model_onnx}: no static activation scales to calibrate")
-    rules = {name: rule for name, rule in ACTIVATION_RULES.values()}
+    rules = {**{name: rule for name, rule in ACTIVATION_RULES.values()}, **NVFP4_RULES}
     observers = sorted({rules[element].observer for _, _, element in sites.values()})
     samples, seq_len = settings.samples(tokenizer_folder, context_length)
     # with the activation Q/DQ bypassed, ORT would fuse DequantizeLinear(weight) + MatMul into MatMulNBits (int8
@@ -160,6 +260,10 @@ def measure_scales(model_onnx: Path, settings: CalibrationSettings, tokenizer_fo
     }
     if ranges:
         record["ranges"], record["zero_points"] = ranges, zero_points
+    fp4 = {node: float(global_scale_from_absmax(absmax[node])) for node, (_, _, e) in sites.items()
+           if e in NVFP4_RULES}
+    if fp4:  # NVFP4 activations: "scales" holds what the graph stores (gs, or 1 / gs for TensorRT), this gs
+        record["input_global_scales"] = fp4
     return values, record
 
 

@@ -71,13 +71,13 @@ def _modules(model: ir.Model) -> list[RecipeModule]:
                          "Linear", s.k, s.n) for s in weight_sites(model)]
 
 
-UNFUSE_BLOCKERS = ("AWQModifier", "SmoothQuantModifier")  # their scales follow the fused graph's input sharing
+UNFUSE_BLOCKERS = ("AWQModifier",)  # its scale search follows the fused graph's input sharing
 
 
 def modules_to_unfuse(recipe: Recipe, model: ir.Model, options: SchemeOptions, target: str) -> frozenset[str]:
     """The graph's fused modules (q/k/v, gate/up) whose parts the recipe treats differently: to be emitted as one
-    node per part. Empty where the recipe runs AWQ or SmoothQuant (then resolving reports the conflict as an
-    error) or where the parts are one tensor in the checkpoint (the error names the module)."""
+    node per part. Empty where the recipe runs AWQ (then resolving reports the conflict as an error) or where the
+    parts are one tensor in the checkpoint (the error names the module)."""
     if any(mod.kind in UNFUSE_BLOCKERS for mod in recipe.modifiers):
         return frozenset()
     resolution = resolve_recipe(recipe, _modules(model), pad=None if options.pad else False, target=target,
@@ -139,6 +139,9 @@ def _weight_args(q) -> dict:
 def _activation_args(a) -> dict | None:
     if a is None:
         return None
+    if a.strategy == "tensor_group":  # the NVFP4 preset's input activations (calibrated global scale, dynamic local)
+        return {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16,
+                "dynamic": "local", "observer": "static_minmax", "scale_dtype": "torch.float8_e4m3fn"}
     return {"num_bits": a.bits, "type": a.type, "symmetric": a.symmetric, "strategy": a.strategy,
             "dynamic": a.dynamic}
 

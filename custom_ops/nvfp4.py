@@ -16,6 +16,25 @@ scale gs; 4.5 bits a weight plus 4 bytes.
   then; the Cast keeps ORT's weight equal to compressed-tensors'.)
 
 `reference_weight` / `reference_weight_two_level` are the numpy weights each form computes.
+
+NVFP4 input activations (the `NVFP4` preset, W4A4; math: lowbit.nvfp4.fake_quantize_activations), on the MatMul's
+input x [..., K], K a multiple of 16, with the calibrated global input scale gs:
+
+- `ort`: `lowbit.NVFP4ActivationQDQ(X, input_global_scale) -> Y`, a model-local function (domain `lowbit`, version
+  1) whose body is standard opset-21 ops ORT's CPU provider runs (ORT inlines it at load): Cast to float32 →
+  Reshape [..., K/16, 16] → ReduceMax(Abs) → Mul(gs, amax / 6) → Min 448 → QuantizeLinear/DequantizeLinear to
+  FLOAT8E4M3FN with scale 1 (round to nearest even) → Where(0, 0.125) → step = s / gs → x / step, Abs, Min 6 →
+  e2m1 rounding as Where(m < 2, Round(2m) / 2, Where(m < 4, Round(m), 2 Round(m / 2))) (Round: half to even, the
+  e2m1 ties) → times −1 where x / step < 0 → times step → Reshape back → CastLike X. `reference_activation` is its numpy
+  kernel: compressed-tensors' fake_quantize bit for bit.
+- `tensorrt`: ModelOpt's export of a dynamic NVFP4 input quantizer (`export_fp4` → `_fp4_dynamic_quantize`), which
+  onnx-tensorrt maps to IDynamicQuantizeLayer: `trt.TRT_FP4DynamicQuantize(X, s2)` (attributes axis -1, block_size
+  16, scale_type 17 = FLOAT8E4M3FN; s2 = 1 / gs a float32 scalar initializer, ModelOpt's amax / 6 / 448) → (X4
+  FLOAT4E2M1, block scales FLOAT8E4M3FN [..., K/16]); `DequantizeLinear(block scales, s2)` → `DequantizeLinear(X4,
+  that, axis -1, block_size 16)` → MatMul. `TRT_SCHEMA` is the node's schema (onnx.defs.OpSchema, registered by
+  `register_trt_schema` so that onnx.checker can check it); `reference_trt_dynamic_quantize` its numpy kernel as
+  TensorRT documents the layer (block scale fp8(max|x_block| / 6 / s2), values e2m1(x / (scale · s2))). ORT cannot
+  run this form (no `trt` domain kernels on CPU, no FLOAT4E2M1 DequantizeLinear), and no TensorRT engine was built.
 """
 
 from __future__ import annotations
@@ -97,3 +116,120 @@ def dequantized_two_level(tape: ir.tape.Tape, weight4: ir.Value, scales: ir.Valu
     block_scales = tape.op("DequantizeLinear", [scales, inverse_gs], attrs, name=f"{name}.dequantize_scales")
     return tape.op("DequantizeLinear", [weight4, block_scales], {"axis": 1, "block_size": nvfp4.GROUP},
                    name=f"{name}.dequantize")
+
+
+# ------------------------------------------------------------------------------ NVFP4 input activations
+
+DOMAIN = "lowbit"
+VERSION = 1
+ACTIVATION_OP = "NVFP4ActivationQDQ"
+ACTIVATION_OPSET = 21
+TRT_DOMAIN = "trt"
+TRT_DYNAMIC_QUANTIZE = "TRT_FP4DynamicQuantize"
+
+
+def reference_activation(x: np.ndarray, gs) -> np.ndarray:
+    """What `lowbit.NVFP4ActivationQDQ` computes: the float32 fake-quantized activations, cast back to x's dtype."""
+    return nvfp4.fake_quantize_activations(np.asarray(x, np.float32), gs).astype(np.asarray(x).dtype)
+
+
+def activation_function() -> ir.Function:
+    """lowbit.NVFP4ActivationQDQ(X [..., K], GS float32 scalar) -> Y like X, standard ops only."""
+    x_in, gs = ir.Value(name="X"), ir.Value(name="GS")
+    graph = ir.Graph([x_in, gs], [], nodes=[], opset_imports={"": ACTIVATION_OPSET}, name=ACTIVATION_OP)
+    tape = ir.tape.Tape(graph)
+
+    def scalar(value, dtype=np.float32):
+        return _const(tape, value, dtype)
+
+    x = tape.op("Cast", [x_in], {"to": ir.DataType.FLOAT})
+    blocks_shape = tape.op("Concat", [tape.op("Shape", [x], {"end": -1}), _const(tape, [-1, nvfp4.GROUP])], {"axis": 0})
+    blocks = tape.op("Reshape", [x, blocks_shape])  # [..., G, 16]
+    amax = tape.op("ReduceMax", [tape.op("Abs", [blocks]), _const(tape, [-1])], {"keepdims": 1})  # [..., G, 1]
+    scale = tape.op("Min", [tape.op("Mul", [gs, tape.op("Div", [amax, scalar(nvfp4.FP4_MAX)])]),
+                            scalar(nvfp4.FP8_MAX)])
+    one, fp8_zero = scalar(1.0), _const(tape, 0, nvfp4.SCALE_DTYPE)
+    scale = tape.op("DequantizeLinear", [tape.op("QuantizeLinear", [scale, one, fp8_zero]), one, fp8_zero])
+    scale = tape.op("Where", [tape.op("Equal", [scale, scalar(0.0)]), scalar(nvfp4.SCALE_EPS), scale])
+    step = tape.op("Div", [scale, gs])  # s / gs
+    scaled = tape.op("Div", [blocks, step])
+    magnitude = tape.op("Min", [tape.op("Abs", [scaled]), scalar(nvfp4.FP4_MAX)])
+    halves = tape.op("Mul", [tape.op("Round", [tape.op("Mul", [magnitude, scalar(2.0)])]), scalar(0.5)])
+    ones = tape.op("Round", [magnitude])
+    twos = tape.op("Mul", [tape.op("Round", [tape.op("Mul", [magnitude, scalar(0.5)])]), scalar(2.0)])
+    rounded = tape.op("Where", [tape.op("Less", [magnitude, scalar(2.0)]), halves,
+                                tape.op("Where", [tape.op("Less", [magnitude, scalar(4.0)]), ones, twos])])
+    sign = tape.op("Where", [tape.op("Less", [scaled, scalar(0.0)]), scalar(-1.0), scalar(1.0)])
+    signed = tape.op("Mul", [rounded, sign])  # −0.0 where a negative value rounds to zero, as code 8
+    values = tape.op("Reshape", [tape.op("Mul", [signed, step]), tape.op("Shape", [x])])
+    y = tape.op("CastLike", [values, x_in])
+    y.name = "Y"
+    graph.outputs.append(y)
+    return ir.Function(DOMAIN, ACTIVATION_OP, graph=graph, attributes=[])
+
+
+FUNCTIONS = {ACTIVATION_OP: activation_function}
+
+
+def activation_qdq(tape: ir.tape.Tape, x: ir.Value, gs: ir.Value, name: str) -> ir.Value:
+    """The `ort` form: one lowbit.NVFP4ActivationQDQ node on x."""
+    return tape.op(ACTIVATION_OP, [x, gs], domain=DOMAIN, name=f"{name}.input_nvfp4")
+
+
+def activation_two_level(tape: ir.tape.Tape, x: ir.Value, inverse_gs: ir.Value, name: str) -> ir.Value:
+    """The `tensorrt` form: TRT_FP4DynamicQuantize(x, 1 / gs) → two DequantizeLinear (ModelOpt's layout)."""
+    x4, block_scales = tape.op_multi_out(
+        TRT_DYNAMIC_QUANTIZE, [x, inverse_gs],
+        {"axis": -1, "block_size": nvfp4.GROUP, "scale_type": ir.DataType.FLOAT8E4M3FN.value},
+        num_outputs=2, domain=TRT_DOMAIN, name=f"{name}.input_quantize")
+    scales = tape.op("DequantizeLinear", [block_scales, inverse_gs], name=f"{name}.input_dequantize_scales")
+    return tape.op("DequantizeLinear", [x4, scales], {"axis": -1, "block_size": nvfp4.GROUP},
+                   name=f"{name}.input_dequantize")
+
+
+def trt_schema():
+    """onnx.defs.OpSchema of trt::TRT_FP4DynamicQuantize as onnx-tensorrt's importer reads it."""
+    from onnx import defs
+
+    return defs.OpSchema(
+        TRT_DYNAMIC_QUANTIZE, TRT_DOMAIN, 1,
+        doc="Dynamic NVFP4 block quantization (TensorRT IDynamicQuantizeLayer): FP4 values and FP8 block scales.",
+        inputs=[defs.OpSchema.FormalParameter("X", "T1"), defs.OpSchema.FormalParameter("scale", "tensor(float)")],
+        outputs=[defs.OpSchema.FormalParameter("Y", "T2"), defs.OpSchema.FormalParameter("Y_scale", "T3")],
+        type_constraints=[("T1", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "input"),
+                          ("T2", ["tensor(float4e2m1)"], "FP4 values"),
+                          ("T3", ["tensor(float8e4m3fn)"], "FP8 block scales")],
+        attributes=[defs.OpSchema.Attribute("axis", defs.OpSchema.AttrType.INT, "blocked axis (-1)"),
+                    defs.OpSchema.Attribute("block_size", defs.OpSchema.AttrType.INT, "16"),
+                    defs.OpSchema.Attribute("scale_type", defs.OpSchema.AttrType.INT, "17: FLOAT8E4M3FN")],
+    )
+
+
+def register_trt_schema() -> None:
+    """Registers `trt_schema()` with onnx (once), so that onnx.checker checks TRT_FP4DynamicQuantize nodes."""
+    from onnx import defs
+
+    if not defs.has(TRT_DYNAMIC_QUANTIZE, TRT_DOMAIN):
+        defs.register_schema(trt_schema())
+
+
+def reference_trt_dynamic_quantize(x: np.ndarray, inverse_gs) -> tuple[np.ndarray, np.ndarray]:
+    """(float4_e2m1fn values [..., K], float8_e4m3fn block scales [..., K/16]) of TRT_FP4DynamicQuantize(x, s2) as
+    TensorRT documents it: block scale fp8(max|x_block| / 6 / s2), values e2m1(x / (scale · s2)); a zero block
+    scale gives zero values."""
+    x = np.asarray(x, np.float32)
+    s2 = np.float32(inverse_gs)
+    blocks = x.reshape(*x.shape[:-1], -1, nvfp4.GROUP)
+    scales = np.clip(np.abs(blocks).max(axis=-1) / nvfp4.FP4_MAX / s2, 0, nvfp4.FP8_MAX).astype(nvfp4.SCALE_DTYPE)
+    step = (scales.astype(np.float32) * s2)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        codes = nvfp4.to_e2m1_codes(np.where(step > 0, blocks / step, 0))
+    return codes.reshape(x.shape).view(FLOAT4), scales
+
+
+def reference_activation_two_level(x: np.ndarray, inverse_gs) -> np.ndarray:
+    """The `tensorrt` form's activations: e2m1 · (block scale · s2) in float32 (the two DequantizeLinear)."""
+    values, scales = reference_trt_dynamic_quantize(x, inverse_gs)
+    step = scales.astype(np.float32) * np.float32(inverse_gs)
+    blocks = values.astype(np.float32).reshape(*step.shape, nvfp4.GROUP)
+    return (blocks * step[..., None]).reshape(np.shape(x))

@@ -15,6 +15,12 @@ For W [N, K] in float32 (K zero-padded to a multiple of 16; zeros change no maxi
   magnitude index 0..7 below it; packed two to a byte, even column in the low nibble (`pack_fp4_to_uint8`; the
   same bytes as ONNX's FLOAT4E2M1 tensors and TensorRT's 4-bit packing);
 - dequantized value e2m1(code) · (s / gs) in float32 (compressed-tensors' `dequantize`).
+
+Input activations of the `NVFP4` preset (W4A4: num_bits 4, type float, strategy tensor_group, group_size 16,
+dynamic local) take the same steps on x [..., K] (K a multiple of 16) with a static global scale: gs = 448 · 6 /
+max|x| over the calibration set (`global_scale_from_absmax`, llm-compressor's `static_minmax` observer and
+`generate_gparam`), the block scales computed from each row's blocks on every call (`fake_quantize_activations`:
+compressed-tensors' `forward_quantize` → `compute_dynamic_scales_and_zp` → `fake_quantize`, bit for bit on float32).
 """
 
 from __future__ import annotations
@@ -45,8 +51,13 @@ class NVFP4Weight:
 
 def global_scale(weight: np.ndarray) -> np.float32:
     """gs = (1 / max|W|) · (448 · 6) in float32 (max|W| at least float32's smallest normal); 1 where not finite."""
-    amax = np.maximum(np.float32(np.abs(np.asarray(weight, np.float32)).max(initial=0)),
-                      np.float32(np.finfo(np.float32).tiny))
+    return global_scale_from_absmax(np.abs(np.asarray(weight, np.float32)).max(initial=0))
+
+
+def global_scale_from_absmax(absmax) -> np.float32:
+    """`generate_gparam` of a range whose larger magnitude is `absmax` (rounded to float32 first): (1 / absmax) ·
+    2688 in float32, absmax at least float32's smallest normal; 1 where not finite."""
+    amax = np.maximum(np.float32(absmax), np.float32(np.finfo(np.float32).tiny))
     with np.errstate(over="ignore", divide="ignore"):
         gs = (np.float32(1) / amax) * np.float32(FP8_MAX * FP4_MAX)  # torch's `2688.0 / amax`: reciprocal, product
     return gs if np.isfinite(gs) else np.float32(1.0)
@@ -122,3 +133,17 @@ def unpack(packed: np.ndarray) -> np.ndarray:
     """The inverse of `pack`: uint8 [N, K / 2] -> codes [N, K]."""
     packed = np.asarray(packed, np.uint8)
     return np.stack([packed & 15, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
+
+
+def fake_quantize_activations(x: np.ndarray, gs) -> np.ndarray:
+    """NVFP4 input activations, quantized and dequantized: x [..., K] float32 (K a multiple of 16) in blocks of 16
+    along K, block scale s = fp8(gs · (max|x_block| / 6)) computed here (0 → 0.125), values e2m1(x / (s / gs)) ·
+    (s / gs) in float32 (compressed-tensors' `fake_quantize` for tensor_group with dynamic local, bit for bit; a
+    negative value that rounds to zero gives −0.0)."""
+    x = np.asarray(x, np.float32)
+    if x.shape[-1] % GROUP:
+        raise ValueError(f"FP4 activation blocks need K divisible by {GROUP}, got K = {x.shape[-1]}")
+    blocks = x.reshape(*x.shape[:-1], -1, GROUP)
+    step = block_scales(blocks, np.float32(gs)).astype(np.float32) / np.float32(gs)
+    values = E2M1[to_e2m1_codes(blocks / step[..., None])] * step[..., None]
+    return values.reshape(x.shape)

@@ -12,6 +12,20 @@ from lowbit.converter.algorithms import gptq_quantize, inverse_cholesky_upper
 from lowbit.errors import LowbitError
 
 
+def reference_setup(weight, hessian, damp: float, act_order: bool):
+    """GPTQ's preparation in float64: dead inputs (zero Hessian diagonal) get H_jj = 1 and zero weights, the column
+    order (decreasing diagonal for act_order), and the dampening (a fraction of the mean diagonal)."""
+    k = weight.shape[1]
+    h = hessian.astype(np.float64)
+    w = weight.astype(np.float64)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    return w, h, perm
+
+
 def reference_gptq(weight, hessian, quant, damp=0.01, act_order=False, scale_dtype=np.float32):
     """The paper's algorithm, one column at a time, no blocks and no lazy updates, float64 weights.
 
@@ -24,13 +38,7 @@ def reference_gptq(weight, hessian, quant, damp=0.01, act_order=False, scale_dty
     kp = -(-k // g) * g
     qmax = 2**quant.bits - 1
     group_quant = WeightQuant(quant.bits, g, quant.rule, quant.clip_search)
-    h = hessian.astype(np.float64)
-    w = weight.astype(np.float64)
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
-    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    w, h, perm = reference_setup(weight, hessian, damp, act_order)
     order = np.concatenate([perm, np.arange(k, kp)])  # padding: zero weights, unit uncoupled Hessian rows
     big_w = np.zeros((n, kp))
     big_w[:, :k] = w

@@ -192,13 +192,73 @@ def test_projections_a_recipe_splits_are_emitted_unfused(arch_id, rng, tmp_path)
     assert sum(n.op_type == "Concat" and n.name.startswith("layers.") for n in graph.node) >= 2 * layers
 
 
-def test_a_split_with_smoothquant_in_the_recipe_is_still_an_error(tmp_path):
+def test_a_split_with_awq_in_the_recipe_is_still_an_error(tmp_path):
     build_tiny_model("llama", tmp_path / "src")
-    recipe = tmp_path / "unfused_sq.yaml"
-    recipe.write_text("SmoothQuantModifier:\n  smoothing_strength: 0.5\n" + UNFUSED)
+    recipe = tmp_path / "unfused_awq.yaml"
+    recipe.write_text("AWQModifier:\n  n_grid: 4\n" + UNFUSED)
     out = tmp_path / "out"
     assert_clean_failure(run_convert(tmp_path / "src", "-o", out, "--recipe", recipe), out,
                          "they can be unfused only where")
+
+
+def test_a_split_with_smoothquant_smooths_every_part(tmp_path):
+    """SmoothQuant (llm-compressor's default mappings, α = 0.5) beside q/k at int4 and v at int8 (gate int4, up
+    int8): the parts are unfused, and all read the norm's output divided by one s from the paper's rule over the
+    three (two) weights and the float model's activations; the norms hold γ / s and each part's codes are those of
+    its W·diag(s), code for code; down_proj, which no default mapping names, is not smoothed."""
+    from onnx import numpy_helper
+
+    from lowbit.converter.algorithms import fold_into_norm
+    from lowbit.converter.algorithms.awq import scale_weight
+    from lowbit.converter.algorithms.smoothquant import smoothing_scales
+    from lowbit.converter.calibration import calibrate_statistics, load_calibration_samples
+    from lowbit.custom_ops import matmul_nbits
+
+    model = build_tiny_model("llama", tmp_path / "src")
+    write_char_tokenizer(tmp_path / "src")
+    (tmp_path / "calib.txt").write_text(CALIBRATION_TEXT)
+    recipe = tmp_path / "unfused_sq.yaml"
+    recipe.write_text("SmoothQuantModifier:\n  smoothing_strength: 0.5\n" + UNFUSED)
+    out, floats = tmp_path / "out", tmp_path / "f32"
+    convert(tmp_path / "src", out, recipe=recipe, calib_data=tmp_path / "calib.txt", num_samples=4, seq_len=32)
+    convert(tmp_path / "src", floats, scheme="q0f32")
+
+    def tensors(folder):
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(folder / "model.onnx")).graph.initializer}
+
+    stored, reference = tensors(out), tensors(floats)
+    samples = load_calibration_samples(tmp_path / "calib.txt", tmp_path / "src", 4, 32, 0)
+    layers = model.config.num_hidden_layers
+    fused = {f"layers.{i}.{m}" for i in range(layers) for m in ("attn.qkv_proj", "mlp.gate_up_proj")}
+    absmax = calibrate_statistics(floats / "model.onnx", sorted(fused), ["absmax_per_channel"], samples)
+    q = model.config.num_attention_heads * model.config.head_dim
+    kv = model.config.num_key_value_heads * model.config.head_dim
+    inter = model.config.intermediate_size
+    int4, int8 = WeightQuant(4, 32, "symmetric"), WeightQuant(8, None, "symmetric")
+    for i in range(layers):
+        for module, norm, parts in (("attn.qkv_proj", "attn_norm", (("attn.q_proj", q, int4), ("attn.k_proj", kv, int4),
+                                                                     ("attn.v_proj", kv, int8))),
+                                    ("mlp.gate_up_proj", "mlp_norm", (("mlp.gate_proj", inter, int4),
+                                                                       ("mlp.up_proj", inter, int8)))):
+            w = np.ascontiguousarray(reference[f"layers.{i}.{module}.weight"].T)  # [N, K], parts stacked
+            s = smoothing_scales(absmax[f"layers.{i}.{module}"]["absmax_per_channel"], [w], 0.5)
+            name = f"layers.{i}.{norm}.weight"
+            assert np.array_equal(stored[name], fold_into_norm(reference[name], s)), name
+            start = 0
+            for part, rows, quant in parts:
+                qw = quantize(scale_weight(w[start:start + rows], s), quant)
+                start += rows
+                if quant.bits == 4:
+                    assert np.array_equal(stored[f"layers.{i}.{part}.qweight"],
+                                          matmul_nbits.pack(qw, symmetric=True).b), part
+                else:
+                    k = w.shape[1]
+                    arrays = matmul_nbits.MatMulNBitsArrays(stored[f"layers.{i}.{part}.qweight"],
+                                                            stored[f"layers.{i}.{part}.scales"], None, k, rows, 8,
+                                                            matmul_nbits.block_layout(None, k)[0])
+                    assert np.array_equal(dequantize(matmul_nbits.unpack(arrays)), dequantize(qw)), part
+    record = json.loads((out / "lowbit.json").read_text())["algorithm"]["smoothquant"]
+    assert record["alpha"] == 0.5 and len(record["scales"]) == 2 * layers
 
 
 def test_config_json_carries_the_recipe_as_compressed_tensors_reads_it(tmp_path):

@@ -279,7 +279,10 @@ def test_llm_compressor_recipes_we_cannot_honour_are_rejected_by_name():
     assert "KV-cache quantization is not supported" in fails(
         "GPTQModifier: {scheme: W4A16, kv_cache_scheme: {num_bits: 8, type: float}}")
     assert "SparseGPTModifier (pruning) is not supported" in fails("SparseGPTModifier: {sparsity: 0.5}")
-    assert "FP8 e4m3 scales per 16" in fails("QuantizationModifier: {scheme: NVFP4}")
+    assert "FP4 activations are NVFP4: strategy tensor_group" in fails(  # the NVFP4 preset itself resolves
+        "QuantizationModifier: {config_groups: {g: {targets: [Linear], weights: {num_bits: 4, type: float, strategy: "
+        "tensor_group, group_size: 16}, input_activations: {num_bits: 4, type: float, strategy: group, "
+        "group_size: 16, dynamic: true}}}}")
     assert "MXFP4" in fails("QuantizationModifier: {scheme: MXFP4A16}")
     assert "dynamic FP8 activations" in fails(
         "QuantizationModifier: {config_groups: {g: {targets: [Linear], weights: {num_bits: 8, type: float, "

@@ -18,7 +18,17 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from lowbit.affine import RULES, QuantizedWeight, WeightQuant, _encode, dequantize, group_size_for, padded_k, quantize
+from lowbit.affine import (
+    FLOAT4_RULES,
+    RULES,
+    QuantizedWeight,
+    WeightQuant,
+    _encode,
+    dequantize,
+    group_size_for,
+    padded_k,
+    quantize,
+)
 from lowbit.errors import LowbitError
 
 SCALE_FLOOR = 1e-4  # AutoAWQ's clamp of the candidate scales (and of w_mean's denominator offset)
@@ -40,7 +50,8 @@ class AWQScales:
 
 @dataclass(frozen=True)
 class AWQResult:
-    scales: np.ndarray  # [K] float64: fold 1/s into the op before the linears (`fold_into_norm`, `fold_into_linear_rows`)
+    scales: np.ndarray  # [K] float64: fold 1/s into the op before the linears (`fold_into_norm`,
+    # `fold_into_linear_rows`)
     quantized: tuple[QuantizedWeight, ...]  # one per linear: W_i·diag(s), clipped where asked
     clip_max: tuple[np.ndarray | None, ...]  # one per linear: the clip search's max |w| per group [N, G], or None
     search: AWQScales
@@ -139,7 +150,8 @@ def awq_clip_search(
 
     For each ratio r of `clip_ratios`, every group is clamped to ±r · max|w_g| and quantized by the rule; the group's
     error is d H_gg dᵀ, d = dequant − w over the group's columns and H_gg the Hessian's diagonal block for them (groups
-    scored separately, as AutoAWQ does). The first least error wins (ratio 1: no clipping)."""
+    scored separately, as AutoAWQ does). The first least error wins (ratio 1: no clipping). Integer rules only."""
+    _check_clip_rule(quant)
     stacked, hessian = _check([weight], hessian)
     if not (isinstance(grid, int) and grid >= 1 and 0 < max_shrink < 1 and int(max_shrink * grid) >= 1):
         raise ValueError(f"AWQ clip search: need grid >= 1 and 0 < max_shrink < 1 with at least one ratio, "
@@ -168,7 +180,8 @@ def awq_clip_search(
 def quantize_clipped(weight: np.ndarray, clip_max: np.ndarray, quant: WeightQuant, scale_dtype=np.float32
                      ) -> QuantizedWeight:
     """`lowbit.affine.quantize` of W [N, K] with each group clamped to ±clip_max [N, G] first (quant's clip search
-    off). With clip_max = each group's max |w| this is `quantize(W)` bit for bit."""
+    off). With clip_max = each group's max |w| this is `quantize(W)` bit for bit. Integer rules only."""
+    _check_clip_rule(quant)
     weight = np.asarray(weight, np.float32)
     n, k = weight.shape
     groups = _groups(weight, quant)
@@ -245,6 +258,14 @@ def _check(weights: list[np.ndarray], hessian: np.ndarray) -> tuple[np.ndarray, 
     if not np.isfinite(hessian).all():
         raise LowbitError("AWQ: the input's Hessian has non-finite values (overflow or NaN in the calibration run)")
     return np.concatenate([w.astype(np.float64) for w in weights]), hessian
+
+
+def _check_clip_rule(quant: WeightQuant) -> None:
+    """The clip search shrinks integer grids; NVFP4's blocks hang on a global scale (llm-compressor's AWQ, the one
+    that runs NVFP4, has no clip search)."""
+    if quant.rule in FLOAT4_RULES or quant.rule not in RULES:
+        raise LowbitError(f"AWQ's clip search is for integer grids, not rule {quant.rule}: run AWQ without it "
+                          "(clip off; llm-compressor's AWQ has none)")
 
 
 def _groups(weight: np.ndarray, quant: WeightQuant) -> np.ndarray:

@@ -8,7 +8,9 @@ the output error ‖XWᵀ − XQᵀ‖² stays small. The math is in docs/algori
 The codes, scales and zero points follow `lowbit.affine` exactly (its rules, storage rounding and padding): a group's
 parameters come from `RULES[rule].params` and are rounded for storage by `lowbit.affine._encode`, and every column is
 coded with `_encode`'s float32 operations, so the result is a `QuantizedWeight` that every storage format packs
-unchanged. Work memory is one float64 copy of W, two K × K float64 matrices and two [block, N] float64 buffers.
+unchanged. NVFP4 (rule `nvfp4`) does the same with `lowbit.nvfp4`'s functions: one global scale from the whole weight,
+an FP8 scale per block of 16, e2m1 codes. Each rule family is a column coder (`COLUMN_CODERS`). Work memory
+is one float64 copy of W, two K × K float64 matrices and two [block, N] float64 buffers.
 
 Speed (benchmarks/gptq_speed.py): the per-column work is a dozen numpy operations on one column of N values, with
 rank-one updates only inside sub-blocks of SUB_BLOCK columns; the rest is BLAS: Cholesky and triangular inverse
@@ -22,8 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lowbit import nvfp4
 from lowbit.affine import (
     CLIP_RATIOS,
+    FLOAT4_RULES,
     RULES,
     QuantizedWeight,
     WeightQuant,
@@ -73,6 +77,8 @@ def gptq_quantize(
         raise LowbitError("GPTQ: the layer's Hessian has non-finite values (overflow or NaN in the calibration run)")
     n, k = weight.shape
     g, kp = group_size_for(quant, k), padded_k(quant, k)
+    if quant.rule not in COLUMN_CODERS:
+        raise LowbitError(f"GPTQ rounds to integer grids and NVFP4, not rule {quant.rule} (round it to nearest)")
 
     h = hessian.copy()
     dead = np.diag(h) == 0  # inputs that are always zero: no information, quantize their weights as 0
@@ -92,28 +98,18 @@ def gptq_quantize(
     wt[:k][dead[perm]] = 0
 
     groups = kp // g
-    integer_zero_point, qmax = quant.integer_zero_point, np.float32(2**quant.bits - 1)
-    scales = np.empty((n, groups), scale_dtype)
-    zero_points = np.empty((n, groups), np.uint8 if integer_zero_point else scale_dtype)
-    # per group (rows), the float32 scale and zero point that code its columns, as `lowbit.affine._encode` has them
-    s32, z32 = np.empty((groups, n), np.float32), np.empty((groups, n), np.float32)
-
-    def set_params(j, scale, lo):  # scale, lo [N, J] float32 for the groups j (a slice); _encode rounds for storage
-        _, stored, zero = _encode(np.zeros(scale.shape + (1,), np.float32), scale, lo, quant, scale_dtype)
-        scales[:, j], zero_points[:, j] = stored, zero
-        s32[j], z32[j] = stored.T, zero.T
-
+    coder = COLUMN_CODERS[quant.rule](weight, quant, groups, g, scale_dtype)
     if act_order:  # every group's parameters from the original (dead-zeroed) weights, before any update
         padded = np.empty((n, kp), np.float32)
         padded[:, order] = wt.T
-        set_params(slice(None), *_group_params(padded.reshape(n, groups, g), quant, scale_dtype))
+        coder.set_groups(slice(None), padded.reshape(n, groups, g))
         del padded
     group_of = order // g
     codes_t = np.empty((kp, n), np.uint8)
     losses = np.zeros(n)
     diag = np.diag(u).copy()
     sub = min(SUB_BLOCK, block_size)
-    q, nothing = np.empty(n, np.float32), np.float32(0)
+    q = np.empty(n, np.float32)
     scratch = np.empty((min(block_size, kp), n))  # products before they are subtracted: no allocation per column
     for i1 in range(0, kp, block_size):
         i2 = min(i1 + block_size, kp)
@@ -132,25 +128,9 @@ def gptq_quantize(
                     current = current.copy()
                     current[i2 - s1 :] -= u[i1:s1, i2 : s1 + g].T @ errors[: s1 - i1]
                 j = s1 // g
-                set_params(slice(j, j + 1), *_group_params(current.T.astype(np.float32)[:, None, :], quant,
-                                                           scale_dtype))
+                coder.set_groups(slice(j, j + 1), current.T.astype(np.float32)[:, None, :])
             for t in range(s1, s2):
-                j = group_of[t]
-                s, z = s32[j], z32[j]
-                # the code as lowbit.affine._encode computes it, float32: clamp(round(w / s) + z), float zero
-                # point clamp(round(w / s + z)); then the value (q - z)·s as lowbit.affine.dequantize has it
-                np.divide(wt[t], s, out=q, dtype=np.float32, casting="same_kind")
-                if integer_zero_point:
-                    np.rint(q, out=q)
-                    q += z
-                else:
-                    q += z
-                    np.rint(q, out=q)
-                np.maximum(q, nothing, out=q)  # np.clip, without its Python overhead
-                np.minimum(q, qmax, out=q)
-                codes_t[t] = q
-                q -= z
-                q *= s
+                coder.code(wt[t], group_of[t], codes_t[t], q)  # codes_t[t]: the codes; q: their float32 values
                 error = errors[t - i1]
                 np.subtract(wt[t], q, out=error)
                 error /= diag[t]
@@ -165,8 +145,8 @@ def gptq_quantize(
 
     codes = np.empty((n, kp), np.uint8)
     codes[:, order] = codes_t.T
-    quantized = QuantizedWeight(codes, scales, zero_points, quant.bits, g, k)
-    error = _error_from_losses(weight, quantized, hessian, dead, damping, float(losses.sum()))
+    quantized = coder.quantized(codes, k)
+    error = _error_from_losses(weight, coder.padded_values(codes), hessian, dead, damping, float(losses.sum()))
     if error is None:
         error = output_error(weight, quantized, hessian)
     rtn = quantize(weight, quant, scale_dtype)
@@ -182,22 +162,19 @@ def output_error(weight: np.ndarray, quantized: QuantizedWeight, hessian: np.nda
     return float(np.vdot(gram, hessian))
 
 
-def _error_from_losses(weight: np.ndarray, quantized: QuantizedWeight, hessian: np.ndarray, dead: np.ndarray,
+def _error_from_losses(weight: np.ndarray, values: np.ndarray, hessian: np.ndarray, dead: np.ndarray,
                        damping: float, total: float) -> float | None:
     """trace((W − Q) H (W − Q)ᵀ) without a K × K product, from GPTQ's Σ e² (`total`, all rows): U H_d Uᵀ = I makes
     Σ_t e_t² = Δ H_d Δᵀ per row, for Δ = W − Q with the dead inputs' weights zeroed and H_d the matrix GPTQ
     factored: H + λI on the live inputs, 1 + λ on the dead ones and 1 on the padding, these two uncoupled. So the
     error is Σ e² − λ‖Δ_live‖² − (1 + λ)‖Δ_dead‖² − ‖Δ_padding‖² (Δ is 0 there except with a float zero point).
     None where that is not accurate to about 1e-12 relative: dead inputs whose H rows are not zero (not uncoupled),
-    or a difference that cancels more than one decimal digit (the damping dominates an almost singular H)."""
+    or a difference that cancels more than one decimal digit (the damping dominates an almost singular H). `values`:
+    the dequantized weight [N, K_padded], padding kept."""
     if dead.any() and (hessian[dead].any() or hessian[:, dead].any()):
         return None
-    n, k = weight.shape
-    codes = quantized.codes.reshape(n, quantized.groups, -1).astype(np.float32)
-    values = (codes - quantized.zero_points.astype(np.float32)[..., None]) * quantized.scales.astype(np.float32)[
-        ..., None
-    ]  # as lowbit.affine.dequantize, padding kept
-    delta = -values.reshape(n, -1).astype(np.float64)
+    k = weight.shape[1]
+    delta = -values.astype(np.float64)
     delta[:, :k] += np.where(dead, np.float32(0), weight)
     squares = np.einsum("ij,ij->j", delta, delta)  # per input
     error = total - damping * squares[:k][~dead].sum() - (1 + damping) * squares[:k][dead].sum() - squares[k:].sum()
@@ -253,3 +230,87 @@ def _group_params(groups: np.ndarray, quant: WeightQuant, scale_dtype):
         best_lo = None if lo is None else np.where(better, candidate_lo, best_lo)
         best_error = np.minimum(error, best_error)
     return best_scale, best_lo
+
+
+class _AffineColumns:
+    """`lowbit.affine`'s integer rules (`RULES`): per group a scale s and zero point z from the rule (and the clip
+    search), rounded for storage by `_encode`; a column's codes clamp(round(w / s) + z) (float zero point:
+    clamp(round(w / s + z))) and values (q − z)·s, in float32 as `_encode` and `lowbit.affine.dequantize` have them."""
+
+    def __init__(self, weight: np.ndarray, quant: WeightQuant, groups: int, g: int, scale_dtype):
+        n = weight.shape[0]
+        self.quant, self.g, self.scale_dtype = quant, g, scale_dtype
+        self.integer_zero_point, self.qmax = quant.integer_zero_point, np.float32(2**quant.bits - 1)
+        self.scales = np.empty((n, groups), scale_dtype)
+        self.zero_points = np.empty((n, groups), np.uint8 if self.integer_zero_point else scale_dtype)
+        # per group (rows), the float32 scale and zero point that code its columns
+        self.s32, self.z32 = np.empty((groups, n), np.float32), np.empty((groups, n), np.float32)
+
+    def set_groups(self, j: slice, groups: np.ndarray) -> None:
+        """Parameters of the groups j from their float32 weights [N, J, g]."""
+        scale, lo = _group_params(groups, self.quant, self.scale_dtype)
+        _, stored, zero = _encode(np.zeros(scale.shape + (1,), np.float32), scale, lo, self.quant, self.scale_dtype)
+        self.scales[:, j], self.zero_points[:, j] = stored, zero
+        self.s32[j], self.z32[j] = stored.T, zero.T
+
+    def code(self, column: np.ndarray, j: int, codes: np.ndarray, q: np.ndarray) -> None:
+        """Codes of one float64 column [N] of group j into `codes` (uint8 [N]), their values into `q` (float32)."""
+        s, z = self.s32[j], self.z32[j]
+        np.divide(column, s, out=q, dtype=np.float32, casting="same_kind")
+        if self.integer_zero_point:
+            np.rint(q, out=q)
+            q += z
+        else:
+            q += z
+            np.rint(q, out=q)
+        np.maximum(q, np.float32(0), out=q)  # np.clip, without its Python overhead
+        np.minimum(q, self.qmax, out=q)
+        codes[...] = q
+        q -= z
+        q *= s
+
+    def quantized(self, codes: np.ndarray, k: int) -> QuantizedWeight:
+        return QuantizedWeight(codes, self.scales, self.zero_points, self.quant.bits, self.g, k)
+
+    def padded_values(self, codes: np.ndarray) -> np.ndarray:
+        """(q − z)·s [N, K_padded] float32, as `lowbit.affine.dequantize` computes it, padding kept."""
+        n = codes.shape[0]
+        grouped = codes.reshape(n, self.scales.shape[1], -1).astype(np.float32)
+        values = (grouped - self.zero_points.astype(np.float32)[..., None]) * self.scales.astype(np.float32)[..., None]
+        return values.reshape(n, -1)
+
+
+class _NVFP4Columns:
+    """NVFP4 (`lowbit.nvfp4`), as llm-compressor's GPTQ runs compressed-tensors' tensor_group strategy: one global
+    scale gs from the whole weight as given, before any update (`nvfp4.global_scale`); per block of 16 an FP8 e4m3
+    scale s from its weights (`nvfp4.block_scales`); a column's codes the e2m1 rounding of w / (s / gs)
+    (`nvfp4.to_e2m1_codes`) and values e2m1 · (s / gs), float32: `lowbit.affine.quantize`'s layout for rule nvfp4."""
+
+    def __init__(self, weight: np.ndarray, quant: WeightQuant, groups: int, g: int, scale_dtype):
+        n = weight.shape[0]
+        self.quant, self.g = quant, g
+        self.gs = nvfp4.global_scale(weight)
+        self.scales = np.empty((n, groups), nvfp4.SCALE_DTYPE)
+        self.steps = np.empty((groups, n), np.float32)  # per group (rows): s / gs in float32
+
+    def set_groups(self, j: slice, groups: np.ndarray) -> None:
+        stored = nvfp4.block_scales(groups, self.gs)
+        self.scales[:, j] = stored
+        self.steps[j] = (stored.astype(np.float32) / self.gs).T
+
+    def code(self, column: np.ndarray, j: int, codes: np.ndarray, q: np.ndarray) -> None:
+        step = self.steps[j]
+        np.divide(column, step, out=q, dtype=np.float32, casting="same_kind")
+        codes[...] = nvfp4.to_e2m1_codes(q)
+        np.multiply(nvfp4.E2M1[codes], step, out=q)
+
+    def quantized(self, codes: np.ndarray, k: int) -> QuantizedWeight:
+        return QuantizedWeight(codes, self.scales, np.zeros((codes.shape[0], 1), np.uint8), 4, self.g, k,
+                               nvfp4.ELEMENT, self.gs)
+
+    def padded_values(self, codes: np.ndarray) -> np.ndarray:
+        return nvfp4.dequantize(codes, self.scales, self.gs)
+
+
+# rule -> how GPTQ computes a group's parameters and codes a column with them (the float8 rules have none)
+COLUMN_CODERS = {**{rule: _AffineColumns for rule in RULES}, **{rule: _NVFP4Columns for rule in FLOAT4_RULES}}

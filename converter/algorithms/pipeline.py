@@ -85,13 +85,18 @@ class _WeightStore:
 
     def save(self, module: str, qw: QuantizedWeight) -> Callable[[], QuantizedWeight]:
         path = self.folder / f"{module}.npz"
-        np.savez(path, codes=qw.codes, scales=qw.scales, zero_points=qw.zero_points,
-                 meta=np.array([qw.bits, qw.group_size, qw.k], np.int64))
+        # scales as raw bytes with their dtype's name (np.save cannot write float8); NVFP4's element and global scale
+        np.savez(path, codes=qw.codes, scales=qw.scales.view(f"u{qw.scales.itemsize}"),
+                 scale_dtype=np.array(qw.scales.dtype.name), zero_points=qw.zero_points,
+                 meta=np.array([qw.bits, qw.group_size, qw.k], np.int64), element=np.array(qw.element or ""),
+                 global_scale=np.float32(np.nan if qw.global_scale is None else qw.global_scale))
 
         def load() -> QuantizedWeight:
             with np.load(path) as f:
                 bits, group, k = (int(v) for v in f["meta"])
-                return QuantizedWeight(f["codes"], f["scales"], f["zero_points"], bits, group, k)
+                element, gs = str(f["element"]) or None, f["global_scale"][()]
+                return QuantizedWeight(f["codes"], f["scales"].view(np.dtype(str(f["scale_dtype"]))),
+                                       f["zero_points"], bits, group, k, element, None if np.isnan(gs) else gs)
 
         return load
 
@@ -244,6 +249,8 @@ def _awq_weight(module: str, w: np.ndarray, scaled_hessian: np.ndarray, layer: L
     if module.endswith("qkv_proj") and decoder is not None:
         q, kv = decoder.num_heads * decoder.head_dim, decoder.num_kv_heads * decoder.head_dim
         rows, clip = [q, kv, kv], [False, False, clip_search]
+    if not any(clip):  # one call for the whole node: a fused NVFP4 node keeps one global scale
+        return quantize(w, plain, scale_dtype)
     parts, start = [], 0
     for count, flag in zip(rows, clip):
         part = w[start:start + count]

@@ -35,7 +35,7 @@ from lowbit.converter.calibration import CalibrationSettings, calibrate_layerwis
 from lowbit.converter.graph import lazy_tensor
 from lowbit.converter.quant.formats import Site
 from lowbit.converter.quant.plan import LayerQuant
-from lowbit.converter.quant.rewrite import weight_loader
+from lowbit.converter.quant.rewrite import weight_loader, weight_sites
 from lowbit.errors import LowbitError
 
 MINIMUM_SMOOTHING_SCALE = 1e-5
@@ -65,7 +65,12 @@ class Smoothing:
 
     sites: tuple[Site, ...]
     norm: tuple[str, ...] = ()  # initializer names of the producing norm's weight (and bias)
-    rows_of: Site | None = None  # or: the linear whose rows produce it (gate_up_proj's up half for down_proj)
+    rows_of: Site | None = None  # or: the linear whose rows produce it (up_proj, or gate_up_proj's up half)
+    rows: slice | None = None  # which of its rows (None: all)
+
+
+NORM_BEFORE = {"qkv_proj": "attn_norm", "q_proj": "attn_norm", "k_proj": "attn_norm", "v_proj": "attn_norm",
+               "gate_up_proj": "mlp_norm", "gate_proj": "mlp_norm", "up_proj": "mlp_norm", "fc_proj": "mlp_norm"}
 
 
 def _rescale_weight(site: Site, columns: np.ndarray | None = None, rows: tuple[slice, np.ndarray] | None = None):
@@ -88,27 +93,33 @@ def _rescale_weight(site: Site, columns: np.ndarray | None = None, rows: tuple[s
 def smoothings(model: ir.Model, sites: list[tuple[Site, LayerQuant]], gated_mlp: bool,
                modules: set[str] | None = None) -> list[Smoothing]:
     """The inputs to smooth: those of the planned MatMul sites with quantized activations (or those in `modules`,
-    whatever their activations) that a norm or the up projection produces."""
-    activated = {site.module: site for site, layer in sites if site.kind == "matmul" and (
+    whatever their activations) that a norm or the up projection produces. A norm's output is smoothed for every
+    linear that reads it (q/k/v, gate/up, fused or not), quantized or float alike, so the function stays."""
+    chosen = {site.module for site, layer in sites if site.kind == "matmul" and (
         layer.activation if modules is None else site.module in modules)}
-    all_sites = {site.module: site for site, _ in sites}
+    every = {site.module: site for site in weight_sites(model) if site.kind == "matmul"}
     initializers = model.graph.initializers
-    found = []
-    for module, site in activated.items():
+    found, seen = [], set()
+    for module in (name for name in every if name in chosen):
         parts = module.split(".")
         if len(parts) != 4 or parts[0] != "layers":
             continue
         index, kind = parts[1], parts[3]
-        norm = {"qkv_proj": "attn_norm", "gate_up_proj": "mlp_norm", "fc_proj": "mlp_norm"}.get(kind)
-        if norm is not None:
+        norm = NORM_BEFORE.get(kind)
+        if norm is not None and (index, norm) not in seen:
+            seen.add((index, norm))
             names = tuple(n for n in (f"layers.{index}.{norm}.weight", f"layers.{index}.{norm}.bias")
                           if n in initializers)
+            readers = tuple(site for name, site in every.items() if name.startswith(f"layers.{index}.")
+                            and NORM_BEFORE.get(name.rsplit(".", 1)[-1]) == norm)
             if names:
-                found.append(Smoothing((site,), norm=names))
+                found.append(Smoothing(readers, norm=names))
         elif kind == "down_proj" and gated_mlp:
-            gate_up = all_sites.get(f"layers.{index}.mlp.gate_up_proj")
-            if gate_up is not None and f"layers.{index}.mlp.gate_up_proj.bias" not in initializers:
-                found.append(Smoothing((site,), rows_of=gate_up))
+            fused = every.get(f"layers.{index}.mlp.gate_up_proj")
+            up = fused or every.get(f"layers.{index}.mlp.up_proj")
+            if up is not None and f"{up.module}.bias" not in initializers:
+                found.append(Smoothing((every[module],), rows_of=up,
+                                       rows=slice(up.n // 2, None) if fused is not None else None))
     return found
 
 
@@ -121,7 +132,7 @@ def smooth_model(model: ir.Model, sites: list[tuple[Site, LayerQuant]], alpha: f
     per_module = isinstance(alpha, dict)
     targets = smoothings(model, sites, gated_mlp, set(alpha) if per_module else None)
     if per_module:
-        missing = sorted(set(alpha) - {t.sites[0].module for t in targets})
+        missing = sorted(set(alpha) - {site.module for target in targets for site in target.sites})
         if missing:
             raise LowbitError(f"SmoothQuant: {', '.join(missing)} has no norm or up projection before it to absorb "
                               "the scales (lowbit smooths q/k/v, gate/up and down_proj)")
@@ -132,7 +143,7 @@ def smooth_model(model: ir.Model, sites: list[tuple[Site, LayerQuant]], alpha: f
     float_path = work / "smoothquant" / FLOAT_MODEL
     float_path.parent.mkdir(parents=True)
     ir.save(model, float_path, external_data=FLOAT_MODEL + ".data")
-    modules = [site.module for target in targets for site in target.sites]
+    modules = [target.sites[0].module for target in targets]  # the linears of a target read one input
     statistics = calibrate_layerwise(float_path, modules, [OBSERVER], samples, progress)
     for path in float_path.parent.iterdir():  # the float copy is no longer needed: free the disk now
         path.unlink()
@@ -142,14 +153,13 @@ def smooth_model(model: ir.Model, sites: list[tuple[Site, LayerQuant]], alpha: f
     initializers = model.graph.initializers
     for target in targets:
         site = target.sites[0]
-        s = smoothing_scales(statistics[site.module][OBSERVER], [weight_loader(t)() for t in target.sites],
-                             alpha[site.module] if per_module else alpha)
+        strength = next(alpha[t.module] for t in target.sites if t.module in alpha) if per_module else alpha
+        s = smoothing_scales(statistics[site.module][OBSERVER], [weight_loader(t)() for t in target.sites], strength)
         for t in target.sites:
             _rescale_weight(t, columns=s)
         for name in target.norm:
             _fold_norm(initializers[name], s)
         if target.rows_of is not None:
-            n = target.rows_of.n
-            _rescale_weight(target.rows_of, rows=(slice(n // 2, None), s))
+            _rescale_weight(target.rows_of, rows=(target.rows or slice(None), s))
         record["scales"][site.module] = {"min": float(s.min()), "max": float(s.max())}
     return record

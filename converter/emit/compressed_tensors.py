@@ -13,7 +13,8 @@ quantizes, which become their config group's compressed parameters (`FORMATS`, b
 - `nvfp4-pack-quantized`: `weight_packed` uint8 [N, K / 2], `weight_scale` float8_e4m3fn [N, K / 16],
   `weight_global_scale` [1];
 - static activations add `input_scale` [1] (and `input_zero_point` int8 [1] where asymmetric: ONNX Runtime's
-  uint8 zero point z as z − 128, the same (q − z)·s).
+  uint8 zero point z as z − 128, the same (q − z)·s); NVFP4 activations (tensor_group, dynamic local) add
+  `input_global_scale` float32 [1], the calibrated gs the graph holds.
 
 The integers and scales are read back from the written model.onnx (`graph_weights`), after calibration: exactly
 what the graph computes with (round to nearest, GPTQ, AWQ alike), with fused q/k/v and gate/up split back into the
@@ -38,7 +39,7 @@ import onnx_ir as ir
 
 from lowbit.affine import QuantizedWeight
 from lowbit.converter.emit import EmitContext
-from lowbit.converter.emit.graph_weights import read_activation, read_weight
+from lowbit.converter.emit.graph_weights import read_activation, read_input_global_scale, read_weight
 from lowbit.converter.emit.safetensors_writer import SafetensorsWriter
 from lowbit.converter.graph import hf_modules
 from lowbit.converter.importers.bitstream import pack_dense
@@ -182,7 +183,11 @@ def _nvfp4_pack_quantized(qw, args: dict, module: str) -> dict[str, np.ndarray]:
             "weight_global_scale": np.array([qw.global_scale], np.float32)}
 
 
-def _activation_params(activation, args: dict | None, module: str) -> dict[str, np.ndarray]:
+def _activation_params(activation, args: dict | None, module: str, global_scale=None) -> dict[str, np.ndarray]:
+    if args and args.get("strategy") == "tensor_group" and args.get("dynamic") == "local":
+        if global_scale is None:
+            raise LowbitError(f"{module}: the config has NVFP4 input activations, the graph no input global scale")
+        return {"input_global_scale": global_scale}
     if not args or args.get("dynamic", False) is not False:
         return {}
     if activation is None:
@@ -315,6 +320,7 @@ def write(context: EmitContext) -> dict:
         tensor = _tensors(model, node.name)
         qw = read_weight(fmt, node, tensor, first.get("group_size") if first.get("strategy") == "group" else None)
         activation = read_activation(node.name, tensor)
+        input_global_scale = read_input_global_scale(node.name, tensor)
         start = 0
         for module, real, rows in parts:
             group = groups[module]
@@ -322,7 +328,7 @@ def write(context: EmitContext) -> dict:
                 raise LowbitError(f"{module}: compressed-tensors format {group['format']} is not written yet "
                                   f"(written: {', '.join(FORMATS)})")
             arrays = FORMATS[group["format"]].weight(_rows(qw, start, start + rows), group["weights"], module)
-            arrays.update(_activation_params(activation, group.get("input_activations"), module))
+            arrays.update(_activation_params(activation, group.get("input_activations"), module, input_global_scale))
             prefix = real[: -len(".weight")]
             renames[module] = prefix
             for local, array in arrays.items():

@@ -108,7 +108,7 @@ def _dense(node, tensor, group_size):
     return QuantizedWeight(np.ascontiguousarray(codes), scales, zero_points, bits, g, k, element)
 
 
-@register_reader("nvfp4_unpack", "dq_nvfp4")
+@register_reader("nvfp4_unpack", "dq_nvfp4", "nvfp4_a4_unpack", "dq_nvfp4_a4")
 def _nvfp4(node, tensor, group_size):
     """NVFP4 (lowbit.nvfp4.NVFP4Weight): e2m1 codes (two a byte, or FLOAT4E2M1 [N, K]), FP8 e4m3 scales per 16 and
     the global scale gs (stored as 1 / gs for TensorRT's two-level DequantizeLinear)."""
@@ -123,6 +123,22 @@ def _nvfp4(node, tensor, group_size):
         if nvfp4.inverse_global_scale(gs) != inverse:
             raise LowbitError(f"{node.name}: the global scale cannot be recovered from its inverse exactly")
     return nvfp4.NVFP4Weight(codes, tensor("scales"), np.float32(gs))
+
+
+def read_input_global_scale(module: str, tensor: Tensor) -> np.ndarray | None:
+    """NVFP4 activations' global scale gs as float32 [1] (`input_global_scale`, or recovered exactly from the
+    TensorRT form's `input_global_scale_inverse`), or None where the node has no NVFP4 activations."""
+    from lowbit import nvfp4
+
+    gs = tensor("input_global_scale")
+    if gs is None:
+        inverse = tensor("input_global_scale_inverse")
+        if inverse is None:
+            return None
+        gs = np.float32(1) / np.float32(inverse)
+        if nvfp4.inverse_global_scale(gs) != np.float32(inverse):
+            raise LowbitError(f"{module}: the input global scale cannot be recovered from its inverse exactly")
+    return np.asarray(gs, np.float32).reshape(1)
 
 
 def read_activation(module: str, tensor: Tensor) -> tuple[np.ndarray, int] | None:

@@ -10,7 +10,7 @@ plan asks for exactly that.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import ml_dtypes
@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from lowbit import nvfp4 as nvfp4_math
 from lowbit.affine import FLOAT4_RULES, FLOAT8_RULES, QuantizedWeight, WeightQuant, group_size_for, padded_k
-from lowbit.converter.quant.plan import ActivationQuant
+from lowbit.converter.quant.plan import NVFP4_ACTIVATIONS, ActivationQuant
 from lowbit.custom_ops import blockwise, gather_block_quantized, matmul_nbits, nvfp4
 from lowbit.errors import LowbitError
 from lowbit.fp8 import FLOAT8
@@ -499,6 +499,58 @@ register_format(StorageFormat(
 ))
 
 
+# ------------------------------------------------------------------------------ NVFP4 weights and activations (W4A4)
+
+INPUT_GLOBAL_SCALE = "input_global_scale"  # `{module}.input_global_scale`: gs of the activations (ort form)
+INPUT_GLOBAL_SCALE_INVERSE = "input_global_scale_inverse"  # its 1 / gs, TRT_FP4DynamicQuantize's scale (tensorrt)
+
+
+def _nvfp4_a4_unsupported(q: WeightQuant, site: Site):
+    if q.rule in FLOAT4_RULES and site.k % nvfp4_math.GROUP:
+        return f"FP4 activation blocks need K divisible by {nvfp4_math.GROUP}, not K = {site.k}"
+    return _nvfp4_unsupported(q, site)
+
+
+def _nvfp4_a4(weight_emission, scale_suffix: str, scale_of, activation_qdq):
+    """An NVFP4 weight emission with NVFP4 input activations: the weight's parts and the activations' float32
+    global scale (placeholder 1 until calibration), the activation subgraph on the MatMul's input."""
+    def emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level: int) -> Emission:
+        weight = weight_emission(q, site, scale_dtype, accuracy_level)
+        count = len(weight.parts)
+        parts = [*weight.parts, Part(scale_suffix, np.dtype(np.float32), (),
+                                     lambda a: np.asarray(scale_of(ACTIVATION_SCALE_PLACEHOLDER), np.float32))]
+
+        def build(tape, site, values):
+            x = activation_qdq(tape, site.x, values[count], site.module)
+            return weight.build(tape, replace(site, x=x), values[:count])
+
+        return Emission(parts, weight.pack, build, functions=weight.functions + (
+            (nvfp4.ACTIVATION_OP,) if activation_qdq is nvfp4.activation_qdq else ()))
+
+    return emission
+
+
+register_format(StorageFormat(
+    "nvfp4_a4_unpack", ("matmul", "gemm_t"), ("ort",), _nvfp4_a4_unsupported,
+    _nvfp4_a4(_nvfp4_unpacked_emission, INPUT_GLOBAL_SCALE, lambda gs: gs, nvfp4.activation_qdq),
+    "NVFP4 weights as nvfp4_unpack with NVFP4 input activations (W4A4): lowbit.NVFP4ActivationQDQ, an ONNX function "
+    "of standard ops, fake-quantizes x in blocks of 16 (FP8 block scales computed on every call, a calibrated "
+    "static global scale) before the float MatMul",
+    activation=NVFP4_ACTIVATIONS,
+))
+
+register_format(StorageFormat(
+    "dq_nvfp4_a4", ("matmul", "gemm_t"), ("tensorrt",), _nvfp4_a4_unsupported,
+    _nvfp4_a4(_nvfp4_two_level_emission, INPUT_GLOBAL_SCALE_INVERSE, nvfp4_math.inverse_global_scale,
+              nvfp4.activation_two_level),
+    "NVFP4 weights as dq_nvfp4 with NVFP4 input activations (W4A4) as ModelOpt exports them for TensorRT: "
+    "trt.TRT_FP4DynamicQuantize(x, 1 / global scale) → DequantizeLinear of the FP8 block scales → DequantizeLinear "
+    "of the FLOAT4E2M1 values (axis -1, block_size 16)",
+    activation=NVFP4_ACTIVATIONS, opset=nvfp4.TWO_LEVEL_OPSET,
+))
+
+
 # Preference order when a plan names no format.
 PREFERENCE = ("matmulnbits", "gather_block_quantized", "dq", "blockwise", "dynamic_quantize_matmul", "qdq_fp8_e4m3",
-              "qdq_fp8_e5m2", "qdq_uint8", "qdq_int8", "dq_fp8_e4m3", "nvfp4_unpack", "dq_nvfp4")
+              "qdq_fp8_e5m2", "qdq_uint8", "qdq_int8", "dq_fp8_e4m3", "nvfp4_unpack", "dq_nvfp4", "nvfp4_a4_unpack",
+              "dq_nvfp4_a4")

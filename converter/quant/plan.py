@@ -22,7 +22,10 @@ from lowbit.fp8 import FLOAT8
 class ActivationQuant:
     """How a layer's input activations are quantized: `dynamic` = range measured at run time on every call
     (static: a scale calibrated beforehand); `strategy` "tensor" (one scale and zero point for the whole input) or
-    "token" (one per row); `type` "int" or "float" (8-bit, `element` "e4m3" or "e5m2": lowbit.fp8)."""
+    "token" (one per row); `type` "int" or "float" (8-bit, `element` "e4m3" or "e5m2": lowbit.fp8). NVFP4
+    activations (`NVFP4_ACTIVATIONS`: 4-bit float, `element` "e2m1", strategy "tensor_group", blocks of 16) have a
+    static (calibrated) global scale and FP8 block scales computed on every call (compressed-tensors' dynamic
+    local); `dynamic` False says that calibration measures the global scale."""
 
     bits: int = 8
     type: str = "int"
@@ -36,9 +39,14 @@ class ActivationQuant:
             raise ValueError(f"activation bits must be within 2..8, got {self.bits}")
         if self.type not in ("int", "float"):
             raise ValueError(f"activation type must be 'int' or 'float', got {self.type!r}")
-        if self.strategy not in ("tensor", "token"):
-            raise ValueError(f"activation strategy must be 'tensor' or 'token', got {self.strategy!r}")
-        if self.type == "float" and (self.bits != 8 or self.element not in FLOAT8):
+        if self.strategy not in ("tensor", "token", "tensor_group"):
+            raise ValueError(f"activation strategy must be 'tensor', 'token' or 'tensor_group', got {self.strategy!r}")
+        if (self.strategy == "tensor_group") != (self.element == FP4_ELEMENT):
+            raise ValueError("tensor_group activations are NVFP4 (4-bit float, element 'e2m1'), and only they")
+        if self.element == FP4_ELEMENT:
+            if (self.bits, self.type, self.dynamic, self.symmetric) != (4, "float", False, True):
+                raise ValueError("NVFP4 activations are 4-bit float, symmetric, with a static global scale")
+        elif self.type == "float" and (self.bits != 8 or self.element not in FLOAT8):
             raise ValueError(f"float activations are 8-bit with element one of {', '.join(FLOAT8)}, got "
                              f"{self.bits}-bit {self.element!r}")
         if self.type == "int" and self.element is not None:
@@ -49,9 +57,16 @@ class ActivationQuant:
         return {k: v for k, v in asdict(self).items() if k != "element" or v is not None}
 
     def describe(self) -> str:
+        if self.element == FP4_ELEMENT:
+            return "nvfp4 e2m1 (dynamic fp8 scales per 16, static global scale)"
         kind = f"fp8 {self.element}" if self.type == "float" else f"{self.type}{self.bits}"
         return (f"{kind} {'dynamic' if self.dynamic else 'static'} "
                 f"{'symmetric' if self.symmetric else 'asymmetric'} per-{self.strategy}")
+
+
+FP4_ELEMENT = "e2m1"
+NVFP4_ACTIVATIONS = ActivationQuant(bits=4, type="float", dynamic=False, symmetric=True, strategy="tensor_group",
+                                    element=FP4_ELEMENT)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from lowbit.affine import FLOAT4_RULES, QuantizedWeight, group_size_for, quantiz
 from lowbit.converter.quant.formats import FORMATS, PREFERENCE, Site, StorageFormat
 from lowbit.converter.quant.ignore import WeightModule, ignored_modules
 from lowbit.converter.quant.plan import ActivationQuant, LayerQuant, QuantPlan
-from lowbit.custom_ops import blockwise
+from lowbit.custom_ops import blockwise, nvfp4
 
 
 @dataclass
@@ -212,7 +212,8 @@ def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype, ignore:
         for part in emission.parts:
             name = f"{site.module}.{part.suffix}"
             tensor = lazy_tensor(name, part.dtype, part.shape, lambda part=part, once=once: part.get(once.get()))
-            value = ir.Value(name=name, shape=ir.Shape(part.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+            value = ir.Value(name=name, shape=ir.Shape(part.shape), type=ir.TensorType(tensor.dtype),
+                             const_value=tensor)
             graph.register_initializer(value)
             values.append(value)
         tape = ir.tape.Tape()
@@ -234,11 +235,13 @@ def quantize_model(model: ir.Model, plan: QuantPlan, target: str, dtype, ignore:
     if opset > model.opset_imports.get("", 0):  # e.g. FLOAT4E2M1 DequantizeLinear (opset 23)
         model.opset_imports[""] = opset
     for name in sorted(used_functions):
-        function = blockwise.FUNCTIONS[name]()
+        function = {**blockwise.FUNCTIONS, **nvfp4.FUNCTIONS}[name]()
         model.functions[function.identifier()] = function
         model.opset_imports[blockwise.DOMAIN] = blockwise.VERSION
     if any(n.domain == "com.microsoft" for n in graph):
         model.opset_imports.setdefault("com.microsoft", 1)
+    if any(n.domain == nvfp4.TRT_DOMAIN for n in graph):  # TensorRT's TRT_FP4DynamicQuantize (NVFP4 activations)
+        model.opset_imports.setdefault(nvfp4.TRT_DOMAIN, 1)
     return report
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from lowbit.affine import FLOAT4_RULES, WeightQuant
+from lowbit.affine import WeightQuant
 from lowbit.converter.quant.plan import ActivationQuant, LayerQuant, QuantPlan, QuantRule
 from lowbit.converter.recipes.load import (
     AWQOptions,
@@ -253,28 +253,19 @@ def _resolve(recipe: Recipe, modules: list[RecipeModule], pad, target, accuracy_
                 detail = "; ".join(f"{h}: {x.describe()}" for h, x in zip(m.hf_modules, settings))
                 raise RecipeError(path, f"{m.name} computes {', '.join(m.hf_modules)} in one node but the recipe "
                                         f"gives them different settings ({detail}); they can be unfused only "
-                                        "where the checkpoint stores them apart and the recipe runs no AWQ or "
-                                        "SmoothQuant: give them one setting")
+                                        "where the checkpoint stores them apart and the recipe runs no AWQ: "
+                                        "give them one setting")
         claimed = [w for w in where if w is not None]
         groups = tuple(dict.fromkeys(g.name for _, _, g in claimed))
         mods = tuple(dict.fromkeys(mod.label for _, mod, _ in claimed))
         if first.quant is not None:
             _check_module(m, claimed[0][1], claimed[0][2], first.quant, pad, target)
-            if first.algorithm in ("gptq", "awq") and first.quant.weight.rule in FLOAT4_RULES:
-                raise RecipeError(claimed[0][2].path, f"{m.name}: {first.algorithm.upper()} in lowbit searches "
-                                                      f"integer grids, not {first.quant.weight.rule} weights: "
-                                                      "quantize them with a QuantizationModifier (round to nearest)")
         resolved[m.name] = ResolvedModule(m.name, m.hf_modules, m.kind, first.quant, groups, mods, first.algorithm,
                                           first.gptq, first.awq, first.smoothquant)
         rules.append(QuantRule(m.name, first.quant))
     plan = QuantPlan(tuple(rules), pad is not False)
-    fp4 = [m for m in resolved.values() if m.quant is not None and m.quant.weight.rule in FLOAT4_RULES]
-    if target == "tensorrt" and fp4 and plan.static_activations():
-        mod = next(mod for mod in recipe.modifiers if mod.label == fp4[0].modifiers[0])
-        raise RecipeError(next(g for g in mod.groups if g.name == fp4[0].groups[0]).path,
-                          "static activation scales are calibrated by running the model in ONNX Runtime, which "
-                          "cannot run the FLOAT4E2M1 DequantizeLinear of NVFP4 weights on target tensorrt: convert "
-                          "the NVFP4 and the statically quantized groups separately, or for target ort")
+    # NVFP4 weights on tensorrt beside static activation scales: calibration runs their FLOAT4E2M1 bytes in ONNX
+    # Runtime through standard ops (calibrate_folder._float4_weights_for_ort), so no restriction here
     return Resolution(recipe, resolved, plan, tuple(dict.fromkeys(unused_ignores)), tuple(conflicts))
 
 

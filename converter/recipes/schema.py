@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lowbit.affine import WeightQuant
 from lowbit.converter.quant.formats import DYNAMIC_INT8, STATIC_INT8_SYMMETRIC, STATIC_UINT8, static_fp8
-from lowbit.converter.quant.plan import ActivationQuant
+from lowbit.converter.quant.plan import NVFP4_ACTIVATIONS, ActivationQuant
 from lowbit.errors import LowbitError
 
 Path = tuple  # a key path into the recipe document: str keys and int list indices
@@ -368,8 +368,7 @@ def activation_quant(args: QuantArgs, path: Path) -> ActivationQuant:
                                                 "activations per tensor (int8 dynamic asymmetric: "
                                                 "DynamicQuantizeMatMul; int8 or FP8 static)")
     if args.type == "float" and args.num_bits == 4:
-        raise RecipeError(path + ("num_bits",), f"{_float_name(args, strategy)} activations (dynamic FP4) are not "
-                                                "supported: lowbit's NVFP4 is weight-only (the NVFP4A16 preset)")
+        return _nvfp4_activation(args, strategy, path)
     if strategy != "tensor":
         name = _float_name(args, strategy) if args.type == "float" else f"int{args.num_bits}"
         raise RecipeError(path + ("strategy",), f"{name} activations with strategy {strategy} are not supported "
@@ -404,6 +403,32 @@ def activation_quant(args: QuantArgs, path: Path) -> ActivationQuant:
                                                      "(uint8 with a zero point); write symmetric: false")
         return DYNAMIC_INT8
     return STATIC_INT8_SYMMETRIC if args.symmetric else STATIC_UINT8
+
+
+def _nvfp4_activation(args: QuantArgs, strategy: str, path: Path) -> ActivationQuant:
+    """The `NVFP4` preset's input activations (tensor_group, groups of 16, dynamic local: a calibrated static global
+    scale, FP8 block scales computed at run time, symmetric), or a RecipeError naming what differs."""
+    if strategy != "tensor_group":
+        raise RecipeError(path + ("strategy",), f"{_float_name(args, strategy)} activations are not supported "
+                                                "(FP4 activations are NVFP4: strategy tensor_group, group_size 16)")
+    if args.group_size != NVFP4_GROUP:
+        raise RecipeError(path + ("group_size",), f"NVFP4 activations take group_size {NVFP4_GROUP}, not "
+                                                  f"{args.group_size}")
+    if args.dynamic != "local":
+        raise RecipeError(path + ("dynamic",), f"NVFP4 activations with dynamic: {args.dynamic} are not supported "
+                                               "(dynamic: local: a calibrated global scale, block scales at run time)")
+    if not args.symmetric:
+        raise RecipeError(path + ("symmetric",), "asymmetric FP4 activations are not supported (symmetric: true)")
+    for key in ("scale_dtype", "zp_dtype"):
+        if getattr(args, key) is not None and getattr(args, key) not in FLOAT8_E4M3_NAMES:
+            raise RecipeError(path + (key,), f"{key} {getattr(args, key)} is not supported for NVFP4 activations "
+                                             "(float8_e4m3fn)")
+    if args.observer_kwargs:
+        raise RecipeError(path + ("observer_kwargs",), "observer_kwargs are not supported")
+    if args.observer is not None and args.observer not in ACTIVATION_STATIC_OBSERVERS:
+        raise RecipeError(path + ("observer",), f"NVFP4 activation observer {args.observer!r} is not supported: the "
+                                                "global input scale is the calibration's max |x| (static_minmax)")
+    return NVFP4_ACTIVATIONS
 
 
 # ------------------------------------------------------------------------------ validated, normalised pieces
