@@ -31,7 +31,7 @@ from lowbit.converter.recipes import parse_recipe, resolve_recipe
 from lowbit.custom_ops import nvfp4 as nvfp4_ops
 from lowbit.errors import LowbitError
 from tests.conftest import STORIES, build_tiny_model
-from tests.test_fp8 import CALIBRATION_TEXT, onnx_logits, write_char_tokenizer
+from tests.test_fp8 import CALIBRATION_TEXT, write_char_tokenizer
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("compressed_tensors")
@@ -40,7 +40,8 @@ from compressed_tensors.quantization.lifecycle.forward import forward_quantize  
 from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES  # noqa: E402
 from compressed_tensors.quantization.utils import generate_gparam  # noqa: E402
 
-from tests.test_nvfp4 import assert_rejected, nvfp4_reference_weight, set_weight  # noqa: E402
+from tests.test_nvfp4 import (assert_matches_up_to_ties, assert_rejected, nvfp4_reference_weight,  # noqa: E402
+                               set_weight)
 
 ARGS = PRESET_SCHEMES["NVFP4"]["input_activations"]
 BOUNDS = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32)  # e2m1 rounding boundaries (ties)
@@ -276,17 +277,7 @@ def test_tiny_llama_nvfp4_on_ort_equals_the_reference(rng, tmp_path):
 
     for module in formats:
         set_weight(reference, module, nvfp4_reference_weight(reference, module), hook(scales[module]))
-    ids = rng.integers(3, model.config.vocab_size, (3, 24))
-    near_tie["mask"] = np.zeros(ids.shape, bool)
-    with torch.no_grad():
-        expected = reference(input_ids=torch.tensor(ids)).logits.numpy()
-        float_logits = model(input_ids=torch.tensor(ids)).logits.numpy()
-    got = onnx_logits(out, ids)
-    scale = np.abs(expected).max()
-    exact = np.cumsum(near_tie["mask"], axis=1) == 0
-    assert exact.mean() >= 0.2, exact.mean()
-    assert (np.abs(got - expected) / scale)[exact].max() <= 1e-4
-    assert np.abs(float_logits - expected).mean() / scale > 1e-3  # the quantization is really there
+    assert_matches_up_to_ties(model, reference, out, near_tie, rng)
 
     # calibration ran with every activation subgraph bypassed: the sites and the bypass see them all
     proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
