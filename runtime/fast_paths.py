@@ -8,6 +8,12 @@ chunks that lays the activations out in the padded order, and, for float zero po
 `groupsum(x) @ ((z - c) * s)` subtracted from the product. The folder on disk is not changed; other runtimes
 still run the function bodies.
 
+NVFP4 weights on the ort target (converter format `nvfp4_unpack`: packed FP4 codes, FP8 block scales and a global
+scale unpacked by standard ops) have no ORT kernel; ORT folds the unpack graph into the float weight at load, and
+its folding holds several full-size intermediates at once (int64 indices among them: 3 GB peak for a 540 MB float
+model). Here each such MatMul instead reads its float32 weight, dequantized in numpy one layer at a time
+(`lowbit.nvfp4.dequantize`, bit for bit what the folding computes), and the unpack nodes go.
+
 How: the graph is read without its weights (`onnx.load(..., load_external_data=False)`); the packed tensors are
 read one layer at a time through memory maps of the folder's external data, repacked, and written to a data
 file in a temporary folder, which also holds (hard-linked, or copied when linking fails) the folder's other
@@ -55,6 +61,17 @@ def has_blockwise_matmul(model_dir: Path, metadata: dict | None) -> bool:
         if not any(layer.get("format") == "blockwise" for layer in metadata["quantization"].values()):
             return False
     return MATMUL_OP[1].encode() in (model_dir / "model.onnx").read_bytes()
+
+
+NVFP4_FORMATS = ("nvfp4_unpack", "nvfp4_a4_unpack")  # converter formats whose MatMul weight is an unpack graph
+
+
+def nvfp4_layers(metadata: dict | None) -> dict[str, int]:
+    """{module: K} of the folder's NVFP4 layers that the load-time dequantization takes (float32 models)."""
+    if (metadata or {}).get("dtype") != "float32":
+        return {}
+    return {name: int(layer["shape"][1]) for name, layer in metadata.get("quantization", {}).items()
+            if layer.get("format") in NVFP4_FORMATS and len(layer.get("shape") or ()) == 2}
 
 
 def has_2bit_matmul_nbits(metadata: dict | None) -> bool:
@@ -110,7 +127,8 @@ def inference_session(model_dir: Path, options, providers: list[str], metadata: 
 
     model_path = model_dir / "model.onnx"
     blockwise = has_blockwise_matmul(model_dir, metadata)
-    rewrite = blockwise or has_2bit_matmul_nbits(metadata)
+    nvfp4 = nvfp4_layers(metadata)
+    rewrite = blockwise or has_2bit_matmul_nbits(metadata) or bool(nvfp4)
     off = None if enabled() else f"{ENV_SWITCH}=0"
     if providers[0] != "CPUExecutionProvider":
         off = "the fast path is for the CPU provider"
@@ -127,7 +145,7 @@ def inference_session(model_dir: Path, options, providers: list[str], metadata: 
         with tempfile.TemporaryDirectory(prefix="lowbit-fast-path-", ignore_cleanup_errors=True) as folder:
             result = RewriteResult()
             if rewrite and off is None:
-                result = rewrite_blockwise(model, model_dir, accuracy_levels(metadata), Path(folder))
+                result = rewrite_blockwise(model, model_dir, accuracy_levels(metadata), Path(folder), nvfp4)
             if accuracy_level is not None:
                 set_accuracy_level(model.graph, accuracy_level)
             if result.changed or accuracy_level is not None:
@@ -148,10 +166,11 @@ class RewriteResult:
     fast: list[str] = field(default_factory=list)  # nodes now running as MatMulNBits
     fallback: list[tuple[str, str]] = field(default_factory=list)  # (node, why it kept its function body)
     widened: list[str] = field(default_factory=list)  # 2-bit MatMulNBits nodes now running as 4-bit
+    dequantized: list[str] = field(default_factory=list)  # NVFP4 MatMuls now reading a float weight
 
     @property
     def changed(self) -> bool:
-        return bool(self.fast or self.widened)
+        return bool(self.fast or self.widened or self.dequantized)
 
     def messages(self) -> list[str]:
         lines = []
@@ -160,6 +179,8 @@ class RewriteResult:
         if self.widened:
             lines.append(f"{len(self.widened)} 2-bit MatMulNBits nodes run as 4-bit (the same weights, widened at "
                          "load: ORT's 4-bit kernel is the faster one)")
+        if self.dequantized:
+            lines.append(f"{len(self.dequantized)} NVFP4 weights dequantized to float32 at load, one layer at a time")
         lines += [f"{name} runs as its ONNX function body ({why})" for name, why in self.fallback]
         return lines
 
@@ -280,6 +301,39 @@ def _why_not(node, reader: _TensorReader) -> str | None:
             or words.dims[1] * (32 // bits) < groups * group:
         return "tensor shapes disagree with the attributes"
     return None
+
+
+def _dequantize_nvfp4(node, reader: _TensorReader, writer, layers: dict[str, int]) -> bool:
+    """A MatMul of an NVFP4 layer (`layers`: module -> K) reading the unpack graph's weight becomes the MatMul over
+    that weight, float32 [K, N], dequantized here (`lowbit.nvfp4`) and appended to `writer`; False leaves the node
+    to the caller. The unpack nodes are left without a reader (`_prune` removes them)."""
+    from onnx import TensorProto, helper
+
+    from lowbit import nvfp4
+
+    if node.op_type != "MatMul" or node.domain or node.name not in layers:
+        return False
+    packed, scales, gs = (f"{node.name}.{part}" for part in ("qweight", "scales", "global_scale"))
+    if not all(reader.has(name) for name in (packed, scales, gs)) \
+            or reader.protos[scales].data_type != TensorProto.FLOAT8E4M3FN:
+        return False
+    k = layers[node.name]
+    weight = nvfp4.dequantize(nvfp4.unpack(reader.read(packed)), reader.read(scales), np.float32(reader.read(gs)))
+    inputs = [node.input[0], writer.array("weight", np.ascontiguousarray(weight[:, :k].T))]
+    del weight
+    writer.nodes.append(helper.make_node("MatMul", inputs, list(node.output), name=node.name))
+    return True
+
+
+def _prune(graph) -> None:
+    """Removes the nodes whose outputs nothing reads (the graph's outputs count as read), repeatedly."""
+    while True:
+        used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+        kept = [n for n in graph.node if any(out in used for out in n.output if out)]
+        if len(kept) == len(graph.node):
+            return
+        del graph.node[:]
+        graph.node.extend(kept)
 
 
 def _widen_2bit(node, reader: _TensorReader, writer) -> bool:
@@ -436,9 +490,11 @@ class _GraphWriter:
         return self.shared[key]
 
 
-def rewrite_blockwise(model, model_dir: Path, levels: dict[str, int], folder: Path) -> RewriteResult:
+def rewrite_blockwise(model, model_dir: Path, levels: dict[str, int], folder: Path,
+                      nvfp4: dict[str, int] | None = None) -> RewriteResult:
     """Rewrites every `lowbit.MatMulBlockwise` node of `model` (an onnx.ModelProto loaded without external data) in
-    place, writing the new weights, and the external data the graph still reads, into `folder`."""
+    place, and every 2-bit MatMulNBits and NVFP4 MatMul (`nvfp4`: module -> K) it can, writing the new weights, and
+    the external data the graph still reads, into `folder`."""
     from onnx import helper
 
     from lowbit.custom_ops import blockwise_repack, matmul_nbits
@@ -452,6 +508,9 @@ def rewrite_blockwise(model, model_dir: Path, levels: dict[str, int], folder: Pa
         for node in graph.node:
             if _widen_2bit(node, reader, writer):
                 result.widened.append(node.name or node.output[0])
+                continue
+            if nvfp4 and _dequantize_nvfp4(node, reader, writer, nvfp4):
+                result.dequantized.append(node.name)
                 continue
             if (node.domain, node.op_type) != MATMUL_OP:
                 writer.nodes.append(node)
@@ -492,6 +551,7 @@ def rewrite_blockwise(model, model_dir: Path, levels: dict[str, int], folder: Pa
             return result
         del graph.node[:]
         graph.node.extend(writer.nodes)
+        _prune(graph)
         used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
         kept = [t for t in graph.initializer if t.name in used]
         del graph.initializer[:]

@@ -311,3 +311,39 @@ def test_2bit_layers_run_as_4bit_with_the_same_logits(arch, symmetric, level, ti
         "kernel is the faster one)"]
     for a, b in zip(fast, plain):
         assert relative(a, b) <= TOLERANCE[(level, "float32")]
+
+
+# ------------------------------------------------------------------ NVFP4 weights dequantized at load
+
+NVFP4_RECIPE = "QuantizationModifier:\n  ignore: [lm_head]\n  scheme: NVFP4A16\n  targets: [Linear]\n"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_nvfp4_weights_dequantized_at_load_give_the_folded_graphs_logits(arch, tiny_sources, tmp_path, monkeypatch,
+                                                                         capfd, rng):
+    """An NVFP4A16 folder (ort: the unpack graph ORT folds at load): with the fast path every NVFP4 MatMul reads
+    the float32 weight dequantized in numpy, the unpack nodes are gone, and prefill and cached decode give the
+    logits of the folded graph bit for bit (the same weights into the same MatMul)."""
+    import onnx
+
+    import lowbit
+    from lowbit.runtime import fast_paths
+
+    recipe = tmp_path / "nvfp4.yaml"
+    recipe.write_text(NVFP4_RECIPE)
+    out = tmp_path / "out"
+    lowbit.convert(str(tiny_sources[arch]), out, recipe=recipe)
+    meta = json.loads((out / "lowbit.json").read_text())
+    layers = fast_paths.nvfp4_layers(meta)
+    assert len(layers) == len(meta["quantization"]) > 0
+    capfd.readouterr()
+    fast, folded = both_paths(out, monkeypatch, lambda s: prefill_and_decode(s, rng))
+    assert capfd.readouterr().err.splitlines() == [
+        f"lowbit: {len(layers)} NVFP4 weights dequantized to float32 at load, one layer at a time"]
+    for a, b in zip(fast, folded):
+        assert np.array_equal(a, b)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    result = fast_paths.rewrite_blockwise(model, out, fast_paths.accuracy_levels(meta), tmp_path, layers)
+    assert sorted(result.dequantized) == sorted(layers)
+    assert not [n for n in model.graph.node if n.op_type in ("BitwiseAnd", "BitShift", "Gather")
+                and n.name.rsplit(".", 1)[0] in layers]

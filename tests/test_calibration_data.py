@@ -124,3 +124,30 @@ def test_bad_sizes(options, message, tokenizer):
 def test_tokenizer_from_a_folder():
     samples = load_calibration_samples(None, SAMPLE_MODEL, num_samples=2, seq_len=16)
     assert len(samples) == 2
+
+
+def test_long_plain_text_is_tokenized_piece_by_piece(tokenizer, tmp_path):
+    """A text over TEXT_CHUNK characters is tokenized in pieces cut at blank lines (else line ends), so the
+    tokenizer never holds a whole large file's encoding; the pieces join back to the text. With this
+    SentencePiece tokenizer the tokens equal the whole text's where each piece starts with a space (as WikiText's
+    lines do); otherwise a piece's first word is tokenized as after a space, a token or two apart per piece."""
+    from lowbit.converter.calibration.data import TEXT_CHUNK, text_pieces, text_tokens
+
+    paragraphs = DEFAULT_CALIBRATION_FILE.read_text().split("\n\n")
+    rng = np.random.default_rng(5)
+    text = "\n\n ".join(paragraphs[i] for i in rng.integers(0, len(paragraphs), 4 * TEXT_CHUNK // 400))
+    assert len(text) > 2 * TEXT_CHUNK
+    pieces = text_pieces(text)
+    assert "".join(pieces) == text and len(pieces) >= 3
+    assert all(len(p) <= TEXT_CHUNK and p.endswith("\n\n") for p in pieces[:-1])
+    assert text_pieces("x" * 10, size=4) == ["xxxx", "xxxx", "xx"]  # no line end: cut at the limit
+    assert text_pieces("ab\ncd\nef", size=4) == ["ab\n", "cd\n", "ef"]
+    whole = np.asarray(tokenizer.encode(text, add_special_tokens=False))
+    np.testing.assert_array_equal(text_tokens(tokenizer, text), whole)
+    unspaced = text.replace("\n\n ", "\n\n")
+    extra = len(text_tokens(tokenizer, unspaced)) - len(tokenizer.encode(unspaced, add_special_tokens=False))
+    assert extra != 0 and abs(extra) <= 2 * (len(text_pieces(unspaced)) - 1)
+    path = tmp_path / "long.txt"
+    path.write_text(text)
+    samples = load_calibration_samples(path, tokenizer, num_samples=10_000, seq_len=65)
+    np.testing.assert_array_equal(np.concatenate([s[1:] for s in samples]), whole[: 64 * len(samples)])

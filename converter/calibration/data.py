@@ -7,7 +7,11 @@ Formats (chosen by the file's suffix):
   has: `text`; ShareGPT `conversations: [{from, value}]`; chat `messages: [{role, content}]`; a seed task
   `instruction` + `instances: [{input, output}]`; Alpaca `instruction` / `input` / `output`. The strings of a
   row are joined with blank lines.
-- anything else: plain UTF-8 text, tokenized whole and cut into non-overlapping windows.
+- anything else: plain UTF-8 text, tokenized and cut into non-overlapping windows. A text longer than
+  `TEXT_CHUNK` characters is tokenized a piece at a time, each piece ending at a blank line (else a line end)
+  before the limit: the tokenizer's own output for a whole megabyte-sized text takes hundreds of MB (WikiText-2
+  test, 1.3 MB: 509 MB peak, 125 MB piecewise). Only a piece's first word can differ from a whole-text encoding
+  (a SentencePiece tokenizer reads it as after a space; WikiText's lines start with one, so there none does).
 
 Rows stay separate samples: a row is one document (an instruction and its answer, a conversation), so each
 sample starts the way a prompt does (with the tokenizer's BOS) and attention never crosses two unrelated rows.
@@ -149,11 +153,34 @@ def _bos_prefix(tokenizer: Tokenizer) -> list[int]:
     return [bos] if adds else []
 
 
-def text_windows(tokens: list[int], prefix: list[int], seq_len: int) -> list[list[int]]:
+TEXT_CHUNK = 1 << 16  # characters of plain text tokenized at a time
+
+
+def text_pieces(text: str, size: int = TEXT_CHUNK) -> list[str]:
+    """`text` in pieces of at most `size` characters, each cut after a blank line, else after a line end, else at
+    the limit; they join back to `text`."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        end = start + size
+        cut = text.rfind("\n\n", start, end - 1)
+        cut = cut + 2 if cut > start else text.rfind("\n", start, end) + 1
+        cut = cut if cut > start else end
+        pieces.append(text[start:cut])
+        start = cut
+    return pieces + [text[start:]]
+
+
+def text_tokens(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """The text's token ids (no special tokens), int64, tokenized piece by piece (`text_pieces`)."""
+    parts = [np.asarray(tokenizer.encode(piece, add_special_tokens=False), np.int64) for piece in text_pieces(text)]
+    return np.concatenate(parts)
+
+
+def text_windows(tokens, prefix: list[int], seq_len: int) -> list[list[int]]:
     """Non-overlapping windows of seq_len tokens (prefix + seq_len - len(prefix) text tokens); a short tail is
-    dropped unless it is the only window."""
+    dropped unless it is the only window. `tokens`: a list or a 1-D array of ids."""
     body = seq_len - len(prefix)
-    windows = [prefix + tokens[start:start + body] for start in range(0, len(tokens), body)]
+    windows = [prefix + list(tokens[start:start + body]) for start in range(0, len(tokens), body)]
     if len(windows) > 1 and len(windows[-1]) < seq_len:
         windows.pop()
     return windows
@@ -187,8 +214,7 @@ def load_calibration_samples(
             raise LowbitError(f"{path}: no row has any text")
         samples = [tokenizer.encode(texts[i])[:seq_len] for i in _pick(len(texts), num_samples, seed)]
     else:
-        tokens = tokenizer.encode(text, add_special_tokens=False)
-        windows = text_windows(tokens, _bos_prefix(tokenizer), seq_len)
+        windows = text_windows(text_tokens(tokenizer, text), _bos_prefix(tokenizer), seq_len)
         samples = [windows[i] for i in _pick(len(windows), num_samples, seed)]
     samples = [np.asarray(s, dtype=np.int64) for s in samples if len(s)]
     if not samples:
