@@ -4,7 +4,8 @@
         [--schemes q0f32 w4a16 ...] [--prompt-len 128] [--new-tokens 16] [--threads 2] [--json FILE]
 
 Builds a random-weight checkpoint of a real config (benchmarks/random_model.py), converts it with
-every scheme, then runs `lowbit bench` in a fresh process per scheme, all schemes once per round
+every scheme (and the formats only a recipe reaches, with benchmarks/recipes/: rows `*-recipe`), then runs
+`lowbit bench` in a fresh process per scheme, all schemes once per round
 (rotating the order), for `--rounds` rounds. A scheme's prefill/decode is its best round; peak RSS
 is the bench process's own (wait4). Ratios are against q0f32 from the same run, so machine load
 moves both sides alike. Prints a Markdown table (docs/performance.md keeps the latest).
@@ -40,6 +41,9 @@ SCHEMES = [
     ("w8a8-static", "w8a8-static", ["--num-samples", "16"]),
     ("e4m3_e4m3_f16", "e4m3_e4m3_f16", ["--num-samples", "16"]),  # activation scales: lowbit's default set
     ("e5m2_e5m2_f16", "e5m2_e5m2_f16", ["--num-samples", "16"]),
+    # formats only a recipe reaches (benchmarks/recipes/): scheme None
+    ("nvfp4a16-recipe", None, ["--recipe", str(HERE / "recipes" / "nvfp4a16.yaml")]),
+    ("nvfp4-recipe", None, ["--recipe", str(HERE / "recipes" / "nvfp4.yaml"), "--num-samples", "16"]),
 ]
 
 
@@ -71,8 +75,8 @@ def main():
     for label in labels:
         scheme, extra = jobs[label]
         folders[label] = out = args.work / f"{args.model}-{label}"
-        run_child([sys.executable, "-m", "lowbit", "convert", str(source), "-o", str(out), "--scheme", scheme,
-                   "--overwrite", *extra])
+        run_child([sys.executable, "-m", "lowbit", "convert", str(source), "-o", str(out), "--overwrite",
+                   *(["--scheme", scheme] if scheme else []), *extra])
         print(f"converted {label}: {model_bytes(out) / 1e6:.1f} MB", flush=True)
     results = interleaved_bench({label: folders[label] for label in labels}, args.rounds, args.prompt_len,
                                 args.new_tokens, args.threads)
