@@ -43,6 +43,7 @@ TINY_CONFIGS = {
     ),
     "mistral": ("MistralConfig", {**COMMON, **GQA, "sliding_window": 5, "head_dim": 16}),
     "qwen2": ("Qwen2Config", {**COMMON, **GQA, "tie_word_embeddings": True}),
+    "qwen2-untied": ("Qwen2Config", {**COMMON, **GQA, "tie_word_embeddings": False}),  # as Qwen2-7B
     "qwen3": ("Qwen3Config", {**COMMON, **GQA, "head_dim": 16, "tie_word_embeddings": True}),
     "phi3": ("Phi3Config", {**COMMON, **GQA, "pad_token_id": 0, "tie_word_embeddings": False}),
     "phi3-longrope": (

@@ -1,5 +1,5 @@
-"""Every sample recipe (samples/recipes/, (a)-(e)) on tiny Llama and Qwen2 (untied, GQA): the ONNX Runtime logits
-equal a fake-quant reference of the same recipe, within float rounding.
+"""Every sample recipe (samples/recipes/, (a)-(e)) on tiny Llama and Qwen2 (GQA; tied and untied): the ONNX Runtime
+logits equal a fake-quant reference of the same recipe, within float rounding.
 
 The reference is the transformers model in float32 whose every quantized linear holds the weight the folder stores,
 dequantized in numpy (`converter.emit.graph_weights.read_weight`, then `lowbit.affine.dequantize`: integer codes,
@@ -103,7 +103,7 @@ class RecipeReference:
 
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.stem[0])
-@pytest.mark.parametrize("arch_id", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch_id", ["llama", "qwen2", "qwen2-untied"])
 def test_sample_logits_equal_its_fake_quant_reference(arch_id, sample, rng, tmp_path):
     model = build_tiny_model(arch_id, tmp_path / "src")
     write_char_tokenizer(tmp_path / "src")
