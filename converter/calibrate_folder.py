@@ -44,7 +44,7 @@ from lowbit.converter.quant.formats import ACTIVATION_SCALE_PLACEHOLDER
 from lowbit.custom_ops import nvfp4 as nvfp4_ops
 from lowbit.errors import LowbitError
 from lowbit.fp8 import scale_for
-from lowbit.nvfp4 import E2M1, GROUP, global_scale_from_absmax, inverse_global_scale
+from lowbit.nvfp4 import global_scale_from_absmax, inverse_global_scale
 
 WEIGHTED_OPS = ("MatMul", "Gemm")
 QUANTIZED_WEIGHTS_FLOAT_COMPUTE = {"session.disable_quant_qdq": "1"}
@@ -206,16 +206,10 @@ def _float4_weights_for_ort(model) -> None:
         model.graph.register_initializer(value)
         tape = ir.tape.Tape()
 
-        def const(v, dtype=np.int64):
-            return tape.op("Constant", [], {"value": ir.tensor(np.asarray(v, dtype))})
+        def const(v):
+            return tape.op("Constant", [], {"value": ir.tensor(np.asarray(v, np.int64))})
 
-        low = tape.op("BitwiseAnd", [value, const(15, np.uint8)])
-        high = tape.op("BitShift", [value, const(4, np.uint8)], {"direction": "RIGHT"})
-        pairs = tape.op("Concat", [tape.op("Unsqueeze", [low, const([-1])]), tape.op("Unsqueeze", [high, const([-1])])],
-                        {"axis": -1})
-        codes = tape.op("Cast", [tape.op("Reshape", [pairs, const([n, -1, GROUP])])], {"to": ir.DataType.INT32})
-        values = tape.op("CastLike", [tape.op("Gather", [const(E2M1, np.float32), codes], {"axis": 0}),
-                                      node.inputs[1]])
+        values = tape.op("CastLike", [nvfp4_ops.e2m1_blocks(tape, value, n), node.inputs[1]])
         weight = tape.op("Reshape", [tape.op("Mul", [values, tape.op("Unsqueeze", [node.inputs[1], const([-1])])]),
                                      const([n, k])])
         model.graph.insert_before(node, tape.nodes)

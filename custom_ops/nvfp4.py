@@ -88,17 +88,27 @@ def _const(tape: ir.tape.Tape, values, dtype=np.int64, name: str | None = None) 
     return tape.op("Constant", [], {"value": ir.tensor(np.asarray(values, dtype))}, name=name)
 
 
+def e2m1_blocks(tape: ir.tape.Tape, packed: ir.Value, n: int, name: str | None = None) -> ir.Value:
+    """Standard ops: packed uint8 [N, K_padded / 2] (two e2m1 codes a byte, even column in the low nibble) -> the
+    e2m1 values, float32 [N, K_padded / 16, 16] (BitwiseAnd / BitShift, then a Gather from the 16 values).
+    `name`: the nodes' name stem (None: unnamed)."""
+    def named(suffix):
+        return None if name is None else f"{name}.{suffix}"
+
+    low = tape.op("BitwiseAnd", [packed, _const(tape, 15, np.uint8)], name=named("low_nibbles"))
+    high = tape.op("BitShift", [packed, _const(tape, 4, np.uint8)], {"direction": "RIGHT"}, name=named("high_nibbles"))
+    pairs = tape.op("Concat", [tape.op("Unsqueeze", [low, _const(tape, [-1])]),
+                               tape.op("Unsqueeze", [high, _const(tape, [-1])])], {"axis": -1})  # [N, K_p / 2, 2]
+    codes = tape.op("Reshape", [pairs, _const(tape, [n, -1, nvfp4.GROUP])])  # [N, G, 16]
+    table = _const(tape, nvfp4.E2M1, np.float32, name=named("e2m1_values"))
+    return tape.op("Gather", [table, tape.op("Cast", [codes], {"to": ir.DataType.INT32})], {"axis": 0})
+
+
 def dequantized_unpacked(tape: ir.tape.Tape, packed: ir.Value, scales: ir.Value, gs: ir.Value, n: int, k: int,
                          dtype, name: str) -> ir.Value:
     """The `ort` form: W [N, K] in `dtype` from packed uint8 [N, K_padded / 2], FLOAT8E4M3FN scales [N, G] and the
     float32 scalar gs."""
-    low = tape.op("BitwiseAnd", [packed, _const(tape, 15, np.uint8)], name=f"{name}.low_nibbles")
-    high = tape.op("BitShift", [packed, _const(tape, 4, np.uint8)], {"direction": "RIGHT"}, name=f"{name}.high_nibbles")
-    pairs = tape.op("Concat", [tape.op("Unsqueeze", [low, _const(tape, [-1])]),
-                               tape.op("Unsqueeze", [high, _const(tape, [-1])])], {"axis": -1})  # [N, K_p / 2, 2]
-    codes = tape.op("Reshape", [pairs, _const(tape, [n, -1, nvfp4.GROUP])])  # [N, G, 16]
-    table = _const(tape, nvfp4.E2M1, np.float32, name=f"{name}.e2m1_values")
-    values = tape.op("Gather", [table, tape.op("Cast", [codes], {"to": ir.DataType.INT32})], {"axis": 0})
+    values = e2m1_blocks(tape, packed, n, name)
     step = tape.op("Div", [tape.op("Cast", [scales], {"to": ir.DataType.FLOAT}), gs])  # s / gs, float32 [N, G]
     weight = tape.op("Mul", [values, tape.op("Unsqueeze", [step, _const(tape, [-1])])])
     weight = tape.op("Reshape", [weight, _const(tape, [n, -1])])  # [N, K_padded]

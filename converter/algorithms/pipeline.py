@@ -362,10 +362,6 @@ def _rtn(run: _Run, model: ir.Model, source: ModelInput, spec: AlgorithmSpec, mo
     return StageAlgorithm("rtn", modules, (), quantize_stage)
 
 
-STAGE_ALGORITHMS = {"gptq": _gptq, "awq": _awq}  # name -> factory(run, model, source, spec, modules, settings)
-DEFAULT_SETTINGS = {"gptq": lambda spec: spec.gptq, "awq": lambda spec: spec.awq}
-
-
 def run_algorithms(model: ir.Model, sites_by_algorithm: dict[str, list[tuple[Site, LayerQuant]]],
                    source: ModelInput, spec: AlgorithmSpec, work: Path,
                    progress: Callable[[str], object] | None = None,
@@ -388,11 +384,12 @@ def run_algorithms(model: ir.Model, sites_by_algorithm: dict[str, list[tuple[Sit
     matmuls = {site.module for site, _ in run.targets}
     algorithms = []
     for name, sites in sites_by_algorithm.items():
-        if name not in STAGE_ALGORITHMS:
-            raise LowbitError(f"unknown calibrated algorithm '{name}' (known: {', '.join(STAGE_ALGORITHMS)})")
+        if ALGORITHMS.get(name) is None:
+            raise LowbitError(f"unknown calibrated algorithm '{name}' (known: "
+                              f"{', '.join(n for n, f in ALGORITHMS.items() if f is not None)})")
         modules = frozenset(site.module for site, _ in sites) & matmuls
         if modules:
-            algorithms.append(STAGE_ALGORITHMS[name](run, model, source, spec, modules, settings))
+            algorithms.append(ALGORITHMS[name](run, model, source, spec, modules, settings))
     passes = [list(algorithms)] if spec.sequential else [[algorithm] for algorithm in algorithms]
     taken = {module for algorithm in algorithms for module in algorithm.modules}
     rtn = frozenset(site.module for site, _ in rounded if site.kind == "matmul") - taken
@@ -418,7 +415,7 @@ def run_algorithms(model: ir.Model, sites_by_algorithm: dict[str, list[tuple[Sit
     for algorithm in algorithms:
         weights.update(algorithm.weights)
         floats.update(algorithm.float_weights)
-        records[algorithm.name] = algorithm.record(DEFAULT_SETTINGS[algorithm.name](spec), settings)
+        records[algorithm.name] = algorithm.record(getattr(spec, algorithm.name), settings)  # spec.gptq, spec.awq
     common = {"sequential": spec.sequential, "calibration": spec.calibration.record(run.samples, run.seq_len)}
     if len(records) == 1:
         ((name, record),) = records.items()
@@ -426,18 +423,6 @@ def run_algorithms(model: ir.Model, sites_by_algorithm: dict[str, list[tuple[Sit
     pipeline = "sequential" if spec.sequential else "independent"
     return AlgorithmResult(weights, {"name": "+".join(records), "pipeline": pipeline, **common,
                                      "algorithms": records}, floats)
-
-
-def run_gptq(model: ir.Model, sites: list[tuple[Site, LayerQuant]], source: ModelInput, spec: AlgorithmSpec,
-             work: Path, progress: Callable[[str], object] | None = None) -> AlgorithmResult:
-    """GPTQ for every (site, plan) in `sites` whose site is a MatMul (`run_algorithms` with GPTQ alone)."""
-    return run_algorithms(model, {"gptq": sites}, source, spec, work, progress)
-
-
-def run_awq(model: ir.Model, sites: list[tuple[Site, LayerQuant]], source: ModelInput, spec: AlgorithmSpec,
-            work: Path, progress: Callable[[str], object] | None = None) -> AlgorithmResult:
-    """AWQ for every (site, plan) in `sites` whose site is a MatMul (`run_algorithms` with AWQ alone)."""
-    return run_algorithms(model, {"awq": sites}, source, spec, work, progress)
 
 
 def _fold_norm(value: ir.Value, s: np.ndarray) -> None:
@@ -450,19 +435,18 @@ def _fold_norm(value: ir.Value, s: np.ndarray) -> None:
 def run_layerwise(float_path: Path, stages_: list[list[tuple[Site, LayerQuant]]], samples: list[np.ndarray],
                   quantize_stage: Callable[[list, dict], None], sequential: bool,
                   progress: Callable[[str], object] | None = None,
-                  observers: dict[str, tuple[str, ...]] | tuple[str, ...] = ("hessian",)) -> None:
+                  observers: dict[str, tuple[str, ...]] | None = None) -> None:
     """Walks the decoder one layer at a time (`calibration.layerwise.walk_layers`): for each layer, its MatMul
-    inputs' statistics (`observers`: names for every module, or per module) over every sample, fed the residual
-    stream the layers before produced; `quantize_stage(stage, {module: {observer: result}})` quantizes the layer's
-    sites (and, when `sequential`, writes their dequantized weights into the float folder, whose next pass then
-    gives the quantized layer's outputs to the layer after it)."""
+    inputs' statistics (`observers`: module -> observer names; none for a module left out) over every sample,
+    fed the residual stream the layers before produced; `quantize_stage(stage, {module: {observer: result}})`
+    quantizes the layer's sites (and, when `sequential`, writes their dequantized weights into the float folder,
+    whose next pass then gives the quantized layer's outputs to the layer after it)."""
     import onnx
 
     by_layer = {layer_of(stage[0][0].module): stage for stage in stages_}
 
     def make_observers(module: str):
-        names = observers if isinstance(observers, tuple) else observers.get(module, ())
-        return {name: make_observer(name) for name in names}
+        return {name: make_observer(name) for name in (observers or {}).get(module, ())}
 
     def finish_layer(index: int, state) -> bool:
         stage = by_layer.get(index) or by_layer[AFTER_LAYERS]
@@ -489,5 +473,6 @@ def effective_algorithm(scheme, algo: str) -> str:
     return implied
 
 
-# --algo: name -> function(model, sites, source, spec, work, progress) -> AlgorithmResult; None: round to nearest
-ALGORITHMS: dict[str, Callable | None] = {"rtn": None, "gptq": run_gptq, "awq": run_awq}
+# --algo: name -> StageAlgorithm factory (run, model, source, spec, modules, settings) that `run_algorithms` runs;
+# None: round to nearest. A calibrated algorithm's default settings are the AlgorithmSpec field of its name.
+ALGORITHMS: dict[str, Callable | None] = {"rtn": None, "gptq": _gptq, "awq": _awq}

@@ -121,6 +121,8 @@ def calibrate_layerwise(
         results.update({site: {name: o.result() for name, o in by_name.items()} for site, by_name in state.items()})
         return False  # the weights stay as they are
 
+    if len(samples) == 0:
+        raise LowbitError("no calibration samples")
     report, close = _progress_callback(progress, len(samples) * len(by_layer))
     done = [0]
 
@@ -130,8 +132,6 @@ def calibrate_layerwise(
             report(done[0], total * len(by_layer))
         return step
 
-    if len(samples) == 0:
-        raise LowbitError("no calibration samples")
     try:
         walk_layers(model_onnx.resolve().parent, proto, by_layer, samples,
                     lambda site: {spec.name: spec.create() for spec in specs}, finish_layer, layer_progress, threads,
