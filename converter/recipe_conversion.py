@@ -71,15 +71,10 @@ def _modules(model: ir.Model) -> list[RecipeModule]:
                          "Linear", s.k, s.n) for s in weight_sites(model)]
 
 
-UNFUSE_BLOCKERS = ("AWQModifier",)  # its scale search follows the fused graph's input sharing
-
-
 def modules_to_unfuse(recipe: Recipe, model: ir.Model, options: SchemeOptions, target: str) -> frozenset[str]:
     """The graph's fused modules (q/k/v, gate/up) whose parts the recipe treats differently: to be emitted as one
-    node per part. Empty where the recipe runs AWQ (then resolving reports the conflict as an error) or where the
-    parts are one tensor in the checkpoint (the error names the module)."""
-    if any(mod.kind in UNFUSE_BLOCKERS for mod in recipe.modifiers):
-        return frozenset()
+    node per part (SmoothQuant and AWQ then scale the parts that read one norm with one s). Not those whose parts
+    are one tensor in the checkpoint (resolving reports the conflict, naming the module)."""
     resolution = resolve_recipe(recipe, _modules(model), pad=None if options.pad else False, target=target,
                                 accuracy_level=options.accuracy_level or 0, split_fused=True)
     return frozenset(resolution.fused_conflicts)

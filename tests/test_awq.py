@@ -287,3 +287,32 @@ def test_bad_input(rng):
         awq_quantize(ws, h, m, quant, clip=[True, False])
     with pytest.raises(ValueError, match="fold_into_linear_rows"):
         fold_into_linear_rows(np.ones((3, 4)), np.ones(4))
+
+
+def test_search_with_a_setting_per_linear(rng):
+    """Unfused parts quantized differently (q/k int4 g32, v int8 per channel): each candidate quantizes each part by
+    its own setting and duo scaling normalises each part over its own groups (llm-compressor's
+    `_compute_layer_means`); the loss on stored activations, written out, picks the same α and s."""
+    x = activations(rng, 300, 64)
+    ws = weights(rng, [32, 16, 16], 64)
+    quants = [WeightQuant(4, 32, "symmetric"), WeightQuant(4, 32, "symmetric"), WeightQuant(8, None, "symmetric")]
+    x_mean = np.abs(x).mean(axis=0)
+    # each part normalised over its own groups, then the mean over all 64 rows
+    w_mean = sum(reference_w_mean([w], q.group_size or 64) * len(w) for w, q in zip(ws, quants)) / 64
+    for duo in (False, True):
+        losses, candidates = [], []
+        for i in range(20):
+            s = reference_scales(x_mean, i / 20, w_mean if duo else None)
+            outputs = [np.mean((x @ w.T.astype(np.float64)
+                                - (x / s) @ dequantize(quantize((w * s).astype(np.float32), q)).astype(np.float64).T)
+                               ** 2) * len(w) for w, q in zip(ws, quants)]
+            losses.append(sum(outputs))
+            candidates.append(s)
+        best = int(np.argmin(losses))
+        result = awq_search(ws, hessian(x), x_mean, quants, duo_scaling=duo)
+        assert result.alpha == best / 20
+        np.testing.assert_allclose(result.scales, candidates[best], rtol=1e-12)
+        one = awq_search(ws, hessian(x), x_mean, quants[0], duo_scaling=duo)
+        assert not np.allclose(result.errors, one.errors)  # the per-part settings change the measure
+    with pytest.raises(ValueError, match="one quantization per linear"):
+        awq_search(ws, hessian(x), x_mean, quants[:2])

@@ -12,7 +12,7 @@ import pytest
 from onnx import numpy_helper
 
 import lowbit
-from lowbit.affine import WeightQuant, dequantize
+from lowbit.affine import WeightQuant, dequantize, quantize
 from lowbit.converter.algorithms import gptq_quantize
 from lowbit.converter.calibration import calibrate_statistics, load_calibration_samples
 from lowbit.custom_ops import matmul_nbits
@@ -335,3 +335,125 @@ def test_smoothquant_mapping_without_a_place_for_its_scales_is_an_error(tmp_path
     assert_clean_failure(run_convert(SAMPLE_MODEL, "-o", out, "--recipe", recipe, "--num-samples", "2"), out,
                          "layers.0.attn.o_proj, layers.1.attn.o_proj, layers.2.attn.o_proj, layers.3.attn.o_proj, "
                          "layers.4.attn.o_proj has no norm or up projection before it")
+
+
+AWQ_UNFUSED = """
+- AWQModifier:
+    duo_scaling: true
+    n_grid: 8
+    mappings:
+    - smooth_layer: "re:.*input_layernorm$"
+      balance_layers: ["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$"]
+    - smooth_layer: "re:.*post_attention_layernorm$"
+      balance_layers: ["re:.*gate_proj$", "re:.*up_proj$"]
+    - smooth_layer: "re:.*up_proj$"
+      balance_layers: ["re:.*down_proj$"]
+- QuantizationModifier:
+    ignore: [lm_head]
+    bypass_divisibility_checks: true
+    config_groups:
+      int4:
+        targets: ["re:.*self_attn\\\\.(q|k|o)_proj$", "re:.*mlp\\\\.(gate|down)_proj$"]
+        weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 32}
+      int8:
+        targets: ["re:.*self_attn\\\\.v_proj$", "re:.*mlp\\\\.up_proj$"]
+        weights: {num_bits: 8, type: int, symmetric: true, strategy: channel}
+"""
+INT8_CHANNEL = WeightQuant(8, None, "symmetric")
+
+
+def _stored_values(stored: dict[str, np.ndarray], module: str, quant: WeightQuant, k: int, n: int) -> np.ndarray:
+    """The dequantized [N, K] weight of a symmetric MatMulNBits node."""
+    block = matmul_nbits.block_layout(quant.group_size, k)[0]
+    arrays = matmul_nbits.MatMulNBitsArrays(stored[f"{module}.qweight"], stored[f"{module}.scales"], None, k, n,
+                                            quant.bits, block)
+    return dequantize(matmul_nbits.unpack(arrays))[:, :k]
+
+
+def test_awq_on_unfused_projections(folders, tmp_path):
+    """AWQ beside a recipe that quantizes q/k at int4 and v at int8 (gate int4, up int8): the parts become nodes of
+    their own, and the parts that read one norm share one s, searched with each part quantized by its own setting
+    (`awq_search` with one WeightQuant per part, duo scaling's means over each part's own groups); γ / s in the
+    norms, up_proj's rows divided by down_proj's s, every part's values those of its W·diag(s), value for value
+    (--independent: every layer calibrated on the float model's inputs)."""
+    from lowbit.converter.algorithms import awq_search, fold_into_linear_rows, fold_into_norm
+    from lowbit.converter.algorithms.awq import scale_weight
+
+    out, samples = folders
+    root = out["float"].parent
+    recipe = tmp_path / "awq_unfused.yaml"
+    recipe.write_text(AWQ_UNFUSED)
+    folder = tmp_path / "awq_unfused"
+    lowbit.convert(SAMPLE_MODEL, folder, recipe=recipe, calib_data=root / "calib.txt", sequential=False, **SETTINGS)
+    stored, floats = initializers(folder), initializers(out["float"])
+    fused = [f"layers.{i}.{m}" for i in range(LAYERS) for m in ("attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj")]
+    stats = calibrate_statistics(out["float"] / "model.onnx", fused, ["hessian", "mean_abs_per_channel"], samples)
+    int4 = WeightQuant(4, 32, "symmetric")
+    q_rows = 64
+    kv_rows, inter = 32, 172  # stories260K: 8 heads of 8 over 4 KV heads; MLP 172
+    for i in range(LAYERS):
+        def search(module, parts):
+            return awq_search([w for w, _ in parts], stats[module]["hessian"], stats[module]["mean_abs_per_channel"],
+                              [quant for _, quant in parts], grid=8, duo_scaling=True).scales
+
+        qkv = np.ascontiguousarray(floats[f"layers.{i}.attn.qkv_proj.weight"].T)
+        q, k, v = qkv[:q_rows], qkv[q_rows:q_rows + kv_rows], qkv[q_rows + kv_rows:]
+        s_attn = search(f"layers.{i}.attn.qkv_proj", [(q, int4), (k, int4), (v, INT8_CHANNEL)])
+        gate_up = np.ascontiguousarray(floats[f"layers.{i}.mlp.gate_up_proj.weight"].T)
+        gate, up = gate_up[:inter], gate_up[inter:]
+        s_mlp = search(f"layers.{i}.mlp.gate_up_proj", [(gate, int4), (up, INT8_CHANNEL)])
+        down = np.ascontiguousarray(floats[f"layers.{i}.mlp.down_proj.weight"].T)
+        s_down = search(f"layers.{i}.mlp.down_proj", [(down, int4)])
+        for norm, s in (("attn_norm", s_attn), ("mlp_norm", s_mlp)):
+            name = f"layers.{i}.{norm}.weight"
+            assert np.array_equal(stored[name], fold_into_norm(floats[name], s)), name
+        expected = {"attn.q_proj": (scale_weight(q, s_attn), int4), "attn.k_proj": (scale_weight(k, s_attn), int4),
+                    "attn.v_proj": (scale_weight(v, s_attn), INT8_CHANNEL),
+                    "mlp.gate_proj": (scale_weight(gate, s_mlp), int4),
+                    "mlp.up_proj": (fold_into_linear_rows(scale_weight(up, s_mlp), s_down), INT8_CHANNEL),
+                    "mlp.down_proj": (scale_weight(down, s_down), int4)}
+        for part, (w, quant) in expected.items():
+            module = f"layers.{i}.{part}"
+            got = _stored_values(stored, module, quant, w.shape[1], w.shape[0])
+            assert np.array_equal(got, dequantize(quantize(w, quant))), module
+        assert not np.array_equal(s_attn, np.ones_like(s_attn))
+    record = json.loads((folder / "lowbit.json").read_text())["algorithm"]
+    assert set(record["alpha"]) >= {f"layers.0.attn.{p}_proj" for p in "qkv"}
+    assert record["alpha"]["layers.0.attn.q_proj"] == record["alpha"]["layers.0.attn.v_proj"]
+
+
+def test_awq_scales_float_readers_of_its_norm(folders, tmp_path, rng):
+    """A norm read by AWQ'd q/k and by a float v_proj (ignored): v_proj's float weight takes W·diag(s), so the
+    converted model computes the float model's attention inputs; its logits equal those of the fake-quantized
+    float model (q/k and the rest dequantized) to float rounding."""
+    out, _ = folders
+    root = out["float"].parent
+    recipe = tmp_path / "awq_float_v.yaml"
+    recipe.write_text(AWQ_UNFUSED.replace("ignore: [lm_head]", "ignore: [lm_head, 're:.*v_proj$']"))
+    folder = tmp_path / "awq_float_v"
+    lowbit.convert(SAMPLE_MODEL, folder, recipe=recipe, calib_data=root / "calib.txt", **SETTINGS)
+    stored, floats = initializers(folder), initializers(out["float"])
+    record = json.loads((folder / "lowbit.json").read_text())
+    assert "layers.0.attn.v_proj" in record["recipe"]["float"]
+    for i in range(LAYERS):
+        norm = f"layers.{i}.attn_norm.weight"
+        s = floats[norm].astype(np.float64) / stored[norm]  # the folded γ / s gives s back (to float rounding)
+        qkv = np.ascontiguousarray(floats[f"layers.{i}.attn.qkv_proj.weight"].T)
+        v = stored[f"layers.{i}.attn.v_proj.weight"].T
+        np.testing.assert_allclose(v, qkv[96:] * s, rtol=1e-6)
+        assert not np.allclose(s, 1.0)
+
+
+def test_awq_refuses_a_norm_reader_another_modifier_quantizes(tmp_path):
+    """v_proj quantized by the QuantizationModifier but left out of AWQ's mapping for the input norm: AWQ would
+    scale its input without its weight; one line, nothing written."""
+    from tests.test_bad_input import assert_clean_failure, run_convert
+
+    (tmp_path / "calib.txt").write_text(CALIBRATION_TEXT)
+    recipe = tmp_path / "awq_partial.yaml"
+    recipe.write_text(AWQ_UNFUSED.replace('["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$"]',
+                                          '["re:.*q_proj$", "re:.*k_proj$"]'))
+    out = tmp_path / "out"
+    assert_clean_failure(run_convert(SAMPLE_MODEL, "-o", out, "--recipe", recipe, "--calib-data",
+                                     tmp_path / "calib.txt", "--num-samples", "2", "--seq-len", "24"), out,
+                         "layers.0.attn.v_proj also read(s) but another modifier quantizes")

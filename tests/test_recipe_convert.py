@@ -192,15 +192,6 @@ def test_projections_a_recipe_splits_are_emitted_unfused(arch_id, rng, tmp_path)
     assert sum(n.op_type == "Concat" and n.name.startswith("layers.") for n in graph.node) >= 2 * layers
 
 
-def test_a_split_with_awq_in_the_recipe_is_still_an_error(tmp_path):
-    build_tiny_model("llama", tmp_path / "src")
-    recipe = tmp_path / "unfused_awq.yaml"
-    recipe.write_text("AWQModifier:\n  n_grid: 4\n" + UNFUSED)
-    out = tmp_path / "out"
-    assert_clean_failure(run_convert(tmp_path / "src", "-o", out, "--recipe", recipe), out,
-                         "they can be unfused only where")
-
-
 def test_a_split_with_smoothquant_smooths_every_part(tmp_path):
     """SmoothQuant (llm-compressor's default mappings, α = 0.5) beside q/k at int4 and v at int8 (gate int4, up
     int8): the parts are unfused, and all read the norm's output divided by one s from the paper's rule over the

@@ -14,6 +14,7 @@ and what matches AutoAWQ and llm-compressor, is in docs/algorithms.md.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -70,16 +71,28 @@ def awq_scales(x_mean_abs: np.ndarray, alpha: float, w_mean: np.ndarray | None =
     return s
 
 
-def weight_means(weights: list[np.ndarray], quant: WeightQuant) -> np.ndarray:
-    """Duo scaling's w_mean [K] float64: |w| / (max |w| of its group + 1e-6), averaged over all rows of all linears."""
-    stacked = np.concatenate([np.asarray(w, np.float64) for w in weights])
-    n, k = stacked.shape
-    g, kp = group_size_for(quant, k), padded_k(quant, k)
-    padded = np.zeros((n, kp))
-    padded[:, :k] = np.abs(stacked)
-    groups = padded.reshape(n, kp // g, g)
-    normalised = groups / (groups.max(axis=-1, keepdims=True) + 1e-6)
-    return normalised.reshape(n, kp)[:, :k].mean(axis=0)
+def weight_means(weights: list[np.ndarray], quant: WeightQuant | Sequence[WeightQuant]) -> np.ndarray:
+    """Duo scaling's w_mean [K] float64: |w| / (max |w| of its group + 1e-6), each linear cut into the groups of its
+    own quantization (`quant`: one for all, or one per linear), averaged over all rows of all linears
+    (llm-compressor's `_compute_layer_means`)."""
+    normalised = []
+    for w, q in zip(weights, _per_linear(quant, weights)):
+        w = np.asarray(w, np.float64)
+        n, k = w.shape
+        g, kp = group_size_for(q, k), padded_k(q, k)
+        padded = np.zeros((n, kp))
+        padded[:, :k] = np.abs(w)
+        groups = padded.reshape(n, kp // g, g)
+        normalised.append((groups / (groups.max(axis=-1, keepdims=True) + 1e-6)).reshape(n, kp)[:, :k])
+    return np.concatenate(normalised).mean(axis=0)
+
+
+def _per_linear(quant: WeightQuant | Sequence[WeightQuant], weights: list) -> list[WeightQuant]:
+    """One WeightQuant per linear: `quant` repeated, or the list given (unfused parts quantized differently)."""
+    quants = [quant] * len(weights) if isinstance(quant, WeightQuant) else list(quant)
+    if len(quants) != len(weights):
+        raise ValueError(f"AWQ: need one quantization per linear ({len(weights)}), got {len(quants)}")
+    return quants
 
 
 def scale_weight(weight: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -98,7 +111,7 @@ def awq_search(
     weights: list[np.ndarray],
     hessian: np.ndarray,
     x_mean_abs: np.ndarray,
-    quant: WeightQuant,
+    quant: WeightQuant | Sequence[WeightQuant],
     *,
     grid: int = 20,
     duo_scaling: bool = False,
@@ -107,8 +120,11 @@ def awq_search(
     """AWQ's scale search for the linears W_i [N_i, K] that share one input, with the Hessian H [K, K] of that input
     and its mean |x| per channel [K]. For α = i / grid (i = 0 … grid − 1) the candidate s (`awq_scales`) is scored by
     Σ_i trace(ΔW_i H ΔW_iᵀ), ΔW_i = dequant(quantize(W_i·diag(s)))·diag(1/s) − W_i, and the first least score wins.
-    Quantization is `lowbit.affine.quantize` with `quant` less its clip search (AWQ has its own)."""
+    Each W_i is quantized as the node that stores it will be (`lowbit.affine.quantize`, its clip search off: AWQ has
+    its own): `quant` is one WeightQuant for every linear or one per linear (unfused q/k/v with different settings;
+    an NVFP4 linear's global scale is its own)."""
     stacked, hessian = _check(weights, hessian)
+    quants = [replace(q, clip_search=False) for q in _per_linear(quant, weights)]
     x_mean_abs = np.asarray(x_mean_abs, np.float64)
     if x_mean_abs.shape != (stacked.shape[1],):
         raise ValueError(f"AWQ: x_mean_abs must have shape ({stacked.shape[1]},), got {x_mean_abs.shape}")
@@ -116,15 +132,15 @@ def awq_search(
         raise LowbitError("AWQ: the mean |x| per channel has negative or non-finite values")
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
         raise ValueError(f"AWQ: grid must be a positive integer, got {grid!r}")
-    plain = replace(quant, clip_search=False)
-    w_mean = weight_means([stacked], quant) if duo_scaling else None
+    exact = [np.asarray(w, np.float64) for w in weights]
+    w_mean = weight_means(exact, quants) if duo_scaling else None
     alphas = np.arange(grid) / grid
     errors = np.empty(grid)
     best, best_error = None, np.inf
     for i, alpha in enumerate(alphas):
         s = awq_scales(x_mean_abs, alpha, w_mean)
-        delta = dequantize(quantize(scale_weight(stacked, s), plain, scale_dtype)) / s - stacked
-        errors[i] = output_error(delta, hessian)
+        errors[i] = sum(output_error(dequantize(quantize(scale_weight(w, s), q, scale_dtype)) / s - w, hessian)
+                        for w, q in zip(exact, quants))
         if errors[i] < best_error:  # strict: ties keep the smaller α, NaN never wins
             best, best_error = i, errors[i]
     if best is None:
@@ -196,7 +212,7 @@ def awq_quantize(
     weights: list[np.ndarray],
     hessian: np.ndarray,
     x_mean_abs: np.ndarray,
-    quant: WeightQuant,
+    quant: WeightQuant | Sequence[WeightQuant],
     *,
     grid: int = 20,
     duo_scaling: bool = False,
@@ -207,26 +223,28 @@ def awq_quantize(
 ) -> AWQResult:
     """AWQ for the linears W_i [N_i, K] that share one input: the scale search, then (where `clip`, one flag for all
     or one per linear; AutoAWQ skips q_proj and k_proj) the clip search on W_i·diag(s) with the Hessian of x/s,
-    diag(1/s) H diag(1/s). Returns s and each linear's `QuantizedWeight` of W_i·diag(s)."""
+    diag(1/s) H diag(1/s). Returns s and each linear's `QuantizedWeight` of W_i·diag(s). `quant`: one for all the
+    linears, or one per linear."""
     stacked, hessian = _check(weights, hessian)
     flags = [clip] * len(weights) if isinstance(clip, bool) else list(clip)
     if len(flags) != len(weights):
         raise ValueError(f"AWQ: clip needs one flag per linear ({len(weights)}), got {len(flags)}")
-    search = awq_search(weights, hessian, x_mean_abs, quant, grid=grid, duo_scaling=duo_scaling,
+    quants = _per_linear(quant, weights)
+    search = awq_search(weights, hessian, x_mean_abs, quants, grid=grid, duo_scaling=duo_scaling,
                         scale_dtype=scale_dtype)
     s = search.scales
     scaled_hessian = hessian / np.outer(s, s)
-    plain = replace(quant, clip_search=False)
     quantized, clip_max = [], []
-    for weight, flag in zip(weights, flags):
+    for weight, q, flag in zip(weights, quants, flags):
         scaled = scale_weight(weight, s)
-        bounds = awq_clip_search(scaled, scaled_hessian, quant, grid=clip_grid, max_shrink=max_shrink,
+        bounds = awq_clip_search(scaled, scaled_hessian, q, grid=clip_grid, max_shrink=max_shrink,
                                  scale_dtype=scale_dtype) if flag else None
-        quantized.append(quantize(scaled, plain, scale_dtype) if bounds is None
-                         else quantize_clipped(scaled, bounds, quant, scale_dtype))
+        quantized.append(quantize(scaled, replace(q, clip_search=False), scale_dtype) if bounds is None
+                         else quantize_clipped(scaled, bounds, q, scale_dtype))
         clip_max.append(bounds)
     error = output_error(np.concatenate([dequantize(q) / s for q in quantized]) - stacked, hessian)
-    rtn = np.concatenate([dequantize(quantize(np.asarray(w, np.float32), quant, scale_dtype)) for w in weights])
+    rtn = np.concatenate([dequantize(quantize(np.asarray(w, np.float32), q, scale_dtype))
+                          for w, q in zip(weights, quants)])
     return AWQResult(s, tuple(quantized), tuple(clip_max), search, error, output_error(rtn - stacked, hessian))
 
 

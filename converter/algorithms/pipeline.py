@@ -26,12 +26,14 @@ from lowbit.affine import QuantizedWeight, dequantize, quantize
 from lowbit.converter.algorithms.awq import (awq_clip_search, awq_search, fold_into_linear_rows, fold_into_norm,
                                              output_error, quantize_clipped, scale_weight)
 from lowbit.converter.algorithms.gptq import gptq_quantize
-from lowbit.converter.graph import lazy_tensor
+from lowbit.converter.algorithms.folding import (NORM_BEFORE, UP_BEFORE_DOWN, fold_norm, kind_of, rescale_weight,
+                                                up_rows)
 from lowbit.converter.calibration import CalibrationSettings
 from lowbit.converter.calibration.layerwise import AFTER_LAYERS, layer_of, walk_layers
 from lowbit.converter.calibration.observers import make_observer
 from lowbit.converter.quant.formats import Site
 from lowbit.converter.quant.plan import LayerQuant
+from lowbit.converter.quant.rewrite import weight_sites
 from lowbit.errors import LowbitError
 
 EXTERNAL_FROM_BYTES = 65
@@ -179,6 +181,7 @@ class _Run:
     float_path: Path
     float_weights: "_FloatWeights"
     store: "_WeightStore"
+    planned: frozenset[str] = frozenset()  # every MatMul module the conversion quantizes, by any algorithm
 
 
 def _prepare(model: ir.Model, sites, source: ModelInput, spec: AlgorithmSpec, work: Path) -> _Run:
@@ -242,11 +245,11 @@ def _concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
 
 def _awq_weight(module: str, w: np.ndarray, scaled_hessian: np.ndarray, layer: LayerQuant, clip_search: bool,
                 decoder, scale_dtype) -> QuantizedWeight:
-    """AWQ's own quantization of a scaled weight: the clip search (never on q and k rows, as AutoAWQ), else round
-    to nearest."""
+    """AWQ's own quantization of a scaled weight: the clip search (never on q and k rows, fused or not, as AutoAWQ),
+    else round to nearest."""
     plain = replace(layer.weight, clip_search=False)
-    rows, clip = [w.shape[0]], [clip_search]
-    if module.endswith("qkv_proj") and decoder is not None:
+    rows, clip = [w.shape[0]], [clip_search and kind_of(module) not in ("q_proj", "k_proj")]
+    if kind_of(module) == "qkv_proj" and decoder is not None:
         q, kv = decoder.num_heads * decoder.head_dim, decoder.num_kv_heads * decoder.head_dim
         rows, clip = [q, kv, kv], [False, False, clip_search]
     if not any(clip):  # one call for the whole node: a fused NVFP4 node keeps one global scale
@@ -275,49 +278,64 @@ def _gptq_weight(site: Site, w: np.ndarray, hessian: np.ndarray, layer: LayerQua
 def _awq(run: _Run, model: ir.Model, source: ModelInput, spec: AlgorithmSpec, modules: frozenset[str],
          settings: dict[str, object]) -> StageAlgorithm:
     """AWQ (docs/algorithms.md), layer by layer: per-input-channel scales searched on each layer's calibration
-    statistics, folded into the op before (the input norm for q/k/v, the post-attention norm for gate/up, up_proj's
-    rows for down_proj; o_proj and lm_head keep s = 1), then the clip search and quantization of the scaled
-    weights. The folded norm weights replace the graph's. A module's settings: `settings[module]`, else
-    `spec.awq`; modules that share a scale (q/k/v) share one module, so one setting."""
+    statistics, folded into the op before (`mappings`: the input norm for q/k/v, the post-attention norm for
+    gate/up, fused or not, up_proj's rows for down_proj; o_proj and lm_head keep s = 1), then the clip search and
+    quantization of the scaled weights. The linears that share an input share one s, searched with each quantized
+    as its own node stores it. The folded norm weights replace the graph's. A module's settings: `settings[module]`,
+    else `spec.awq`; one search takes the first sharing module's (one AWQ modifier scales them all)."""
     decoder = source.spec
     initializers = model.graph.initializers
     alphas = {}
+    float_readers = _float_norm_readers(model, modules, run.planned)
 
     def norm_names(layer: int, norm: str) -> list[str]:
         return [name for name in (f"layers.{layer}.{norm}.weight", f"layers.{layer}.{norm}.bias")
                 if name in initializers]
 
     def quantize_stage(stage, statistics):
-        by_kind = {site.module.rsplit(".", 1)[-1]: (site, layer) for site, layer in stage}
+        by_kind = {kind_of(site.module): (site, layer) for site, layer in stage}
         weights = {site.module: source.load_weight(site) for site, _ in stage}
         index = layer_of(stage[0][0].module)
         scales, folds = {}, []  # module -> s of its input; (initializer names, s) to divide
 
-        def search(kind: str) -> np.ndarray:
-            site, layer = by_kind[kind]
-            stats, options = statistics[site.module], settings.get(site.module, spec.awq)
-            found = awq_search([weights[site.module]], stats["hessian"], stats["mean_abs_per_channel"], layer.weight,
+        def search(kinds: list[str]) -> np.ndarray:
+            sites = [by_kind[kind] for kind in kinds]
+            first = sites[0][0].module
+            stats, options = statistics[first], settings.get(first, spec.awq)
+            found = awq_search([weights[site.module] for site, _ in sites], stats["hessian"],
+                               stats["mean_abs_per_channel"], [layer.weight for _, layer in sites],
                                grid=options.grid, duo_scaling=options.duo_scaling, scale_dtype=source.scale_dtype)
-            scales[site.module], alphas[site.module] = found.scales, found.alpha
+            for site, _ in sites:
+                scales[site.module], alphas[site.module] = found.scales, found.alpha
             return found.scales
 
-        for kind, norm in (("qkv_proj", "attn_norm"), ("gate_up_proj", "mlp_norm"), ("fc_proj", "mlp_norm")):
-            if kind in by_kind and index != AFTER_LAYERS and norm_names(index, norm):
-                folds.append((norm_names(index, norm), search(kind)))
+        readers = {}  # norm -> the kinds of this stage that read it
+        for kind in by_kind:
+            if kind in NORM_BEFORE:
+                readers.setdefault(NORM_BEFORE[kind], []).append(kind)
+        for norm, kinds in readers.items():
+            if index != AFTER_LAYERS and norm_names(index, norm):
+                s = search(kinds)
+                folds.append((norm_names(index, norm), s))
+                for site in float_readers.get((index, norm), ()):  # float linears reading the norm: W·diag(s)
+                    rescale_weight(site, columns=s)
+                    if spec.sequential:
+                        weight = run.float_weights.read(site.weight.name)
+                        run.float_weights.write(site.weight.name, scale_weight(weight.T, s).T)
+        up = next((kind for kind in UP_BEFORE_DOWN if kind in by_kind), None)
         down_scale = None
-        if "down_proj" in by_kind and "gate_up_proj" in by_kind and decoder is not None and decoder.gated_mlp:
-            down_scale = search("down_proj")
+        if "down_proj" in by_kind and up is not None and decoder is not None and decoder.gated_mlp:
+            down_scale = search(["down_proj"])
         for site, layer in stage:
             module, w = site.module, weights[site.module]
             options = settings.get(module, spec.awq)
             s = scales.get(module)
             if s is not None:
                 w = scale_weight(w, s)
-            up_rows = slice(w.shape[0] // 2, None) if down_scale is not None and module.endswith("gate_up_proj") \
-                else None  # up's rows feed down_proj: they carry its scales
-            if up_rows is not None:
+            rows = up_rows(up, w.shape[0]) if down_scale is not None and kind_of(module) == up else None
+            if rows is not None:  # up's rows feed down_proj: they carry its scales
                 w = w.copy()
-                w[up_rows] = fold_into_linear_rows(w[up_rows], down_scale)
+                w[rows] = fold_into_linear_rows(w[rows], down_scale)
             hessian = statistics[module]["hessian"]
             scaled_hessian = hessian if s is None else hessian / np.outer(s, s)
             if options.gptq is not None:  # GPTQ on the scaled weight, with the scaled weight's input Hessian
@@ -328,8 +346,8 @@ def _awq(run: _Run, model: ir.Model, source: ModelInput, spec: AlgorithmSpec, mo
             algorithm.float_weights[module] = run.store.save_float(module, w)
             unscaled = dequantize(quantized) if s is None else dequantize(quantized) / s
             original = weights[module]
-            if up_rows is not None:
-                unscaled[up_rows] *= down_scale[:, None]
+            if rows is not None:
+                unscaled[rows] *= down_scale[:, None]
             rtn = dequantize(quantize(original, layer.weight, source.scale_dtype))
             algorithm.errors[module] = {"awq": output_error(unscaled - original, hessian),
                                         "rtn": output_error(rtn - original, hessian)}
@@ -337,13 +355,36 @@ def _awq(run: _Run, model: ir.Model, source: ModelInput, spec: AlgorithmSpec, mo
                 run.float_weights.write(site.weight.name, dequantize(quantized).T)
         for names, s in folds:
             for name in names:
-                _fold_norm(initializers[name], s)
+                fold_norm(initializers[name], s)
                 if spec.sequential:
                     run.float_weights.write(name, fold_into_norm(run.float_weights.read(name), s))
 
     algorithm = StageAlgorithm("awq", modules, ("hessian", "mean_abs_per_channel"), quantize_stage,
                                extra={"alpha": alphas})
     return algorithm
+
+
+def _float_norm_readers(model: ir.Model, modules: frozenset[str], planned: frozenset[str]
+                        ) -> dict[tuple[int, str], list[Site]]:
+    """(layer, norm) -> the float MatMul sites that read a norm whose output AWQ scales for some of `modules`: their
+    weights take s so that they compute what they did. A reader that another algorithm quantizes is an error: its
+    quantization would not see the scaled weight (AWQ balances every quantized linear reading one norm)."""
+    every = {site.module: site for site in weight_sites(model) if site.kind == "matmul"}
+    found: dict[tuple[int, str], list[Site]] = {}
+    for module in sorted(modules):
+        index, norm = layer_of(module), NORM_BEFORE.get(kind_of(module))
+        if norm is None or index == AFTER_LAYERS or (index, norm) in found:
+            continue
+        others = [name for name in every if name not in modules and layer_of(name) == index
+                  and NORM_BEFORE.get(kind_of(name)) == norm]
+        quantized = [name for name in others if name in planned]
+        if quantized:
+            raise LowbitError(f"AWQ scales the input of {module} at layers.{index}.{norm}, which "
+                              f"{', '.join(quantized)} also read(s) but another modifier quantizes: AWQ must balance "
+                              "every quantized linear that reads one norm (add them to the AWQ mapping's balance "
+                              "layers)")
+        found[(index, norm)] = [every[name] for name in others]
+    return found
 
 
 def _rtn(run: _Run, model: ir.Model, source: ModelInput, spec: AlgorithmSpec, modules: frozenset[str],
@@ -382,6 +423,7 @@ def run_algorithms(model: ir.Model, sites_by_algorithm: dict[str, list[tuple[Sit
     every = [item for sites in sites_by_algorithm.values() for item in sites]
     run = _prepare(model, every, source, spec, work)
     matmuls = {site.module for site, _ in run.targets}
+    run.planned = frozenset(matmuls | {site.module for site, _ in rounded if site.kind == "matmul"})
     algorithms = []
     for name, sites in sites_by_algorithm.items():
         if ALGORITHMS.get(name) is None:
@@ -423,13 +465,6 @@ def run_algorithms(model: ir.Model, sites_by_algorithm: dict[str, list[tuple[Sit
     pipeline = "sequential" if spec.sequential else "independent"
     return AlgorithmResult(weights, {"name": "+".join(records), "pipeline": pipeline, **common,
                                      "algorithms": records}, floats)
-
-
-def _fold_norm(value: ir.Value, s: np.ndarray) -> None:
-    """The graph's norm weight (or bias) initializer, divided by s when it is written (stays lazy)."""
-    tensor = value.const_value
-    value.const_value = lazy_tensor(value.name, tensor.dtype.numpy(), tuple(tensor.shape),
-                                    lambda: fold_into_norm(tensor.numpy(), s))
 
 
 def run_layerwise(float_path: Path, stages_: list[list[tuple[Site, LayerQuant]]], samples: list[np.ndarray],

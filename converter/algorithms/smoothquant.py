@@ -29,10 +29,9 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.converter.algorithms.awq import fold_into_linear_rows, scale_weight
-from lowbit.converter.algorithms.pipeline import _fold_norm
+from lowbit.converter.algorithms.folding import (NORM_BEFORE, UP_BEFORE_DOWN, fold_norm, kind_of, rescale_weight,
+                                                 up_rows)
 from lowbit.converter.calibration import CalibrationSettings, calibrate_layerwise
-from lowbit.converter.graph import lazy_tensor
 from lowbit.converter.quant.formats import Site
 from lowbit.converter.quant.plan import LayerQuant
 from lowbit.converter.quant.rewrite import weight_loader, weight_sites
@@ -69,27 +68,6 @@ class Smoothing:
     rows: slice | None = None  # which of its rows (None: all)
 
 
-NORM_BEFORE = {"qkv_proj": "attn_norm", "q_proj": "attn_norm", "k_proj": "attn_norm", "v_proj": "attn_norm",
-               "gate_up_proj": "mlp_norm", "gate_proj": "mlp_norm", "up_proj": "mlp_norm", "fc_proj": "mlp_norm"}
-
-
-def _rescale_weight(site: Site, columns: np.ndarray | None = None, rows: tuple[slice, np.ndarray] | None = None):
-    """The site's weight initializer becomes W·diag(columns) (and rows[0] of it divided by rows[1]), lazily."""
-    load, tensor = weight_loader(site), site.weight.const_value
-
-    def scaled() -> np.ndarray:
-        w = load()
-        if columns is not None:
-            w = scale_weight(w, columns)
-        if rows is not None:
-            w = w.copy()
-            w[rows[0]] = fold_into_linear_rows(w[rows[0]], rows[1])
-        return w
-
-    site.weight.const_value = lazy_tensor(site.weight.name, tensor.dtype.numpy(), tuple(tensor.shape),
-                                          lambda: scaled().T, transposed_source=scaled)
-
-
 def smoothings(model: ir.Model, sites: list[tuple[Site, LayerQuant]], gated_mlp: bool,
                modules: set[str] | None = None) -> list[Smoothing]:
     """The inputs to smooth: those of the planned MatMul sites with quantized activations (or those in `modules`,
@@ -111,15 +89,13 @@ def smoothings(model: ir.Model, sites: list[tuple[Site, LayerQuant]], gated_mlp:
             names = tuple(n for n in (f"layers.{index}.{norm}.weight", f"layers.{index}.{norm}.bias")
                           if n in initializers)
             readers = tuple(site for name, site in every.items() if name.startswith(f"layers.{index}.")
-                            and NORM_BEFORE.get(name.rsplit(".", 1)[-1]) == norm)
+                            and NORM_BEFORE.get(kind_of(name)) == norm)
             if names:
                 found.append(Smoothing(readers, norm=names))
         elif kind == "down_proj" and gated_mlp:
-            fused = every.get(f"layers.{index}.mlp.gate_up_proj")
-            up = fused or every.get(f"layers.{index}.mlp.up_proj")
+            up = next((every[n] for n in (f"layers.{index}.mlp.{k}" for k in UP_BEFORE_DOWN) if n in every), None)
             if up is not None and f"{up.module}.bias" not in initializers:
-                found.append(Smoothing((every[module],), rows_of=up,
-                                       rows=slice(up.n // 2, None) if fused is not None else None))
+                found.append(Smoothing((every[module],), rows_of=up, rows=up_rows(kind_of(up.module), up.n)))
     return found
 
 
@@ -156,10 +132,10 @@ def smooth_model(model: ir.Model, sites: list[tuple[Site, LayerQuant]], alpha: f
         strength = next(alpha[t.module] for t in target.sites if t.module in alpha) if per_module else alpha
         s = smoothing_scales(statistics[site.module][OBSERVER], [weight_loader(t)() for t in target.sites], strength)
         for t in target.sites:
-            _rescale_weight(t, columns=s)
+            rescale_weight(t, columns=s)
         for name in target.norm:
-            _fold_norm(initializers[name], s)
+            fold_norm(initializers[name], s)
         if target.rows_of is not None:
-            _rescale_weight(target.rows_of, rows=(target.rows or slice(None), s))
+            rescale_weight(target.rows_of, rows=(target.rows or slice(None), s))
         record["scales"][site.module] = {"min": float(s.min()), "max": float(s.max())}
     return record

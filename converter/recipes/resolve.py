@@ -253,8 +253,7 @@ def _resolve(recipe: Recipe, modules: list[RecipeModule], pad, target, accuracy_
                 detail = "; ".join(f"{h}: {x.describe()}" for h, x in zip(m.hf_modules, settings))
                 raise RecipeError(path, f"{m.name} computes {', '.join(m.hf_modules)} in one node but the recipe "
                                         f"gives them different settings ({detail}); they can be unfused only "
-                                        "where the checkpoint stores them apart and the recipe runs no AWQ: "
-                                        "give them one setting")
+                                        "where the checkpoint stores them apart: give them one setting")
         claimed = [w for w in where if w is not None]
         groups = tuple(dict.fromkeys(g.name for _, _, g in claimed))
         mods = tuple(dict.fromkeys(mod.label for _, mod, _ in claimed))
