@@ -10,7 +10,8 @@ parameters come from `RULES[rule].params` and are rounded for storage by `lowbit
 coded with `_encode`'s float32 operations, so the result is a `QuantizedWeight` that every storage format packs
 unchanged. NVFP4 (rule `nvfp4`) does the same with `lowbit.nvfp4`'s functions: one global scale from the whole weight,
 an FP8 scale per block of 16, e2m1 codes. Each rule family is a column coder (`COLUMN_CODERS`). Work memory
-is one float64 copy of W, two K × K float64 matrices and two [block, N] float64 buffers.
+is one float64 copy of W, one K × K float64 matrix beside H (two with act-order or padding, and numpy's
+copy during the Cholesky factorization) and two [block, N] float64 buffers.
 
 Speed (benchmarks/gptq_speed.py): the per-column work is a dozen numpy operations on one column of N values, with
 rank-one updates only inside sub-blocks of SUB_BLOCK columns; the rest is BLAS: Cholesky and triangular inverse
@@ -80,19 +81,30 @@ def gptq_quantize(
     if quant.rule not in COLUMN_CODERS:
         raise LowbitError(f"GPTQ rounds to integer grids and NVFP4, not rule {quant.rule} (round it to nearest)")
 
-    h = hessian.copy()
-    dead = np.diag(h) == 0  # inputs that are always zero: no information, quantize their weights as 0
-    h[dead, dead] = 1
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
-    damping = damp * np.mean(np.diag(h))
-    h[np.diag_indices(k)] += damping
+    diagonal = np.diag(hessian).copy()
+    dead = diagonal == 0  # inputs that are always zero: no information, quantize their weights as 0
+    h_diagonal = np.where(dead, 1.0, diagonal)
+    perm = np.argsort(-h_diagonal, kind="stable") if act_order else np.arange(k)
+    damping = damp * np.mean(h_diagonal)
+    h_diagonal += damping
     # padded columns (K up to a multiple of g) are zero weights with a unit, uncoupled Hessian row: dead inputs
     order = np.concatenate([perm, np.arange(k, kp)])
-    hp = np.eye(kp)
-    hp[:k, :k] = h[np.ix_(perm, perm)] if act_order else h
-    del h
-    u = inverse_cholesky_upper(hp, damp)
-    del hp
+    if act_order or kp != k:
+        hp = np.eye(kp)
+        hp[:k, :k] = hessian[np.ix_(perm, perm)] if act_order else hessian
+        hp[np.diag_indices(k)] = h_diagonal[perm]
+        m = _reversed_cholesky(hp, damp)
+        del hp
+    else:  # no copy of H: its diagonal is damped for the factorization and given back, bit for bit
+        if not hessian.flags.writeable:
+            hessian = hessian.copy()
+        try:
+            hessian[np.diag_indices(k)] = h_diagonal
+            m = _reversed_cholesky(hessian, damp)
+        finally:
+            hessian[np.diag_indices(k)] = diagonal
+    u = _invert_lower(m)[::-1, ::-1]  # in place: m's memory becomes U's
+    del m
     wt = np.zeros((kp, n))  # the weights being updated, transposed: column `order[t]` of W is row t
     wt[:k] = weight[:, perm].T
     wt[:k][dead[perm]] = 0
@@ -187,6 +199,11 @@ def inverse_cholesky_upper(h: np.ndarray, damp: float | None = None) -> np.ndarr
     With J the reversal of the index order, J H J = M Mᵀ (Cholesky, M lower) gives H = R Rᵀ with R = J M J upper,
     so H⁻¹ = R⁻ᵀR⁻¹ and U = R⁻¹ = J M⁻¹ J: one factorization, and H⁻¹ is never formed.
     """
+    return _invert_lower(_reversed_cholesky(h, damp))[::-1, ::-1]
+
+
+def _reversed_cholesky(h: np.ndarray, damp: float | None) -> np.ndarray:
+    """M, lower triangular, with J H J = M Mᵀ; a one-line error where H is not positive definite."""
     try:
         m = np.linalg.cholesky(h[::-1, ::-1])
     except np.linalg.LinAlgError:
@@ -197,20 +214,22 @@ def inverse_cholesky_upper(h: np.ndarray, damp: float | None = None) -> np.ndarr
             f"GPTQ: the layer's Hessian ({h.shape[0]}x{h.shape[0]}) is not positive definite even after dampening: "
             f"the calibration set is too small for it; use more calibration samples or a larger --damp{larger}"
         )
-    return _invert_lower(m)[::-1, ::-1]
+    return m
 
 
 def _invert_lower(m: np.ndarray) -> np.ndarray:
-    """M⁻¹ for a lower triangular M, by halves: [[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0], [−D⁻¹CA⁻¹, D⁻¹]]. Matrix products
-    only: about K³/3 multiply-adds, a fifth of what `np.linalg.inv` (LU) spends."""
+    """M⁻¹ for a lower triangular M, in place (M's memory holds the result, which is returned), by halves:
+    [[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0], [−D⁻¹CA⁻¹, D⁻¹]]. Matrix products only: about K³/3 multiply-adds, a fifth of
+    what `np.linalg.inv` (LU) spends, and no K × K temporary (the largest is C·A⁻¹, a quarter of M)."""
     k = len(m)
     if k <= 64:
-        return np.tril(np.linalg.inv(m))
+        m[...] = np.tril(np.linalg.inv(m))
+        return m
     h = k // 2
-    out = np.zeros_like(m)
-    out[:h, :h], out[h:, h:] = _invert_lower(m[:h, :h]), _invert_lower(m[h:, h:])
-    out[h:, :h] = -(out[h:, h:] @ (m[h:, :h] @ out[:h, :h]))
-    return out
+    _invert_lower(m[:h, :h])
+    _invert_lower(m[h:, h:])
+    m[h:, :h] = -(m[h:, h:] @ (m[h:, :h] @ m[:h, :h]))
+    return m
 
 
 def _group_params(groups: np.ndarray, quant: WeightQuant, scale_dtype):
