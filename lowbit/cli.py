@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -43,6 +44,13 @@ class LowbitGroup(click.Group):
 @click.version_option(package_name="lowbit")
 def main():
     """lowbit: Hugging Face language models -> (quantized) ONNX, and a runtime for them."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame):
+    """`kill` (SIGTERM) stops a command as Ctrl-C does: the with/finally blocks run, so a conversion's temporary
+    folders (the float model, the boundary cache: gigabytes for a 1B model) and its staging output are removed."""
+    raise KeyboardInterrupt
 
 
 def _keep_torch_out(model: str) -> None:

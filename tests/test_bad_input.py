@@ -144,3 +144,37 @@ def test_run_and_eval_beyond_context_are_clean_errors(tmp_path):
     assert result.exit_code == 2 and "exceeds the model's context length (512)" in result.output
     result = CliRunner().invoke(main, ["eval", str(out), "--data", str(tmp_path / "missing.txt")])
     assert result.exit_code == 2 and "no such file" in result.output
+
+
+def test_a_killed_conversion_leaves_nothing_behind(tmp_path):
+    """SIGTERM (`kill`) in the middle of a GPTQ conversion, once the temporary float model and the boundary cache
+    exist: the command stops as on Ctrl-C, and neither the output, its staging folder nor any temporary folder
+    remains."""
+    import os
+    import subprocess
+    import sys
+
+    out, temp = tmp_path / "out", tmp_path / "tmp"
+    temp.mkdir()
+    (tmp_path / "calib.txt").write_text("Once upon a time a little dog ran to the park and played with a ball. " * 20)
+    code = (
+        "import os, signal\n"
+        "from lowbit.converter.calibration import layerwise\n"
+        "put = layerwise.BoundaryCache.put\n"
+        "def killed(self, *args):\n"
+        "    put(self, *args)\n"
+        "    assert any(p.name.startswith('lowbit-boundaries-') for p in __import__('pathlib').Path("
+        f"{str(temp)!r}).iterdir())\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "layerwise.BoundaryCache.put = killed\n"
+        "from lowbit.cli import main\n"
+        f"main(['convert', {str(SAMPLE_MODEL)!r}, '-o', {str(out)!r}, '--scheme', 'w4a16', '--algo', 'gptq', "
+        f"'--calib-data', {str(tmp_path / 'calib.txt')!r}, '--num-samples', '2', '--seq-len', '24'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "TMPDIR": str(temp)})
+    assert result.returncode == 1 and "Aborted!" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "tmp"]
+    assert [p.name for p in temp.iterdir() if p.name.startswith("lowbit-")] == []  # (ONNX Runtime leaves a .ses)
