@@ -1,13 +1,14 @@
-"""Wall time and peak memory of activation calibration through ONNX Runtime on a realistic shape.
+"""Wall time and peak memory of calibration through ONNX Runtime on a realistic shape.
 
     python benchmarks/calibration_cost.py --data FILE [--model smollm2-135m] [--work /tmp/lowbit-calib]
-        [--num-samples 128] [--seq-len 512] [--threads 2]
+        [--num-samples 128] [--seq-len 512] [--threads 2] [--runs calibrate smoothquant gptq awq]
 
-Builds a random-weight checkpoint of a real config (benchmarks/random_model.py), converts it to q0f32 (for its
-size) and to `w8a8-static` with 2 calibration samples, then times `lowbit calibrate` of that folder with
-`--num-samples` × `--seq-len` tokens in a child process (peak RSS from wait4), and the same for a `--smoothquant-alpha
-0.5` conversion's float pass when `--smoothquant` is given. Speed and memory do not depend on the weights or on
-what the text says, so any long text file will do (weights are random; nothing is evaluated).
+Builds a random-weight checkpoint of a real config (benchmarks/random_model.py) and converts it to q0f32 (for its
+size). Then, each in a child process (peak RSS from wait4), with `--num-samples` × `--seq-len` tokens:
+`calibrate`: `lowbit calibrate` of a `w8a8-static` folder (converted first with 2 samples); `smoothquant`: a
+`--smoothquant-alpha 0.5` w8a8-static conversion (`--smoothquant` is the same); `gptq` / `awq`: a w4a16 conversion
+with `--algo gptq` / `--algo awq`, sequential. Speed and memory do not depend on the weights or on what the text
+says, so any long text file will do (weights are random; nothing is evaluated).
 """
 
 from __future__ import annotations
@@ -51,27 +52,40 @@ def main():
     parser.add_argument("--seq-len", default=512, type=int)
     parser.add_argument("--threads", default=2, type=int)
     parser.add_argument("--smoothquant", action="store_true", help="also time a --smoothquant-alpha conversion")
+    parser.add_argument("--runs", nargs="+", default=["calibrate"], choices=["calibrate", "smoothquant", "gptq", "awq"])
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     source = args.work / f"{args.model}-random"
     if not (source / "config.json").is_file():
         make_random_model(args.model, source)
+    runs = list(dict.fromkeys(args.runs + (["smoothquant"] if args.smoothquant else [])))
     float_folder, static_folder = args.work / "q0f32", args.work / "w8a8-static"
-    for folder, scheme, extra in ((float_folder, "q0f32", []), (static_folder, "w8a8-static", ["--num-samples", "2"])):
-        if not (folder / "lowbit.json").is_file():
+    for folder, scheme, extra, needed in ((float_folder, "q0f32", [], True),
+                                          (static_folder, "w8a8-static", ["--num-samples", "2"], "calibrate" in runs)):
+        if needed and not (folder / "lowbit.json").is_file():
             subprocess.run([sys.executable, "-m", "lowbit", "convert", str(source), "-o", str(folder), "--scheme",
                             scheme, "--overwrite", *extra], check=True, stdout=subprocess.DEVNULL)
-    calibration = ["--dataset", str(args.data), "--num-calibration-samples", str(args.num_samples),
-                   "--seq-len", str(args.seq_len)]
-    rows = [("lowbit calibrate (w8a8-static)", *run_measured(["calibrate", str(static_folder), *calibration],
-                                                                args.threads))]
-    if args.smoothquant:
-        out = args.work / "w8a8-static-sq"
-        rows.append(("lowbit convert --scheme w8a8-static --smoothquant-alpha 0.5 (two passes + writing)",
-                     *run_measured(["convert", str(source), "-o", str(out), "--scheme", "w8a8-static",
-                                    "--smoothquant-alpha", "0.5", "--overwrite", "--calib-data", str(args.data),
-                                    "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len)],
-                                   args.threads)))
+    samples = ["--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len)]
+    converts = {  # run -> (label, scheme and options)
+        "smoothquant": ("lowbit convert --scheme w8a8-static --smoothquant-alpha 0.5 (two passes + writing)",
+                        ["--scheme", "w8a8-static", "--smoothquant-alpha", "0.5"]),
+        "gptq": ("lowbit convert --scheme w4a16 --algo gptq (sequential, writing included)",
+                 ["--scheme", "w4a16", "--algo", "gptq"]),
+        "awq": ("lowbit convert --scheme w4a16 --algo awq (sequential, writing included)",
+                ["--scheme", "w4a16", "--algo", "awq"]),
+    }
+    rows = []
+    for run in runs:
+        if run == "calibrate":
+            rows.append(("lowbit calibrate (w8a8-static)",
+                         *run_measured(["calibrate", str(static_folder), "--dataset", str(args.data),
+                                        "--num-calibration-samples", str(args.num_samples), "--seq-len",
+                                        str(args.seq_len)], args.threads)))
+            continue
+        label, options = converts[run]
+        out = args.work / f"{run}-out"
+        rows.append((label, *run_measured(["convert", str(source), "-o", str(out), *options, "--overwrite",
+                                           "--calib-data", str(args.data), *samples], args.threads)))
     size = folder_mb(float_folder)
     print(f"\n{args.model} (random weights), {args.num_samples} samples x {args.seq_len} tokens, "
           f"{args.threads} threads; fp32 folder {size:.1f} MB\n")
