@@ -99,6 +99,18 @@ def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray], names) -> No
         assert np.array_equal(a[name], b[name]), name
 
 
+def convert_recipe(folders, where, name: str, text: str, **options):
+    """`text` converted as a recipe into where/name with the fixture's calibration settings: (folder, its
+    initializers, the float folder's initializers)."""
+    out, _ = folders
+    recipe = where / f"{name}.yaml"
+    recipe.write_text(text)
+    folder = where / name
+    lowbit.convert(SAMPLE_MODEL, folder, recipe=recipe, calib_data=out["float"].parent / "calib.txt", **SETTINGS,
+                   **options)
+    return folder, initializers(folder), initializers(out["float"])
+
+
 def test_independent_is_each_modifier_on_its_own(folders):
     """--independent: attention (AWQ scales folded into the input norm, its quantized weights) is exactly what the
     AWQ recipe alone gives, the MLP exactly what the GPTQ recipe alone gives; the post-attention norm stays float."""
@@ -233,12 +245,8 @@ def test_awq_then_gptq_on_one_module(folders):
     from lowbit.converter.algorithms.awq import scale_weight
 
     out, samples = folders
-    root = out["float"].parent
-    recipe = root / "awq_then_gptq.yaml"
-    recipe.write_text(AWQ_THEN_GPTQ)
-    folder = root / "awq_then_gptq"
-    lowbit.convert(SAMPLE_MODEL, folder, recipe=recipe, calib_data=root / "calib.txt", sequential=False, **SETTINGS)
-    stored, floats = initializers(folder), initializers(out["float"])
+    folder, stored, floats = convert_recipe(folders, out["float"].parent, "awq_then_gptq", AWQ_THEN_GPTQ,
+                                            sequential=False)
     modules = [f"layers.{i}.attn.qkv_proj" for i in range(LAYERS)]
     stats = calibrate_statistics(out["float"] / "model.onnx", modules, ["hessian", "mean_abs_per_channel"], samples)
     for i, module in enumerate(modules):
@@ -380,12 +388,7 @@ def test_awq_on_unfused_projections(folders, tmp_path):
     from lowbit.converter.algorithms.awq import scale_weight
 
     out, samples = folders
-    root = out["float"].parent
-    recipe = tmp_path / "awq_unfused.yaml"
-    recipe.write_text(AWQ_UNFUSED)
-    folder = tmp_path / "awq_unfused"
-    lowbit.convert(SAMPLE_MODEL, folder, recipe=recipe, calib_data=root / "calib.txt", sequential=False, **SETTINGS)
-    stored, floats = initializers(folder), initializers(out["float"])
+    folder, stored, floats = convert_recipe(folders, tmp_path, "awq_unfused", AWQ_UNFUSED, sequential=False)
     fused = [f"layers.{i}.{m}" for i in range(LAYERS) for m in ("attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj")]
     stats = calibrate_statistics(out["float"] / "model.onnx", fused, ["hessian", "mean_abs_per_channel"], samples)
     int4 = WeightQuant(4, 32, "symmetric")
@@ -426,13 +429,8 @@ def test_awq_scales_float_readers_of_its_norm(folders, tmp_path, rng):
     """A norm read by AWQ'd q/k and by a float v_proj (ignored): v_proj's float weight takes W·diag(s), so the
     converted model computes the float model's attention inputs; its logits equal those of the fake-quantized
     float model (q/k and the rest dequantized) to float rounding."""
-    out, _ = folders
-    root = out["float"].parent
-    recipe = tmp_path / "awq_float_v.yaml"
-    recipe.write_text(AWQ_UNFUSED.replace("ignore: [lm_head]", "ignore: [lm_head, 're:.*v_proj$']"))
-    folder = tmp_path / "awq_float_v"
-    lowbit.convert(SAMPLE_MODEL, folder, recipe=recipe, calib_data=root / "calib.txt", **SETTINGS)
-    stored, floats = initializers(folder), initializers(out["float"])
+    folder, stored, floats = convert_recipe(
+        folders, tmp_path, "awq_float_v", AWQ_UNFUSED.replace("ignore: [lm_head]", "ignore: [lm_head, 're:.*v_proj$']"))
     record = json.loads((folder / "lowbit.json").read_text())
     assert "layers.0.attn.v_proj" in record["recipe"]["float"]
     for i in range(LAYERS):
