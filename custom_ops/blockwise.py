@@ -8,8 +8,10 @@ Schema (domain `lowbit`, version 1):
 
 with `words` uint32 [N, W]: each row's codes (zero-padded to K_padded = G * group_size) packed
 `32 // bits` to a word, value j at bit j*bits (MLC-LLM's layout: 10 three-bit values a word);
-`scales`, `zero_points` [N, G] in the activation dtype; dequant = (q - zero_point) * scale.
-Attributes: `bits`, `group_size`, `K`.
+`scales` [N, G] and `zero_points` [N, G] in the activation dtype; dequant = (q - zero_point) * scale.
+`zero_points` may be [1, 1]: one zero point for every group (the centred rules, 2^(bits-1)), which saves a
+value per group (0.4 bits a weight for MLC's 3-bit groups of 40 in float16). Attributes: `bits`, `group_size`,
+`K`.
 
 Implementation: each op is an ONNX model-local function whose body is standard ops (BitShift,
 BitwiseAnd, Reshape, Slice, Sub, Mul, MatMul/Gather), so any ONNX Runtime runs it after
@@ -44,15 +46,28 @@ class BlockwiseArrays:
     k: int
 
 
-def pack(qw: QuantizedWeight) -> BlockwiseArrays:
+def pack(qw: QuantizedWeight, centered: bool = False) -> BlockwiseArrays:
+    """`centered`: the weight's rule puts every zero point at 2^(bits-1) (`WeightQuant.centered`): they are stored
+    as one [1, 1] value."""
     zp = qw.zero_points.astype(qw.scales.dtype)
+    if centered:
+        centre = 2 ** (qw.bits - 1)
+        if not np.all(qw.zero_points == centre):
+            raise ValueError(f"blockwise: a centred weight has zero points other than {centre}")
+        zp = np.full((1, 1), centre, qw.scales.dtype)
     return BlockwiseArrays(pack_words(qw.codes, qw.bits), qw.scales, zp, qw.bits, qw.group_size, qw.k)
+
+
+def zero_points_per_group(arrays) -> np.ndarray:
+    """The zero points [N, G] of blockwise arrays (a [1, 1] zero point repeated; a view, nothing is copied)."""
+    return np.broadcast_to(np.asarray(arrays.zero_points), np.shape(arrays.scales))
 
 
 def unpack(arrays: BlockwiseArrays) -> QuantizedWeight:
     kp = arrays.scales.shape[1] * arrays.group_size
     codes = unpack_words(arrays.words, arrays.bits, kp)
-    return QuantizedWeight(codes, arrays.scales, arrays.zero_points, arrays.bits, arrays.group_size, arrays.k)
+    return QuantizedWeight(codes, arrays.scales, np.array(zero_points_per_group(arrays)), arrays.bits,
+                           arrays.group_size, arrays.k)
 
 
 def reference_matmul(a: np.ndarray, arrays: BlockwiseArrays) -> np.ndarray:
@@ -126,7 +141,9 @@ def gather_function() -> ir.Function:
             tape,
             tape.op("Gather", [words, flat_idx], {"axis": 0}),
             tape.op("Gather", [scales, flat_idx], {"axis": 0}),
-            tape.op("Gather", [zero_points, flat_idx], {"axis": 0}),
+            # row index mod the zero points' rows: a [1, 1] zero point serves every row
+            tape.op("Gather", [zero_points, tape.op("Mod", [flat_idx, tape.op("Shape", [zero_points], {"end": 1})])],
+                    {"axis": 0}),
             k,
         )
         return tape.op("Reshape", [rows, tape.op("Concat", [tape.op("Shape", [indices]), k], {"axis": 0})])

@@ -178,8 +178,9 @@ def repack(arrays, rows_per_chunk: int = ROWS_PER_CHUNK) -> Repacked:
     n = arrays.words.shape[0]
     nb, bs, blocks = layout.nbits, layout.block_size, layout.blocks
     centre = 2 ** (nb - 1)
+    zero_points = np.broadcast_to(np.asarray(arrays.zero_points), np.shape(arrays.scales))  # [1, 1]: every group's
     integer = has_integer_zero_points(arrays.zero_points, arrays.bits)
-    zp_int = np.asarray(arrays.zero_points, np.float32).astype(np.uint8) if integer else None
+    zp_int = zero_points.astype(np.float32).astype(np.uint8) if integer else None
     keep_zp = integer and bool(np.any(zp_int != centre))
     positions = layout.positions()
     real = positions >= 0
@@ -203,7 +204,7 @@ def repack(arrays, rows_per_chunk: int = ROWS_PER_CHUNK) -> Repacked:
     scales = np.ascontiguousarray(np.asarray(arrays.scales)[:, block_of]).reshape(-1)
     correction = None
     if not integer:
-        z = np.asarray(arrays.zero_points, np.float32)
+        z = zero_points.astype(np.float32)
         s = np.asarray(arrays.scales, np.float32)
         correction = ((z - np.float32(centre)) * s).T.astype(arrays.scales.dtype)
     weight = matmul_nbits.MatMulNBitsArrays(

@@ -294,7 +294,7 @@ def _why_not(node, reader: _TensorReader) -> str | None:
     words, scales, zeros = (reader.protos[name] for name in node.input[1:])
     if scales.data_type not in FLOAT_TYPES or zeros.data_type != scales.data_type:
         return "MatMulNBits takes float32 or float16 scales and activations"
-    if len(words.dims) != 2 or len(scales.dims) != 2 or list(scales.dims) != list(zeros.dims):
+    if len(words.dims) != 2 or len(scales.dims) != 2 or list(zeros.dims) not in (list(scales.dims), [1, 1]):
         return "unexpected tensor shapes"
     n, groups = scales.dims
     if words.dims[0] != n or not (groups - 1) * group < k <= groups * group \

@@ -232,6 +232,22 @@ def test_blockwise_pack_unpack_bit_exact(bits, group, rng):
     assert np.array_equal(dequantize(back), dequantize(qw))
 
 
+@pytest.mark.parametrize("bits,group,rule", [(3, 40, "symmetric"), (3, 32, "symmetric_full"), (2, 16, "symmetric_full")])
+def test_blockwise_centred_rules_store_one_zero_point(bits, group, rule, rng):
+    """Centred rules (every zero point 2^(bits-1)) store zero points as one [1, 1] value; unpacking repeats it, bit
+    for bit the per-group layout."""
+    w = rng.standard_normal((6, 172)).astype(np.float32)
+    qw = quantize(w, WeightQuant(bits, group, rule), np.float16)
+    arrays = blockwise.pack(qw, centered=True)
+    assert arrays.zero_points.shape == (1, 1) and arrays.zero_points[0, 0] == 2 ** (bits - 1)
+    back = blockwise.unpack(arrays)
+    assert np.array_equal(back.codes, qw.codes) and np.array_equal(back.zero_points, qw.zero_points)
+    assert np.array_equal(dequantize(back), dequantize(blockwise.unpack(blockwise.pack(qw))))
+    asymmetric = quantize(w, WeightQuant(bits, group, "asymmetric"), np.float16)
+    with pytest.raises(ValueError, match="zero points other than"):
+        blockwise.pack(asymmetric, centered=True)
+
+
 def test_int4_dq_storage_is_two_per_byte_low_first():
     import onnx_ir as ir
 

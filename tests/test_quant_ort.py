@@ -119,13 +119,16 @@ def test_gather_formats_match_reference(fmt, bits, group, rule, tmp_path, rng):
     w = rng.standard_normal((v, k)).astype(np.float32)
     ids = rng.integers(0, v, (2, 7)).astype(np.int64)
     quant = WeightQuant(bits, group, rule)
-    out, report, _ = run_quantized(tmp_path, "gather", w, LayerQuant(quant, fmt), np.float32, ids)
+    out, report, model = run_quantized(tmp_path, "gather", w, LayerQuant(quant, fmt), np.float32, ids)
     qw = quantize(w, quant)
     assert np.array_equal(out, dequantize(qw)[ids])
     if fmt == "gather_block_quantized":
         assert np.array_equal(out, gather_block_quantized.reference(ids, gather_block_quantized.pack(qw)))
     else:
-        assert np.array_equal(out, blockwise.reference_gather(ids, blockwise.pack(qw)))
+        centered = quant.centered
+        assert np.array_equal(out, blockwise.reference_gather(ids, blockwise.pack(qw, centered)))
+        zeros = next(v for v in model.graph.initializers.values() if v.name.endswith("qzeros"))
+        assert zeros.shape == ((1, 1) if centered else (v, k // (group or k)))  # centred rules: one zero point
 
 
 def test_auto_format_choice(tmp_path, rng):

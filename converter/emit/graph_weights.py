@@ -58,9 +58,9 @@ def _blockwise(node, tensor, group_size):
     zero_points = tensor("qzeros")
     arrays = blockwise.BlockwiseArrays(tensor("qweight"), tensor("scales"), zero_points, _attr(node, "bits"),
                                        _attr(node, "group_size"), _attr(node, "K"))
-    qw = blockwise.unpack(arrays)
-    integer = np.rint(zero_points.astype(np.float32))
-    if not np.array_equal(integer, zero_points.astype(np.float32)):
+    qw = blockwise.unpack(arrays)  # zero points [N, G], a [1, 1] one repeated
+    integer = np.rint(qw.zero_points.astype(np.float32))
+    if not np.array_equal(integer, qw.zero_points.astype(np.float32)):
         raise LowbitError(f"{node.name}: float zero points have no integer equivalent")
     return QuantizedWeight(qw.codes, qw.scales, integer.astype(np.uint8), qw.bits, qw.group_size, qw.k)
 

@@ -11,6 +11,7 @@ plan asks for exactly that.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable
 
 import ml_dtypes
@@ -223,7 +224,7 @@ def _blockwise_emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level:
     parts = [
         Part("qweight", np.dtype(np.uint32), (n, -(-kp // per)), lambda a: a.words),
         Part("scales", np.dtype(scale_dtype), (n, kp // g), lambda a: a.scales),
-        Part("qzeros", np.dtype(scale_dtype), (n, kp // g), lambda a: a.zero_points),
+        Part("qzeros", np.dtype(scale_dtype), (1, 1) if q.centered else (n, kp // g), lambda a: a.zero_points),
     ]
     attrs = {"bits": q.bits, "group_size": g, "K": k}
     op = "GatherBlockwise" if site.kind == "gather" else "MatMulBlockwise"
@@ -233,7 +234,7 @@ def _blockwise_emission(q: WeightQuant, site: Site, scale_dtype, accuracy_level:
         inputs = [words, site.x, scales, zeros] if site.kind == "gather" else [site.x, words, scales, zeros]
         return tape.op(op, inputs, attrs, domain=blockwise.DOMAIN, name=site.module)
 
-    return Emission(parts, blockwise.pack, build, functions=(op,))
+    return Emission(parts, partial(blockwise.pack, centered=q.centered), build, functions=(op,))
 
 
 register_format(StorageFormat(
