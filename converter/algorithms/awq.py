@@ -132,7 +132,7 @@ def awq_search(
         raise LowbitError("AWQ: the mean |x| per channel has negative or non-finite values")
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
         raise ValueError(f"AWQ: grid must be a positive integer, got {grid!r}")
-    exact = [np.asarray(w, np.float64) for w in weights]
+    exact = np.split(stacked, np.cumsum([len(w) for w in weights])[:-1])  # each linear, float64: views of `stacked`
     w_mean = weight_means(exact, quants) if duo_scaling else None
     alphas = np.arange(grid) / grid
     errors = np.empty(grid)

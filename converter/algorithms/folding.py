@@ -31,6 +31,12 @@ def up_rows(kind: str, rows: int) -> slice:
     return slice(rows // 2, None) if kind == "gate_up_proj" else slice(None)
 
 
+def norm_initializers(initializers, layer: int | str, norm: str) -> tuple[str, ...]:
+    """The names of a layer's norm weight (and bias, where it has one) among the graph's initializers."""
+    return tuple(name for name in (f"layers.{layer}.{norm}.weight", f"layers.{layer}.{norm}.bias")
+                 if name in initializers)
+
+
 def fold_norm(value: ir.Value, s: np.ndarray) -> None:
     """The graph's norm weight (or bias) initializer, divided by s when it is written (stays lazy)."""
     tensor = value.const_value

@@ -26,8 +26,8 @@ from lowbit.affine import QuantizedWeight, dequantize, quantize
 from lowbit.converter.algorithms.awq import (awq_clip_search, awq_search, fold_into_linear_rows, fold_into_norm,
                                              output_error, quantize_clipped, scale_weight)
 from lowbit.converter.algorithms.gptq import gptq_quantize
-from lowbit.converter.algorithms.folding import (NORM_BEFORE, UP_BEFORE_DOWN, fold_norm, kind_of, rescale_weight,
-                                                up_rows)
+from lowbit.converter.algorithms.folding import (NORM_BEFORE, UP_BEFORE_DOWN, fold_norm, kind_of, norm_initializers,
+                                                rescale_weight, up_rows)
 from lowbit.converter.calibration import CalibrationSettings
 from lowbit.converter.calibration.layerwise import AFTER_LAYERS, layer_of, walk_layers
 from lowbit.converter.calibration.observers import make_observer
@@ -278,7 +278,7 @@ def _gptq_weight(site: Site, w: np.ndarray, hessian: np.ndarray, layer: LayerQua
 def _awq(run: _Run, model: ir.Model, source: ModelInput, spec: AlgorithmSpec, modules: frozenset[str],
          settings: dict[str, object]) -> StageAlgorithm:
     """AWQ (docs/algorithms.md), layer by layer: per-input-channel scales searched on each layer's calibration
-    statistics, folded into the op before (`mappings`: the input norm for q/k/v, the post-attention norm for
+    statistics, folded into the op before (`folding`: the input norm for q/k/v, the post-attention norm for
     gate/up, fused or not, up_proj's rows for down_proj; o_proj and lm_head keep s = 1), then the clip search and
     quantization of the scaled weights. The linears that share an input share one s, searched with each quantized
     as its own node stores it. The folded norm weights replace the graph's. A module's settings: `settings[module]`,
@@ -287,10 +287,6 @@ def _awq(run: _Run, model: ir.Model, source: ModelInput, spec: AlgorithmSpec, mo
     initializers = model.graph.initializers
     alphas = {}
     float_readers = _float_norm_readers(model, modules, run.planned)
-
-    def norm_names(layer: int, norm: str) -> list[str]:
-        return [name for name in (f"layers.{layer}.{norm}.weight", f"layers.{layer}.{norm}.bias")
-                if name in initializers]
 
     def quantize_stage(stage, statistics):
         by_kind = {kind_of(site.module): (site, layer) for site, layer in stage}
@@ -314,9 +310,10 @@ def _awq(run: _Run, model: ir.Model, source: ModelInput, spec: AlgorithmSpec, mo
             if kind in NORM_BEFORE:
                 readers.setdefault(NORM_BEFORE[kind], []).append(kind)
         for norm, kinds in readers.items():
-            if index != AFTER_LAYERS and norm_names(index, norm):
+            names = norm_initializers(initializers, index, norm) if index != AFTER_LAYERS else ()
+            if names:
                 s = search(kinds)
-                folds.append((norm_names(index, norm), s))
+                folds.append((names, s))
                 for site in float_readers.get((index, norm), ()):  # float linears reading the norm: W·diag(s)
                     rescale_weight(site, columns=s)
                     if spec.sequential:

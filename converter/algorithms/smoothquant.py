@@ -29,8 +29,8 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.converter.algorithms.folding import (NORM_BEFORE, UP_BEFORE_DOWN, fold_norm, kind_of, rescale_weight,
-                                                 up_rows)
+from lowbit.converter.algorithms.folding import (NORM_BEFORE, UP_BEFORE_DOWN, fold_norm, kind_of, norm_initializers,
+                                                 rescale_weight, up_rows)
 from lowbit.converter.calibration import CalibrationSettings, calibrate_layerwise
 from lowbit.converter.quant.formats import Site
 from lowbit.converter.quant.plan import LayerQuant
@@ -86,8 +86,7 @@ def smoothings(model: ir.Model, sites: list[tuple[Site, LayerQuant]], gated_mlp:
         norm = NORM_BEFORE.get(kind)
         if norm is not None and (index, norm) not in seen:
             seen.add((index, norm))
-            names = tuple(n for n in (f"layers.{index}.{norm}.weight", f"layers.{index}.{norm}.bias")
-                          if n in initializers)
+            names = norm_initializers(initializers, index, norm)
             readers = tuple(site for name, site in every.items() if name.startswith(f"layers.{index}.")
                             and NORM_BEFORE.get(kind_of(name)) == norm)
             if names:
