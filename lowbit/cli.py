@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -44,7 +45,8 @@ class LowbitGroup(click.Group):
 @click.version_option(package_name="lowbit")
 def main():
     """lowbit: Hugging Face language models -> (quantized) ONNX, and a runtime for them."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    if threading.current_thread() is threading.main_thread():  # Python installs handlers from the main thread only
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _interrupt(signum, frame):

@@ -178,3 +178,16 @@ def test_a_killed_conversion_leaves_nothing_behind(tmp_path):
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "tmp"]
     assert [p.name for p in temp.iterdir() if p.name.startswith("lowbit-")] == []  # (ONNX Runtime leaves a .ses)
+
+
+def test_commands_run_from_a_thread(tmp_path):
+    """The SIGTERM handler is installed from the main thread only: a command invoked from another thread (an
+    embedding application's worker) gives its own result, not Python's signal error."""
+    import threading
+
+    results = []
+    command = ["inspect", str(tmp_path / "no")]
+    worker = threading.Thread(target=lambda: results.append(CliRunner().invoke(main, command)))
+    worker.start()
+    worker.join()
+    assert results[0].exit_code == 2 and results[0].output.startswith("error:"), results[0].output
