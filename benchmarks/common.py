@@ -17,9 +17,10 @@ def lowbit(*args) -> str:
 
 
 def interleaved_bench(folders: dict[str, Path], rounds: int, prompt_len: int, new_tokens: int,
-                      threads: int) -> dict[str, dict]:
+                      threads: int, envs: dict[str, dict[str, str]] | None = None) -> dict[str, dict]:
     """`lowbit bench` of every folder once per round in a fresh process (the order rotated each round); per label
-    the best prefill and decode tok/s, the largest peak RSS (MB) and the folder's model bytes."""
+    the best prefill and decode tok/s, the largest peak RSS (MB) and the folder's model bytes. `envs`: environment
+    variables for some labels' processes."""
     from benchmarks.compare_builder import run_child
 
     labels = list(folders)
@@ -28,7 +29,7 @@ def interleaved_bench(folders: dict[str, Path], rounds: int, prompt_len: int, ne
         for label in labels[round_ % len(labels):] + labels[:round_ % len(labels)]:
             cmd = [sys.executable, "-m", "lowbit", "bench", str(folders[label]), "--prompt-len", str(prompt_len),
                    "--new-tokens", str(new_tokens), "--repeats", "2", "--threads", str(threads), "--json"]
-            _, rss, out = run_child(cmd)
+            _, rss, out = run_child(cmd, (envs or {}).get(label))
             r = json.loads(out.strip().splitlines()[-1])
             best = results.setdefault(label, {"prefill": 0.0, "decode": 0.0, "rss_mb": 0.0,
                                               "model_bytes": r["model_bytes"]})

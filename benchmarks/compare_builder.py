@@ -50,10 +50,12 @@ JOBS = {
 DEFAULT_JOBS = [name for name, (kind, _, _) in JOBS.items() if kind != "baseline"]
 
 
-def run_child(cmd):
-    """Like `measured`, but the peak RSS is that one child's (wait4), not the max over all children."""
+def run_child(cmd, env: dict[str, str] | None = None):
+    """Like `measured`, but the peak RSS is that one child's (wait4), not the max over all children. `env`:
+    variables set for the child on top of this process's."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **env} if env else None)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start

@@ -2,13 +2,15 @@
 
     python benchmarks/scheme_speed.py [--model smollm2-135m] [--work /tmp/lowbit-speed] [--rounds 3]
         [--schemes q0f32 w4a16 ...] [--prompt-len 128] [--new-tokens 16] [--threads 2] [--json FILE]
+        [--ort-kernels]
 
 Builds a random-weight checkpoint of a real config (benchmarks/random_model.py), converts it with
 every scheme (and the formats only a recipe reaches, with benchmarks/recipes/: rows `*-recipe`), then runs
 `lowbit bench` in a fresh process per scheme, all schemes once per round
 (rotating the order), for `--rounds` rounds. A scheme's prefill/decode is its best round; peak RSS
 is the bench process's own (wait4). Ratios are against q0f32 from the same run, so machine load
-moves both sides alike. Prints a Markdown table (docs/performance.md keeps the latest).
+moves both sides alike. Prints a Markdown table (docs/performance.md keeps the latest). `--ort-kernels` adds,
+for each scheme, a row run with LOWBIT_KERNELS=0 (ONNX Runtime's kernels instead of lowbit's int8 CPU kernel).
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--ort-kernels", action="store_true",
+                        help="also run every scheme but q0f32 with LOWBIT_KERNELS=0 (rows '... ORT'): ONNX Runtime's "
+                             "kernels where lowbit's int8 CPU kernel would run")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE.parent))
     from benchmarks.common import interleaved_bench
@@ -78,8 +83,14 @@ def main():
         run_child([sys.executable, "-m", "lowbit", "convert", str(source), "-o", str(out), "--overwrite",
                    *(["--scheme", scheme] if scheme else []), *extra])
         print(f"converted {label}: {model_bytes(out) / 1e6:.1f} MB", flush=True)
+    envs = {}
+    if args.ort_kernels:
+        for label in labels[1:]:
+            folders[f"{label} ORT"] = folders[label]
+            envs[f"{label} ORT"] = {"LOWBIT_KERNELS": "0"}
+        labels = [labels[0]] + [row for label in labels[1:] for row in (label, f"{label} ORT")]
     results = interleaved_bench({label: folders[label] for label in labels}, args.rounds, args.prompt_len,
-                                args.new_tokens, args.threads)
+                                args.new_tokens, args.threads, envs)
     base = results["q0f32"]
     print(f"\n{args.model} (random weights), prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"{args.threads} threads, best of {args.rounds} interleaved rounds\n")

@@ -93,6 +93,14 @@ def test_mlc_group_40_layout():
 
 # ------------------------------------------------------------------------------ sessions: fast path vs function bodies
 
+
+@pytest.fixture(autouse=True)
+def ort_kernels_only(monkeypatch):
+    """This file tests the rewrites into ONNX Runtime's own kernels, which run wherever lowbit's int8 CPU kernel is
+    unavailable; tests/test_int4_int8_kernel.py tests that kernel's path."""
+    monkeypatch.setenv("LOWBIT_KERNELS", "0")
+
+
 FAST_SCHEMES = ["q3f16_1", "w3a16", "a16w8-minmax", "a16w8-minmax-g40"]  # g40: float zero points and relaid groups
 # |fast - function body| / max|function body| of the logits. Level 4 quantizes the activations to int8 per block
 # (the function bodies compute in float); level 0 differs by summation order only (float16: its rounding too).

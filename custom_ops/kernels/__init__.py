@@ -1,0 +1,104 @@
+"""Compiled CPU kernels, built on first use with the machine's C compiler and cached.
+
+`library()` returns the shared library ONNX Runtime loads (`SessionOptions.register_custom_ops_library`) to run
+`lowbit.cpu.*` nodes, or None with the reason in `unavailable()`: no x86-64 CPU with AVX2, no C compiler, a failed
+build, or `LOWBIT_KERNELS=0`. Nothing needs the library: the runtime then keeps ONNX Runtime's own nodes.
+
+The build is `cc -O3 -mavx2 -shared` of the sources beside this file, into `$LOWBIT_CACHE_DIR` (default
+`$XDG_CACHE_HOME/lowbit` or `~/.cache/lowbit`) under a name that hashes the sources, the compiler and the flags,
+written to a temporary name and renamed, so concurrent processes never load a partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+ENV_SWITCH = "LOWBIT_KERNELS"
+SOURCES = ("matmul_int4_int8.c",)
+FLAGS = ("-O3", "-mavx2", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden")
+LIBRARY_STEM = "lowbit_cpu_kernels"
+
+
+def cache_dir() -> Path:
+    if os.environ.get("LOWBIT_CACHE_DIR"):
+        return Path(os.environ["LOWBIT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lowbit"
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def library() -> Path | None:
+    """The compiled library, or None (see `unavailable`)."""
+    path, _ = _build()
+    return path
+
+
+def unavailable() -> str | None:
+    """Why `library()` is None; None when it is not."""
+    return _build()[1]
+
+
+def cpu_has_avx2() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx2" in line for line in f)
+    except OSError:
+        return False
+
+
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+@lru_cache(maxsize=None)
+def _cached_build(cc: str, folder: str) -> tuple[Path | None, str | None]:
+    here = Path(__file__).parent
+    sources = [here / name for name in SOURCES]
+    digest = hashlib.sha256()
+    for part in [cc, *FLAGS, *(s.read_bytes() for s in sources)]:
+        digest.update(part if isinstance(part, bytes) else part.encode())
+    target = Path(folder) / f"{LIBRARY_STEM}-{digest.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target, None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(prefix=f".{LIBRARY_STEM}-", suffix=".so", dir=target.parent)
+        os.close(fd)
+    except OSError as e:
+        return None, f"no cache folder for the compiled kernels ({e})"
+    try:
+        run = subprocess.run([cc, *FLAGS, "-o", partial, *map(str, sources), "-lm"], capture_output=True, text=True,
+                             timeout=300)
+        if run.returncode != 0:
+            first = next((line for line in run.stderr.splitlines() if "error" in line), run.stderr.strip()[:200])
+            return None, f"the C compiler failed ({first})"
+        os.replace(partial, target)
+        return target, None
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"the C compiler failed ({e})"
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _build() -> tuple[Path | None, str | None]:
+    if not enabled():
+        return None, f"{ENV_SWITCH}=0"
+    if not cpu_has_avx2():
+        return None, "the CPU has no AVX2"
+    cc = compiler()
+    if cc is None:
+        return None, "no C compiler (cc, gcc or clang; or $CC)"
+    return _cached_build(cc, str(cache_dir()))

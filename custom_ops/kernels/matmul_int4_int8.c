@@ -1,0 +1,405 @@
+/* lowbit.cpu.MatMulInt4Int8: Y[M, N] = A[M, K] @ W[K, N] for weights stored as codes of 4 bits or fewer, computed
+ * with int8 activations and integer dot products (AVX2), as an ONNX Runtime custom op.
+ *
+ * The arithmetic (custom_ops/matmul_int4_int8.py holds the numpy reference, equal bit for bit):
+ *   groups of G rows of K (the last one partial where G does not divide K), per row m of A and group g:
+ *     amax = max |A[m, k]| over the group;  sx = amax / 127;  xq[k] = rint(A[m, k] * (127 / amax))  (0 if amax == 0)
+ *     xsum = sum of the group's xq
+ *   per column n:  dot = sum over the group of q[k, n] * xq[k]  (exact, int32)
+ *   Y[m, n] = sum over g, in order, of  float(dot - z[g, n] * xsum) * (s[g, n] * sx)   (float32, no fused multiply-add)
+ *
+ * Inputs: A float32 [..., K]; B uint8 [N_pad / 16, groups, G / 4, 32], the codes (0..15) as nibbles: byte 2c + h of
+ * quad j of group g of tile t holds q[gG + 4j + h, 16t + c] in its low nibble and q[gG + 4j + 2 + h, 16t + c] in its
+ * high nibble (codes of rows >= K and columns >= N are 0); scales float32 [N_pad / 16, groups, 16] and
+ * zero_points uint8 [N_pad / 16, groups, 16], tile by tile as B (each tile's bytes are one sequential stream), or
+ * [1] where all are equal. Attributes K, N, group_size. Output Y float32 [..., N].
+ *
+ * The ONNX Runtime C API is used through the positions of its function table (OrtApi), which its ABI keeps fixed:
+ * the declarations below are ours and list only what this file calls. */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ------------------------------------------------------------------------------------------ ONNX Runtime C API */
+
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtApi OrtApi;
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtValue OrtValue;
+typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+
+typedef struct OrtApiBase {
+  const OrtApi *(*GetApi)(uint32_t version);
+  const char *(*GetVersionString)(void);
+} OrtApiBase;
+
+enum { API_VERSION = 17 };  /* KernelContext_ParallelFor: ONNX Runtime 1.17 */
+enum { ORT_INVALID_ARGUMENT = 2, ORT_RUNTIME_EXCEPTION = 6 };
+enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2 };
+enum { REQUIRED = 0 };
+
+/* positions in OrtApi */
+enum {
+  API_CreateStatus = 0,
+  API_CreateCustomOpDomain = 26,
+  API_CustomOpDomain_Add = 27,
+  API_AddCustomOpDomain = 28,
+  API_GetTensorMutableData = 51,
+  API_GetDimensionsCount = 61,
+  API_GetDimensions = 62,
+  API_GetTensorTypeAndShape = 65,
+  API_KernelInfoGetAttribute_int64 = 86,
+  API_KernelContext_GetInput = 90,
+  API_KernelContext_GetOutput = 91,
+  API_ReleaseStatus = 93,
+  API_ReleaseTensorTypeAndShapeInfo = 99,
+  API_KernelContext_ParallelFor = 274,
+};
+
+static const OrtApi *api;
+#define API(name, type) ((type)(((void *const *)api)[API_##name]))
+
+typedef OrtStatus *(*CreateStatusFn)(int code, const char *message);
+typedef OrtStatus *(*CreateCustomOpDomainFn)(const char *domain, OrtCustomOpDomain **out);
+typedef OrtStatus *(*CustomOpDomainAddFn)(OrtCustomOpDomain *domain, const void *op);
+typedef OrtStatus *(*AddCustomOpDomainFn)(OrtSessionOptions *options, OrtCustomOpDomain *domain);
+typedef OrtStatus *(*GetTensorMutableDataFn)(OrtValue *value, void **out);
+typedef OrtStatus *(*GetDimensionsCountFn)(const OrtTensorTypeAndShapeInfo *info, size_t *out);
+typedef OrtStatus *(*GetDimensionsFn)(const OrtTensorTypeAndShapeInfo *info, int64_t *dims, size_t count);
+typedef OrtStatus *(*GetTensorTypeAndShapeFn)(const OrtValue *value, OrtTensorTypeAndShapeInfo **out);
+typedef OrtStatus *(*KernelInfoGetAttributeInt64Fn)(const OrtKernelInfo *info, const char *name, int64_t *out);
+typedef OrtStatus *(*KernelContextGetInputFn)(const OrtKernelContext *context, size_t index, const OrtValue **out);
+typedef OrtStatus *(*KernelContextGetOutputFn)(OrtKernelContext *context, size_t index, const int64_t *dims,
+                                               size_t count, OrtValue **out);
+typedef void (*ReleaseStatusFn)(OrtStatus *status);
+typedef void (*ReleaseTensorTypeAndShapeInfoFn)(OrtTensorTypeAndShapeInfo *info);
+typedef OrtStatus *(*KernelContextParallelForFn)(const OrtKernelContext *context, void (*fn)(void *, size_t),
+                                                 size_t total, size_t num_batch, void *user_data);
+
+/* OrtCustomOp, as far as API_VERSION reads it */
+typedef struct CustomOp {
+  uint32_t version;
+  void *(*CreateKernel)(const struct CustomOp *op, const OrtApi *api, const OrtKernelInfo *info);
+  const char *(*GetName)(const struct CustomOp *op);
+  const char *(*GetExecutionProviderType)(const struct CustomOp *op);
+  int (*GetInputType)(const struct CustomOp *op, size_t index);
+  size_t (*GetInputTypeCount)(const struct CustomOp *op);
+  int (*GetOutputType)(const struct CustomOp *op, size_t index);
+  size_t (*GetOutputTypeCount)(const struct CustomOp *op);
+  void (*KernelCompute)(void *kernel, OrtKernelContext *context);
+  void (*KernelDestroy)(void *kernel);
+  int (*GetInputCharacteristic)(const struct CustomOp *op, size_t index);
+  int (*GetOutputCharacteristic)(const struct CustomOp *op, size_t index);
+  int (*GetInputMemoryType)(const struct CustomOp *op, size_t index);
+  int (*GetVariadicInputMinArity)(const struct CustomOp *op);
+  int (*GetVariadicInputHomogeneity)(const struct CustomOp *op);
+  int (*GetVariadicOutputMinArity)(const struct CustomOp *op);
+  int (*GetVariadicOutputHomogeneity)(const struct CustomOp *op);
+  OrtStatus *(*CreateKernelV2)(const struct CustomOp *op, const OrtApi *api, const OrtKernelInfo *info,
+                               void **kernel);
+  OrtStatus *(*KernelComputeV2)(void *kernel, OrtKernelContext *context);
+  OrtStatus *(*InferOutputShapeFn)(const struct CustomOp *op, void *context);
+  int (*GetStartVersion)(const struct CustomOp *op);
+  int (*GetEndVersion)(const struct CustomOp *op);
+} CustomOp;
+
+#define CHECK(call)                    \
+  do {                                 \
+    OrtStatus *status_ = (call);       \
+    if (status_ != NULL) return status_; \
+  } while (0)
+
+static OrtStatus *error(const char *message) { return API(CreateStatus, CreateStatusFn)(ORT_INVALID_ARGUMENT, message); }
+
+/* ------------------------------------------------------------------------------------------------- the kernel */
+
+#define TILE 16  /* columns per tile: one 256-bit register of int16 sums */
+#ifndef TASKS
+#define TASKS 64  /* tasks per call handed to ONNX Runtime's thread pool */
+#endif
+#define QUADS_PER_FLUSH 4  /* 4 quads of 4 rows: |sum| <= 16 * 15 * 127 = 30480 fits int16 */
+
+typedef struct {
+  int64_t k, n, group_size;
+} Kernel;
+
+typedef struct {
+  const uint8_t *b;
+  const float *scales;
+  const uint8_t *zero_points;  /* NULL: every zero point is `zero_point` */
+  int32_t zero_point;
+  const int8_t *xq;     /* [M, groups * G], zero beyond K */
+  const __m256i *pairs; /* M == 1: [groups * G / 2] each pair of xq broadcast over a register; else NULL */
+  const float *sx;      /* [M, groups] */
+  const int32_t *xsum;  /* [M, groups] */
+  float *y;             /* [M, N] */
+  int64_t m, n, n_pad, group_size, groups;
+  int64_t tiles_per_task;
+} Work;
+
+/* Rows m0..m0+R-1 of A against tile t: adds each group's float term to acc[R][TILE] in group order. */
+static inline void tile_rows(const Work *w, int64_t t, int64_t m0, const int R, float *acc) {
+  const int64_t quads = w->group_size / 4, stride = w->groups * w->group_size;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const uint8_t *b = w->b + (size_t)t * w->groups * quads * 32;
+  for (int64_t g = 0; g < w->groups; g++) {
+    __m256i lo32[4], hi32[4];
+    for (int r = 0; r < R; r++) lo32[r] = hi32[r] = _mm256_setzero_si256();
+    for (int64_t j0 = 0; j0 < quads; j0 += QUADS_PER_FLUSH) {
+      const int64_t j1 = j0 + QUADS_PER_FLUSH < quads ? j0 + QUADS_PER_FLUSH : quads;
+      __m256i sum16[4];
+      for (int r = 0; r < R; r++) sum16[r] = _mm256_setzero_si256();
+      for (int64_t j = j0; j < j1; j++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(b + (size_t)(g * quads + j) * 32));
+        const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        if (R == 1 && w->pairs != NULL) {
+          const __m256i *x = w->pairs + (g * quads + j) * 2;
+          sum16[0] = _mm256_add_epi16(sum16[0], _mm256_add_epi16(_mm256_maddubs_epi16(lo, x[0]),
+                                                                 _mm256_maddubs_epi16(hi, x[1])));
+          continue;
+        }
+        for (int r = 0; r < R; r++) {
+          const int8_t *x = w->xq + (m0 + r) * stride + g * w->group_size + 4 * j;
+          int16_t pair0, pair1;
+          memcpy(&pair0, x, 2);
+          memcpy(&pair1, x + 2, 2);
+          sum16[r] = _mm256_add_epi16(sum16[r], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi16(pair0)),
+                                                                 _mm256_maddubs_epi16(hi, _mm256_set1_epi16(pair1))));
+        }
+      }
+      for (int r = 0; r < R; r++) {
+        lo32[r] = _mm256_add_epi32(lo32[r], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sum16[r])));
+        hi32[r] = _mm256_add_epi32(hi32[r], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sum16[r], 1)));
+      }
+    }
+    const size_t at = ((size_t)t * w->groups + g) * TILE;
+    __m256i zlo = _mm256_setzero_si256(), zhi = zlo;
+    if (w->zero_points != NULL) {
+      const __m128i z8 = _mm_loadu_si128((const __m128i *)(w->zero_points + at));
+      zlo = _mm256_cvtepu8_epi32(z8);
+      zhi = _mm256_cvtepu8_epi32(_mm_srli_si128(z8, 8));
+    }
+    const __m256 slo = _mm256_loadu_ps(w->scales + at), shi = _mm256_loadu_ps(w->scales + at + 8);
+    for (int r = 0; r < R; r++) {
+      const int64_t row = (m0 + r) * w->groups + g;
+      const __m256 sx = _mm256_set1_ps(w->sx[row]);
+      __m256i dlo, dhi;
+      if (w->zero_points == NULL) {
+        const __m256i offset = _mm256_set1_epi32(w->zero_point * w->xsum[row]);
+        dlo = _mm256_sub_epi32(lo32[r], offset);
+        dhi = _mm256_sub_epi32(hi32[r], offset);
+      } else {
+        const __m256i xsum = _mm256_set1_epi32(w->xsum[row]);
+        dlo = _mm256_sub_epi32(lo32[r], _mm256_mullo_epi32(zlo, xsum));
+        dhi = _mm256_sub_epi32(hi32[r], _mm256_mullo_epi32(zhi, xsum));
+      }
+      float *a = acc + r * TILE;
+      _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), _mm256_mul_ps(_mm256_cvtepi32_ps(dlo),
+                                                                          _mm256_mul_ps(slo, sx))));
+      _mm256_storeu_ps(a + 8, _mm256_add_ps(_mm256_loadu_ps(a + 8), _mm256_mul_ps(_mm256_cvtepi32_ps(dhi),
+                                                                                  _mm256_mul_ps(shi, sx))));
+    }
+  }
+}
+
+static void run_tile(const Work *w, int64_t t) {
+  const int64_t n0 = t * TILE, width = w->n - n0 < TILE ? w->n - n0 : TILE;
+  float acc[4 * TILE];
+  for (int64_t m0 = 0; m0 < w->m; m0 += 4) {
+    const int64_t rows = w->m - m0 < 4 ? w->m - m0 : 4;
+    memset(acc, 0, sizeof acc);
+    switch (rows) {  /* constant R: each case compiles to its own register allocation */
+      case 1: tile_rows(w, t, m0, 1, acc); break;
+      case 2: tile_rows(w, t, m0, 2, acc); break;
+      case 3: tile_rows(w, t, m0, 3, acc); break;
+      default: tile_rows(w, t, m0, 4, acc); break;
+    }
+    for (int64_t r = 0; r < rows; r++) memcpy(w->y + (m0 + r) * w->n + n0, acc + r * TILE, sizeof(float) * width);
+  }
+}
+
+static void run_task(void *data, size_t task) {
+  const Work *w = data;
+  const int64_t tiles = w->n_pad / TILE, t0 = (int64_t)task * w->tiles_per_task;
+  const int64_t t1 = t0 + w->tiles_per_task < tiles ? t0 + w->tiles_per_task : tiles;
+  for (int64_t t = t0; t < t1; t++) run_tile(w, t);
+}
+
+/* Per row and group: the int8 activations, their scale and their sum. */
+static void quantize_rows(const float *a, int64_t m, int64_t k, int64_t group_size, int64_t groups, int8_t *xq,
+                          float *sx, int32_t *xsum) {
+  const int64_t stride = groups * group_size;
+  for (int64_t i = 0; i < m; i++) {
+    const float *x = a + i * k;
+    int8_t *q = xq + i * stride;
+    memset(q, 0, (size_t)stride);
+    for (int64_t g = 0; g < groups; g++) {
+      const int64_t k0 = g * group_size, k1 = k0 + group_size < k ? k0 + group_size : k;
+      float amax = 0.0f;
+      for (int64_t kk = k0; kk < k1; kk++) amax = fmaxf(amax, fabsf(x[kk]));
+      int32_t sum = 0;
+      if (amax > 0.0f) {
+        const float inv = 127.0f / amax;
+        for (int64_t kk = k0; kk < k1; kk++) {
+          long v = lrintf(x[kk] * inv);
+          v = v > 127 ? 127 : (v < -127 ? -127 : v);
+          q[kk] = (int8_t)v;
+          sum += (int32_t)v;
+        }
+      }
+      sx[i * groups + g] = amax / 127.0f;
+      xsum[i * groups + g] = sum;
+    }
+  }
+}
+
+static OrtStatus *input(OrtKernelContext *context, size_t index, const OrtValue **value, int64_t *dims,
+                        size_t *rank) {
+  CHECK(API(KernelContext_GetInput, KernelContextGetInputFn)(context, index, value));
+  if (*value == NULL) return error("lowbit.cpu.MatMulInt4Int8: an input is missing");
+  OrtTensorTypeAndShapeInfo *info;
+  CHECK(API(GetTensorTypeAndShape, GetTensorTypeAndShapeFn)(*value, &info));
+  OrtStatus *status = API(GetDimensionsCount, GetDimensionsCountFn)(info, rank);
+  if (status == NULL && *rank > 8) status = error("lowbit.cpu.MatMulInt4Int8: inputs have at most 8 dimensions");
+  if (status == NULL) status = API(GetDimensions, GetDimensionsFn)(info, dims, *rank);
+  API(ReleaseTensorTypeAndShapeInfo, ReleaseTensorTypeAndShapeInfoFn)(info);
+  return status;
+}
+
+static void *data_of(const OrtValue *value) {
+  void *data = NULL;
+  OrtStatus *status = API(GetTensorMutableData, GetTensorMutableDataFn)((OrtValue *)value, &data);
+  if (status != NULL) {
+    API(ReleaseStatus, ReleaseStatusFn)(status);
+    return NULL;
+  }
+  return data;
+}
+
+static OrtStatus *compute(void *state, OrtKernelContext *context) {
+  const Kernel *kernel = state;
+  const int64_t k = kernel->k, n = kernel->n, g = kernel->group_size;
+  const int64_t groups = (k + g - 1) / g, n_pad = (n + TILE - 1) / TILE * TILE;
+  const OrtValue *values[4];
+  int64_t dims[4][8];
+  size_t ranks[4];
+  for (size_t i = 0; i < 4; i++) CHECK(input(context, i, &values[i], dims[i], &ranks[i]));
+  if (ranks[0] < 1 || dims[0][ranks[0] - 1] != k) return error("lowbit.cpu.MatMulInt4Int8: A's last dimension is not K");
+  const int64_t b_dims[4] = {n_pad / TILE, groups, g / 4, 32};
+  if (ranks[1] != 4 || memcmp(dims[1], b_dims, sizeof b_dims) != 0)
+    return error("lowbit.cpu.MatMulInt4Int8: B is not [N_pad / 16, groups, group_size / 4, 32]");
+  const int uniform = ranks[3] == 1 && dims[3][0] == 1;
+  for (size_t i = 2; i < (uniform ? 3 : 4); i++)
+    if (ranks[i] != 3 || dims[i][0] != n_pad / TILE || dims[i][1] != groups || dims[i][2] != TILE)
+      return error("lowbit.cpu.MatMulInt4Int8: scales or zero_points are not [N_pad / 16, groups, 16]");
+  int64_t m = 1, out_dims[8];
+  for (size_t i = 0; i + 1 < ranks[0]; i++) {
+    m *= dims[0][i];
+    out_dims[i] = dims[0][i];
+  }
+  out_dims[ranks[0] - 1] = n;
+  OrtValue *output;
+  CHECK(API(KernelContext_GetOutput, KernelContextGetOutputFn)(context, 0, out_dims, ranks[0], &output));
+  float *y = data_of(output);
+  const float *a = data_of(values[0]);
+  if (y == NULL || a == NULL) return error("lowbit.cpu.MatMulInt4Int8: no tensor data");
+  if (m == 0) return NULL;
+  const int64_t stride = groups * g;
+  int8_t *xq = malloc((size_t)(m * stride));
+  float *sx = malloc(sizeof(float) * (size_t)(m * groups));
+  int32_t *xsum = malloc(sizeof(int32_t) * (size_t)(m * groups));
+  __m256i *pairs = m == 1 ? aligned_alloc(32, sizeof(__m256i) * (size_t)(stride / 2)) : NULL;
+  const uint8_t *zero_points = data_of(values[3]);
+  OrtStatus *status = NULL;
+  if (xq == NULL || sx == NULL || xsum == NULL || (m == 1 && pairs == NULL) || zero_points == NULL) {
+    status = API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "lowbit.cpu.MatMulInt4Int8: out of memory");
+  } else {
+    quantize_rows(a, m, k, g, groups, xq, sx, xsum);
+    for (int64_t i = 0; pairs != NULL && i < stride / 2; i++) {
+      int16_t pair;
+      memcpy(&pair, xq + 2 * i, 2);
+      pairs[i] = _mm256_set1_epi16(pair);
+    }
+    const int64_t tiles = n_pad / TILE, per_task = (tiles + TASKS - 1) / TASKS;
+    Work work = {data_of(values[1]), data_of(values[2]), uniform ? NULL : zero_points, zero_points[0], xq, pairs, sx,
+                 xsum, y, m, n, n_pad, g, groups, per_task};
+    status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(context, run_task,
+                                                                       (size_t)((tiles + per_task - 1) / per_task), 0,
+                                                                       &work);
+  }
+  free(xq);
+  free(pairs);
+  free(sx);
+  free(xsum);
+  return status;
+}
+
+/* ----------------------------------------------------------------------------------------------- registration */
+
+static OrtStatus *create_kernel(const CustomOp *op, const OrtApi *unused, const OrtKernelInfo *info, void **out) {
+  (void)op;
+  (void)unused;
+  Kernel *kernel = calloc(1, sizeof(Kernel));
+  if (kernel == NULL) return API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "out of memory");
+  OrtStatus *status = API(KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, "K", &kernel->k);
+  if (status == NULL) status = API(KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, "N", &kernel->n);
+  if (status == NULL)
+    status = API(KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, "group_size", &kernel->group_size);
+  if (status == NULL && (kernel->k < 1 || kernel->n < 1 || kernel->group_size < 4 || kernel->group_size % 4 != 0))
+    status = error("lowbit.cpu.MatMulInt4Int8: K and N must be positive, group_size a positive multiple of 4");
+  if (status != NULL) {
+    free(kernel);
+    return status;
+  }
+  *out = kernel;
+  return NULL;
+}
+
+static const char *op_name(const CustomOp *op) { (void)op; return "MatMulInt4Int8"; }
+static const char *op_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static int op_input_type(const CustomOp *op, size_t index) { (void)op; return index == 0 || index == 2 ? TYPE_FLOAT : TYPE_UINT8; }
+static size_t op_input_count(const CustomOp *op) { (void)op; return 4; }
+static int op_output_type(const CustomOp *op, size_t index) { (void)op; (void)index; return TYPE_FLOAT; }
+static size_t op_output_count(const CustomOp *op) { (void)op; return 1; }
+static void destroy_kernel(void *kernel) { free(kernel); }
+static int op_characteristic(const CustomOp *op, size_t index) { (void)op; (void)index; return REQUIRED; }
+static int op_memory_type(const CustomOp *op, size_t index) { (void)op; (void)index; return 0; }
+static int op_start_version(const CustomOp *op) { (void)op; return 1; }
+static int op_end_version(const CustomOp *op) { (void)op; return 0x7fffffff; }
+
+static const CustomOp matmul_int4_int8 = {
+    .version = API_VERSION,
+    .GetName = op_name,
+    .GetExecutionProviderType = op_provider,
+    .GetInputType = op_input_type,
+    .GetInputTypeCount = op_input_count,
+    .GetOutputType = op_output_type,
+    .GetOutputTypeCount = op_output_count,
+    .KernelDestroy = destroy_kernel,
+    .GetInputCharacteristic = op_characteristic,
+    .GetOutputCharacteristic = op_characteristic,
+    .GetInputMemoryType = op_memory_type,
+    .CreateKernelV2 = create_kernel,
+    .KernelComputeV2 = compute,
+    .GetStartVersion = op_start_version,
+    .GetEndVersion = op_end_version,
+};
+
+/* Called by ONNX Runtime's SessionOptions.register_custom_ops_library(path). */
+__attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options,
+                                                                     const OrtApiBase *base) {
+  const OrtApi *table = base->GetApi(API_VERSION);
+  if (table == NULL) return NULL;  /* an ONNX Runtime older than 1.17 has no such table: register nothing */
+  api = table;
+  OrtCustomOpDomain *domain;
+  CHECK(API(CreateCustomOpDomain, CreateCustomOpDomainFn)("lowbit.cpu", &domain));
+  CHECK(API(CustomOpDomain_Add, CustomOpDomainAddFn)(domain, &matmul_int4_int8));
+  return API(AddCustomOpDomain, AddCustomOpDomainFn)(options, domain);
+}

@@ -1,0 +1,148 @@
+"""`lowbit.cpu.MatMulInt4Int8`: a matmul over weight codes of 4 bits or fewer with int8 activations, run by a compiled
+kernel of our own (custom_ops/kernels/matmul_int4_int8.c) that ONNX Runtime loads as a custom op library.
+
+The node exists only in the graphs the runtime builds in memory (runtime/fast_paths.py): files on disk keep
+`com.microsoft.MatMulNBits` and `lowbit.MatMulBlockwise`, whose weights this module repacks at load, and a folder
+runs without the kernel exactly as before. Arithmetic, per row m of A [M, K] and group g of `group_size` rows of K:
+
+    amax = max |A[m, k]| over the group; sx = amax / 127; xq = rint(A[m, k] * (127 / amax)) (0 where amax == 0)
+    dot[n] = sum of q[k, n] * xq[k] over the group (integers); xsum = sum of the group's xq
+    Y[m, n] = sum over g, in order, of float32(dot[n] - z[g, n] * xsum) * (s[g, n] * sx)  (float32, no fused add)
+
+`reference_matmul` computes this in numpy; the kernel's result is equal bit for bit. The activations are quantized
+as ORT's int8 compute (accuracy level 4) quantizes them, symmetric int8 with one scale per block of K (here: per
+group of the weight). The node's standard-ONNX fallback is the node it replaces.
+
+Inputs: A float32 [..., K]; B uint8 [N_pad / 16, groups, group_size / 4, 32] (`pack`); scales float32 and zero_points
+uint8 [N_pad / 16, groups, 16] (`by_tile`: a tile's values in one run, as B's), or [1] where all are equal.
+Attributes: K, N, group_size (a multiple of 4). Output: Y float32 [..., N].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DOMAIN = "lowbit.cpu"
+OP_TYPE = "MatMulInt4Int8"
+TILE = 16  # columns per tile of B
+MAX_CODE = 15
+
+
+@dataclass(frozen=True)
+class Int4Int8Weight:
+    b: np.ndarray  # uint8 [N_pad / 16, groups, group_size / 4, 32]
+    scales: np.ndarray  # float32 [N_pad / 16, groups, 16] (`by_tile`)
+    zero_points: np.ndarray  # uint8 [N_pad / 16, groups, 16], or [1] where all are equal
+    k: int
+    n: int
+    group_size: int
+
+    @property
+    def groups(self) -> int:
+        return self.scales.shape[1]
+
+
+def supports(group_size: int) -> bool:
+    return group_size >= 4 and group_size % 4 == 0
+
+
+def pack(codes: np.ndarray, scales: np.ndarray, zero_points, group_size: int) -> Int4Int8Weight:
+    """codes: integers 0..15, [N, K] (one row per output column, as MatMulNBits and MatMulBlockwise store them);
+    scales [groups, N] (stored as float32: exact for float16); zero_points [groups, N] (integers 0..15) or a
+    scalar -> the kernel's arrays."""
+    n, k = codes.shape
+    return pack_rows(lambda start, stop: codes[start:stop], n, k, scales, zero_points, group_size)
+
+
+def pack_rows(read_codes, n: int, k: int, scales: np.ndarray, zero_points, group_size: int,
+              rows_per_chunk: int = 4096) -> Int4Int8Weight:
+    """`pack`, reading the codes `rows_per_chunk` output columns at a time: `read_codes(start, stop)` -> integers
+    [stop - start, >= K] (columns past K are ignored). Only one chunk is unpacked at once."""
+    if not supports(group_size):
+        raise ValueError(f"group_size must be a positive multiple of 4, got {group_size}")
+    groups = -(-k // group_size)
+    if np.shape(scales) != (groups, n):
+        raise ValueError(f"scales {np.shape(scales)} != ({groups}, {n})")
+    n_pad = -(-n // TILE) * TILE
+    quads = group_size // 4
+    b = np.empty((n_pad // TILE, groups, quads, 2 * TILE), np.uint8)
+    chunk = max(TILE, rows_per_chunk // TILE * TILE)
+    for start in range(0, n_pad, chunk):
+        stop = min(n, start + chunk)
+        codes = np.asarray(read_codes(start, stop))[:, :k]
+        if codes.size and (codes.min() < 0 or codes.max() > MAX_CODE):
+            raise ValueError("codes must lie in 0..15")
+        tiles = -(-(stop - start) // TILE)
+        padded = np.zeros((tiles * TILE, groups * group_size), np.uint8)
+        padded[: stop - start, :k] = codes
+        # [tiles, 16 columns, groups, quads, 4 rows] -> [tiles, groups, quads, 16 columns, 4 rows]
+        rows = padded.reshape(tiles, TILE, groups, quads, 4).transpose(0, 2, 3, 1, 4)
+        b[start // TILE: start // TILE + tiles] = (rows[..., :2] | (rows[..., 2:] << 4)).reshape(tiles, groups, quads,
+                                                                                                  2 * TILE)
+    s = np.zeros((groups, n_pad), np.float32)
+    s[:, :n] = scales
+    zero_points = np.asarray(zero_points)
+    if zero_points.size and np.all(zero_points == zero_points.flat[0]):
+        return Int4Int8Weight(b, by_tile(s), np.array([zero_points.flat[0]], np.uint8), k, n, group_size)
+    z = np.zeros((groups, n_pad), np.uint8)
+    z[:, :n] = np.broadcast_to(zero_points, (groups, n))
+    return Int4Int8Weight(b, by_tile(s), by_tile(z), k, n, group_size)
+
+
+def by_tile(per_group: np.ndarray) -> np.ndarray:
+    """[groups, N_pad] -> [N_pad / 16, groups, 16]: each tile's values in one run, as B."""
+    groups, n_pad = per_group.shape
+    return np.ascontiguousarray(per_group.reshape(groups, n_pad // TILE, TILE).transpose(1, 0, 2))
+
+
+def per_group(by_tiles: np.ndarray) -> np.ndarray:
+    """Inverse of `by_tile`: [groups, N_pad]."""
+    tiles, groups, _ = by_tiles.shape
+    return by_tiles.transpose(1, 0, 2).reshape(groups, tiles * TILE)
+
+
+def unpack_codes(weight: Int4Int8Weight) -> np.ndarray:
+    """The codes [N, K] `weight` holds (inverse of `pack`)."""
+    tiles, groups, quads, _ = weight.b.shape
+    pairs = weight.b.reshape(tiles, groups, quads, TILE, 2)
+    rows = np.concatenate([pairs & 0x0F, pairs >> 4], axis=-1)  # [..., 16 columns, rows 0 1 2 3]
+    codes = rows.transpose(0, 3, 1, 2, 4).reshape(tiles * TILE, groups * quads * 4)
+    return codes[: weight.n, : weight.k]
+
+
+def quantize_activations(a: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """a float32 [M, K] -> xq int32 [M, groups, group_size] (0 past K), sx float32 [M, groups], xsum int64
+    [M, groups]."""
+    m, k = a.shape
+    groups = -(-k // group_size)
+    x = np.zeros((m, groups * group_size), np.float32)
+    x[:, :k] = a
+    x = x.reshape(m, groups, group_size)
+    amax = np.abs(x).max(axis=-1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    xq = np.clip(np.rint(x * inv[..., None]), -127, 127).astype(np.int32)
+    return xq, (amax / np.float32(127)).astype(np.float32), xq.sum(axis=-1, dtype=np.int64)
+
+
+def reference_matmul(a: np.ndarray, weight: Int4Int8Weight) -> np.ndarray:
+    """Y [..., N] float32, the kernel's arithmetic step for step."""
+    a = np.asarray(a, np.float32)
+    lead = a.shape[:-1]
+    a2 = a.reshape(-1, weight.k)
+    g = weight.group_size
+    xq, sx, xsum = quantize_activations(a2, g)
+    codes = np.zeros((weight.groups * g, weight.n), np.int64)
+    codes[: weight.k] = unpack_codes(weight).T
+    codes = codes.reshape(weight.groups, g, weight.n)
+    z = np.broadcast_to(weight.zero_points.astype(np.int64), (weight.groups, weight.n)) \
+        if weight.zero_points.size == 1 else per_group(weight.zero_points)[:, : weight.n].astype(np.int64)
+    s = per_group(weight.scales)[:, : weight.n]
+    y = np.zeros((a2.shape[0], weight.n), np.float32)
+    for group in range(weight.groups):
+        dot = xq[:, group].astype(np.int64) @ codes[group]  # [M, N], exact
+        term = (dot - z[group] * xsum[:, group, None]).astype(np.float32)
+        y = y + term * (s[group] * sx[:, group, None])
+    return y.reshape(*lead, weight.n)

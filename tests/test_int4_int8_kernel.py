@@ -1,0 +1,310 @@
+"""lowbit.cpu.MatMulInt4Int8, the compiled int8 CPU kernel (custom_ops/kernels): its packing, its numpy reference
+against the arithmetic it stands for, the kernel through ONNX Runtime against the reference bit for bit, and the
+runtime's rewrite of 2/3/4-bit MatMulNBits and MatMulBlockwise nodes onto it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lowbit.custom_ops import kernels
+from lowbit.custom_ops import matmul_int4_int8 as op
+
+needs_kernel = pytest.mark.skipif(kernels.library() is None, reason=f"no int8 CPU kernel: {kernels.unavailable()}")
+
+
+def random_weight(rng, n, k, group, per_column_zero_points=True, bits=4):
+    groups = -(-k // group)
+    codes = rng.integers(0, 2**bits, (n, k))
+    scales = (rng.random((groups, n)) + 0.5).astype(np.float32)
+    zero_points = rng.integers(0, 2**bits, (groups, n)) if per_column_zero_points else 2 ** (bits - 1)
+    return codes, scales, zero_points
+
+
+@pytest.mark.parametrize("n,k,group", [(16, 64, 32), (50, 100, 16), (33, 576, 40), (7, 10, 4), (40, 200, 128)])
+@pytest.mark.parametrize("per_column", [True, False])
+def test_pack_holds_the_codes_scales_and_zero_points(n, k, group, per_column, rng):
+    codes, scales, zero_points = random_weight(rng, n, k, group, per_column)
+    w = op.pack(codes, scales, zero_points, group)
+    groups, n_pad = -(-k // group), -(-n // 16) * 16
+    assert w.b.shape == (n_pad // 16, groups, group // 4, 32) and w.b.dtype == np.uint8
+    assert np.array_equal(op.unpack_codes(w), codes)
+    assert np.array_equal(op.per_group(w.scales)[:, :n], scales) and not op.per_group(w.scales)[:, n:].any()
+    if per_column:
+        assert np.array_equal(op.per_group(w.zero_points)[:, :n], zero_points)
+    else:
+        assert w.zero_points.shape == (1,) and w.zero_points[0] == zero_points
+    # byte 2c + h of quad j of group g of tile t: rows 4j + h (low nibble) and 4j + 2 + h (high nibble) of column c
+    t, g, j, c, h = 0, groups - 1, 0, min(n, 16) - 1, 1
+    row = g * group + 4 * j + h
+    if row + 2 < k:
+        assert w.b[t, g, j, 2 * c + h] == codes[c, row] | (codes[c, row + 2] << 4)
+    chunked = op.pack_rows(lambda a, b: codes[a:b], n, k, scales, zero_points, group, rows_per_chunk=16)
+    assert all(np.array_equal(x, y) for x, y in zip((w.b, w.scales, w.zero_points),
+                                                    (chunked.b, chunked.scales, chunked.zero_points)))
+
+
+def test_pack_rejects_what_the_kernel_cannot_hold(rng):
+    codes, scales, zero_points = random_weight(rng, 16, 64, 32)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        op.pack(codes, scales[:, :], zero_points, 30)
+    with pytest.raises(ValueError, match="0..15"):
+        op.pack(codes + 16, scales, zero_points, 32)
+    with pytest.raises(ValueError, match="scales"):
+        op.pack(codes, scales[:1], zero_points, 32)
+
+
+@pytest.mark.parametrize("group", [16, 40, 128])
+def test_reference_is_int8_activations_times_the_dequantized_weight(group, rng):
+    """Y = sum over groups of (xq sx) . ((q - z) s): the reference's integer dot and float terms are that product."""
+    n, k = 24, 300
+    codes, scales, zero_points = random_weight(rng, n, k, group)
+    w = op.pack(codes, scales, zero_points, group)
+    a = rng.standard_normal((5, k)).astype(np.float32)
+    xq, sx, _ = op.quantize_activations(a, group)
+    assert np.abs(xq).max() == 127 and np.all(np.abs(xq).max(axis=-1) == 127)  # every group's maximum maps to 127
+    x = (xq * sx[..., None].astype(np.float64)).reshape(5, -1)[:, :k]
+    dequantized = (codes - np.repeat(zero_points, group, axis=0)[:k].T) * np.repeat(scales, group, axis=0)[:k].T
+    expected = x @ dequantized.astype(np.float64).T
+    actual = op.reference_matmul(a, w)
+    assert np.abs(actual - expected).max() <= 1e-5 * np.abs(expected).max()
+    float_product = a.astype(np.float64) @ dequantized.T  # int8 activations: within about 1% of the float product
+    assert np.abs(actual - float_product).max() <= 2e-2 * np.abs(float_product).max()
+
+
+def kernel_session(w: op.Int4Int8Weight, threads: int = 2):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(w.b, "B"), numpy_helper.from_array(w.scales, "S"),
+             numpy_helper.from_array(w.zero_points, "Z")]
+    node = helper.make_node(op.OP_TYPE, ["A", "B", "S", "Z"], ["Y"], domain=op.DOMAIN, K=w.k, N=w.n,
+                            group_size=w.group_size)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(op.DOMAIN, 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.register_custom_ops_library(str(kernels.library()))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+KERNEL_CASES = [  # (n, k, group, lead dims of A, per-column zero points, bits)
+    (64, 128, 32, (1,), False, 4), (960, 576, 32, (1,), False, 4), (48, 576, 40, (3,), False, 3),
+    (50, 100, 16, (2, 5), True, 4), (17, 70, 64, (9,), True, 4), (576, 1536, 128, (1, 1), True, 4),
+    (33, 204, 40, (4,), True, 2), (16, 8, 4, (6,), True, 4), (3000, 64, 32, (1,), False, 4),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,k,group,lead,per_column,bits", KERNEL_CASES)
+def test_kernel_equals_the_reference_bit_for_bit(n, k, group, lead, per_column, bits, threads, rng):
+    codes, scales, zero_points = random_weight(rng, n, k, group, per_column, bits)
+    w = op.pack(codes, scales, zero_points, group)
+    session = kernel_session(w, threads)
+    for _ in range(2):  # fresh activations each call
+        a = (rng.standard_normal((*lead, k)) * rng.choice([0.01, 1.0, 300.0])).astype(np.float32)
+        (y,) = session.run(None, {"A": a})
+        assert y.shape == (*lead, n) and y.dtype == np.float32
+        assert np.array_equal(y, op.reference_matmul(a, w))
+
+
+@needs_kernel
+def test_a_group_of_zero_activations(rng):
+    codes, scales, zero_points = random_weight(rng, 32, 96, 32)
+    w = op.pack(codes, scales, zero_points, 32)
+    a = rng.standard_normal((2, 96)).astype(np.float32)
+    a[0, 32:64] = 0.0  # amax 0: that group's activations and term are 0
+    (y,) = kernel_session(w).run(None, {"A": a})
+    assert np.array_equal(y, op.reference_matmul(a, w)) and np.isfinite(y).all()
+
+
+@needs_kernel
+def test_kernel_rejects_inputs_of_the_wrong_shape(rng):
+    codes, scales, zero_points = random_weight(rng, 32, 64, 32)
+    session = kernel_session(op.pack(codes, scales, zero_points, 32))
+    with pytest.raises(Exception, match="last dimension is not K"):
+        session.run(None, {"A": rng.standard_normal((1, 63)).astype(np.float32)})
+
+
+# ------------------------------------------------------------------ the runtime's rewrite onto the kernel
+
+KERNEL_SCHEMES = ["w4a16", "q4f16_1", "q3f16_1", "w3a16", "a16w4", "w2a16", "q4f32_1"]
+TOLERANCE = 3e-2  # |kernel - float compute| / max|float compute|: int8 activations per group (accuracy level 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_sources(tmp_path_factory):
+    from tests.conftest import build_tiny_model
+
+    root = tmp_path_factory.mktemp("kernel_src")
+    return {arch: (build_tiny_model(arch, root / arch), root / arch)[1] for arch in ("llama", "qwen2")}
+
+
+def prefill_and_decode(session):
+    """Logits of a left-padded batch of 2 (prefill), then of one cached decode step."""
+    ids = np.random.default_rng(7).integers(3, session.vocab_size, (2, 9))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    prefill, past = session.forward(ids, mask, positions, session.empty_past(2))
+    mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+    decode, _ = session.forward(ids[:, :1], mask, positions[:, -1:] + 1, past)
+    return prefill.astype(np.float32), decode.astype(np.float32)
+
+
+def kernel_layers(folder) -> int:
+    """MatMulNBits (2/4 bits, level 4) and MatMulBlockwise (<= 4 bits) nodes of a folder."""
+    import onnx
+
+    count = 0
+    for node in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node:
+        attrs = {a.name: a.i for a in node.attribute}
+        count += (node.op_type == "MatMulNBits" and attrs["bits"] in (2, 4) and attrs["accuracy_level"] == 4) \
+            or (node.op_type == "MatMulBlockwise" and attrs["bits"] <= 4)
+    return count
+
+
+def relative(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@needs_kernel
+@pytest.mark.parametrize("scheme", KERNEL_SCHEMES)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_schemes_run_on_the_kernel_within_int8_tolerance(arch, scheme, tiny_sources, tmp_path, monkeypatch, capfd):
+    """Every 2/3/4-bit MatMul of the folder runs on the kernel (said once on stderr), prefill and cached decode
+    within TOLERANCE of float compute (the same folder converted at accuracy level 0, which keeps ORT's kernels)."""
+    import lowbit
+    from lowbit.runtime.session import create_session
+
+    out, exact = tmp_path / "int8", tmp_path / "float"
+    lowbit.convert(str(tiny_sources[arch]), out, scheme=scheme)
+    lowbit.convert(str(tiny_sources[arch]), exact, scheme=scheme, accuracy_level=0)
+    capfd.readouterr()
+    kernel = prefill_and_decode(create_session(out))
+    lines = capfd.readouterr().err.splitlines()
+    assert lines[0] == f"lowbit: {kernel_layers(out)} quantized MatMuls run on lowbit's int8 CPU kernel " \
+                       "(lowbit.cpu.MatMulInt4Int8)"
+    assert len(lines) == 1 or "GatherBlockwise" not in lines[1]
+    reference = prefill_and_decode(create_session(exact))
+    assert "int8 CPU kernel" not in capfd.readouterr().err  # level 0: float compute stays with ORT
+    for a, b in zip(kernel, reference):
+        assert relative(a, b) <= TOLERANCE
+    monkeypatch.setenv("LOWBIT_KERNELS", "0")  # ORT's own int8 compute: as close to float compute
+    for a, b in zip(prefill_and_decode(create_session(out)), reference):
+        assert relative(a, b) <= TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def stories_q4f16(tmp_path_factory):
+    import lowbit
+    from tests.conftest import SAMPLE_MODEL
+
+    out = tmp_path_factory.mktemp("kernel_stories") / "q4f16_1"
+    lowbit.convert(str(SAMPLE_MODEL), out, scheme="q4f16_1")
+    return out
+
+
+@needs_kernel
+def test_rewritten_graph(stories_q4f16, tmp_path):
+    """float16 activations reach the kernel through one Cast per input and leave through a Cast back; the tied
+    embedding's GatherBlockQuantized keeps reading lm_head's MatMulNBits tensors; the folder is not touched."""
+    import onnx
+
+    from lowbit.runtime import fast_paths
+
+    before = {p.name: p.read_bytes() for p in stories_q4f16.iterdir()}
+    model = onnx.load(str(stories_q4f16 / "model.onnx"), load_external_data=False)
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.name == "lm_head")
+    assert any(node.op_type == "GatherBlockQuantized" for node in model.graph.node)  # reads head's tensors
+    n = kernel_layers(stories_q4f16)
+    result = fast_paths.rewrite_blockwise(model, stories_q4f16, {}, tmp_path, int4_int8=True)
+    nodes = list(model.graph.node)
+    kernel = [node for node in nodes if node.op_type == op.OP_TYPE]
+    assert len(result.kernel) == n == len(kernel) and not any(node.op_type == "MatMulNBits" for node in nodes)
+    assert all(node.domain == op.DOMAIN for node in kernel)
+    producers = {out: node for node in nodes for out in node.output}
+    assert all(producers[node.input[0]].op_type == "Cast" for node in kernel)
+    casts_in = {node.input[0] for node in kernel}
+    assert len(casts_in) == len({producers[name].input[0] for name in casts_in})  # one Cast per input
+    assert sum(node.op_type == "Cast" and node.input[0] in {k.output[0] for k in kernel} for node in nodes) == n
+    names = {t.name for t in model.graph.initializer}
+    assert all(name in names for name in head.input[1:3])  # kept for the embedding's Gather
+    assert {p.name: p.read_bytes() for p in stories_q4f16.iterdir()} == before
+
+
+@needs_kernel
+def test_io_bound_decode_equals_plain_forward(stories_q4f16):
+    """The kernel under the preallocated, IO-bound KV cache generation uses: the logits of session.forward bit for
+    bit, 12 steps."""
+    from lowbit.runtime.kv_cache import KVCache
+    from lowbit.runtime.session import create_session
+
+    session = create_session(stories_q4f16, prompt_session=False)
+    ids = np.random.default_rng(3).integers(3, session.vocab_size, (1, 6))
+    cache = KVCache.empty(session, 1, 8)  # regrown on the way
+    past = session.empty_past(1)
+    token, positions = ids, np.arange(6)[None]
+    for step in range(12):
+        mask = np.ones((1, positions[0, -1] + 1), np.int64)
+        bound = cache.forward(token, mask, positions)
+        plain, past = session.forward(token, mask, positions, past)
+        assert np.array_equal(bound, plain)
+        token = plain[:, -1:].argmax(-1).astype(np.int64)
+        positions = positions[:, -1:] + 1
+
+
+def test_without_the_kernel_the_folder_runs_on_onnx_runtime(stories_q4f16, monkeypatch, capfd):
+    """No C compiler: one line says so, and the session is the one LOWBIT_KERNELS=0 gives, logits bit for bit."""
+    from lowbit.runtime.session import create_session
+
+    monkeypatch.setattr(kernels, "compiler", lambda: None)
+    capfd.readouterr()
+    missing = prefill_and_decode(create_session(stories_q4f16))
+    if kernels.cpu_has_avx2():
+        assert capfd.readouterr().err.splitlines() == [
+            "lowbit: the int8 CPU kernel is not available (no C compiler (cc, gcc or clang; or $CC)): ONNX Runtime's "
+            "MatMulNBits run instead"]
+    monkeypatch.setenv("LOWBIT_KERNELS", "0")
+    off = prefill_and_decode(create_session(stories_q4f16))
+    assert capfd.readouterr().err == ""
+    for a, b in zip(missing, off):
+        assert np.array_equal(a, b)
+
+
+def test_a_failed_build_is_a_reason_and_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setattr(kernels, "cpu_has_avx2", lambda: True)
+    assert kernels.library() is None
+    assert kernels.unavailable().startswith("the C compiler failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_kernel
+def test_the_build_is_cached_under_a_hash_of_its_inputs(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    first = kernels.library()
+    assert first.parent == tmp_path and first.name.startswith(kernels.LIBRARY_STEM + "-")
+    assert kernels.library() == first and [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+def test_folders_without_such_layers_do_not_import_onnx(tmp_path):
+    import subprocess
+    import sys
+
+    import lowbit
+    from tests.conftest import SAMPLE_MODEL
+
+    out = tmp_path / "w8"
+    lowbit.convert(str(SAMPLE_MODEL), out, scheme="w8a16")
+    assert "4-bit" not in json.dumps(json.loads((out / "lowbit.json").read_text())["quantization"])
+    code = ("import sys; from lowbit.runtime.session import create_session; "
+            f"create_session({str(out)!r}); print('onnx' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.split() == ["False"], result.stderr
+    assert "lowbit:" not in result.stderr
