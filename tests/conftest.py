@@ -127,3 +127,15 @@ def genai_greedy(folder: Path, prompt: list[int], new_tokens: int) -> list[int]:
     while not generator.is_done():
         generator.generate_next_token()
     return [int(t) for t in generator.get_sequence(0)[len(prompt):]]
+
+
+def prefill_and_decode(session):
+    """Logits of a left-padded batch of 2 (prefill), then of one cached decode step."""
+    ids = np.random.default_rng(7).integers(3, session.vocab_size, (2, 9))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    prefill, past = session.forward(ids, mask, positions, session.empty_past(2))
+    mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+    decode, _ = session.forward(ids[:, :1], mask, positions[:, -1:] + 1, past)
+    return prefill.astype(np.float32), decode.astype(np.float32)

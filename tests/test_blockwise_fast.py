@@ -127,15 +127,10 @@ def both_paths(folder, monkeypatch, step):
 
 
 def prefill_and_decode(session, rng):
-    """Logits of a left-padded batch of 2 (prefill), then of one cached decode step."""
-    ids = np.random.default_rng(7).integers(3, session.vocab_size, (2, 9))
-    mask = np.ones_like(ids)
-    mask[1, :3] = 0
-    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    prefill, past = session.forward(ids, mask, positions, session.empty_past(2))
-    mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
-    decode, _ = session.forward(ids[:, :1], mask, positions[:, -1:] + 1, past)
-    return prefill.astype(np.float32), decode.astype(np.float32)
+    """Logits of a left-padded batch of 2 (prefill), then of one cached decode step (tests/conftest.py)."""
+    from tests.conftest import prefill_and_decode as padded
+
+    return padded(session)
 
 
 def count_ops(path, op_type: str) -> int:

@@ -11,6 +11,7 @@ import pytest
 
 from lowbit.custom_ops import kernels
 from lowbit.custom_ops import matmul_int4_int8 as op
+from tests.conftest import prefill_and_decode
 
 needs_kernel = pytest.mark.skipif(kernels.library() is None, reason=f"no int8 CPU kernel: {kernels.unavailable()}")
 
@@ -142,18 +143,6 @@ def tiny_sources(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("kernel_src")
     return {arch: (build_tiny_model(arch, root / arch), root / arch)[1] for arch in ("llama", "qwen2")}
-
-
-def prefill_and_decode(session):
-    """Logits of a left-padded batch of 2 (prefill), then of one cached decode step."""
-    ids = np.random.default_rng(7).integers(3, session.vocab_size, (2, 9))
-    mask = np.ones_like(ids)
-    mask[1, :3] = 0
-    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    prefill, past = session.forward(ids, mask, positions, session.empty_past(2))
-    mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
-    decode, _ = session.forward(ids[:, :1], mask, positions[:, -1:] + 1, past)
-    return prefill.astype(np.float32), decode.astype(np.float32)
 
 
 def kernel_layers(folder) -> int:
