@@ -2,7 +2,7 @@
 
     python benchmarks/scheme_speed.py [--model smollm2-135m] [--work /tmp/lowbit-speed] [--rounds 3]
         [--schemes q0f32 w4a16 ...] [--prompt-len 128] [--new-tokens 16] [--threads 2] [--json FILE]
-        [--ort-kernels]
+        [--ort-kernels] [--float16-graphs]
 
 Builds a random-weight checkpoint of a real config (benchmarks/random_model.py), converts it with
 every scheme (and the formats only a recipe reaches, with benchmarks/recipes/: rows `*-recipe`), then runs
@@ -10,7 +10,9 @@ every scheme (and the formats only a recipe reaches, with benchmarks/recipes/: r
 (rotating the order), for `--rounds` rounds. A scheme's prefill/decode is its best round; peak RSS
 is the bench process's own (wait4). Ratios are against q0f32 from the same run, so machine load
 moves both sides alike. Prints a Markdown table (docs/performance.md keeps the latest). `--ort-kernels` adds,
-for each scheme, a row run with LOWBIT_KERNELS=0 (ONNX Runtime's kernels instead of lowbit's int8 CPU kernel).
+for each scheme, a row run with LOWBIT_KERNELS=0 (ONNX Runtime's kernels instead of lowbit's int8 CPU kernel);
+`--float16-graphs`, for each float16 scheme, a row run with LOWBIT_CPU_FLOAT32=0 (its float16 graph as written,
+instead of computed in float32).
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ def main():
     parser.add_argument("--ort-kernels", action="store_true",
                         help="also run every scheme but q0f32 with LOWBIT_KERNELS=0 (rows '... ORT'): ONNX Runtime's "
                              "kernels where lowbit's int8 CPU kernel would run")
+    parser.add_argument("--float16-graphs", action="store_true",
+                        help="also run every float16 scheme with LOWBIT_CPU_FLOAT32=0 (rows '... f16'): the float16 "
+                             "graph as written")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE.parent))
     from benchmarks.common import interleaved_bench
@@ -83,12 +88,17 @@ def main():
         run_child([sys.executable, "-m", "lowbit", "convert", str(source), "-o", str(out), "--overwrite",
                    *(["--scheme", scheme] if scheme else []), *extra])
         print(f"converted {label}: {model_bytes(out) / 1e6:.1f} MB", flush=True)
+    variants = {label: [] for label in labels}  # extra rows: (suffix, environment)
+    for label in labels[1:]:
+        if args.ort_kernels:
+            variants[label].append((" ORT", {"LOWBIT_KERNELS": "0"}))
+        if args.float16_graphs and json.loads((folders[label] / "lowbit.json").read_text()).get("dtype") == "float16":
+            variants[label].append((" f16", {"LOWBIT_CPU_FLOAT32": "0"}))
     envs = {}
-    if args.ort_kernels:
-        for label in labels[1:]:
-            folders[f"{label} ORT"] = folders[label]
-            envs[f"{label} ORT"] = {"LOWBIT_KERNELS": "0"}
-        labels = [labels[0]] + [row for label in labels[1:] for row in (label, f"{label} ORT")]
+    for label, extra in variants.items():
+        for suffix, env in extra:
+            folders[label + suffix], envs[label + suffix] = folders[label], env
+    labels = [row for label in labels for row in [label] + [label + suffix for suffix, _ in variants[label]]]
     results = interleaved_bench({label: folders[label] for label in labels}, args.rounds, args.prompt_len,
                                 args.new_tokens, args.threads, envs)
     base = results["q0f32"]

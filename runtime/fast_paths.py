@@ -48,6 +48,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from lowbit.runtime import float32_compute
+
 ENV_SWITCH = "LOWBIT_FAST_PATH"
 DEFAULT_ACCURACY_LEVEL = 4  # what the converter records by default (int8 activations)
 PROMPT_ACCURACY_LEVEL = 1  # a prompt session's MatMulNBits: float32 compute (runtime/session.py, PROMPT_MIN_TOKENS)
@@ -171,12 +173,13 @@ def inference_session(model_dir: Path, options, providers: list[str], metadata: 
     kernel = int4_int8_kernel(report) if off is None and accuracy_level is None and has_int4_matmuls(metadata) \
         else None
     rewrite = rewrite or kernel is not None
-    if (not rewrite or off is not None) and accuracy_level is None:
+    widen = float32_compute.applies(metadata, providers[0])  # a float16 graph computed in float32
+    if (not rewrite or off is not None) and accuracy_level is None and not widen:
         return ort.InferenceSession(str(model_path), options, providers=providers)
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
-    session = None
+    session, widened = None, False
     try:
         with tempfile.TemporaryDirectory(prefix="lowbit-fast-path-", ignore_cleanup_errors=True) as folder:
             result = RewriteResult()
@@ -187,16 +190,21 @@ def inference_session(model_dir: Path, options, providers: list[str], metadata: 
                 options.register_custom_ops_library(str(kernel))
             if accuracy_level is not None:
                 set_accuracy_level(model.graph, accuracy_level)
-            if result.changed or accuracy_level is not None:
+            widened = widen and float32_compute.to_float32(model)
+            if result.changed or accuracy_level is not None or widened:
                 options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                                  folder if result.changed else str(model_dir))
                 session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     except OSError as e:  # no temporary space: every node keeps its function body
+        widened = False
         result = RewriteResult(fallback=[("all lowbit.MatMulBlockwise nodes", f"no temporary folder: {e}")])
     if session is None:
         session = ort.InferenceSession(str(model_path), options, providers=providers)
     for line in result.messages() if report else []:
         print(f"lowbit: {line}", file=sys.stderr)
+    if widened and report:
+        print(f"lowbit: the float16 graph computes in float32 on the CPU ({float32_compute.ENV_SWITCH}=0 keeps "
+              "float16)", file=sys.stderr)
     return session
 
 

@@ -97,8 +97,10 @@ def test_mlc_group_40_layout():
 @pytest.fixture(autouse=True)
 def ort_kernels_only(monkeypatch):
     """This file tests the rewrites into ONNX Runtime's own kernels, which run wherever lowbit's int8 CPU kernel is
-    unavailable; tests/test_int4_int8_kernel.py tests that kernel's path."""
+    unavailable; tests/test_int4_int8_kernel.py tests that kernel's path. Float16 graphs stay float16 here
+    (tests/test_float32_compute.py tests their float32 computation on the CPU)."""
     monkeypatch.setenv("LOWBIT_KERNELS", "0")
+    monkeypatch.setenv("LOWBIT_CPU_FLOAT32", "0")
 
 
 FAST_SCHEMES = ["q3f16_1", "w3a16", "a16w8-minmax", "a16w8-minmax-g40"]  # g40: float zero points and relaid groups
