@@ -139,3 +139,21 @@ def prefill_and_decode(session):
     mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
     decode, _ = session.forward(ids[:, :1], mask, positions[:, -1:] + 1, past)
     return prefill.astype(np.float32), decode.astype(np.float32)
+
+
+def assert_bound_decode_equals_forward(session, prompt_len: int, capacity: int, steps: int, seed: int) -> None:
+    """Greedy steps through the preallocated, IO-bound KV cache generation uses (`capacity` positions, regrown on the
+    way when smaller than prompt_len + steps) give the logits of session.forward bit for bit, step by step."""
+    from lowbit.runtime.kv_cache import KVCache
+
+    ids = np.random.default_rng(seed).integers(3, session.vocab_size, (1, prompt_len))
+    cache = KVCache.empty(session, 1, capacity)
+    past = session.empty_past(1)
+    token, positions = ids, np.arange(prompt_len)[None]
+    for _ in range(steps):
+        mask = np.ones((1, positions[0, -1] + 1), np.int64)
+        bound = cache.forward(token, mask, positions)
+        plain, past = session.forward(token, mask, positions, past)
+        assert np.array_equal(bound, plain)
+        token = plain[:, -1:].argmax(-1).astype(np.int64)
+        positions = positions[:, -1:] + 1

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lowbit.runtime import float32_compute
-from tests.conftest import SAMPLE_MODEL, prefill_and_decode
+from tests.conftest import SAMPLE_MODEL, assert_bound_decode_equals_forward, prefill_and_decode
 
 FLOAT, FLOAT16 = 1, 10
 
@@ -166,18 +166,7 @@ def test_quantized_float16_folders_differ_by_float16_rounding(stories_folders, m
 
 def test_generation_on_a_widened_folder_equals_its_plain_forward(stories_folders):
     """Greedy tokens through the IO-bound cache (float32 buffers) are those of session.forward, step by step."""
-    from lowbit.runtime.kv_cache import KVCache
     from lowbit.runtime.session import create_session
 
-    session = create_session(stories_folders / "q0f16", prompt_session=False)
-    ids = np.random.default_rng(5).integers(3, session.vocab_size, (1, 5))
-    cache = KVCache.empty(session, 1, 6)  # regrown on the way
-    past = session.empty_past(1)
-    token, positions = ids, np.arange(5)[None]
-    for _ in range(10):
-        mask = np.ones((1, positions[0, -1] + 1), np.int64)
-        bound = cache.forward(token, mask, positions)
-        plain, past = session.forward(token, mask, positions, past)
-        assert np.array_equal(bound, plain)
-        token = plain[:, -1:].argmax(-1).astype(np.int64)
-        positions = positions[:, -1:] + 1
+    assert_bound_decode_equals_forward(create_session(stories_folders / "q0f16", prompt_session=False), 5, 6, 10,
+                                       seed=5)

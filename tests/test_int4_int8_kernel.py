@@ -11,7 +11,7 @@ import pytest
 
 from lowbit.custom_ops import kernels
 from lowbit.custom_ops import matmul_int4_int8 as op
-from tests.conftest import prefill_and_decode
+from tests.conftest import assert_bound_decode_equals_forward, prefill_and_decode
 
 needs_kernel = pytest.mark.skipif(kernels.library() is None, reason=f"no int8 CPU kernel: {kernels.unavailable()}")
 
@@ -230,21 +230,9 @@ def test_rewritten_graph(stories_q4f16, tmp_path):
 def test_io_bound_decode_equals_plain_forward(stories_q4f16):
     """The kernel under the preallocated, IO-bound KV cache generation uses: the logits of session.forward bit for
     bit, 12 steps."""
-    from lowbit.runtime.kv_cache import KVCache
     from lowbit.runtime.session import create_session
 
-    session = create_session(stories_q4f16, prompt_session=False)
-    ids = np.random.default_rng(3).integers(3, session.vocab_size, (1, 6))
-    cache = KVCache.empty(session, 1, 8)  # regrown on the way
-    past = session.empty_past(1)
-    token, positions = ids, np.arange(6)[None]
-    for step in range(12):
-        mask = np.ones((1, positions[0, -1] + 1), np.int64)
-        bound = cache.forward(token, mask, positions)
-        plain, past = session.forward(token, mask, positions, past)
-        assert np.array_equal(bound, plain)
-        token = plain[:, -1:].argmax(-1).astype(np.int64)
-        positions = positions[:, -1:] + 1
+    assert_bound_decode_equals_forward(create_session(stories_q4f16, prompt_session=False), 6, 8, 12, seed=3)
 
 
 def test_without_the_kernel_the_folder_runs_on_onnx_runtime(stories_q4f16, monkeypatch, capfd):
