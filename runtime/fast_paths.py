@@ -48,7 +48,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from lowbit.runtime import float32_compute
+from lowbit.runtime import float32_compute, narrow_float_weights
 
 ENV_SWITCH = "LOWBIT_FAST_PATH"
 DEFAULT_ACCURACY_LEVEL = 4  # what the converter records by default (int8 activations)
@@ -56,6 +56,7 @@ PROMPT_ACCURACY_LEVEL = 1  # a prompt session's MatMulNBits: float32 compute (ru
 MATMUL_OP = ("lowbit", "MatMulBlockwise")  # schema in custom_ops/blockwise.py (not imported here: it needs onnx_ir)
 FLOAT_TYPES = {1: np.float32, 10: np.float16}  # TensorProto FLOAT, FLOAT16: what MatMulNBits' CPU kernel takes
 DATA_FILE = "fast_path.data"
+NARROW_DATA_FILE = "narrow_float.data"  # the weights of lowbit.cpu.MatMulNarrowFloat (runtime/narrow_float_weights.py)
 ALIGN = 4096  # offsets in the data file: page-aligned, so ORT can map each tensor
 
 
@@ -174,38 +175,78 @@ def inference_session(model_dir: Path, options, providers: list[str], metadata: 
         else None
     rewrite = rewrite or kernel is not None
     widen = float32_compute.applies(metadata, providers[0])  # a float16 graph computed in float32
-    if (not rewrite or off is not None) and accuracy_level is None and not widen:
+    narrow_library = _narrow_float_kernel() if off is None and narrow_float_weights.kernel_applies(metadata) \
+        else None
+    if (not rewrite or off is not None) and accuracy_level is None and not widen and narrow_library is None:
         return ort.InferenceSession(str(model_path), options, providers=providers)
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
-    session, widened = None, False
+    session, widened, narrow = None, False, narrow_float_weights.NarrowFloatResult()
     try:
         with tempfile.TemporaryDirectory(prefix="lowbit-fast-path-", ignore_cleanup_errors=True) as folder:
             result = RewriteResult()
             if rewrite and off is None:
                 result = rewrite_blockwise(model, model_dir, accuracy_levels(metadata), Path(folder), nvfp4,
                                            int4_int8=kernel is not None)
-            if result.kernel:
-                options.register_custom_ops_library(str(kernel))
             if accuracy_level is not None:
                 set_accuracy_level(model.graph, accuracy_level)
             widened = widen and float32_compute.to_float32(model)
-            if result.changed or accuracy_level is not None or widened:
+            if narrow_library is not None:
+                narrow = _rewrite_narrow_float(model, Path(folder) if result.changed else model_dir, Path(folder))
+            if result.kernel or narrow.changed:
+                options.register_custom_ops_library(str(kernel or narrow_library))
+            if result.changed or accuracy_level is not None or widened or narrow.changed:
                 options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                                 folder if result.changed else str(model_dir))
+                                                 folder if result.changed or narrow.changed else str(model_dir))
                 session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     except OSError as e:  # no temporary space: every node keeps its function body
-        widened = False
+        widened, narrow = False, narrow_float_weights.NarrowFloatResult()
         result = RewriteResult(fallback=[("all lowbit.MatMulBlockwise nodes", f"no temporary folder: {e}")])
     if session is None:
         session = ort.InferenceSession(str(model_path), options, providers=providers)
-    for line in result.messages() if report else []:
-        print(f"lowbit: {line}", file=sys.stderr)
+    for line in result.messages() + [narrow.message()] if report else []:
+        if line:
+            print(f"lowbit: {line}", file=sys.stderr)
     if widened and report:
         print(f"lowbit: the float16 graph computes in float32 on the CPU ({float32_compute.ENV_SWITCH}=0 keeps "
               "float16)", file=sys.stderr)
     return session
+
+
+def _narrow_float_kernel() -> Path | None:
+    from lowbit.custom_ops import kernels
+
+    return kernels.library()
+
+
+def _rewrite_narrow_float(model, data_dir: Path, folder: Path) -> narrow_float_weights.NarrowFloatResult:
+    """runtime/narrow_float_weights.py on `model`, reading its external data from `data_dir` (the folder, or the
+    temporary `folder` where rewrite_blockwise moved it) and writing the kernel's weights into `folder`."""
+    from onnx import helper
+
+    graph = model.graph
+    reader = _TensorReader(data_dir, graph)
+    data = _DataFile(folder, NARROW_DATA_FILE)
+    writer = _GraphWriter(data, {})
+    try:
+        result = narrow_float_weights.rewrite(model, reader, writer)
+        if not result.changed:
+            return result
+        del graph.node[:]
+        graph.node.extend(writer.nodes)
+        _prune(graph)
+        used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+        kept = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept + writer.initializers)
+        if data_dir != folder:
+            data.take_over(graph, reader)
+        if not any(op.domain == "lowbit.cpu" for op in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("lowbit.cpu", 1))
+        return result
+    finally:
+        data.close()
 
 
 @dataclass
@@ -273,9 +314,10 @@ class _TensorReader:
 class _DataFile:
     """External data written to the temporary folder: new arrays, and the folder's own data ORT still needs."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, name: str = DATA_FILE):
         self.folder = folder
-        self.file = open(folder / DATA_FILE, "wb")
+        self.name = name
+        self.file = open(folder / name, "wb")
 
     def close(self) -> None:
         self.file.close()
@@ -294,7 +336,7 @@ class _DataFile:
         offset, length = self.write(array)
         proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
                             data_location=TensorProto.EXTERNAL)
-        _set_location(proto, DATA_FILE, offset, length)
+        _set_location(proto, self.name, offset, length)
         return proto
 
     def take_over(self, graph, reader: _TensorReader) -> None:
@@ -310,7 +352,7 @@ class _DataFile:
             if location not in linked:
                 target = self.folder / location
                 try:
-                    if location == DATA_FILE or Path(location).name != location:
+                    if location in (DATA_FILE, NARROW_DATA_FILE) or Path(location).name != location:
                         raise OSError("not a plain file name")
                     os.link(reader.model_dir / location, target)
                     linked[location] = True
@@ -318,7 +360,7 @@ class _DataFile:
                     linked[location] = False
             if not linked[location]:
                 offset, length = self.write(reader.read(proto.name))
-                _set_location(proto, DATA_FILE, offset, length)
+                _set_location(proto, self.name, offset, length)
 
 
 def _set_location(proto, location: str, offset: int, length: int) -> None:

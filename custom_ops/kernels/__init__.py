@@ -4,7 +4,7 @@
 `lowbit.cpu.*` nodes, or None with the reason in `unavailable()`: no x86-64 CPU with AVX2, no C compiler, a failed
 build, or `LOWBIT_KERNELS=0`. Nothing needs the library: the runtime then keeps ONNX Runtime's own nodes.
 
-The build is `cc -O3 -mavx2 -shared` of the sources beside this file, into `$LOWBIT_CACHE_DIR` (default
+The build is `cc -O3 -mavx2 -mf16c -shared` of the sources beside this file, into `$LOWBIT_CACHE_DIR` (default
 `$XDG_CACHE_HOME/lowbit` or `~/.cache/lowbit`) under a name that hashes the sources, the compiler and the flags,
 written to a temporary name and renamed, so concurrent processes never load a partial file.
 """
@@ -21,8 +21,9 @@ from functools import lru_cache
 from pathlib import Path
 
 ENV_SWITCH = "LOWBIT_KERNELS"
-SOURCES = ("matmul_int4_int8.c",)
-FLAGS = ("-O3", "-mavx2", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden")
+SOURCES = ("register.c", "matmul_int4_int8.c", "matmul_narrow_float.c")
+HEADERS = ("ort_api.h",)
+FLAGS = ("-O3", "-mavx2", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden")
 LIBRARY_STEM = "lowbit_cpu_kernels"
 
 
@@ -49,13 +50,15 @@ def unavailable() -> str | None:
 
 
 def cpu_has_avx2() -> bool:
+    """AVX2 and F16C (every AVX2 CPU has both), as /proc/cpuinfo lists them."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx2" in line for line in f)
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return False
+    return "avx2" in flags and "f16c" in flags
 
 
 def compiler() -> str | None:
@@ -67,7 +70,11 @@ def _cached_build(cc: str, folder: str) -> tuple[Path | None, str | None]:
     here = Path(__file__).parent
     sources = [here / name for name in SOURCES]
     digest = hashlib.sha256()
-    for part in [cc, *FLAGS, *(s.read_bytes() for s in sources)]:
+    try:
+        texts = [(here / name).read_bytes() for name in SOURCES + HEADERS]
+    except OSError as e:
+        return None, f"the kernel sources are missing ({e})"
+    for part in [cc, *FLAGS, *texts]:
         digest.update(part if isinstance(part, bytes) else part.encode())
     target = Path(folder) / f"{LIBRARY_STEM}-{digest.hexdigest()[:16]}.so"
     if target.is_file():

@@ -13,9 +13,7 @@
  * high nibble (codes of rows >= K and columns >= N are 0); scales float32 [N_pad / 16, groups, 16] and
  * zero_points uint8 [N_pad / 16, groups, 16], tile by tile as B (each tile's bytes are one sequential stream), or
  * [1] where all are equal. Attributes K, N, group_size. Output Y float32 [..., N].
- *
- * The ONNX Runtime C API is used through the positions of its function table (OrtApi), which its ABI keeps fixed:
- * the declarations below are ours and list only what this file calls. */
+ */
 
 #include <immintrin.h>
 #include <math.h>
@@ -24,99 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ------------------------------------------------------------------------------------------ ONNX Runtime C API */
+#include "ort_api.h"
 
-typedef struct OrtStatus OrtStatus;
-typedef struct OrtApi OrtApi;
-typedef struct OrtKernelInfo OrtKernelInfo;
-typedef struct OrtKernelContext OrtKernelContext;
-typedef struct OrtValue OrtValue;
-typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
-typedef struct OrtSessionOptions OrtSessionOptions;
-typedef struct OrtCustomOpDomain OrtCustomOpDomain;
-
-typedef struct OrtApiBase {
-  const OrtApi *(*GetApi)(uint32_t version);
-  const char *(*GetVersionString)(void);
-} OrtApiBase;
-
-enum { API_VERSION = 17 };  /* KernelContext_ParallelFor: ONNX Runtime 1.17 */
-enum { ORT_INVALID_ARGUMENT = 2, ORT_RUNTIME_EXCEPTION = 6 };
-enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2 };
-enum { REQUIRED = 0 };
-
-/* positions in OrtApi */
-enum {
-  API_CreateStatus = 0,
-  API_CreateCustomOpDomain = 26,
-  API_CustomOpDomain_Add = 27,
-  API_AddCustomOpDomain = 28,
-  API_GetTensorMutableData = 51,
-  API_GetDimensionsCount = 61,
-  API_GetDimensions = 62,
-  API_GetTensorTypeAndShape = 65,
-  API_KernelInfoGetAttribute_int64 = 86,
-  API_KernelContext_GetInput = 90,
-  API_KernelContext_GetOutput = 91,
-  API_ReleaseStatus = 93,
-  API_ReleaseTensorTypeAndShapeInfo = 99,
-  API_KernelContext_ParallelFor = 274,
-};
-
-static const OrtApi *api;
-#define API(name, type) ((type)(((void *const *)api)[API_##name]))
-
-typedef OrtStatus *(*CreateStatusFn)(int code, const char *message);
-typedef OrtStatus *(*CreateCustomOpDomainFn)(const char *domain, OrtCustomOpDomain **out);
-typedef OrtStatus *(*CustomOpDomainAddFn)(OrtCustomOpDomain *domain, const void *op);
-typedef OrtStatus *(*AddCustomOpDomainFn)(OrtSessionOptions *options, OrtCustomOpDomain *domain);
-typedef OrtStatus *(*GetTensorMutableDataFn)(OrtValue *value, void **out);
-typedef OrtStatus *(*GetDimensionsCountFn)(const OrtTensorTypeAndShapeInfo *info, size_t *out);
-typedef OrtStatus *(*GetDimensionsFn)(const OrtTensorTypeAndShapeInfo *info, int64_t *dims, size_t count);
-typedef OrtStatus *(*GetTensorTypeAndShapeFn)(const OrtValue *value, OrtTensorTypeAndShapeInfo **out);
-typedef OrtStatus *(*KernelInfoGetAttributeInt64Fn)(const OrtKernelInfo *info, const char *name, int64_t *out);
-typedef OrtStatus *(*KernelContextGetInputFn)(const OrtKernelContext *context, size_t index, const OrtValue **out);
-typedef OrtStatus *(*KernelContextGetOutputFn)(OrtKernelContext *context, size_t index, const int64_t *dims,
-                                               size_t count, OrtValue **out);
-typedef void (*ReleaseStatusFn)(OrtStatus *status);
-typedef void (*ReleaseTensorTypeAndShapeInfoFn)(OrtTensorTypeAndShapeInfo *info);
-typedef OrtStatus *(*KernelContextParallelForFn)(const OrtKernelContext *context, void (*fn)(void *, size_t),
-                                                 size_t total, size_t num_batch, void *user_data);
-
-/* OrtCustomOp, as far as API_VERSION reads it */
-typedef struct CustomOp {
-  uint32_t version;
-  void *(*CreateKernel)(const struct CustomOp *op, const OrtApi *api, const OrtKernelInfo *info);
-  const char *(*GetName)(const struct CustomOp *op);
-  const char *(*GetExecutionProviderType)(const struct CustomOp *op);
-  int (*GetInputType)(const struct CustomOp *op, size_t index);
-  size_t (*GetInputTypeCount)(const struct CustomOp *op);
-  int (*GetOutputType)(const struct CustomOp *op, size_t index);
-  size_t (*GetOutputTypeCount)(const struct CustomOp *op);
-  void (*KernelCompute)(void *kernel, OrtKernelContext *context);
-  void (*KernelDestroy)(void *kernel);
-  int (*GetInputCharacteristic)(const struct CustomOp *op, size_t index);
-  int (*GetOutputCharacteristic)(const struct CustomOp *op, size_t index);
-  int (*GetInputMemoryType)(const struct CustomOp *op, size_t index);
-  int (*GetVariadicInputMinArity)(const struct CustomOp *op);
-  int (*GetVariadicInputHomogeneity)(const struct CustomOp *op);
-  int (*GetVariadicOutputMinArity)(const struct CustomOp *op);
-  int (*GetVariadicOutputHomogeneity)(const struct CustomOp *op);
-  OrtStatus *(*CreateKernelV2)(const struct CustomOp *op, const OrtApi *api, const OrtKernelInfo *info,
-                               void **kernel);
-  OrtStatus *(*KernelComputeV2)(void *kernel, OrtKernelContext *context);
-  OrtStatus *(*InferOutputShapeFn)(const struct CustomOp *op, void *context);
-  int (*GetStartVersion)(const struct CustomOp *op);
-  int (*GetEndVersion)(const struct CustomOp *op);
-} CustomOp;
-
-#define CHECK(call)                    \
-  do {                                 \
-    OrtStatus *status_ = (call);       \
-    if (status_ != NULL) return status_; \
-  } while (0)
-
-static OrtStatus *error(const char *message) { return API(CreateStatus, CreateStatusFn)(ORT_INVALID_ARGUMENT, message); }
 
 /* ------------------------------------------------------------------------------------------------- the kernel */
 
@@ -260,29 +167,6 @@ static void quantize_rows(const float *a, int64_t m, int64_t k, int64_t group_si
   }
 }
 
-static OrtStatus *input(OrtKernelContext *context, size_t index, const OrtValue **value, int64_t *dims,
-                        size_t *rank) {
-  CHECK(API(KernelContext_GetInput, KernelContextGetInputFn)(context, index, value));
-  if (*value == NULL) return error("lowbit.cpu.MatMulInt4Int8: an input is missing");
-  OrtTensorTypeAndShapeInfo *info;
-  CHECK(API(GetTensorTypeAndShape, GetTensorTypeAndShapeFn)(*value, &info));
-  OrtStatus *status = API(GetDimensionsCount, GetDimensionsCountFn)(info, rank);
-  if (status == NULL && *rank > 8) status = error("lowbit.cpu.MatMulInt4Int8: inputs have at most 8 dimensions");
-  if (status == NULL) status = API(GetDimensions, GetDimensionsFn)(info, dims, *rank);
-  API(ReleaseTensorTypeAndShapeInfo, ReleaseTensorTypeAndShapeInfoFn)(info);
-  return status;
-}
-
-static void *data_of(const OrtValue *value) {
-  void *data = NULL;
-  OrtStatus *status = API(GetTensorMutableData, GetTensorMutableDataFn)((OrtValue *)value, &data);
-  if (status != NULL) {
-    API(ReleaseStatus, ReleaseStatusFn)(status);
-    return NULL;
-  }
-  return data;
-}
-
 static OrtStatus *compute(void *state, OrtKernelContext *context) {
   const Kernel *kernel = state;
   const int64_t k = kernel->k, n = kernel->n, g = kernel->group_size;
@@ -363,43 +247,23 @@ static OrtStatus *create_kernel(const CustomOp *op, const OrtApi *unused, const 
 }
 
 static const char *op_name(const CustomOp *op) { (void)op; return "MatMulInt4Int8"; }
-static const char *op_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static int op_input_type(const CustomOp *op, size_t index) { (void)op; return index == 0 || index == 2 ? TYPE_FLOAT : TYPE_UINT8; }
 static size_t op_input_count(const CustomOp *op) { (void)op; return 4; }
-static int op_output_type(const CustomOp *op, size_t index) { (void)op; (void)index; return TYPE_FLOAT; }
-static size_t op_output_count(const CustomOp *op) { (void)op; return 1; }
-static void destroy_kernel(void *kernel) { free(kernel); }
-static int op_characteristic(const CustomOp *op, size_t index) { (void)op; (void)index; return REQUIRED; }
-static int op_memory_type(const CustomOp *op, size_t index) { (void)op; (void)index; return 0; }
-static int op_start_version(const CustomOp *op) { (void)op; return 1; }
-static int op_end_version(const CustomOp *op) { (void)op; return 0x7fffffff; }
 
-static const CustomOp matmul_int4_int8 = {
+const CustomOp lowbit_matmul_int4_int8 = {
     .version = API_VERSION,
     .GetName = op_name,
-    .GetExecutionProviderType = op_provider,
+    .GetExecutionProviderType = cpu_provider,
     .GetInputType = op_input_type,
     .GetInputTypeCount = op_input_count,
-    .GetOutputType = op_output_type,
-    .GetOutputTypeCount = op_output_count,
-    .KernelDestroy = destroy_kernel,
-    .GetInputCharacteristic = op_characteristic,
-    .GetOutputCharacteristic = op_characteristic,
-    .GetInputMemoryType = op_memory_type,
+    .GetOutputType = float_output,
+    .GetOutputTypeCount = one_output,
+    .KernelDestroy = free_kernel,
+    .GetInputCharacteristic = required,
+    .GetOutputCharacteristic = required,
+    .GetInputMemoryType = default_memory,
     .CreateKernelV2 = create_kernel,
     .KernelComputeV2 = compute,
-    .GetStartVersion = op_start_version,
-    .GetEndVersion = op_end_version,
+    .GetStartVersion = since_version_1,
+    .GetEndVersion = any_later_version,
 };
-
-/* Called by ONNX Runtime's SessionOptions.register_custom_ops_library(path). */
-__attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options,
-                                                                     const OrtApiBase *base) {
-  const OrtApi *table = base->GetApi(API_VERSION);
-  if (table == NULL) return NULL;  /* an ONNX Runtime older than 1.17 has no such table: register nothing */
-  api = table;
-  OrtCustomOpDomain *domain;
-  CHECK(API(CreateCustomOpDomain, CreateCustomOpDomainFn)("lowbit.cpu", &domain));
-  CHECK(API(CustomOpDomain_Add, CustomOpDomainAddFn)(domain, &matmul_int4_int8));
-  return API(AddCustomOpDomain, AddCustomOpDomainFn)(options, domain);
-}

@@ -1,0 +1,283 @@
+/* lowbit.cpu.MatMulNarrowFloat: Y[M, N] = A[M, K] @ W[K, N] for weights stored as float16, float8 e4m3fn or float8
+ * e5m2, read in their stored width and widened to float32 in registers (F16C), as an ONNX Runtime custom op.
+ *
+ * The arithmetic (custom_ops/matmul_narrow_float.py holds the numpy reference, equal bit for bit):
+ *   w[k, n] = the weight as a float16: itself; e5m2: its byte as the high byte of a float16 (exact); e4m3fn: sign
+ *             and the other 7 bits shifted into a float16, which is the value / 256 (exact, subnormals included)
+ *   f[n]    = scales[n] (or scales[0]), times 256 for e4m3fn (float32);  v[k, n] = w[k, n] * f[n] (float32: the
+ *             float32 weight DequantizeLinear makes, exactly; for float16 with no scale, w itself)
+ *   Y[m, n] = acc after acc = 0; for k = 0 .. K-1 in order: acc = acc + A[m, k] * v[k, n]   (float32 multiply, then
+ *   float32 add: no fused multiply-add)
+ * Every row and column is summed in the same order however M and the tasks split the work, so one token's logits
+ * do not depend on the batch or the prompt around it.
+ *
+ * Inputs: A float32 [..., K]; B uint8 [N_pad / 16, K, 16 * bytes], bytes = 2 for float16 (little-endian) and 1 for
+ * float8: tile t, row k holds w[k, 16t .. 16t + 15] (columns >= N are 0), so each tile is one sequential stream;
+ * scales float32 [N_pad] or [1]. Attributes K, N, weight_type (ONNX TensorProto: 10 FLOAT16, 17 FLOAT8E4M3FN, 19
+ * FLOAT8E5M2). Output Y float32 [..., N]. */
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ort_api.h"
+
+enum { FLOAT16 = 10, FLOAT8E4M3FN = 17, FLOAT8E5M2 = 19 };
+
+#define TILE 16 /* columns per tile: two 256-bit registers of float32 */
+#define ROWS 6  /* rows of A per block when M > 1: 12 accumulators */
+#define TILES_AT_ONCE 4 /* tiles per pass when M == 1: 8 independent accumulators */
+#define KC 256 /* rows of K widened at once when M > 1: 16 KB */
+#define TASKS 64
+
+typedef struct {
+  int64_t k, n, weight_type;
+} Kernel;
+
+typedef struct {
+  const uint8_t *b;
+  const float *factors; /* [N_pad] f[n]; NULL: all 1 */
+  const float *a;       /* [M, K] */
+  float *y;             /* [M, N] */
+  int64_t m, k, n, n_pad, weight_type, tiles_per_task;
+} Work;
+
+/* Row k of a tile (16 weights at p) as float32: lo = columns 0..7, hi = 8..15. */
+static inline void widen16(const uint8_t *p, int64_t type, __m256 *lo, __m256 *hi) {
+  __m128i h0, h1;
+  if (type == FLOAT16) {
+    h0 = _mm_loadu_si128((const __m128i *)p);
+    h1 = _mm_loadu_si128((const __m128i *)(p + 16));
+  } else {
+    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    if (type == FLOAT8E5M2) {
+      v = _mm256_slli_epi16(v, 8);
+    } else {
+      v = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x80)), 8),
+                          _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7F)), 7));
+    }
+    h0 = _mm256_castsi256_si128(v);
+    h1 = _mm256_extracti128_si256(v, 1);
+  }
+  *lo = _mm256_cvtph_ps(h0);
+  *hi = _mm256_cvtph_ps(h1);
+}
+
+/* Columns of tile t in row `row` of Y (the product, or between chunks of K the partial sum). */
+static inline void store_tile(const Work *w, int64_t t, int64_t row, __m256 lo, __m256 hi) {
+  const int64_t n0 = t * TILE, width = w->n - n0 < TILE ? w->n - n0 : TILE;
+  float out[TILE];
+  _mm256_storeu_ps(out, lo);
+  _mm256_storeu_ps(out + 8, hi);
+  memcpy(w->y + row * w->n + n0, out, sizeof(float) * (size_t)width);
+}
+
+/* Row k of tile t as the float32 weights v: widened, times the columns' factors. */
+static inline void weights16(const Work *w, int64_t t, const uint8_t *p, __m256 *lo, __m256 *hi) {
+  widen16(p, w->weight_type, lo, hi);
+  if (w->factors != NULL) {
+    *lo = _mm256_mul_ps(*lo, _mm256_loadu_ps(w->factors + t * TILE));
+    *hi = _mm256_mul_ps(*hi, _mm256_loadu_ps(w->factors + t * TILE + 8));
+  }
+}
+
+static inline void load_partial(const Work *w, int64_t t, int64_t row, __m256 *lo, __m256 *hi) {
+  const int64_t n0 = t * TILE, width = w->n - n0 < TILE ? w->n - n0 : TILE;
+  float in[TILE] = {0};
+  memcpy(in, w->y + row * w->n + n0, sizeof(float) * (size_t)width);
+  *lo = _mm256_loadu_ps(in);
+  *hi = _mm256_loadu_ps(in + 8);
+}
+
+/* M == 1: tiles t0 .. t0 + T - 1 in one pass over K (T independent streams of weights). */
+static inline void one_row(const Work *w, int64_t t0, const int T) {
+  const int64_t bytes = w->weight_type == FLOAT16 ? 2 : 1, row_bytes = TILE * bytes, tile_bytes = w->k * row_bytes;
+  const uint8_t *b = w->b + (size_t)(t0 * tile_bytes);
+  __m256 acc[2 * TILES_AT_ONCE];
+  _Pragma("GCC unroll 16")
+  for (int j = 0; j < 2 * T; j++) acc[j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < w->k; k++) {
+    const __m256 x = _mm256_broadcast_ss(w->a + k);
+    _Pragma("GCC unroll 16")
+    for (int j = 0; j < T; j++) {
+      __m256 lo, hi;
+      weights16(w, t0 + j, b + j * tile_bytes + k * row_bytes, &lo, &hi);
+      acc[2 * j] = _mm256_add_ps(acc[2 * j], _mm256_mul_ps(x, lo));
+      acc[2 * j + 1] = _mm256_add_ps(acc[2 * j + 1], _mm256_mul_ps(x, hi));
+    }
+  }
+  _Pragma("GCC unroll 16")
+  for (int j = 0; j < T; j++) store_tile(w, t0 + j, 0, acc[2 * j], acc[2 * j + 1]);
+}
+
+/* M > 1: rows m0 .. m0 + R - 1 against rows k0 .. k1 - 1 of one tile, already widened into `tile` [k1 - k0, 16];
+ * the sums continue from Y's partial sums where k0 > 0. */
+static inline void row_block(const Work *w, const float *tile, int64_t t, int64_t k0, int64_t k1, int64_t m0,
+                             const int R) {
+  __m256 acc[2 * ROWS];
+  _Pragma("GCC unroll 16")
+  for (int r = 0; r < R; r++) {
+    if (k0 == 0) {
+      acc[2 * r] = acc[2 * r + 1] = _mm256_setzero_ps();
+    } else {
+      __m256 lo, hi; /* through locals: acc's address never taken, so it stays in registers */
+      load_partial(w, t, m0 + r, &lo, &hi);
+      acc[2 * r] = lo;
+      acc[2 * r + 1] = hi;
+    }
+  }
+  const float *a = w->a + m0 * w->k;
+  for (int64_t k = k0; k < k1; k++) {
+    const float *row = tile + (k - k0) * TILE;
+    const __m256 lo = _mm256_load_ps(row), hi = _mm256_load_ps(row + 8);
+    _Pragma("GCC unroll 16")
+    for (int r = 0; r < R; r++) {
+      const __m256 x = _mm256_broadcast_ss(a + r * w->k + k);
+      acc[2 * r] = _mm256_add_ps(acc[2 * r], _mm256_mul_ps(x, lo));
+      acc[2 * r + 1] = _mm256_add_ps(acc[2 * r + 1], _mm256_mul_ps(x, hi));
+    }
+  }
+  _Pragma("GCC unroll 16")
+  for (int r = 0; r < R; r++) store_tile(w, t, m0 + r, acc[2 * r], acc[2 * r + 1]);
+}
+
+/* M > 1: one tile, KC rows of K at a time: the chunk widened once into a buffer that stays in L1, then every block
+ * of rows of A against it. */
+static void many_rows(const Work *w, int64_t t) {
+  const int64_t bytes = w->weight_type == FLOAT16 ? 2 : 1;
+  const uint8_t *b = w->b + (size_t)(t * w->k * TILE * bytes);
+  float tile[KC * TILE] __attribute__((aligned(32)));
+  for (int64_t k0 = 0; k0 < w->k; k0 += KC) {
+    const int64_t k1 = k0 + KC < w->k ? k0 + KC : w->k;
+    for (int64_t k = k0; k < k1; k++) {
+      __m256 lo, hi;
+      weights16(w, t, b + k * TILE * bytes, &lo, &hi);
+      _mm256_store_ps(tile + (k - k0) * TILE, lo);
+      _mm256_store_ps(tile + (k - k0) * TILE + 8, hi);
+    }
+    for (int64_t m0 = 0; m0 < w->m; m0 += ROWS) {
+      switch (w->m - m0 < ROWS ? w->m - m0 : ROWS) { /* constant R: each case gets its own register allocation */
+        case 1: row_block(w, tile, t, k0, k1, m0, 1); break;
+        case 2: row_block(w, tile, t, k0, k1, m0, 2); break;
+        case 3: row_block(w, tile, t, k0, k1, m0, 3); break;
+        case 4: row_block(w, tile, t, k0, k1, m0, 4); break;
+        case 5: row_block(w, tile, t, k0, k1, m0, 5); break;
+        default: row_block(w, tile, t, k0, k1, m0, ROWS); break;
+      }
+    }
+  }
+}
+
+static void run_task(void *data, size_t task) {
+  const Work *w = data;
+  const int64_t tiles = w->n_pad / TILE, t0 = (int64_t)task * w->tiles_per_task;
+  const int64_t t1 = t0 + w->tiles_per_task < tiles ? t0 + w->tiles_per_task : tiles;
+  if (w->m == 1) {
+    for (int64_t t = t0; t < t1; t += TILES_AT_ONCE) {
+      switch (t1 - t < TILES_AT_ONCE ? t1 - t : TILES_AT_ONCE) {
+        case 1: one_row(w, t, 1); break;
+        case 2: one_row(w, t, 2); break;
+        case 3: one_row(w, t, 3); break;
+        default: one_row(w, t, TILES_AT_ONCE); break;
+      }
+    }
+    return;
+  }
+  for (int64_t t = t0; t < t1; t++) many_rows(w, t);
+}
+
+static OrtStatus *compute(void *state, OrtKernelContext *context) {
+  const Kernel *kernel = state;
+  const int64_t k = kernel->k, n = kernel->n, n_pad = (n + TILE - 1) / TILE * TILE;
+  const int64_t bytes = kernel->weight_type == FLOAT16 ? 2 : 1;
+  const OrtValue *values[3];
+  int64_t dims[3][8];
+  size_t ranks[3];
+  for (size_t i = 0; i < 3; i++) CHECK(input(context, i, &values[i], dims[i], &ranks[i]));
+  if (ranks[0] < 1 || dims[0][ranks[0] - 1] != k)
+    return error("lowbit.cpu.MatMulNarrowFloat: A's last dimension is not K");
+  const int64_t b_dims[3] = {n_pad / TILE, k, TILE * bytes};
+  if (ranks[1] != 3 || memcmp(dims[1], b_dims, sizeof b_dims) != 0)
+    return error("lowbit.cpu.MatMulNarrowFloat: B is not [N_pad / 16, K, 16 * bytes]");
+  const int uniform = ranks[2] == 1 && dims[2][0] == 1;
+  if (!uniform && (ranks[2] != 1 || dims[2][0] != n_pad))
+    return error("lowbit.cpu.MatMulNarrowFloat: scales are not [N_pad] or [1]");
+  int64_t m = 1, out_dims[8];
+  for (size_t i = 0; i + 1 < ranks[0]; i++) {
+    m *= dims[0][i];
+    out_dims[i] = dims[0][i];
+  }
+  out_dims[ranks[0] - 1] = n;
+  OrtValue *output;
+  CHECK(API(KernelContext_GetOutput, KernelContextGetOutputFn)(context, 0, out_dims, ranks[0], &output));
+  float *y = data_of(output);
+  const float *a = data_of(values[0]), *scales = data_of(values[2]);
+  const uint8_t *b = data_of(values[1]);
+  if (y == NULL || a == NULL || b == NULL || scales == NULL)
+    return error("lowbit.cpu.MatMulNarrowFloat: no tensor data");
+  if (m == 0) return NULL;
+  float *factors = malloc(sizeof(float) * (size_t)n_pad);
+  if (factors == NULL)
+    return API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "lowbit.cpu.MatMulNarrowFloat: out of memory");
+  const float unit = kernel->weight_type == FLOAT8E4M3FN ? 256.0f : 1.0f;
+  int ones = 1;
+  for (int64_t i = 0; i < n_pad; i++) {
+    factors[i] = scales[uniform ? 0 : i] * unit;
+    ones = ones && factors[i] == 1.0f;
+  }
+  const int64_t tiles = n_pad / TILE;
+  int64_t per_task = (tiles + TASKS - 1) / TASKS;
+  if (m == 1) per_task = (per_task + TILES_AT_ONCE - 1) / TILES_AT_ONCE * TILES_AT_ONCE;
+  Work work = {b, ones ? NULL : factors, a, y, m, k, n, n_pad, kernel->weight_type, per_task};
+  OrtStatus *status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(
+      context, run_task, (size_t)((tiles + per_task - 1) / per_task), 0, &work);
+  free(factors);
+  return status;
+}
+
+/* ----------------------------------------------------------------------------------------------- registration */
+
+static OrtStatus *create_kernel(const CustomOp *op, const OrtApi *unused, const OrtKernelInfo *info, void **out) {
+  (void)op;
+  (void)unused;
+  Kernel *kernel = calloc(1, sizeof(Kernel));
+  if (kernel == NULL) return API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "out of memory");
+  OrtStatus *status = API(KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, "K", &kernel->k);
+  if (status == NULL) status = API(KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, "N", &kernel->n);
+  if (status == NULL)
+    status = API(KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, "weight_type", &kernel->weight_type);
+  if (status == NULL && (kernel->k < 1 || kernel->n < 1))
+    status = error("lowbit.cpu.MatMulNarrowFloat: K and N must be positive");
+  if (status == NULL && kernel->weight_type != FLOAT16 && kernel->weight_type != FLOAT8E4M3FN &&
+      kernel->weight_type != FLOAT8E5M2)
+    status = error("lowbit.cpu.MatMulNarrowFloat: weight_type must be 10 (float16), 17 (e4m3fn) or 19 (e5m2)");
+  if (status != NULL) {
+    free(kernel);
+    return status;
+  }
+  *out = kernel;
+  return NULL;
+}
+
+static const char *op_name(const CustomOp *op) { (void)op; return "MatMulNarrowFloat"; }
+static int op_input_type(const CustomOp *op, size_t index) { (void)op; return index == 1 ? TYPE_UINT8 : TYPE_FLOAT; }
+static size_t op_input_count(const CustomOp *op) { (void)op; return 3; }
+
+const CustomOp lowbit_matmul_narrow_float = {
+    .version = API_VERSION,
+    .GetName = op_name,
+    .GetExecutionProviderType = cpu_provider,
+    .GetInputType = op_input_type,
+    .GetInputTypeCount = op_input_count,
+    .GetOutputType = float_output,
+    .GetOutputTypeCount = one_output,
+    .KernelDestroy = free_kernel,
+    .GetInputCharacteristic = required,
+    .GetOutputCharacteristic = required,
+    .GetInputMemoryType = default_memory,
+    .CreateKernelV2 = create_kernel,
+    .KernelComputeV2 = compute,
+    .GetStartVersion = since_version_1,
+    .GetEndVersion = any_later_version,
+};

@@ -1,0 +1,138 @@
+/* The part of the ONNX Runtime C API lowbit's CPU kernels use, declared by us: ORT's wheels ship no C headers. The
+ * API is used through the positions of its function table (OrtApi), which its ABI keeps fixed; only what the kernels
+ * call is listed. Each kernel file defines one OrtCustomOp (`CustomOp`); register.c registers them all. */
+
+#ifndef LOWBIT_ORT_API_H
+#define LOWBIT_ORT_API_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtApi OrtApi;
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtValue OrtValue;
+typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+
+typedef struct OrtApiBase {
+  const OrtApi *(*GetApi)(uint32_t version);
+  const char *(*GetVersionString)(void);
+} OrtApiBase;
+
+enum { API_VERSION = 17 };  /* KernelContext_ParallelFor: ONNX Runtime 1.17 */
+enum { ORT_INVALID_ARGUMENT = 2, ORT_RUNTIME_EXCEPTION = 6 };
+enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2 };
+enum { REQUIRED = 0 };
+
+/* positions in OrtApi */
+enum {
+  API_CreateStatus = 0,
+  API_CreateCustomOpDomain = 26,
+  API_CustomOpDomain_Add = 27,
+  API_AddCustomOpDomain = 28,
+  API_GetTensorMutableData = 51,
+  API_GetDimensionsCount = 61,
+  API_GetDimensions = 62,
+  API_GetTensorTypeAndShape = 65,
+  API_KernelInfoGetAttribute_int64 = 86,
+  API_KernelContext_GetInput = 90,
+  API_KernelContext_GetOutput = 91,
+  API_ReleaseStatus = 93,
+  API_ReleaseTensorTypeAndShapeInfo = 99,
+  API_KernelContext_ParallelFor = 274,
+};
+
+extern const OrtApi *lowbit_ort_api;  /* set by RegisterCustomOps (register.c) */
+#define API(name, type) ((type)(((void *const *)lowbit_ort_api)[API_##name]))
+
+typedef OrtStatus *(*CreateStatusFn)(int code, const char *message);
+typedef OrtStatus *(*CreateCustomOpDomainFn)(const char *domain, OrtCustomOpDomain **out);
+typedef OrtStatus *(*CustomOpDomainAddFn)(OrtCustomOpDomain *domain, const void *op);
+typedef OrtStatus *(*AddCustomOpDomainFn)(OrtSessionOptions *options, OrtCustomOpDomain *domain);
+typedef OrtStatus *(*GetTensorMutableDataFn)(OrtValue *value, void **out);
+typedef OrtStatus *(*GetDimensionsCountFn)(const OrtTensorTypeAndShapeInfo *info, size_t *out);
+typedef OrtStatus *(*GetDimensionsFn)(const OrtTensorTypeAndShapeInfo *info, int64_t *dims, size_t count);
+typedef OrtStatus *(*GetTensorTypeAndShapeFn)(const OrtValue *value, OrtTensorTypeAndShapeInfo **out);
+typedef OrtStatus *(*KernelInfoGetAttributeInt64Fn)(const OrtKernelInfo *info, const char *name, int64_t *out);
+typedef OrtStatus *(*KernelContextGetInputFn)(const OrtKernelContext *context, size_t index, const OrtValue **out);
+typedef OrtStatus *(*KernelContextGetOutputFn)(OrtKernelContext *context, size_t index, const int64_t *dims,
+                                               size_t count, OrtValue **out);
+typedef void (*ReleaseStatusFn)(OrtStatus *status);
+typedef void (*ReleaseTensorTypeAndShapeInfoFn)(OrtTensorTypeAndShapeInfo *info);
+typedef OrtStatus *(*KernelContextParallelForFn)(const OrtKernelContext *context, void (*fn)(void *, size_t),
+                                                 size_t total, size_t num_batch, void *user_data);
+
+/* OrtCustomOp, as far as API_VERSION reads it */
+typedef struct CustomOp {
+  uint32_t version;
+  void *(*CreateKernel)(const struct CustomOp *op, const OrtApi *api, const OrtKernelInfo *info);
+  const char *(*GetName)(const struct CustomOp *op);
+  const char *(*GetExecutionProviderType)(const struct CustomOp *op);
+  int (*GetInputType)(const struct CustomOp *op, size_t index);
+  size_t (*GetInputTypeCount)(const struct CustomOp *op);
+  int (*GetOutputType)(const struct CustomOp *op, size_t index);
+  size_t (*GetOutputTypeCount)(const struct CustomOp *op);
+  void (*KernelCompute)(void *kernel, OrtKernelContext *context);
+  void (*KernelDestroy)(void *kernel);
+  int (*GetInputCharacteristic)(const struct CustomOp *op, size_t index);
+  int (*GetOutputCharacteristic)(const struct CustomOp *op, size_t index);
+  int (*GetInputMemoryType)(const struct CustomOp *op, size_t index);
+  int (*GetVariadicInputMinArity)(const struct CustomOp *op);
+  int (*GetVariadicInputHomogeneity)(const struct CustomOp *op);
+  int (*GetVariadicOutputMinArity)(const struct CustomOp *op);
+  int (*GetVariadicOutputHomogeneity)(const struct CustomOp *op);
+  OrtStatus *(*CreateKernelV2)(const struct CustomOp *op, const OrtApi *api, const OrtKernelInfo *info,
+                               void **kernel);
+  OrtStatus *(*KernelComputeV2)(void *kernel, OrtKernelContext *context);
+  OrtStatus *(*InferOutputShapeFn)(const struct CustomOp *op, void *context);
+  int (*GetStartVersion)(const struct CustomOp *op);
+  int (*GetEndVersion)(const struct CustomOp *op);
+} CustomOp;
+
+#define CHECK(call)                    \
+  do {                                 \
+    OrtStatus *status_ = (call);       \
+    if (status_ != NULL) return status_; \
+  } while (0)
+
+static inline OrtStatus *error(const char *message) { return API(CreateStatus, CreateStatusFn)(ORT_INVALID_ARGUMENT, message); }
+
+static inline OrtStatus *input(OrtKernelContext *context, size_t index, const OrtValue **value, int64_t *dims,
+                        size_t *rank) {
+  CHECK(API(KernelContext_GetInput, KernelContextGetInputFn)(context, index, value));
+  if (*value == NULL) return error("lowbit.cpu: an input is missing");
+  OrtTensorTypeAndShapeInfo *info;
+  CHECK(API(GetTensorTypeAndShape, GetTensorTypeAndShapeFn)(*value, &info));
+  OrtStatus *status = API(GetDimensionsCount, GetDimensionsCountFn)(info, rank);
+  if (status == NULL && *rank > 8) status = error("lowbit.cpu: inputs have at most 8 dimensions");
+  if (status == NULL) status = API(GetDimensions, GetDimensionsFn)(info, dims, *rank);
+  API(ReleaseTensorTypeAndShapeInfo, ReleaseTensorTypeAndShapeInfoFn)(info);
+  return status;
+}
+
+static inline void *data_of(const OrtValue *value) {
+  void *data = NULL;
+  OrtStatus *status = API(GetTensorMutableData, GetTensorMutableDataFn)((OrtValue *)value, &data);
+  if (status != NULL) {
+    API(ReleaseStatus, ReleaseStatusFn)(status);
+    return NULL;
+  }
+  return data;
+}
+
+/* Members every lowbit.cpu op shares: CPU provider, required inputs and outputs in CPU memory, one float32 output,
+ * a kernel state freed with free(), any opset version. */
+static inline const char *cpu_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static inline int required(const CustomOp *op, size_t index) { (void)op; (void)index; return REQUIRED; }
+static inline int default_memory(const CustomOp *op, size_t index) { (void)op; (void)index; return 0; }
+static inline int float_output(const CustomOp *op, size_t index) { (void)op; (void)index; return TYPE_FLOAT; }
+static inline size_t one_output(const CustomOp *op) { (void)op; return 1; }
+static inline void free_kernel(void *kernel) { free(kernel); }
+static inline int since_version_1(const CustomOp *op) { (void)op; return 1; }
+static inline int any_later_version(const CustomOp *op) { (void)op; return 0x7fffffff; }
+
+#endif

@@ -1,0 +1,107 @@
+"""`lowbit.cpu.MatMulNarrowFloat`: a matmul over weights kept in their stored width (float16, float8 e4m3fn, float8
+e5m2) and widened to float32 in registers, run by a compiled kernel of our own (custom_ops/kernels/
+matmul_narrow_float.c) that ONNX Runtime loads as a custom op library.
+
+ONNX Runtime's CPU provider has no float16 or float8 MatMul on x86: it folds such weights (a Cast of a float16
+initializer, a DequantizeLinear of a float8 one) into float32 copies at load, which double (float16) or quadruple
+(float8) the bytes every decode step reads. The node exists only in the graphs the runtime builds in memory
+(runtime/narrow_float_weights.py); files on disk keep their standard nodes, which are its fallback. Arithmetic:
+
+    w[k, n]: the weight as a float16: itself; e5m2: its byte as a float16's high byte (the same value); e4m3fn:
+             sign and the other 7 bits shifted into a float16, the value / 256 (exact, subnormals included)
+    f[n] = scales[n] (or scales[0]) * (256 for e4m3fn, else 1), float32; v[k, n] = w[k, n] * f[n] in float32: the
+             float32 weight DequantizeLinear makes, exactly (for float16 without a scale, w itself)
+    Y[m, n] = acc after acc = 0; for k in order: acc = acc + A[m, k] * v[k, n] (float32 multiply, then float32 add)
+
+`reference_matmul` computes this in numpy; the kernel's result is equal bit for bit, for every M (each output is
+summed in the same order whatever the batch, the prompt or the threads).
+
+Inputs: A float32 [..., K]; B uint8 [N_pad / 16, K, 16 * bytes] (`pack`; bytes = 2 for float16, 1 for float8);
+scales float32 [N_pad] or [1]. Attributes: K, N, weight_type (10, 17 or 19, as onnx.TensorProto). Output Y float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DOMAIN = "lowbit.cpu"
+OP_TYPE = "MatMulNarrowFloat"
+TILE = 16  # columns per tile of B
+FLOAT16, FLOAT8E4M3FN, FLOAT8E5M2 = 10, 17, 19  # onnx.TensorProto data types
+WEIGHT_BYTES = {FLOAT16: 2, FLOAT8E4M3FN: 1, FLOAT8E5M2: 1}
+UNIT = {FLOAT16: 1.0, FLOAT8E4M3FN: 256.0, FLOAT8E5M2: 1.0}  # the value of w[k, n] == 1 as stored
+
+
+@dataclass(frozen=True)
+class NarrowFloatWeight:
+    b: np.ndarray  # uint8 [N_pad / 16, K, 16 * bytes]
+    scales: np.ndarray  # float32 [N_pad], or [1]
+    k: int
+    n: int
+    weight_type: int
+
+
+def stored_bits(weights: np.ndarray) -> tuple[np.ndarray, int]:
+    """A float16 array, or an ml_dtypes float8_e4m3fn / float8_e5m2 array -> (its raw bits: uint16 or uint8, the
+    onnx data type)."""
+    name = np.dtype(weights.dtype).name
+    types = {"float16": (np.uint16, FLOAT16), "float8_e4m3fn": (np.uint8, FLOAT8E4M3FN),
+             "float8_e5m2": (np.uint8, FLOAT8E5M2)}
+    if name not in types:
+        raise ValueError(f"weights of {name}: only float16, float8_e4m3fn and float8_e5m2 are narrow floats here")
+    bits, weight_type = types[name]
+    return np.asarray(weights).view(bits), weight_type
+
+
+def pack(weights: np.ndarray, scales=None, transposed: bool = False) -> NarrowFloatWeight:
+    """weights [K, N] (`transposed`: [N, K], as Gemm's transB reads them) of float16, float8_e4m3fn or float8_e5m2;
+    scales: None (1), a scalar, or [N] (one per output column) -> the kernel's arrays."""
+    bits, weight_type = stored_bits(weights)
+    if bits.ndim != 2:
+        raise ValueError(f"weights must be 2-D, got {bits.shape}")
+    n, k = bits.shape if transposed else bits.shape[::-1]
+    n_pad = -(-n // TILE) * TILE
+    columns = np.zeros((n_pad, k), bits.dtype)  # one row per output column
+    columns[:n] = bits if transposed else bits.T
+    b = np.ascontiguousarray(columns.reshape(n_pad // TILE, TILE, k).transpose(0, 2, 1))  # [tiles, K, 16]
+    scales = np.float32(1) if scales is None else np.asarray(scales, np.float32)
+    if scales.size == 1:
+        s = scales.reshape(1)
+    elif scales.shape == (n,):
+        s = np.zeros(n_pad, np.float32)
+        s[:n] = scales
+    else:
+        raise ValueError(f"scales {scales.shape}: expected one scale or [{n}]")
+    return NarrowFloatWeight(b.view(np.uint8).reshape(n_pad // TILE, k, -1), np.ascontiguousarray(s), k, n,
+                             weight_type)
+
+
+def widened(weight: NarrowFloatWeight) -> np.ndarray:
+    """w [K, N_pad] float32: the kernel's w[k, n] (for e4m3fn, the value / 256)."""
+    tiles, k, _ = weight.b.shape
+    raw = weight.b.view(np.uint16) if weight.weight_type == FLOAT16 else weight.b.astype(np.uint16)
+    if weight.weight_type == FLOAT8E5M2:
+        raw = raw << 8
+    elif weight.weight_type == FLOAT8E4M3FN:
+        raw = ((raw & 0x80) << 8) | ((raw & 0x7F) << 7)
+    return raw.astype(np.uint16).view(np.float16).astype(np.float32).transpose(1, 0, 2).reshape(k, tiles * TILE)
+
+
+def factors(weight: NarrowFloatWeight) -> np.ndarray:
+    """f [N_pad] float32."""
+    n_pad = weight.b.shape[0] * TILE
+    return np.broadcast_to(weight.scales * np.float32(UNIT[weight.weight_type]), (n_pad,)).astype(np.float32)
+
+
+def reference_matmul(a: np.ndarray, weight: NarrowFloatWeight) -> np.ndarray:
+    """Y [..., N] float32, the kernel's arithmetic step for step."""
+    a = np.asarray(a, np.float32)
+    lead = a.shape[:-1]
+    a2 = a.reshape(-1, weight.k)
+    v = widened(weight) * factors(weight)
+    acc = np.zeros((a2.shape[0], v.shape[1]), np.float32)
+    for k in range(weight.k):
+        acc = acc + a2[:, k:k + 1] * v[k]
+    return acc[:, : weight.n].reshape(*lead, weight.n)

@@ -1,0 +1,135 @@
+"""Float16 and float8 weights kept in their stored width on the CPU, at load: `lowbit.cpu.MatMulNarrowFloat`.
+
+ONNX Runtime's CPU provider has no float16 or float8 MatMul on x86, so it folds a float16 weight's Cast
+(runtime/float32_compute.py reads each float16 initializer through one) and a float8 weight's DequantizeLinear into
+float32 copies at load: a decode step then reads 4 bytes per weight where the folder stores 2 (`q0f16`, a float16
+`lm_head`) or 1 (the FP8 codes). `rewrite(model, ...)` replaces, in a graph already computed in float32:
+
+  MatMul(x, Cast(w float16 [K, N]))                       -> MatMulNarrowFloat(x, w)
+  MatMul(x, DequantizeLinear(w float8 [K, N], s))         -> MatMulNarrowFloat(x, w, s)   (s: one, or one per column)
+  Gemm(x, Cast(w float16 [N, K]), transB=1)               -> MatMulNarrowFloat(x, w)      (a tied lm_head)
+  Gather(Cast(w float16), ids)                            -> Cast(Gather(w, ids))         (the same values)
+
+with the kernel's weights (custom_ops/matmul_narrow_float.py: the same bits in tile order) written to the fast
+path's temporary folder. The products are float32 sums of the same float32 products in another order: float
+rounding away from ORT's float32 MatMul on the folded weights, equal for every batch and prompt split. A weight
+that another node also reads keeps its Cast (ORT folds it as before).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import numpy as np
+
+FLOAT = 1
+FLOAT16, FLOAT8 = 10, (17, 19)  # onnx.TensorProto FLOAT16; FLOAT8E4M3FN, FLOAT8E5M2
+
+
+@dataclass
+class NarrowFloatResult:
+    matmuls: list[str] = field(default_factory=list)  # nodes now running on lowbit.cpu.MatMulNarrowFloat
+    gathers: list[str] = field(default_factory=list)  # Gathers now reading the float16 table
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.matmuls or self.gathers)
+
+    def message(self) -> str | None:
+        if not self.matmuls:
+            return None
+        return (f"{len(self.matmuls)} float16/float8 MatMuls read their weights at their stored width "
+                "(lowbit.cpu.MatMulNarrowFloat)")
+
+
+def has_narrow_weights(model) -> bool:
+    """Whether `model` (after float32_compute.to_float32, or any graph) has a float16 or float8 initializer."""
+    return any(t.data_type == FLOAT16 or t.data_type in FLOAT8 for t in model.graph.initializer)
+
+
+def rewrite(model, reader, writer) -> NarrowFloatResult:
+    """Rewrites `model`'s graph in place (see the module docstring). `reader`, `writer`: runtime/fast_paths.py's
+    tensor reader over the folder's initializers and graph writer over the temporary folder's data file."""
+    from onnx import helper
+
+    from lowbit.custom_ops import matmul_narrow_float as op
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    result = NarrowFloatResult()
+
+    def float16_source(name: str) -> str | None:
+        """The float16 initializer a float32 value is a Cast of, or None."""
+        node = producers.get(name)
+        if node is None or node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
+            return None
+        source = inits.get(node.input[0])
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        return source.name if source is not None and source.data_type == FLOAT16 and to == FLOAT else None
+
+    def constant_float32(name: str) -> np.ndarray | None:
+        if name in inits and inits[name].data_type == FLOAT:
+            return np.asarray(reader.read(name), np.float32)
+        source = float16_source(name)
+        return None if source is None else np.asarray(reader.read(source), np.float32)
+
+    def float8_weight(name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(w float8 [K, N], scales) of a DequantizeLinear the kernel can take, or None."""
+        node = producers.get(name)
+        if node is None or node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+            return None
+        w = inits.get(node.input[0])
+        if w is None or w.data_type not in FLOAT8 or len(w.dims) != 2:
+            return None
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("block_size", 0) or attrs.get("axis", 1) not in (1, -1):
+            return None
+        scales = constant_float32(node.input[1])
+        if scales is None or (scales.size != 1 and scales.shape != (w.dims[1],)):
+            return None
+        if len(node.input) > 2 and node.input[2]:
+            zero = inits.get(node.input[2])
+            if zero is None or np.any(np.asarray(reader.read(zero.name), np.float32) != 0):
+                return None
+        return reader.read(w.name), scales
+
+    def kernel(node, x: str, weight) -> None:
+        writer.node(op.OP_TYPE, [x, writer.array("B", weight.b), writer.array("scales", weight.scales)],
+                    "narrow_float", domain=op.DOMAIN, output=node.output[0], K=weight.k, N=weight.n,
+                    weight_type=weight.weight_type)
+        result.matmuls.append(node.name or node.output[0])
+
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.domain in ("", "ai.onnx") and node.op_type == "MatMul":
+            source = float16_source(node.input[1])
+            if source is not None and len(inits[source].dims) == 2:
+                kernel(node, node.input[0], op.pack(reader.read(source)))
+                continue
+            float8 = float8_weight(node.input[1])
+            if float8 is not None:
+                kernel(node, node.input[0], op.pack(*float8))
+                continue
+        elif node.domain in ("", "ai.onnx") and node.op_type == "Gemm" and len(node.input) == 2 \
+                and not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == 1.0:
+            source = float16_source(node.input[1])
+            if source is not None and len(inits[source].dims) == 2:
+                kernel(node, node.input[0], op.pack(reader.read(source), transposed=bool(attrs.get("transB", 0))))
+                continue
+        elif node.domain in ("", "ai.onnx") and node.op_type == "Gather":
+            source = float16_source(node.input[0])
+            if source is not None:
+                rows = writer.node("Gather", [source, node.input[1]], "gather_float16", **attrs)
+                writer.node("Cast", [rows], "to_float32", output=node.output[0], to=FLOAT)
+                result.gathers.append(node.name or node.output[0])
+                continue
+        writer.nodes.append(node)
+    return result
+
+
+def kernel_applies(metadata: dict | None) -> bool:
+    """Cheap check before loading the graph: a float16 folder, or one with float8 layers."""
+    if (metadata or {}).get("dtype") == "float16":
+        return True
+    return any(str(layer.get("format", "")).startswith("qdq_fp8")
+               for layer in (metadata or {}).get("quantization", {}).values())

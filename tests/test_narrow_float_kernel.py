@@ -1,0 +1,192 @@
+"""lowbit.cpu.MatMulNarrowFloat (custom_ops/matmul_narrow_float.py, custom_ops/kernels/matmul_narrow_float.c) and
+the load-time rewrite that uses it (runtime/narrow_float_weights.py): packing and widening against numpy, the
+kernel bit for bit against its reference, and float16 / FP8 folders against ONNX Runtime's own float32 path."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from lowbit.custom_ops import kernels
+from lowbit.custom_ops import matmul_narrow_float as op
+from tests.conftest import SAMPLE_MODEL, assert_bound_decode_equals_forward, prefill_and_decode
+
+needs_kernel = pytest.mark.skipif(kernels.library() is None, reason=f"no CPU kernel library: {kernels.unavailable()}")
+DTYPES = {"float16": np.float16, "e4m3fn": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}
+
+
+def weights(rng, shape, dtype):
+    return (rng.standard_normal(shape) * rng.choice([0.01, 0.3, 4.0])).astype(dtype)
+
+
+@pytest.mark.parametrize("name", ["e4m3fn", "e5m2"])
+def test_every_float8_code_widens_to_its_value(name):
+    """All 256 codes (NaN excepted): the kernel's w[k, n] times its unit is the float8 value exactly, subnormals
+    and signed zeros included."""
+    codes = np.arange(256, dtype=np.uint8).view(DTYPES[name]).reshape(16, 16)
+    packed = op.pack(codes)
+    with np.errstate(invalid="ignore"):  # the NaN codes
+        values = op.widened(packed)[:, :16] * np.float32(op.UNIT[packed.weight_type])
+    expected = codes.astype(np.float32)
+    finite = ~np.isnan(expected)
+    assert np.array_equal(values[finite], expected[finite])
+    assert np.array_equal(np.signbit(values[finite]), np.signbit(expected[finite]))
+
+
+@pytest.mark.parametrize("name", list(DTYPES))
+@pytest.mark.parametrize("k,n", [(7, 3), (64, 16), (300, 50)])
+def test_pack_holds_the_weights_in_tile_order(name, k, n, rng):
+    w = weights(rng, (k, n), DTYPES[name])
+    packed = op.pack(w)
+    assert packed.b.shape == (-(-n // 16), k, 16 * op.WEIGHT_BYTES[packed.weight_type])
+    unit = np.float32(op.UNIT[packed.weight_type])
+    assert np.array_equal(op.widened(packed)[:, :n] * unit, w.astype(np.float32))
+    assert not op.widened(packed)[:, n:].any()
+    assert np.array_equal(op.pack(np.ascontiguousarray(w.T), transposed=True).b, packed.b)
+
+
+def test_pack_rejects_what_the_kernel_cannot_hold(rng):
+    with pytest.raises(ValueError, match="only float16"):
+        op.pack(rng.standard_normal((4, 4)).astype(np.float32))
+    with pytest.raises(ValueError, match="2-D"):
+        op.pack(rng.standard_normal((2, 4, 4)).astype(np.float16))
+    with pytest.raises(ValueError, match="one scale"):
+        op.pack(rng.standard_normal((4, 5)).astype(np.float16), np.ones(4, np.float32))
+
+
+def test_reference_is_the_matmul_of_the_dequantized_weight(rng):
+    """Up to float32 summation rounding, the reference is A @ (w * scales) in float64."""
+    for dtype in DTYPES.values():
+        w = weights(rng, (96, 40), dtype)
+        scales = rng.uniform(0.5, 2, 40).astype(np.float32)
+        a = rng.standard_normal((3, 96)).astype(np.float32)
+        expected = a.astype(np.float64) @ (w.astype(np.float64) * scales)
+        got = op.reference_matmul(a, op.pack(w, scales))
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(a).sum(1).max() * np.abs(w.astype(np.float32) * scales).max()
+
+
+def kernel_session(packed: op.NarrowFloatWeight, threads: int = 2):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node(op.OP_TYPE, ["A", "B", "S"], ["Y"], domain=op.DOMAIN, K=packed.k, N=packed.n,
+                            weight_type=packed.weight_type)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(packed.b, "B"), numpy_helper.from_array(packed.scales, "S")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(op.DOMAIN, 1)])
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(kernels.library()))
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(DTYPES))
+@pytest.mark.parametrize("k,n", [(5, 3), (64, 16), (300, 70), (600, 33)])  # K > 256: K in chunks when M > 1
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (2, 7), (13,)])
+@pytest.mark.parametrize("scaling", ["none", "one", "per_column"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_equals_the_reference_bit_for_bit(name, k, n, lead, scaling, threads, rng):
+    w = weights(rng, (k, n), DTYPES[name])
+    scales = {"none": None, "one": np.float32(rng.uniform(0.1, 3)),
+              "per_column": rng.uniform(0.1, 3, n).astype(np.float32)}[scaling]
+    packed = op.pack(w, scales)
+    a = rng.standard_normal((*lead, k)).astype(np.float32)
+    y = kernel_session(packed, threads).run(None, {"A": a})[0]
+    assert y.shape == (*lead, n)
+    assert np.array_equal(y, op.reference_matmul(a, packed))
+
+
+@needs_kernel
+def test_a_row_gives_the_same_result_alone_or_in_a_prompt(rng):
+    """M == 1 and M > 1 take different loops; each output is the same sum in the same order."""
+    packed = op.pack(weights(rng, (520, 45), np.float16))
+    session = kernel_session(packed)
+    a = rng.standard_normal((9, 520)).astype(np.float32)
+    together = session.run(None, {"A": a})[0]
+    for i in range(9):
+        assert np.array_equal(session.run(None, {"A": a[i:i + 1]})[0], together[i:i + 1])
+
+
+@needs_kernel
+def test_kernel_rejects_inputs_of_the_wrong_shape(rng):
+    packed = op.pack(weights(rng, (32, 16), np.float16))
+    with pytest.raises(Exception, match="last dimension is not K"):
+        kernel_session(packed).run(None, {"A": rng.standard_normal((1, 31)).astype(np.float32)})
+
+
+# ------------------------------------------------------------------------------ folders
+
+
+@pytest.fixture(scope="module")
+def stories_narrow(tmp_path_factory):
+    import lowbit
+
+    root = tmp_path_factory.mktemp("narrow_float")
+    for scheme in ("q0f16", "e4m3_e4m3_f16", "e5m2_e5m2_f16"):
+        lowbit.convert(str(SAMPLE_MODEL), root / scheme, scheme=scheme)
+    return root
+
+
+def relative(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@needs_kernel
+@pytest.mark.parametrize("scheme", ["q0f16", "e4m3_e4m3_f16", "e5m2_e5m2_f16"])
+def test_folders_on_the_kernel_give_onnx_runtimes_float32_logits(stories_narrow, scheme, monkeypatch, capfd):
+    """The kernel sums the same float32 products in another order than ORT's MatMul over the folded float32
+    weights: prefill and cached decode logits within 1e-5 of the largest logit (float32 rounding over K); the
+    folder on disk is unchanged."""
+    from lowbit.runtime.session import create_session
+
+    folder = stories_narrow / scheme
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    capfd.readouterr()
+    session = create_session(folder)
+    err = capfd.readouterr().err
+    assert "float16/float8 MatMuls read their weights at their stored width (lowbit.cpu.MatMulNarrowFloat)" in err
+    on_kernel = prefill_and_decode(session)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    on_ort = prefill_and_decode(create_session(folder))
+    assert "lowbit.cpu.MatMulNarrowFloat" not in capfd.readouterr().err
+    for a, b in zip(on_kernel, on_ort):
+        assert relative(a, b) <= 1e-5
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+@needs_kernel
+def test_the_rewritten_graph(stories_narrow):
+    """Every linear and the tied lm_head run on the kernel, the embedding Gather reads the float16 table: no
+    weight matrix is left for ORT to fold into float32 (the kernel's tiles replace the others)."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+
+    from lowbit.runtime import fast_paths, float32_compute, narrow_float_weights
+
+    folder = stories_narrow / "q0f16"
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    weights = {t.name for t in model.graph.initializer}
+    linears = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    assert float32_compute.to_float32(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = fast_paths._rewrite_narrow_float(model, folder, Path(tmp))
+    assert result.matmuls == linears and "lm_head" in linears and result.gathers == ["embed_tokens"]
+    assert [n.op_type for n in model.graph.node].count(op.OP_TYPE) == len(linears)
+    weights = {t.name for t in model.graph.initializer}
+    assert not any(n.op_type in ("MatMul", "Gemm") and n.input[1] in weights for n in model.graph.node)
+    folded = [t.name for t in model.graph.initializer if t.data_type == narrow_float_weights.FLOAT16
+              and len(t.dims) == 2 and t.name.endswith(".weight" + float32_compute.SOURCE_SUFFIX)]
+    assert folded == ["embed_tokens.weight" + float32_compute.SOURCE_SUFFIX]  # read by the Gather, as float16
+
+
+@needs_kernel
+def test_io_bound_decode_equals_plain_forward(stories_narrow):
+    from lowbit.runtime.session import create_session
+
+    assert_bound_decode_equals_forward(create_session(stories_narrow / "e4m3_e4m3_f16", prompt_session=False), 6, 8,
+                                       12, seed=11)
