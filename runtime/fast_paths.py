@@ -124,13 +124,19 @@ def accuracy_levels(metadata: dict | None) -> dict[str, int]:
 PROMPT_SESSION_QUANT = re.compile(r"^4-bit g\d+ symmetric")  # lowbit.json "quant" of the layers it pays for
 
 
-def prompt_accuracy_level(metadata: dict | None) -> int | None:
+def prompt_accuracy_level(metadata: dict | None, vnni: bool | None = None) -> int | None:
     """The accuracy level a prompt session should give the folder's MatMulNBits nodes: float32 compute
     (PROMPT_ACCURACY_LEVEL) where some symmetric 4-bit grouped MatMulNBits layer computes with int8 activations
-    (level 4), whose CPU kernel is the slower one from about 32 rows on (docs/targets.md#prompts-float32-matmulnbits);
-    None otherwise. Only there does ORT pack the float32 kernel's weights at about their 4-bit size (SmolLM2-135M
-    w4a16: peak RSS +67 to +112 MB); with zero points, 8 bits, per-channel scales or repacked 2/3-bit layers it took
-    +100 to +307 MB for 13-18% faster prompts, so those folders keep one session."""
+    (level 4) on a CPU without VNNI (`vnni`; default: what this CPU has), where int8 kernels are the slower ones from
+    about 32 rows on (docs/targets.md#prompts-float32-matmulnbits); None otherwise. Only there does ORT pack the
+    float32 kernel's weights at about their 4-bit size (SmolLM2-135M w4a16: peak RSS +67 to +112 MB); with zero
+    points, 8 bits, per-channel scales or repacked 2/3-bit layers it took +100 to +307 MB for 13-18% faster prompts,
+    so those folders keep one session. With VNNI the int8 kernels (lowbit's, or ORT's level 4) prefill faster than
+    any prompt session measured, so there is none."""
+    from lowbit.custom_ops import kernels
+
+    if kernels.cpu_has_vnni() if vnni is None else vnni:
+        return None
     for layer in (metadata or {}).get("quantization", {}).values():
         if layer.get("format") == "matmulnbits" and PROMPT_SESSION_QUANT.match(str(layer.get("quant", ""))) \
                 and int(layer.get("accuracy_level", DEFAULT_ACCURACY_LEVEL)) == 4:

@@ -153,12 +153,15 @@ def long_llama_w4(long_llama, tmp_path_factory):
 
 
 def test_prompt_session_opens_on_the_first_long_prompt_and_shares_the_cache(long_llama, long_llama_w4, rng,
-                                                                           tmp_path):
+                                                                           tmp_path, monkeypatch):
     """Steps of PROMPT_MIN_TOKENS or more run on a second session whose MatMulNBits compute in float32; it
     writes the same KV buffers the decode session reads. The bound cache equals the plain path that makes the
-    same choice, and the prompt's logits are those of the folder converted with float32 compute."""
+    same choice, and the prompt's logits are those of the folder converted with float32 compute. (On a CPU
+    without VNNI; with VNNI there is no prompt session, test_no_prompt_session_where_it_would_not_help.)"""
+    from lowbit.custom_ops import kernels
     from lowbit.runtime.session import PROMPT_MIN_TOKENS
 
+    monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: False)
     session = create_session(long_llama_w4)
     assert session.open_prompt_session is not None and session._prompt_session is None
     short = rng.integers(3, 96, (1, PROMPT_MIN_TOKENS - 1))
@@ -190,9 +193,13 @@ def test_prompt_session_opens_on_the_first_long_prompt_and_shares_the_cache(long
     assert not np.array_equal(int8, plain)
 
 
-def test_no_prompt_session_where_it_would_not_help(long_llama, long_llama_w4):
+def test_no_prompt_session_where_it_would_not_help(long_llama, long_llama_w4, monkeypatch):
+    from lowbit.custom_ops import kernels
+
     assert create_session(long_llama["ort"]).open_prompt_session is None  # float weights
     assert create_session(long_llama_w4, prompt_session=False).open_prompt_session is None
+    monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: True)
+    assert create_session(long_llama_w4).open_prompt_session is None  # int8 kernels prefill faster with VNNI
 
 
 def test_accuracy_level_rewrite_counts_matmulnbits_nodes(long_llama_w4):
@@ -236,11 +243,15 @@ def test_inspect_counts_nodes_per_layer(long_llama):
     ("8-bit per-channel symmetric", "dynamic_quantize_matmul", 0, None),
 ])
 def test_which_folders_get_a_prompt_session(quant, fmt, level, expected):
+    """Without VNNI: float32 compute for long prompts on symmetric 4-bit folders. With VNNI: never (the int8
+    kernels prefill faster)."""
     from lowbit.runtime.fast_paths import prompt_accuracy_level
 
     metadata = {"quantization": {"layers.0.attn.qkv_proj": {"quant": quant, "format": fmt, "accuracy_level": level}}}
-    assert prompt_accuracy_level(metadata) == expected
-    assert prompt_accuracy_level(None) is None and prompt_accuracy_level({"quantization": {}}) is None
+    assert prompt_accuracy_level(metadata, vnni=False) == expected
+    assert prompt_accuracy_level(metadata, vnni=True) is None
+    for vnni in (False, True):
+        assert prompt_accuracy_level(None, vnni) is None and prompt_accuracy_level({"quantization": {}}, vnni) is None
 
 
 def test_bound_buffers_are_for_the_cpu_provider_only(long_llama):

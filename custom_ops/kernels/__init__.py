@@ -49,16 +49,26 @@ def unavailable() -> str | None:
     return _build()[1]
 
 
-def cpu_has_avx2() -> bool:
-    """AVX2 and F16C (every AVX2 CPU has both), as /proc/cpuinfo lists them."""
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty off x86-64 Linux)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return frozenset()
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
-        return False
-    return "avx2" in flags and "f16c" in flags
+        return frozenset()
+
+
+def cpu_has_avx2() -> bool:
+    """AVX2 and F16C (every AVX2 CPU has both)."""
+    return {"avx2", "f16c"} <= cpu_flags()
+
+
+def cpu_has_vnni() -> bool:
+    """int8 dot-product instructions (AVX-512 VNNI or AVX-VNNI), which ONNX Runtime's int8 kernels use."""
+    return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
 
 
 def compiler() -> str | None:
