@@ -13,11 +13,16 @@ initializer, a DequantizeLinear of a float8 one) into float32 copies at load, wh
              float32 weight DequantizeLinear makes, exactly (for float16 without a scale, w itself)
     Y[m, n] = acc after acc = 0; for k in order: acc = acc + A[m, k] * v[k, n] (float32 multiply, then float32 add)
 
+With `input_type` 17 or 19 (and a scalar `input_scale` s), A is first fake-quantized as ONNX Runtime's
+QuantizeLinear -> DequantizeLinear to that float8 type with zero point 0 does it (`fake_quantize`):
+A <- float(float8(clip(A / s, -max, max))) * s, float32 division, round to nearest even, saturating.
+
 `reference_matmul` computes this in numpy; the kernel's result is equal bit for bit, for every M (each output is
 summed in the same order whatever the batch, the prompt or the threads).
 
 Inputs: A float32 [..., K]; B uint8 [N_pad / 16, K, 16 * bytes] (`pack`; bytes = 2 for float16, 1 for float8);
-scales float32 [N_pad] or [1]. Attributes: K, N, weight_type (10, 17 or 19, as onnx.TensorProto). Output Y float32.
+scales float32 [N_pad] or [1]; input_scale float32 [1] (optional). Attributes: K, N, weight_type (10, 17 or 19,
+as onnx.TensorProto), input_type (0, 17 or 19; optional). Output Y float32.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ TILE = 16  # columns per tile of B
 FLOAT16, FLOAT8E4M3FN, FLOAT8E5M2 = 10, 17, 19  # onnx.TensorProto data types
 WEIGHT_BYTES = {FLOAT16: 2, FLOAT8E4M3FN: 1, FLOAT8E5M2: 1}
 UNIT = {FLOAT16: 1.0, FLOAT8E4M3FN: 256.0, FLOAT8E5M2: 1.0}  # the value of w[k, n] == 1 as stored
+FLOAT8_MAX = {FLOAT8E4M3FN: 448.0, FLOAT8E5M2: 57344.0}
 
 
 @dataclass(frozen=True)
@@ -95,9 +101,25 @@ def factors(weight: NarrowFloatWeight) -> np.ndarray:
     return np.broadcast_to(weight.scales * np.float32(UNIT[weight.weight_type]), (n_pad,)).astype(np.float32)
 
 
-def reference_matmul(a: np.ndarray, weight: NarrowFloatWeight) -> np.ndarray:
-    """Y [..., N] float32, the kernel's arithmetic step for step."""
+def fake_quantize(a: np.ndarray, scale: float, input_type: int) -> np.ndarray:
+    """QuantizeLinear -> DequantizeLinear to float8 `input_type` (17 e4m3fn, 19 e5m2) with a scalar scale and zero
+    point 0, saturating, as ONNX Runtime computes the pair in float32."""
+    import ml_dtypes
+
+    dtype = {FLOAT8E4M3FN: ml_dtypes.float8_e4m3fn, FLOAT8E5M2: ml_dtypes.float8_e5m2}[input_type]
+    scale = np.float32(scale)
+    limit = np.float32(FLOAT8_MAX[input_type])
+    with np.errstate(over="ignore"):
+        scaled = np.clip(np.asarray(a, np.float32) / scale, -limit, limit)
+    return scaled.astype(dtype).astype(np.float32) * scale
+
+
+def reference_matmul(a: np.ndarray, weight: NarrowFloatWeight, input_quant: tuple[int, float] | None = None
+                     ) -> np.ndarray:
+    """Y [..., N] float32, the kernel's arithmetic step for step; `input_quant`: (input_type, input_scale)."""
     a = np.asarray(a, np.float32)
+    if input_quant is not None:
+        a = fake_quantize(a, input_quant[1], input_quant[0])
     lead = a.shape[:-1]
     a2 = a.reshape(-1, weight.k)
     v = widened(weight) * factors(weight)

@@ -7,6 +7,8 @@ float32 copies at load: a decode step then reads 4 bytes per weight where the fo
 
   MatMul(x, Cast(w float16 [K, N]))                       -> MatMulNarrowFloat(x, w)
   MatMul(x, DequantizeLinear(w float8 [K, N], s))         -> MatMulNarrowFloat(x, w, s)   (s: one, or one per column)
+  MatMul(DequantizeLinear(QuantizeLinear(x, t, 0), t, 0), ...)  -> MatMulNarrowFloat(x, ..., t, input_type)
+                                                             (an FP8 scheme's activations: t a scalar, 0 float8)
   Gemm(x, Cast(w float16 [N, K]), transB=1)               -> MatMulNarrowFloat(x, w)      (a tied lm_head)
   Gather(Cast(w float16), ids)                            -> Cast(Gather(w, ids))         (the same values)
 
@@ -29,6 +31,7 @@ FLOAT16, FLOAT8 = 10, (17, 19)  # onnx.TensorProto FLOAT16; FLOAT8E4M3FN, FLOAT8
 class NarrowFloatResult:
     matmuls: list[str] = field(default_factory=list)  # nodes now running on lowbit.cpu.MatMulNarrowFloat
     gathers: list[str] = field(default_factory=list)  # Gathers now reading the float16 table
+    quantized_inputs: list[str] = field(default_factory=list)  # of `matmuls`: activations' float8 Q/DQ inside
 
     @property
     def changed(self) -> bool:
@@ -37,7 +40,8 @@ class NarrowFloatResult:
     def message(self) -> str | None:
         if not self.matmuls:
             return None
-        return (f"{len(self.matmuls)} float16/float8 MatMuls read their weights at their stored width "
+        inputs = f", {len(self.quantized_inputs)} with their inputs' float8 Q/DQ" if self.quantized_inputs else ""
+        return (f"{len(self.matmuls)} float16/float8 MatMuls read their weights at their stored width{inputs} "
                 "(lowbit.cpu.MatMulNarrowFloat)")
 
 
@@ -93,10 +97,36 @@ def rewrite(model, reader, writer) -> NarrowFloatResult:
                 return None
         return reader.read(w.name), scales
 
+    def activation_quant(name: str) -> tuple[str, str, int] | None:
+        """(x, its float32 scale's name, float8 type) where `name` is DequantizeLinear(QuantizeLinear(x, t, z),
+        t, z) with one scale t, z a float8 zero and saturation on; None otherwise."""
+        dq = producers.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx") or len(dq.input) < 3:
+            return None
+        q = producers.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or q.domain not in ("", "ai.onnx") or len(q.input) < 3 \
+                or q.input[1:3] != dq.input[1:3]:
+            return None
+        q_attrs = {a.name: helper.get_attribute_value(a) for a in q.attribute}
+        zero = inits.get(q.input[2])
+        if q_attrs.get("saturate", 1) != 1 or q_attrs.get("block_size", 0) or zero is None \
+                or zero.data_type not in FLOAT8 or np.any(np.asarray(reader.read(zero.name), np.float32) != 0):
+            return None
+        scale = constant_float32(q.input[1])
+        if scale is None or scale.size != 1 or not float(scale.reshape(-1)[0]) > 0:
+            return None
+        return q.input[0], q.input[1], zero.data_type
+
     def kernel(node, x: str, weight) -> None:
-        writer.node(op.OP_TYPE, [x, writer.array("B", weight.b), writer.array("scales", weight.scales)],
-                    "narrow_float", domain=op.DOMAIN, output=node.output[0], K=weight.k, N=weight.n,
-                    weight_type=weight.weight_type)
+        inputs, attrs = [x, writer.array("B", weight.b), writer.array("scales", weight.scales)], {}
+        quantized = activation_quant(x)
+        if quantized is not None:
+            source, scale, input_type = quantized
+            inputs = [source, *inputs[1:], writer.array("input_scale", constant_float32(scale).reshape(1))]
+            attrs["input_type"] = input_type
+            result.quantized_inputs.append(node.name or node.output[0])
+        writer.node(op.OP_TYPE, inputs, "narrow_float", domain=op.DOMAIN, output=node.output[0], K=weight.k,
+                    N=weight.n, weight_type=weight.weight_type, **attrs)
         result.matmuls.append(node.name or node.output[0])
 
     for node in graph.node:

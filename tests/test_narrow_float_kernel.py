@@ -99,6 +99,73 @@ def test_kernel_equals_the_reference_bit_for_bit(name, k, n, lead, scaling, thre
     assert np.array_equal(y, op.reference_matmul(a, packed))
 
 
+def onnx_runtime_fake_quant(x, scale, input_type):
+    """ORT's QuantizeLinear -> DequantizeLinear to float8 (zero point 0, saturate), float32."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array(scale, np.float32), "s"),
+                               helper.make_tensor("z", input_type, [], [0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("input_type", [op.FLOAT8E4M3FN, op.FLOAT8E5M2])
+def test_fake_quantize_is_onnx_runtimes_quantize_dequantize_pair(input_type, rng):
+    """Random float32 bit patterns over 2^-31 .. 2^17 of both signs, every midpoint between two float8 values (the
+    ties), and values past the largest (saturation), for three scales."""
+    bits = rng.integers(0x30000000, 0x48000000, 200_000, dtype=np.uint32) | (
+        rng.integers(0, 2, 200_000, dtype=np.uint32) << 31)
+    dtype = DTYPES["e4m3fn" if input_type == op.FLOAT8E4M3FN else "e5m2"]
+    codes = np.arange(256, dtype=np.uint8).view(dtype).astype(np.float32)
+    codes = np.sort(codes[np.isfinite(codes)])
+    ties = ((codes[1:].astype(np.float64) + codes[:-1]) / 2).astype(np.float32)
+    limit = op.FLOAT8_MAX[input_type]
+    for scale in (1.0, float(rng.uniform(0.01, 0.1)), float(rng.uniform(1, 5))):
+        x = np.concatenate([bits.view(np.float32), ties * np.float32(scale),
+                            np.array([3e38, -3e38, 1.04 * limit, -1.1 * limit, 2 * limit], np.float32) * np.float32(
+                                min(scale, 1.0))]).astype(np.float32)
+        assert np.array_equal(op.fake_quantize(x, scale, input_type), onnx_runtime_fake_quant(x, scale, input_type))
+
+
+@needs_kernel
+@pytest.mark.parametrize("input_type", [op.FLOAT8E4M3FN, op.FLOAT8E5M2])
+@pytest.mark.parametrize("lead", [(1,), (3, 5), (1, 11)])
+def test_kernel_with_float8_inputs_equals_the_reference(input_type, lead, rng):
+    """The fake quantization inside the kernel (AVX2) is the reference's, bit for bit, ties included."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = 45, 40
+    packed = op.pack(weights(rng, (k, n), DTYPES["e4m3fn"]), rng.uniform(0.5, 2, n).astype(np.float32))
+    scale = np.float32(rng.uniform(0.01, 0.5))
+    codes = np.arange(256, dtype=np.uint8).view(DTYPES["e4m3fn" if input_type == op.FLOAT8E4M3FN else "e5m2"])
+    codes = np.sort(codes.astype(np.float32)[np.isfinite(codes.astype(np.float32))])
+    ties = ((codes[1:].astype(np.float64) + codes[:-1]) / 2 * scale).astype(np.float32)
+    a = (rng.standard_normal((*lead, k)) * rng.choice([0.01, 1, 100])).astype(np.float32)
+    a.reshape(-1)[: min(a.size, ties.size)] = rng.choice(ties, min(a.size, ties.size))
+    node = helper.make_node(op.OP_TYPE, ["A", "B", "S", "T"], ["Y"], domain=op.DOMAIN, K=k, N=n,
+                            weight_type=packed.weight_type, input_type=input_type)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(packed.b, "B"), numpy_helper.from_array(packed.scales, "S"),
+                               numpy_helper.from_array(scale.reshape(1), "T")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(op.DOMAIN, 1)])
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(kernels.library()))
+    y = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, {"A": a})[0]
+    assert np.array_equal(y, op.reference_matmul(a, packed, (input_type, scale)))
+    assert not np.array_equal(y, op.reference_matmul(a, packed))  # the quantization is there
+
+
 @needs_kernel
 def test_a_row_gives_the_same_result_alone_or_in_a_prompt(rng):
     """M == 1 and M > 1 take different loops; each output is the same sum in the same order."""
@@ -147,7 +214,8 @@ def test_folders_on_the_kernel_give_onnx_runtimes_float32_logits(stories_narrow,
     capfd.readouterr()
     session = create_session(folder)
     err = capfd.readouterr().err
-    assert "float16/float8 MatMuls read their weights at their stored width (lowbit.cpu.MatMulNarrowFloat)" in err
+    assert "float16/float8 MatMuls read their weights at their stored width" in err
+    assert ("with their inputs' float8 Q/DQ" in err) == scheme.startswith("e")
     on_kernel = prefill_and_decode(session)
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     on_ort = prefill_and_decode(create_session(folder))

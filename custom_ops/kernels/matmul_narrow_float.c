@@ -10,11 +10,15 @@
  *   float32 add: no fused multiply-add)
  * Every row and column is summed in the same order however M and the tasks split the work, so one token's logits
  * do not depend on the batch or the prompt around it.
+ * With input_type 17 or 19, A is first fake-quantized as QuantizeLinear -> DequantizeLinear to that float8 type with
+ * the scalar input_scale s and zero point 0 compute it in ONNX Runtime: A <- float(float8(clip(A / s, -max, max))) * s
+ * (float32 division, round to nearest even, saturating at max = 448 for e4m3fn and 57344 for e5m2).
  *
  * Inputs: A float32 [..., K]; B uint8 [N_pad / 16, K, 16 * bytes], bytes = 2 for float16 (little-endian) and 1 for
  * float8: tile t, row k holds w[k, 16t .. 16t + 15] (columns >= N are 0), so each tile is one sequential stream;
- * scales float32 [N_pad] or [1]. Attributes K, N, weight_type (ONNX TensorProto: 10 FLOAT16, 17 FLOAT8E4M3FN, 19
- * FLOAT8E5M2). Output Y float32 [..., N]. */
+ * scales float32 [N_pad] or [1]; input_scale float32 [1] (optional: with input_type). Attributes K, N, weight_type
+ * (ONNX TensorProto: 10 FLOAT16, 17 FLOAT8E4M3FN, 19 FLOAT8E5M2), input_type (0: A as it is; 17 or 19).
+ * Output Y float32 [..., N]. */
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -32,7 +36,7 @@ enum { FLOAT16 = 10, FLOAT8E4M3FN = 17, FLOAT8E5M2 = 19 };
 #define TASKS 64
 
 typedef struct {
-  int64_t k, n, weight_type;
+  int64_t k, n, weight_type, input_type;
 } Kernel;
 
 typedef struct {
@@ -53,9 +57,8 @@ static inline void widen16(const uint8_t *p, int64_t type, __m256 *lo, __m256 *h
     __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
     if (type == FLOAT8E5M2) {
       v = _mm256_slli_epi16(v, 8);
-    } else {
-      v = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x80)), 8),
-                          _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7F)), 7));
+    } else { /* the byte at the top, shifted down one with its sign: the sign copied into bit 14, cleared */
+      v = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 1), _mm256_set1_epi16((short)0xBFFF));
     }
     h0 = _mm256_castsi256_si128(v);
     h1 = _mm256_extracti128_si256(v, 1);
@@ -74,9 +77,10 @@ static inline void store_tile(const Work *w, int64_t t, int64_t row, __m256 lo, 
 }
 
 /* Row k of tile t as the float32 weights v: widened, times the columns' factors. */
-static inline void weights16(const Work *w, int64_t t, const uint8_t *p, __m256 *lo, __m256 *hi) {
-  widen16(p, w->weight_type, lo, hi);
-  if (w->factors != NULL) {
+static inline void weights16(const Work *w, int64_t t, const uint8_t *p, const int64_t type, const int scaled,
+                             __m256 *lo, __m256 *hi) {
+  widen16(p, type, lo, hi);
+  if (scaled) {
     *lo = _mm256_mul_ps(*lo, _mm256_loadu_ps(w->factors + t * TILE));
     *hi = _mm256_mul_ps(*hi, _mm256_loadu_ps(w->factors + t * TILE + 8));
   }
@@ -90,9 +94,10 @@ static inline void load_partial(const Work *w, int64_t t, int64_t row, __m256 *l
   *hi = _mm256_loadu_ps(in + 8);
 }
 
-/* M == 1: tiles t0 .. t0 + T - 1 in one pass over K (T independent streams of weights). */
-static inline void one_row(const Work *w, int64_t t0, const int T) {
-  const int64_t bytes = w->weight_type == FLOAT16 ? 2 : 1, row_bytes = TILE * bytes, tile_bytes = w->k * row_bytes;
+/* M == 1: tiles t0 .. t0 + T - 1 in one pass over K (T independent streams of weights); T, the weight type and
+ * whether there are factors are constants in each copy the compiler makes (one_row_typed). */
+static inline void one_row(const Work *w, int64_t t0, const int T, const int64_t type, const int scaled) {
+  const int64_t bytes = type == FLOAT16 ? 2 : 1, row_bytes = TILE * bytes, tile_bytes = w->k * row_bytes;
   const uint8_t *b = w->b + (size_t)(t0 * tile_bytes);
   __m256 acc[2 * TILES_AT_ONCE];
   _Pragma("GCC unroll 16")
@@ -102,7 +107,7 @@ static inline void one_row(const Work *w, int64_t t0, const int T) {
     _Pragma("GCC unroll 16")
     for (int j = 0; j < T; j++) {
       __m256 lo, hi;
-      weights16(w, t0 + j, b + j * tile_bytes + k * row_bytes, &lo, &hi);
+      weights16(w, t0 + j, b + j * tile_bytes + k * row_bytes, type, scaled, &lo, &hi);
       acc[2 * j] = _mm256_add_ps(acc[2 * j], _mm256_mul_ps(x, lo));
       acc[2 * j + 1] = _mm256_add_ps(acc[2 * j + 1], _mm256_mul_ps(x, hi));
     }
@@ -152,7 +157,7 @@ static void many_rows(const Work *w, int64_t t) {
     const int64_t k1 = k0 + KC < w->k ? k0 + KC : w->k;
     for (int64_t k = k0; k < k1; k++) {
       __m256 lo, hi;
-      weights16(w, t, b + k * TILE * bytes, &lo, &hi);
+      weights16(w, t, b + k * TILE * bytes, w->weight_type, w->factors != NULL, &lo, &hi);
       _mm256_store_ps(tile + (k - k0) * TILE, lo);
       _mm256_store_ps(tile + (k - k0) * TILE + 8, hi);
     }
@@ -169,6 +174,49 @@ static void many_rows(const Work *w, int64_t t) {
   }
 }
 
+/* A's fake quantization to float8 (see the top of the file): `count` values, 8 at a time. */
+static void fake_quantize8(const float *x, float *y, float scale, int64_t type) {
+  const int e4m3 = type == FLOAT8E4M3FN;
+  const __m256 s = _mm256_set1_ps(scale), max = _mm256_set1_ps(e4m3 ? 448.0f : 57344.0f);
+  const __m256 min_normal = _mm256_set1_ps(e4m3 ? 0x1p-6f : 0x1p-14f);
+  const __m256 steps = _mm256_set1_ps(e4m3 ? 0x1p9f : 0x1p16f), step = _mm256_set1_ps(e4m3 ? 0x1p-9f : 0x1p-16f);
+  const __m256 sign_bit = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+  __m256 v = _mm256_div_ps(_mm256_loadu_ps(x), s);
+  v = _mm256_min_ps(_mm256_max_ps(v, _mm256_sub_ps(_mm256_setzero_ps(), max)), max);
+  const __m256 sign = _mm256_and_ps(v, sign_bit), a = _mm256_andnot_ps(sign_bit, v);
+  /* normal: round the float32 mantissa to 3 (e4m3) or 2 (e5m2) bits, to nearest even */
+  const int shift = e4m3 ? 20 : 21;
+  __m256i bits = _mm256_castps_si256(a);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, shift), _mm256_set1_epi32(1));
+  bits = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32((1 << (shift - 1)) - 1), lsb));
+  bits = _mm256_and_si256(bits, _mm256_set1_epi32((int)(0xFFFFFFFFu << shift)));
+  /* subnormal: a multiple of the smallest step, to nearest even (exact: the scalings are powers of two) */
+  const __m256 sub = _mm256_mul_ps(_mm256_round_ps(_mm256_mul_ps(a, steps), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                                   step);
+  const __m256 r = _mm256_blendv_ps(_mm256_castsi256_ps(bits), sub, _mm256_cmp_ps(a, min_normal, _CMP_LT_OQ));
+  _mm256_storeu_ps(y, _mm256_mul_ps(_mm256_or_ps(r, sign), s));
+}
+
+static void fake_quantize(const float *x, float *y, int64_t count, float scale, int64_t type) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) fake_quantize8(x + i, y + i, scale, type);
+  if (i < count) {
+    float in[8] = {0}, out[8];
+    memcpy(in, x + i, sizeof(float) * (size_t)(count - i));
+    fake_quantize8(in, out, scale, type);
+    memcpy(y + i, out, sizeof(float) * (size_t)(count - i));
+  }
+}
+
+static inline void one_row_typed(const Work *w, int64_t t, const int T) {
+  const int scaled = w->factors != NULL;
+  switch (w->weight_type) {
+    case FLOAT16: scaled ? one_row(w, t, T, FLOAT16, 1) : one_row(w, t, T, FLOAT16, 0); break;
+    case FLOAT8E4M3FN: scaled ? one_row(w, t, T, FLOAT8E4M3FN, 1) : one_row(w, t, T, FLOAT8E4M3FN, 0); break;
+    default: scaled ? one_row(w, t, T, FLOAT8E5M2, 1) : one_row(w, t, T, FLOAT8E5M2, 0); break;
+  }
+}
+
 static void run_task(void *data, size_t task) {
   const Work *w = data;
   const int64_t tiles = w->n_pad / TILE, t0 = (int64_t)task * w->tiles_per_task;
@@ -176,10 +224,10 @@ static void run_task(void *data, size_t task) {
   if (w->m == 1) {
     for (int64_t t = t0; t < t1; t += TILES_AT_ONCE) {
       switch (t1 - t < TILES_AT_ONCE ? t1 - t : TILES_AT_ONCE) {
-        case 1: one_row(w, t, 1); break;
-        case 2: one_row(w, t, 2); break;
-        case 3: one_row(w, t, 3); break;
-        default: one_row(w, t, TILES_AT_ONCE); break;
+        case 1: one_row_typed(w, t, 1); break;
+        case 2: one_row_typed(w, t, 2); break;
+        case 3: one_row_typed(w, t, 3); break;
+        default: one_row_typed(w, t, TILES_AT_ONCE); break;
       }
     }
     return;
@@ -191,10 +239,12 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
   const Kernel *kernel = state;
   const int64_t k = kernel->k, n = kernel->n, n_pad = (n + TILE - 1) / TILE * TILE;
   const int64_t bytes = kernel->weight_type == FLOAT16 ? 2 : 1;
-  const OrtValue *values[3];
-  int64_t dims[3][8];
-  size_t ranks[3];
-  for (size_t i = 0; i < 3; i++) CHECK(input(context, i, &values[i], dims[i], &ranks[i]));
+  const OrtValue *values[4];
+  int64_t dims[4][8];
+  size_t ranks[4];
+  for (size_t i = 0; i < (kernel->input_type ? 4 : 3); i++) CHECK(input(context, i, &values[i], dims[i], &ranks[i]));
+  if (kernel->input_type && (ranks[3] > 1 || (ranks[3] == 1 && dims[3][0] != 1)))
+    return error("lowbit.cpu.MatMulNarrowFloat: input_scale is not one value");
   if (ranks[0] < 1 || dims[0][ranks[0] - 1] != k)
     return error("lowbit.cpu.MatMulNarrowFloat: A's last dimension is not K");
   const int64_t b_dims[3] = {n_pad / TILE, k, TILE * bytes};
@@ -218,8 +268,22 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
     return error("lowbit.cpu.MatMulNarrowFloat: no tensor data");
   if (m == 0) return NULL;
   float *factors = malloc(sizeof(float) * (size_t)n_pad);
-  if (factors == NULL)
+  float *quantized = kernel->input_type ? malloc(sizeof(float) * (size_t)(m * k)) : NULL;
+  if (factors == NULL || (kernel->input_type && quantized == NULL)) {
+    free(factors);
+    free(quantized);
     return API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "lowbit.cpu.MatMulNarrowFloat: out of memory");
+  }
+  if (kernel->input_type) {
+    const float *input_scale = data_of(values[3]);
+    if (input_scale == NULL) {
+      free(factors);
+      free(quantized);
+      return error("lowbit.cpu.MatMulNarrowFloat: no tensor data");
+    }
+    fake_quantize(a, quantized, m * k, input_scale[0], kernel->input_type);
+    a = quantized;
+  }
   const float unit = kernel->weight_type == FLOAT8E4M3FN ? 256.0f : 1.0f;
   int ones = 1;
   for (int64_t i = 0; i < n_pad; i++) {
@@ -233,6 +297,7 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
   OrtStatus *status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(
       context, run_task, (size_t)((tiles + per_task - 1) / per_task), 0, &work);
   free(factors);
+  free(quantized);
   return status;
 }
 
@@ -247,6 +312,17 @@ static OrtStatus *create_kernel(const CustomOp *op, const OrtApi *unused, const 
   if (status == NULL) status = API(KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, "N", &kernel->n);
   if (status == NULL)
     status = API(KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, "weight_type", &kernel->weight_type);
+  if (status == NULL) {
+    OrtStatus *absent = API(KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, "input_type",
+                                                                                        &kernel->input_type);
+    if (absent != NULL) {  /* optional: A as it is */
+      API(ReleaseStatus, ReleaseStatusFn)(absent);
+      kernel->input_type = 0;
+    }
+  }
+  if (status == NULL && kernel->input_type != 0 && kernel->input_type != FLOAT8E4M3FN &&
+      kernel->input_type != FLOAT8E5M2)
+    status = error("lowbit.cpu.MatMulNarrowFloat: input_type must be 0, 17 (e4m3fn) or 19 (e5m2)");
   if (status == NULL && (kernel->k < 1 || kernel->n < 1))
     status = error("lowbit.cpu.MatMulNarrowFloat: K and N must be positive");
   if (status == NULL && kernel->weight_type != FLOAT16 && kernel->weight_type != FLOAT8E4M3FN &&
@@ -262,7 +338,8 @@ static OrtStatus *create_kernel(const CustomOp *op, const OrtApi *unused, const 
 
 static const char *op_name(const CustomOp *op) { (void)op; return "MatMulNarrowFloat"; }
 static int op_input_type(const CustomOp *op, size_t index) { (void)op; return index == 1 ? TYPE_UINT8 : TYPE_FLOAT; }
-static size_t op_input_count(const CustomOp *op) { (void)op; return 3; }
+static size_t op_input_count(const CustomOp *op) { (void)op; return 4; }
+static int input_characteristic(const CustomOp *op, size_t index) { (void)op; return index == 3 ? OPTIONAL : REQUIRED; }
 
 const CustomOp lowbit_matmul_narrow_float = {
     .version = API_VERSION,
@@ -273,7 +350,7 @@ const CustomOp lowbit_matmul_narrow_float = {
     .GetOutputType = float_output,
     .GetOutputTypeCount = one_output,
     .KernelDestroy = free_kernel,
-    .GetInputCharacteristic = required,
+    .GetInputCharacteristic = input_characteristic,
     .GetOutputCharacteristic = required,
     .GetInputMemoryType = default_memory,
     .CreateKernelV2 = create_kernel,

@@ -26,7 +26,7 @@ typedef struct OrtApiBase {
 enum { API_VERSION = 17 };  /* KernelContext_ParallelFor: ONNX Runtime 1.17 */
 enum { ORT_INVALID_ARGUMENT = 2, ORT_RUNTIME_EXCEPTION = 6 };
 enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2 };
-enum { REQUIRED = 0 };
+enum { REQUIRED = 0, OPTIONAL = 1 };
 
 /* positions in OrtApi */
 enum {
