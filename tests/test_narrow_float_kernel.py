@@ -88,7 +88,9 @@ def kernel_session(packed: op.NarrowFloatWeight, threads: int = 2):
 @pytest.mark.parametrize("lead", [(1,), (1, 1), (2, 7), (13,)])
 @pytest.mark.parametrize("scaling", ["none", "one", "per_column"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_equals_the_reference_bit_for_bit(name, k, n, lead, scaling, threads, rng):
+@pytest.mark.parametrize("avx512", ["1", "0"])  # "1": 512-bit prompts where the CPU has AVX-512F
+def test_kernel_equals_the_reference_bit_for_bit(name, k, n, lead, scaling, threads, avx512, rng, monkeypatch):
+    monkeypatch.setenv("LOWBIT_KERNELS_AVX512", avx512)
     w = weights(rng, (k, n), DTYPES[name])
     scales = {"none": None, "one": np.float32(rng.uniform(0.1, 3)),
               "per_column": rng.uniform(0.1, 3, n).astype(np.float32)}[scaling]
