@@ -15,7 +15,7 @@ group of the weight). The node's standard-ONNX fallback is the node it replaces.
 
 Inputs: A float32 [..., K]; B uint8 [N_pad / 16, groups, group_size / 4, 32] (`pack`); scales float32 and zero_points
 uint8 [N_pad / 16, groups, 16] (`by_tile`: a tile's values in one run, as B's), or [1] where all are equal.
-Attributes: K, N, group_size (a multiple of 4). Output: Y float32 [..., N].
+Attributes: K, N, group_size (a multiple of 4), layout (optional: 0 AVX2, 1 VNNI; see `pack`). Output: Y float32.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ DOMAIN = "lowbit.cpu"
 OP_TYPE = "MatMulInt4Int8"
 TILE = 16  # columns per tile of B
 MAX_CODE = 15
+AVX2, VNNI = 0, 1  # B's layouts (the `layout` attribute)
 
 
 @dataclass(frozen=True)
@@ -38,30 +39,37 @@ class Int4Int8Weight:
     k: int
     n: int
     group_size: int
+    layout: int = AVX2
 
     @property
     def groups(self) -> int:
         return self.scales.shape[1]
 
 
-def supports(group_size: int) -> bool:
-    return group_size >= 4 and group_size % 4 == 0
+def supports(group_size: int, layout: int = AVX2) -> bool:
+    return group_size >= 4 and group_size % (8 if layout == VNNI else 4) == 0
 
 
-def pack(codes: np.ndarray, scales: np.ndarray, zero_points, group_size: int) -> Int4Int8Weight:
+def pack(codes: np.ndarray, scales: np.ndarray, zero_points, group_size: int, layout: int = AVX2) -> Int4Int8Weight:
     """codes: integers 0..15, [N, K] (one row per output column, as MatMulNBits and MatMulBlockwise store them);
     scales [groups, N] (stored as float32: exact for float16); zero_points [groups, N] (integers 0..15) or a
-    scalar -> the kernel's arrays."""
+    scalar -> the kernel's arrays. B's layouts, per tile t (16 columns) and group g, both G * 8 bytes:
+
+    AVX2 ([.., G / 4, 32]): quad j, byte 2c + h holds q[4j + h, c] (low nibble) and q[4j + 2 + h, c] (high nibble),
+        for `vpmaddubsw` on pairs of rows;
+    VNNI (the same shape; octet j = quads 2j and 2j + 1, 64 bytes): byte 4c + r holds q[8j + r, c] (low nibble)
+        and q[8j + 4 + r, c] (high nibble), for `vpdpbusd` on fours of rows, 8 columns a register (group_size a
+        multiple of 8)."""
     n, k = codes.shape
-    return pack_rows(lambda start, stop: codes[start:stop], n, k, scales, zero_points, group_size)
+    return pack_rows(lambda start, stop: codes[start:stop], n, k, scales, zero_points, group_size, layout=layout)
 
 
 def pack_rows(read_codes, n: int, k: int, scales: np.ndarray, zero_points, group_size: int,
-              rows_per_chunk: int = 4096) -> Int4Int8Weight:
+              rows_per_chunk: int = 4096, layout: int = AVX2) -> Int4Int8Weight:
     """`pack`, reading the codes `rows_per_chunk` output columns at a time: `read_codes(start, stop)` -> integers
     [stop - start, >= K] (columns past K are ignored). Only one chunk is unpacked at once."""
-    if not supports(group_size):
-        raise ValueError(f"group_size must be a positive multiple of 4, got {group_size}")
+    if not supports(group_size, layout):
+        raise ValueError(f"group_size must be a positive multiple of {8 if layout == VNNI else 4}, got {group_size}")
     groups = -(-k // group_size)
     if np.shape(scales) != (groups, n):
         raise ValueError(f"scales {np.shape(scales)} != ({groups}, {n})")
@@ -77,18 +85,23 @@ def pack_rows(read_codes, n: int, k: int, scales: np.ndarray, zero_points, group
         tiles = -(-(stop - start) // TILE)
         padded = np.zeros((tiles * TILE, groups * group_size), np.uint8)
         padded[: stop - start, :k] = codes
-        # [tiles, 16 columns, groups, quads, 4 rows] -> [tiles, groups, quads, 16 columns, 4 rows]
-        rows = padded.reshape(tiles, TILE, groups, quads, 4).transpose(0, 2, 3, 1, 4)
-        b[start // TILE: start // TILE + tiles] = (rows[..., :2] | (rows[..., 2:] << 4)).reshape(tiles, groups, quads,
-                                                                                                  2 * TILE)
+        if layout == VNNI:
+            # [tiles, 16 columns, groups, octets, 8 rows] -> [tiles, groups, octets, 16 columns, 8 rows]
+            rows = padded.reshape(tiles, TILE, groups, quads // 2, 8).transpose(0, 2, 3, 1, 4)
+            nibbles = rows[..., :4] | (rows[..., 4:] << 4)  # [.., 16 columns, 4 rows]
+        else:
+            # [tiles, 16 columns, groups, quads, 4 rows] -> [tiles, groups, quads, 16 columns, 4 rows]
+            rows = padded.reshape(tiles, TILE, groups, quads, 4).transpose(0, 2, 3, 1, 4)
+            nibbles = rows[..., :2] | (rows[..., 2:] << 4)  # [.., 16 columns, 2 rows]
+        b[start // TILE: start // TILE + tiles] = nibbles.reshape(tiles, groups, quads, 2 * TILE)
     s = np.zeros((groups, n_pad), np.float32)
     s[:, :n] = scales
     zero_points = np.asarray(zero_points)
     if zero_points.size and np.all(zero_points == zero_points.flat[0]):
-        return Int4Int8Weight(b, by_tile(s), np.array([zero_points.flat[0]], np.uint8), k, n, group_size)
+        return Int4Int8Weight(b, by_tile(s), np.array([zero_points.flat[0]], np.uint8), k, n, group_size, layout)
     z = np.zeros((groups, n_pad), np.uint8)
     z[:, :n] = np.broadcast_to(zero_points, (groups, n))
-    return Int4Int8Weight(b, by_tile(s), by_tile(z), k, n, group_size)
+    return Int4Int8Weight(b, by_tile(s), by_tile(z), k, n, group_size, layout)
 
 
 def by_tile(per_group: np.ndarray) -> np.ndarray:
@@ -106,6 +119,11 @@ def per_group(by_tiles: np.ndarray) -> np.ndarray:
 def unpack_codes(weight: Int4Int8Weight) -> np.ndarray:
     """The codes [N, K] `weight` holds (inverse of `pack`)."""
     tiles, groups, quads, _ = weight.b.shape
+    if weight.layout == VNNI:
+        fours = weight.b.reshape(tiles, groups, quads // 2, TILE, 4)
+        rows = np.concatenate([fours & 0x0F, fours >> 4], axis=-1)  # [..., 16 columns, rows 0..7]
+        codes = rows.transpose(0, 3, 1, 2, 4).reshape(tiles * TILE, groups * quads * 4)
+        return codes[: weight.n, : weight.k]
     pairs = weight.b.reshape(tiles, groups, quads, TILE, 2)
     rows = np.concatenate([pairs & 0x0F, pairs >> 4], axis=-1)  # [..., 16 columns, rows 0 1 2 3]
     codes = rows.transpose(0, 3, 1, 2, 4).reshape(tiles * TILE, groups * quads * 4)

@@ -109,6 +109,17 @@ def int4_int8_kernel(report: bool) -> Path | None:
     return library
 
 
+VNNI_SWITCH = "LOWBIT_KERNELS_VNNI"
+
+
+def vnni_layout() -> bool:
+    """Whether the int8 kernel's weights take the VNNI layout (`vpdpbusd` on fours of rows): the CPU has
+    AVX512-VNNI and `LOWBIT_KERNELS_VNNI` is not 0. The results are the same either way."""
+    from lowbit.custom_ops import kernels
+
+    return kernels.cpu_has_avx512_vnni() and os.environ.get(VNNI_SWITCH, "1") != "0"
+
+
 def has_2bit_matmul_nbits(metadata: dict | None) -> bool:
     """lowbit.json lists a 2-bit MatMulNBits layer (folders without lowbit.json are left as they are)."""
     layers = (metadata or {}).get("quantization", {}).values()
@@ -512,7 +523,9 @@ def _to_int4_int8(node, reader: _TensorReader, writer, levels: dict[str, int]) -
         return False
     if dtype not in FLOAT_TYPES:
         return False
-    weight = matmul_int4_int8.pack_rows(read_codes, n, k, scales, zero_points, group)
+    layout = matmul_int4_int8.VNNI if vnni_layout() and matmul_int4_int8.supports(group, matmul_int4_int8.VNNI) \
+        else matmul_int4_int8.AVX2
+    weight = matmul_int4_int8.pack_rows(read_codes, n, k, scales, zero_points, group, layout=layout)
     x, y = inputs[0], node.output[0]
     if dtype != TensorProto.FLOAT:
         x = writer.shared.get(("float32", x)) or writer.node("Cast", [x], "to_float32", to=TensorProto.FLOAT)
@@ -522,7 +535,7 @@ def _to_int4_int8(node, reader: _TensorReader, writer, levels: dict[str, int]) -
         [x, writer.array("B", weight.b), writer.array("scales", weight.scales),
          writer.array("zero_points", weight.zero_points)],
         "int4_int8", domain=matmul_int4_int8.DOMAIN, output=y if dtype == TensorProto.FLOAT else None,
-        K=k, N=n, group_size=group)
+        K=k, N=n, group_size=group, **({"layout": layout} if layout != matmul_int4_int8.AVX2 else {}))
     if dtype != TensorProto.FLOAT:
         writer.nodes.append(helper.make_node("Cast", [product], [y], name=writer.name("to_input_type"), to=dtype))
     return True

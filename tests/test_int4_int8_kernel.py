@@ -47,6 +47,19 @@ def test_pack_holds_the_codes_scales_and_zero_points(n, k, group, per_column, rn
                                                     (chunked.b, chunked.scales, chunked.zero_points)))
 
 
+@pytest.mark.parametrize("group", [8, 40, 64])
+def test_both_layouts_hold_the_same_codes(group, rng):
+    codes, scales, zero_points = random_weight(rng, 37, 3 * group - 8, group)
+    avx2, vnni = (op.pack(codes, scales, zero_points, group, layout) for layout in (op.AVX2, op.VNNI))
+    assert np.array_equal(op.unpack_codes(vnni), codes) and np.array_equal(op.unpack_codes(avx2), codes)
+    assert vnni.b.shape == avx2.b.shape and not np.array_equal(vnni.b, avx2.b)
+    # VNNI: byte 4c + r of octet j holds rows 8j + r (low nibble) and 8j + 4 + r (high) of column c
+    octet = vnni.b[0, 0, :2].reshape(-1)
+    assert octet[4 * 3 + 1] == codes[3, 1] | (codes[3, 5] << 4)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        op.pack(codes[:, :36], scales, zero_points, 12, op.VNNI)
+
+
 def test_pack_rejects_what_the_kernel_cannot_hold(rng):
     codes, scales, zero_points = random_weight(rng, 16, 64, 32)
     with pytest.raises(ValueError, match="multiple of 4"):
@@ -82,7 +95,7 @@ def kernel_session(w: op.Int4Int8Weight, threads: int = 2):
     inits = [numpy_helper.from_array(w.b, "B"), numpy_helper.from_array(w.scales, "S"),
              numpy_helper.from_array(w.zero_points, "Z")]
     node = helper.make_node(op.OP_TYPE, ["A", "B", "S", "Z"], ["Y"], domain=op.DOMAIN, K=w.k, N=w.n,
-                            group_size=w.group_size)
+                            group_size=w.group_size, **({"layout": w.layout} if w.layout else {}))
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(op.DOMAIN, 1)])
@@ -102,9 +115,12 @@ KERNEL_CASES = [  # (n, k, group, lead dims of A, per-column zero points, bits)
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("n,k,group,lead,per_column,bits", KERNEL_CASES)
-def test_kernel_equals_the_reference_bit_for_bit(n, k, group, lead, per_column, bits, threads, rng):
+@pytest.mark.parametrize("layout", [op.AVX2, op.VNNI])
+def test_kernel_equals_the_reference_bit_for_bit(n, k, group, lead, per_column, bits, threads, layout, rng):
+    if layout == op.VNNI and not (kernels.cpu_has_avx512_vnni() and op.supports(group, layout)):
+        pytest.skip("the VNNI layout needs AVX512-VNNI and groups of a multiple of 8 rows")
     codes, scales, zero_points = random_weight(rng, n, k, group, per_column, bits)
-    w = op.pack(codes, scales, zero_points, group)
+    w = op.pack(codes, scales, zero_points, group, layout)
     session = kernel_session(w, threads)
     for _ in range(2):  # fresh activations each call
         a = (rng.standard_normal((*lead, k)) * rng.choice([0.01, 1.0, 300.0])).astype(np.float32)

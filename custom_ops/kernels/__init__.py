@@ -66,6 +66,11 @@ def cpu_has_avx2() -> bool:
     return {"avx2", "f16c"} <= cpu_flags()
 
 
+def cpu_has_avx512_vnni() -> bool:
+    """AVX512-VNNI with 256-bit forms (AVX512VL), which the int8 kernel's VNNI layout needs."""
+    return {"avx512_vnni", "avx512vl"} <= cpu_flags()
+
+
 def cpu_has_vnni() -> bool:
     """int8 dot-product instructions (AVX-512 VNNI or AVX-VNNI), which ONNX Runtime's int8 kernels use."""
     return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())

@@ -34,7 +34,7 @@
 #define QUADS_PER_FLUSH 4  /* 4 quads of 4 rows: |sum| <= 16 * 15 * 127 = 30480 fits int16 */
 
 typedef struct {
-  int64_t k, n, group_size;
+  int64_t k, n, group_size, layout; /* layout: 0 AVX2 (pairs of rows), 1 VNNI (fours of rows) */
 } Kernel;
 
 typedef struct {
@@ -48,8 +48,41 @@ typedef struct {
   const int32_t *xsum;  /* [M, groups] */
   float *y;             /* [M, N] */
   int64_t m, n, n_pad, group_size, groups;
-  int64_t tiles_per_task;
+  int64_t tiles_per_task, layout;
 } Work;
+
+/* Group g's exact integer sums (lo32: columns 0..7, hi32: 8..15 of tile t) for rows m0..m0+R-1, added to acc in
+ * float32: float(dot - z * xsum) * (s * sx). */
+__attribute__((always_inline)) static inline void add_group(const Work *w, int64_t t, int64_t g, int64_t m0, const int R, const __m256i *lo32,
+                             const __m256i *hi32, float *acc) {
+  const size_t at = ((size_t)t * w->groups + g) * TILE;
+  __m256i zlo = _mm256_setzero_si256(), zhi = zlo;
+  if (w->zero_points != NULL) {
+    const __m128i z8 = _mm_loadu_si128((const __m128i *)(w->zero_points + at));
+    zlo = _mm256_cvtepu8_epi32(z8);
+    zhi = _mm256_cvtepu8_epi32(_mm_srli_si128(z8, 8));
+  }
+  const __m256 slo = _mm256_loadu_ps(w->scales + at), shi = _mm256_loadu_ps(w->scales + at + 8);
+  for (int r = 0; r < R; r++) {
+    const int64_t row = (m0 + r) * w->groups + g;
+    const __m256 sx = _mm256_set1_ps(w->sx[row]);
+    __m256i dlo, dhi;
+    if (w->zero_points == NULL) {
+      const __m256i offset = _mm256_set1_epi32(w->zero_point * w->xsum[row]);
+      dlo = _mm256_sub_epi32(lo32[r], offset);
+      dhi = _mm256_sub_epi32(hi32[r], offset);
+    } else {
+      const __m256i xsum = _mm256_set1_epi32(w->xsum[row]);
+      dlo = _mm256_sub_epi32(lo32[r], _mm256_mullo_epi32(zlo, xsum));
+      dhi = _mm256_sub_epi32(hi32[r], _mm256_mullo_epi32(zhi, xsum));
+    }
+    float *a = acc + r * TILE;
+    _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), _mm256_mul_ps(_mm256_cvtepi32_ps(dlo),
+                                                                        _mm256_mul_ps(slo, sx))));
+    _mm256_storeu_ps(a + 8, _mm256_add_ps(_mm256_loadu_ps(a + 8), _mm256_mul_ps(_mm256_cvtepi32_ps(dhi),
+                                                                                _mm256_mul_ps(shi, sx))));
+  }
+}
 
 /* Rows m0..m0+R-1 of A against tile t: adds each group's float term to acc[R][TILE] in group order. */
 static inline void tile_rows(const Work *w, int64_t t, int64_t m0, const int R, float *acc) {
@@ -86,37 +119,63 @@ static inline void tile_rows(const Work *w, int64_t t, int64_t m0, const int R, 
         hi32[r] = _mm256_add_epi32(hi32[r], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sum16[r], 1)));
       }
     }
-    const size_t at = ((size_t)t * w->groups + g) * TILE;
-    __m256i zlo = _mm256_setzero_si256(), zhi = zlo;
-    if (w->zero_points != NULL) {
-      const __m128i z8 = _mm_loadu_si128((const __m128i *)(w->zero_points + at));
-      zlo = _mm256_cvtepu8_epi32(z8);
-      zhi = _mm256_cvtepu8_epi32(_mm_srli_si128(z8, 8));
-    }
-    const __m256 slo = _mm256_loadu_ps(w->scales + at), shi = _mm256_loadu_ps(w->scales + at + 8);
-    for (int r = 0; r < R; r++) {
-      const int64_t row = (m0 + r) * w->groups + g;
-      const __m256 sx = _mm256_set1_ps(w->sx[row]);
-      __m256i dlo, dhi;
-      if (w->zero_points == NULL) {
-        const __m256i offset = _mm256_set1_epi32(w->zero_point * w->xsum[row]);
-        dlo = _mm256_sub_epi32(lo32[r], offset);
-        dhi = _mm256_sub_epi32(hi32[r], offset);
-      } else {
-        const __m256i xsum = _mm256_set1_epi32(w->xsum[row]);
-        dlo = _mm256_sub_epi32(lo32[r], _mm256_mullo_epi32(zlo, xsum));
-        dhi = _mm256_sub_epi32(hi32[r], _mm256_mullo_epi32(zhi, xsum));
+    add_group(w, t, g, m0, R, lo32, hi32, acc);
+  }
+}
+
+/* The VNNI layout (custom_ops/matmul_int4_int8.py, `pack`): per octet of rows, 8 columns a register, each 32-bit
+ * lane one column's 4 rows (low nibbles: rows 0..3, high: 4..7); vpdpbusd adds the 4 products of unsigned codes and
+ * signed int8 activations into int32 directly. The same exact integer sums as tile_rows, so the same results. */
+#define VNNI_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+
+VNNI_TARGET __attribute__((always_inline)) static inline void tile_rows_vnni(const Work *w, int64_t t, int64_t m0,
+                                                                            const int R, float *acc) {
+  const int64_t octets = w->group_size / 8, stride = w->groups * w->group_size;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const uint8_t *b = w->b + (size_t)t * w->groups * octets * 64;
+  for (int64_t g = 0; g < w->groups; g++) {
+    __m256i lo32[4], hi32[4];
+    for (int r = 0; r < R; r++) lo32[r] = hi32[r] = _mm256_setzero_si256();
+    for (int64_t j = 0; j < octets; j++) {
+      const uint8_t *p = b + (size_t)(g * octets + j) * 64;
+      const __m256i v0 = _mm256_loadu_si256((const __m256i *)p), v1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+      const __m256i l0 = _mm256_and_si256(v0, low), h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+      const __m256i l1 = _mm256_and_si256(v1, low), h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+      for (int r = 0; r < R; r++) {
+        const int8_t *x = w->xq + (m0 + r) * stride + g * w->group_size + 8 * j;
+        int32_t four0, four1;
+        memcpy(&four0, x, 4);
+        memcpy(&four1, x + 4, 4);
+        const __m256i x0 = _mm256_set1_epi32(four0), x1 = _mm256_set1_epi32(four1);
+        lo32[r] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(lo32[r], l0, x0), h0, x1);
+        hi32[r] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(hi32[r], l1, x0), h1, x1);
       }
-      float *a = acc + r * TILE;
-      _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), _mm256_mul_ps(_mm256_cvtepi32_ps(dlo),
-                                                                          _mm256_mul_ps(slo, sx))));
-      _mm256_storeu_ps(a + 8, _mm256_add_ps(_mm256_loadu_ps(a + 8), _mm256_mul_ps(_mm256_cvtepi32_ps(dhi),
-                                                                                  _mm256_mul_ps(shi, sx))));
     }
+    add_group(w, t, g, m0, R, lo32, hi32, acc);
+  }
+}
+
+VNNI_TARGET static void run_tile_vnni(const Work *w, int64_t t) {
+  const int64_t n0 = t * TILE, width = w->n - n0 < TILE ? w->n - n0 : TILE;
+  float acc[4 * TILE];
+  for (int64_t m0 = 0; m0 < w->m; m0 += 4) {
+    const int64_t rows = w->m - m0 < 4 ? w->m - m0 : 4;
+    memset(acc, 0, sizeof acc);
+    switch (rows) {
+      case 1: tile_rows_vnni(w, t, m0, 1, acc); break;
+      case 2: tile_rows_vnni(w, t, m0, 2, acc); break;
+      case 3: tile_rows_vnni(w, t, m0, 3, acc); break;
+      default: tile_rows_vnni(w, t, m0, 4, acc); break;
+    }
+    for (int64_t r = 0; r < rows; r++) memcpy(w->y + (m0 + r) * w->n + n0, acc + r * TILE, sizeof(float) * width);
   }
 }
 
 static void run_tile(const Work *w, int64_t t) {
+  if (w->layout == 1) {
+    run_tile_vnni(w, t);
+    return;
+  }
   const int64_t n0 = t * TILE, width = w->n - n0 < TILE ? w->n - n0 : TILE;
   float acc[4 * TILE];
   for (int64_t m0 = 0; m0 < w->m; m0 += 4) {
@@ -213,7 +272,7 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
     }
     const int64_t tiles = n_pad / TILE, per_task = (tiles + TASKS - 1) / TASKS;
     Work work = {data_of(values[1]), data_of(values[2]), uniform ? NULL : zero_points, zero_points[0], xq, pairs, sx,
-                 xsum, y, m, n, n_pad, g, groups, per_task};
+                 xsum, y, m, n, n_pad, g, groups, per_task, kernel->layout};
     status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(context, run_task,
                                                                        (size_t)((tiles + per_task - 1) / per_task), 0,
                                                                        &work);
@@ -238,6 +297,19 @@ static OrtStatus *create_kernel(const CustomOp *op, const OrtApi *unused, const 
     status = API(KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, "group_size", &kernel->group_size);
   if (status == NULL && (kernel->k < 1 || kernel->n < 1 || kernel->group_size < 4 || kernel->group_size % 4 != 0))
     status = error("lowbit.cpu.MatMulInt4Int8: K and N must be positive, group_size a positive multiple of 4");
+  if (status == NULL) {
+    OrtStatus *absent = API(KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, "layout",
+                                                                                        &kernel->layout);
+    if (absent != NULL) {  /* optional: the AVX2 layout */
+      API(ReleaseStatus, ReleaseStatusFn)(absent);
+      kernel->layout = 0;
+    }
+  }
+  if (status == NULL && kernel->layout == 1 &&
+      !(kernel->group_size % 8 == 0 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")))
+    status = error("lowbit.cpu.MatMulInt4Int8: layout 1 needs AVX512-VNNI and a group_size multiple of 8");
+  if (status == NULL && kernel->layout != 0 && kernel->layout != 1)
+    status = error("lowbit.cpu.MatMulInt4Int8: layout must be 0 (AVX2) or 1 (VNNI)");
   if (status != NULL) {
     free(kernel);
     return status;
