@@ -149,6 +149,9 @@ def _convert(model, output, scheme, target, overwrite, progress, options, ignore
     source = resolve_model_dir(model)
     arch, config = load_config(source)
     checkpoint, imported = Checkpoint(source), detect_import(source)  # GPTQ, AWQ, compressed-tensors: imported
+    # the stored types of the checkpoint's float tensors (headers only): the runtime reads float32 weights that came
+    # from bfloat16 at half width (runtime/narrow_float_weights.py)
+    source_float_dtypes = sorted({checkpoint.dtype_name(n) for n in checkpoint.names() if checkpoint.is_float(n)})
     if imported is not None:
         checkpoint = imported.view(checkpoint, arch.weights.conv1d)
         scheme_obj = imported.scheme(scheme, options, target, algorithm, requantize)
@@ -260,6 +263,7 @@ def _convert(model, output, scheme, target, overwrite, progress, options, ignore
             "source": str(model),
             "model_type": spec.model_type,
             "dtype": scheme_obj.dtype.name,
+            "source_float_dtypes": source_float_dtypes,
             "float_weight_bytes": float_bytes,
             "weight_bytes": weight_bytes,
             "ort_session_config": session_config,

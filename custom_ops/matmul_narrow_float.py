@@ -1,13 +1,15 @@
-"""`lowbit.cpu.MatMulNarrowFloat`: a matmul over weights kept in their stored width (float16, float8 e4m3fn, float8
-e5m2) and widened to float32 in registers, run by a compiled kernel of our own (custom_ops/kernels/
+"""`lowbit.cpu.MatMulNarrowFloat`: a matmul over weights kept in their stored width (float16, bfloat16, float8 e4m3fn,
+float8 e5m2) and widened to float32 in registers, run by a compiled kernel of our own (custom_ops/kernels/
 matmul_narrow_float.c) that ONNX Runtime loads as a custom op library.
 
 ONNX Runtime's CPU provider has no float16 or float8 MatMul on x86: it folds such weights (a Cast of a float16
 initializer, a DequantizeLinear of a float8 one) into float32 copies at load, which double (float16) or quadruple
-(float8) the bytes every decode step reads. The node exists only in the graphs the runtime builds in memory
+(float8) the bytes every decode step reads; and a float32 weight whose values are all bfloat16 (a bfloat16
+checkpoint converted to float32) can be read as its 16 high bits. The node exists only in the graphs the runtime
+builds in memory
 (runtime/narrow_float_weights.py); files on disk keep their standard nodes, which are its fallback. Arithmetic:
 
-    w[k, n]: the weight as a float16: itself; e5m2: its byte as a float16's high byte (the same value); e4m3fn:
+    w[k, n]: bfloat16: the float32 whose high half it is; else the weight as a float16: itself; e5m2: its byte as a float16's high byte (the same value); e4m3fn:
              sign and the other 7 bits shifted into a float16, the value / 256 (exact, subnormals included)
     f[n] = scales[n] (or scales[0]) * (256 for e4m3fn, else 1), float32; v[k, n] = w[k, n] * f[n] in float32: the
              float32 weight DequantizeLinear makes, exactly (for float16 without a scale, w itself)
@@ -34,9 +36,9 @@ import numpy as np
 DOMAIN = "lowbit.cpu"
 OP_TYPE = "MatMulNarrowFloat"
 TILE = 16  # columns per tile of B
-FLOAT16, FLOAT8E4M3FN, FLOAT8E5M2 = 10, 17, 19  # onnx.TensorProto data types
-WEIGHT_BYTES = {FLOAT16: 2, FLOAT8E4M3FN: 1, FLOAT8E5M2: 1}
-UNIT = {FLOAT16: 1.0, FLOAT8E4M3FN: 256.0, FLOAT8E5M2: 1.0}  # the value of w[k, n] == 1 as stored
+FLOAT16, BFLOAT16, FLOAT8E4M3FN, FLOAT8E5M2 = 10, 16, 17, 19  # onnx.TensorProto data types
+WEIGHT_BYTES = {FLOAT16: 2, BFLOAT16: 2, FLOAT8E4M3FN: 1, FLOAT8E5M2: 1}
+UNIT = {FLOAT16: 1.0, BFLOAT16: 1.0, FLOAT8E4M3FN: 256.0, FLOAT8E5M2: 1.0}  # the value of w[k, n] == 1 as stored
 FLOAT8_MAX = {FLOAT8E4M3FN: 448.0, FLOAT8E5M2: 57344.0}
 
 
@@ -50,13 +52,14 @@ class NarrowFloatWeight:
 
 
 def stored_bits(weights: np.ndarray) -> tuple[np.ndarray, int]:
-    """A float16 array, or an ml_dtypes float8_e4m3fn / float8_e5m2 array -> (its raw bits: uint16 or uint8, the
-    onnx data type)."""
+    """A float16 array, or an ml_dtypes bfloat16 / float8_e4m3fn / float8_e5m2 array -> (its raw bits: uint16 or
+    uint8, the onnx data type)."""
     name = np.dtype(weights.dtype).name
-    types = {"float16": (np.uint16, FLOAT16), "float8_e4m3fn": (np.uint8, FLOAT8E4M3FN),
-             "float8_e5m2": (np.uint8, FLOAT8E5M2)}
+    types = {"float16": (np.uint16, FLOAT16), "bfloat16": (np.uint16, BFLOAT16),
+             "float8_e4m3fn": (np.uint8, FLOAT8E4M3FN), "float8_e5m2": (np.uint8, FLOAT8E5M2)}
     if name not in types:
-        raise ValueError(f"weights of {name}: only float16, float8_e4m3fn and float8_e5m2 are narrow floats here")
+        raise ValueError(f"weights of {name}: only float16, bfloat16, float8_e4m3fn and float8_e5m2 are narrow "
+                         "floats here")
     bits, weight_type = types[name]
     return np.asarray(weights).view(bits), weight_type
 
@@ -84,9 +87,26 @@ def pack(weights: np.ndarray, scales=None, transposed: bool = False) -> NarrowFl
                              weight_type)
 
 
+def exact_bfloat16(weights: np.ndarray) -> np.ndarray | None:
+    """float32 weights as ml_dtypes bfloat16 where every value is one (the low 16 bits of each are zero: a bfloat16
+    checkpoint converted to float32), else None."""
+    import ml_dtypes
+
+    flat = np.asarray(weights).reshape(-1)
+    if flat.dtype != np.float32 or np.any(flat[:4096].view(np.uint32) & 0xFFFF):  # most float32 weights stop here
+        return None
+    bits = np.ascontiguousarray(weights, np.float32).view(np.uint32)
+    if np.any(bits & 0xFFFF):
+        return None
+    return (bits >> 16).astype(np.uint16).view(ml_dtypes.bfloat16)
+
+
 def widened(weight: NarrowFloatWeight) -> np.ndarray:
     """w [K, N_pad] float32: the kernel's w[k, n] (for e4m3fn, the value / 256)."""
     tiles, k, _ = weight.b.shape
+    if weight.weight_type == BFLOAT16:
+        high = weight.b.view(np.uint16).astype(np.uint32) << 16
+        return high.view(np.float32).transpose(1, 0, 2).reshape(k, tiles * TILE)
     raw = weight.b.view(np.uint16) if weight.weight_type == FLOAT16 else weight.b.astype(np.uint16)
     if weight.weight_type == FLOAT8E5M2:
         raw = raw << 8

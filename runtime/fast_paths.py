@@ -245,7 +245,7 @@ def _rewrite_narrow_float(model, data_dir: Path, folder: Path) -> narrow_float_w
     graph = model.graph
     reader = _TensorReader(data_dir, graph)
     data = _DataFile(folder, NARROW_DATA_FILE)
-    writer = _GraphWriter(data, {})
+    writer = _GraphWriter(data, {}, prefix="lowbit_narrow")
     try:
         result = narrow_float_weights.rewrite(model, reader, writer)
         if not result.changed:
@@ -344,7 +344,7 @@ class _DataFile:
         offset = -(-self.file.tell() // ALIGN) * ALIGN
         self.file.seek(offset)
         data = np.ascontiguousarray(array)
-        self.file.write(memoryview(data.reshape(-1)).cast("B") if data.size else b"")
+        self.file.write(memoryview(data.reshape(-1).view(np.uint8)) if data.size else b"")  # any dtype, bfloat16 too
         return offset, data.nbytes
 
     def tensor(self, name: str, array: np.ndarray):
@@ -597,8 +597,9 @@ def known_ranks(graph) -> dict[str, int]:
 class _GraphWriter:
     """Nodes and initializers of the rewritten graph; activation-side helpers are shared per input."""
 
-    def __init__(self, data: _DataFile, ranks: dict[str, int]):
+    def __init__(self, data: _DataFile, ranks: dict[str, int], prefix: str = "lowbit_fast"):
         self.data = data
+        self.prefix = prefix  # of every name it makes: one per rewrite, so two rewrites never collide
         self.ranks = ranks
         self.nodes: list = []
         self.initializers: list = []
@@ -607,7 +608,7 @@ class _GraphWriter:
 
     def name(self, stem: str) -> str:
         self.count += 1
-        return f"lowbit_fast/{stem}_{self.count}"
+        return f"{self.prefix}/{stem}_{self.count}"
 
     def node(self, op: str, inputs: list[str], stem: str, domain: str = "", output: str | None = None, **attrs) -> str:
         from onnx import helper

@@ -11,6 +11,8 @@ float32 copies at load: a decode step then reads 4 bytes per weight where the fo
                                                              (an FP8 scheme's activations: t a scalar, 0 float8)
   Gemm(x, Cast(w float16 [N, K]), transB=1)               -> MatMulNarrowFloat(x, w)      (a tied lm_head)
   Gather(Cast(w float16), ids)                            -> Cast(Gather(w, ids))         (the same values)
+  MatMul / Gemm / Gather of a float32 w whose values are all bfloat16 (a bfloat16 checkpoint in a float32 folder)
+                                                          -> the same, reading w's bfloat16 half (the same values)
 
 with the kernel's weights (custom_ops/matmul_narrow_float.py: the same bits in tile order) written to the fast
 path's temporary folder. The products are float32 sums of the same float32 products in another order: float
@@ -23,14 +25,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import numpy as np
 
-FLOAT = 1
-FLOAT16, FLOAT8 = 10, (17, 19)  # onnx.TensorProto FLOAT16; FLOAT8E4M3FN, FLOAT8E5M2
+FLOAT, FLOAT16, BFLOAT16 = 1, 10, 16  # onnx.TensorProto
+FLOAT8 = (17, 19)  # FLOAT8E4M3FN, FLOAT8E5M2
 
 
 @dataclass
 class NarrowFloatResult:
     matmuls: list[str] = field(default_factory=list)  # nodes now running on lowbit.cpu.MatMulNarrowFloat
-    gathers: list[str] = field(default_factory=list)  # Gathers now reading the float16 table
+    gathers: list[str] = field(default_factory=list)  # Gathers now reading the float16 / bfloat16 table
     quantized_inputs: list[str] = field(default_factory=list)  # of `matmuls`: activations' float8 Q/DQ inside
 
     @property
@@ -41,13 +43,8 @@ class NarrowFloatResult:
         if not self.matmuls:
             return None
         inputs = f", {len(self.quantized_inputs)} with their inputs' float8 Q/DQ" if self.quantized_inputs else ""
-        return (f"{len(self.matmuls)} float16/float8 MatMuls read their weights at their stored width{inputs} "
+        return (f"{len(self.matmuls)} MatMuls read float16/bfloat16/float8 weights at that width{inputs} "
                 "(lowbit.cpu.MatMulNarrowFloat)")
-
-
-def has_narrow_weights(model) -> bool:
-    """Whether `model` (after float32_compute.to_float32, or any graph) has a float16 or float8 initializer."""
-    return any(t.data_type == FLOAT16 or t.data_type in FLOAT8 for t in model.graph.initializer)
 
 
 def rewrite(model, reader, writer) -> NarrowFloatResult:
@@ -61,6 +58,13 @@ def rewrite(model, reader, writer) -> NarrowFloatResult:
     inits = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
     result = NarrowFloatResult()
+
+    def bfloat16_weight(name: str):
+        """A float32 2-D initializer's values as bfloat16, where all are; else None."""
+        tensor = inits.get(name)
+        if tensor is None or tensor.data_type != FLOAT or len(tensor.dims) != 2:
+            return None
+        return op.exact_bfloat16(reader.read(name))
 
     def float16_source(name: str) -> str | None:
         """The float16 initializer a float32 value is a Cast of, or None."""
@@ -140,16 +144,25 @@ def rewrite(model, reader, writer) -> NarrowFloatResult:
             if float8 is not None:
                 kernel(node, node.input[0], op.pack(*float8))
                 continue
+            bfloat16 = bfloat16_weight(node.input[1])
+            if bfloat16 is not None:
+                kernel(node, node.input[0], op.pack(bfloat16))
+                continue
         elif node.domain in ("", "ai.onnx") and node.op_type == "Gemm" and len(node.input) == 2 \
                 and not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == 1.0:
             source = float16_source(node.input[1])
-            if source is not None and len(inits[source].dims) == 2:
-                kernel(node, node.input[0], op.pack(reader.read(source), transposed=bool(attrs.get("transB", 0))))
+            weight = reader.read(source) if source is not None and len(inits[source].dims) == 2 \
+                else bfloat16_weight(node.input[1])
+            if weight is not None:
+                kernel(node, node.input[0], op.pack(weight, transposed=bool(attrs.get("transB", 0))))
                 continue
         elif node.domain in ("", "ai.onnx") and node.op_type == "Gather":
             source = float16_source(node.input[0])
+            table = bfloat16_weight(node.input[0]) if source is None else None
+            if table is not None:
+                source = writer.array("table_bfloat16", table)
             if source is not None:
-                rows = writer.node("Gather", [source, node.input[1]], "gather_float16", **attrs)
+                rows = writer.node("Gather", [source, node.input[1]], "gather_narrow", **attrs)
                 writer.node("Cast", [rows], "to_float32", output=node.output[0], to=FLOAT)
                 result.gathers.append(node.name or node.output[0])
                 continue
@@ -157,9 +170,18 @@ def rewrite(model, reader, writer) -> NarrowFloatResult:
     return result
 
 
+BFLOAT16_SOURCES = {"BF16", "torch.bfloat16"}  # lowbit.json source_float_dtypes (safetensors / torch names)
+
+
 def kernel_applies(metadata: dict | None) -> bool:
-    """Cheap check before loading the graph: a float16 folder, or one with float8 layers."""
-    if (metadata or {}).get("dtype") == "float16":
+    """Cheap check before loading the graph (no onnx import otherwise): a float16 folder, a float32 one converted
+    from a bfloat16 checkpoint (lowbit.json `source_float_dtypes`), or one with float8 layers. Each weight is still
+    checked itself."""
+    metadata = metadata or {}
+    if metadata.get("dtype") == "float16":
+        return True
+    sources = set(metadata.get("source_float_dtypes") or ())
+    if metadata.get("dtype") == "float32" and sources and sources <= BFLOAT16_SOURCES:
         return True
     return any(str(layer.get("format", "")).startswith("qdq_fp8")
-               for layer in (metadata or {}).get("quantization", {}).values())
+               for layer in metadata.get("quantization", {}).values())

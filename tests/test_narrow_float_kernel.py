@@ -13,7 +13,8 @@ from lowbit.custom_ops import matmul_narrow_float as op
 from tests.conftest import SAMPLE_MODEL, assert_bound_decode_equals_forward, prefill_and_decode
 
 needs_kernel = pytest.mark.skipif(kernels.library() is None, reason=f"no CPU kernel library: {kernels.unavailable()}")
-DTYPES = {"float16": np.float16, "e4m3fn": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}
+DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "e4m3fn": ml_dtypes.float8_e4m3fn,
+          "e5m2": ml_dtypes.float8_e5m2}
 
 
 def weights(rng, shape, dtype):
@@ -44,6 +45,16 @@ def test_pack_holds_the_weights_in_tile_order(name, k, n, rng):
     assert np.array_equal(op.widened(packed)[:, :n] * unit, w.astype(np.float32))
     assert not op.widened(packed)[:, n:].any()
     assert np.array_equal(op.pack(np.ascontiguousarray(w.T), transposed=True).b, packed.b)
+
+
+def test_exact_bfloat16_finds_float32_weights_that_are_bfloat16(rng):
+    w = rng.standard_normal((64, 70)).astype(ml_dtypes.bfloat16)
+    as_float32 = w.astype(np.float32)
+    assert np.array_equal(op.exact_bfloat16(as_float32).astype(np.float32), as_float32)
+    nudged = as_float32.copy()
+    nudged.reshape(-1)[-1] = np.nextafter(nudged.reshape(-1)[-1], np.float32(9))  # one value past the prefix check
+    assert op.exact_bfloat16(nudged) is None
+    assert op.exact_bfloat16(rng.standard_normal((8, 8)).astype(np.float32)) is None
 
 
 def test_pack_rejects_what_the_kernel_cannot_hold(rng):
@@ -191,11 +202,28 @@ def test_kernel_rejects_inputs_of_the_wrong_shape(rng):
 
 @pytest.fixture(scope="module")
 def stories_narrow(tmp_path_factory):
+    """stories260K as q0f16 and the FP8 codes; and, from a copy saved as bfloat16 (as most published checkpoints
+    are), float32 folders: q0f32, a16w8 (DashInfer keeps lm_head float), w4a16 with a float lm_head."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
     import lowbit
 
     root = tmp_path_factory.mktemp("narrow_float")
     for scheme in ("q0f16", "e4m3_e4m3_f16", "e5m2_e5m2_f16"):
         lowbit.convert(str(SAMPLE_MODEL), root / scheme, scheme=scheme)
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    rounded = root / "bfloat16-checkpoint"
+    shutil.copytree(SAMPLE_MODEL, rounded)
+    tensors = load_file(SAMPLE_MODEL / "model.safetensors")
+    save_file({name: torch.from_numpy(t).to(torch.bfloat16) for name, t in tensors.items()},
+              rounded / "model.safetensors")
+    lowbit.convert(str(rounded), root / "q0f32-bfloat16", scheme="q0f32")
+    lowbit.convert(str(rounded), root / "a16w8-bfloat16", scheme="a16w8")
+    lowbit.convert(str(rounded), root / "w4a16-bfloat16", scheme="w4a16", ignore=["lm_head"])
     return root
 
 
@@ -204,7 +232,7 @@ def relative(a, b):
 
 
 @needs_kernel
-@pytest.mark.parametrize("scheme", ["q0f16", "e4m3_e4m3_f16", "e5m2_e5m2_f16"])
+@pytest.mark.parametrize("scheme", ["q0f16", "e4m3_e4m3_f16", "e5m2_e5m2_f16", "q0f32-bfloat16", "a16w8-bfloat16"])
 def test_folders_on_the_kernel_give_onnx_runtimes_float32_logits(stories_narrow, scheme, monkeypatch, capfd):
     """The kernel sums the same float32 products in another order than ORT's MatMul over the folded float32
     weights: prefill and cached decode logits within 1e-5 of the largest logit (float32 rounding over K); the
@@ -216,15 +244,35 @@ def test_folders_on_the_kernel_give_onnx_runtimes_float32_logits(stories_narrow,
     capfd.readouterr()
     session = create_session(folder)
     err = capfd.readouterr().err
-    assert "float16/float8 MatMuls read their weights at their stored width" in err
+    expected = {"q0f32-bfloat16": 21, "a16w8-bfloat16": 1}.get(scheme, 21)  # linears and lm_head; lm_head
+    assert f"lowbit: {expected} MatMuls read float16/bfloat16/float8 weights at that width" in err
     assert ("with their inputs' float8 Q/DQ" in err) == scheme.startswith("e")
     on_kernel = prefill_and_decode(session)
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     on_ort = prefill_and_decode(create_session(folder))
     assert "lowbit.cpu.MatMulNarrowFloat" not in capfd.readouterr().err
+    monkeypatch.delenv(kernels.ENV_SWITCH)
     for a, b in zip(on_kernel, on_ort):
         assert relative(a, b) <= 1e-5
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+@needs_kernel
+def test_both_kernels_in_one_folder(stories_narrow, monkeypatch, capfd):
+    """w4a16 with a float lm_head: the linears on the int8 kernel, the lm_head on this one, in one graph; the
+    logits are those of the int8 kernel alone up to the lm_head's float32 summation order."""
+    from lowbit.runtime import narrow_float_weights
+    from lowbit.runtime.session import create_session
+
+    capfd.readouterr()
+    both = prefill_and_decode(create_session(stories_narrow / "w4a16-bfloat16"))
+    err = capfd.readouterr().err
+    assert "20 quantized MatMuls run on lowbit's int8 CPU kernel" in err
+    assert "1 MatMuls read float16/bfloat16/float8 weights at that width" in err
+    monkeypatch.setattr(narrow_float_weights, "kernel_applies", lambda metadata: False)
+    int8_only = prefill_and_decode(create_session(stories_narrow / "w4a16-bfloat16"))
+    for a, b in zip(both, int8_only):
+        assert relative(a, b) <= 1e-5
 
 
 @needs_kernel
@@ -260,3 +308,16 @@ def test_io_bound_decode_equals_plain_forward(stories_narrow):
 
     assert_bound_decode_equals_forward(create_session(stories_narrow / "e4m3_e4m3_f16", prompt_session=False), 6, 8,
                                        12, seed=11)
+
+
+def test_which_folders_the_rewrite_looks_at():
+    """Without onnx: float16 folders, float32 ones from bfloat16 checkpoints, FP8 layers; not float32 checkpoints."""
+    from lowbit.runtime.narrow_float_weights import kernel_applies
+
+    assert kernel_applies({"dtype": "float16"})
+    assert kernel_applies({"dtype": "float32", "source_float_dtypes": ["BF16"]})
+    assert kernel_applies({"dtype": "float32", "source_float_dtypes": ["torch.bfloat16"]})
+    assert not kernel_applies({"dtype": "float32", "source_float_dtypes": ["BF16", "F32"]})
+    assert not kernel_applies({"dtype": "float32", "source_float_dtypes": ["F32"]})
+    assert not kernel_applies({"dtype": "float32"}) and not kernel_applies(None)
+    assert kernel_applies({"dtype": "float32", "quantization": {"x": {"format": "qdq_fp8_e4m3"}}})

@@ -1,8 +1,8 @@
-/* lowbit.cpu.MatMulNarrowFloat: Y[M, N] = A[M, K] @ W[K, N] for weights stored as float16, float8 e4m3fn or float8
- * e5m2, read in their stored width and widened to float32 in registers (F16C), as an ONNX Runtime custom op.
+/* lowbit.cpu.MatMulNarrowFloat: Y[M, N] = A[M, K] @ W[K, N] for weights stored as float16, bfloat16, float8 e4m3fn or
+ * float8 e5m2, read in their stored width and widened to float32 in registers (F16C), as an ONNX Runtime custom op.
  *
  * The arithmetic (custom_ops/matmul_narrow_float.py holds the numpy reference, equal bit for bit):
- *   w[k, n] = the weight as a float16: itself; e5m2: its byte as the high byte of a float16 (exact); e4m3fn: sign
+ *   w[k, n] = bfloat16: the float32 whose high half it is (exact); else the weight as a float16: itself; e5m2: its byte as the high byte of a float16 (exact); e4m3fn: sign
  *             and the other 7 bits shifted into a float16, which is the value / 256 (exact, subnormals included)
  *   f[n]    = scales[n] (or scales[0]), times 256 for e4m3fn (float32);  v[k, n] = w[k, n] * f[n] (float32: the
  *             float32 weight DequantizeLinear makes, exactly; for float16 with no scale, w itself)
@@ -14,10 +14,10 @@
  * the scalar input_scale s and zero point 0 compute it in ONNX Runtime: A <- float(float8(clip(A / s, -max, max))) * s
  * (float32 division, round to nearest even, saturating at max = 448 for e4m3fn and 57344 for e5m2).
  *
- * Inputs: A float32 [..., K]; B uint8 [N_pad / 16, K, 16 * bytes], bytes = 2 for float16 (little-endian) and 1 for
+ * Inputs: A float32 [..., K]; B uint8 [N_pad / 16, K, 16 * bytes], bytes = 2 for (b)float16 (little-endian), 1 for
  * float8: tile t, row k holds w[k, 16t .. 16t + 15] (columns >= N are 0), so each tile is one sequential stream;
  * scales float32 [N_pad] or [1]; input_scale float32 [1] (optional: with input_type). Attributes K, N, weight_type
- * (ONNX TensorProto: 10 FLOAT16, 17 FLOAT8E4M3FN, 19 FLOAT8E5M2), input_type (0: A as it is; 17 or 19).
+ * (ONNX TensorProto: 10 FLOAT16, 16 BFLOAT16, 17 FLOAT8E4M3FN, 19 FLOAT8E5M2), input_type (0: A as it is; 17 or 19).
  * Output Y float32 [..., N]. */
 
 #include <immintrin.h>
@@ -27,7 +27,8 @@
 
 #include "ort_api.h"
 
-enum { FLOAT16 = 10, FLOAT8E4M3FN = 17, FLOAT8E5M2 = 19 };
+enum { FLOAT16 = 10, BFLOAT16 = 16, FLOAT8E4M3FN = 17, FLOAT8E5M2 = 19 };
+#define WEIGHT_BYTES(type) ((type) == FLOAT16 || (type) == BFLOAT16 ? 2 : 1)
 
 #define TILE 16 /* columns per tile: two 256-bit registers of float32 */
 #define ROWS 6  /* rows of A per block when M > 1: 12 accumulators */
@@ -52,6 +53,12 @@ typedef struct {
 /* Row k of a tile (16 weights at p) as float32: lo = columns 0..7, hi = 8..15. */
 static inline void widen16(const uint8_t *p, int64_t type, __m256 *lo, __m256 *hi) {
   __m128i h0, h1;
+  if (type == BFLOAT16) { /* the high half of a float32 */
+    *lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+    *hi = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + 16))), 16));
+    return;
+  }
   if (type == FLOAT16) {
     h0 = _mm_loadu_si128((const __m128i *)p);
     h1 = _mm_loadu_si128((const __m128i *)(p + 16));
@@ -99,7 +106,7 @@ static inline void load_partial(const Work *w, int64_t t, int64_t row, __m256 *l
 /* M == 1: tiles t0 .. t0 + T - 1 in one pass over K (T independent streams of weights); T, the weight type and
  * whether there are factors are constants in each copy the compiler makes (one_row_typed). */
 static inline void one_row(const Work *w, int64_t t0, const int T, const int64_t type, const int scaled) {
-  const int64_t bytes = type == FLOAT16 ? 2 : 1, row_bytes = TILE * bytes, tile_bytes = w->k * row_bytes;
+  const int64_t bytes = WEIGHT_BYTES(type), row_bytes = TILE * bytes, tile_bytes = w->k * row_bytes;
   const uint8_t *b = w->b + (size_t)(t0 * tile_bytes);
   __m256 acc[2 * TILES_AT_ONCE];
   _Pragma("GCC unroll 16")
@@ -152,7 +159,7 @@ static inline void row_block(const Work *w, const float *tile, int64_t t, int64_
 /* M > 1: one tile, KC rows of K at a time: the chunk widened once into a buffer that stays in L1, then every block
  * of rows of A against it. */
 static void many_rows(const Work *w, int64_t t) {
-  const int64_t bytes = w->weight_type == FLOAT16 ? 2 : 1;
+  const int64_t bytes = WEIGHT_BYTES(w->weight_type);
   const uint8_t *b = w->b + (size_t)(t * w->k * TILE * bytes);
   float tile[KC * TILE] __attribute__((aligned(32)));
   for (int64_t k0 = 0; k0 < w->k; k0 += KC) {
@@ -235,7 +242,7 @@ __attribute__((target("avx512f"), always_inline)) static inline void row_block51
 }
 
 __attribute__((target("avx512f"))) static void many_rows512(const Work *w, int64_t t) {
-  const int64_t bytes = w->weight_type == FLOAT16 ? 2 : 1;
+  const int64_t bytes = WEIGHT_BYTES(w->weight_type);
   const uint8_t *b = w->b + (size_t)(t * w->k * TILE * bytes);
   float tile[KC512 * TILE] __attribute__((aligned(64)));
   for (int64_t k0 = 0; k0 < w->k; k0 += KC512) {
@@ -262,6 +269,7 @@ static inline void one_row_typed(const Work *w, int64_t t, const int T) {
   const int scaled = w->factors != NULL;
   switch (w->weight_type) {
     case FLOAT16: scaled ? one_row(w, t, T, FLOAT16, 1) : one_row(w, t, T, FLOAT16, 0); break;
+    case BFLOAT16: scaled ? one_row(w, t, T, BFLOAT16, 1) : one_row(w, t, T, BFLOAT16, 0); break;
     case FLOAT8E4M3FN: scaled ? one_row(w, t, T, FLOAT8E4M3FN, 1) : one_row(w, t, T, FLOAT8E4M3FN, 0); break;
     default: scaled ? one_row(w, t, T, FLOAT8E5M2, 1) : one_row(w, t, T, FLOAT8E5M2, 0); break;
   }
@@ -291,7 +299,7 @@ static void run_task(void *data, size_t task) {
 static OrtStatus *compute(void *state, OrtKernelContext *context) {
   const Kernel *kernel = state;
   const int64_t k = kernel->k, n = kernel->n, n_pad = (n + TILE - 1) / TILE * TILE;
-  const int64_t bytes = kernel->weight_type == FLOAT16 ? 2 : 1;
+  const int64_t bytes = WEIGHT_BYTES(kernel->weight_type);
   const OrtValue *values[4];
   int64_t dims[4][8];
   size_t ranks[4];
@@ -380,9 +388,10 @@ static OrtStatus *create_kernel(const CustomOp *op, const OrtApi *unused, const 
     status = error("lowbit.cpu.MatMulNarrowFloat: K and N must be positive");
   const char *avx512 = getenv("LOWBIT_KERNELS_AVX512");
   kernel->avx512 = __builtin_cpu_supports("avx512f") && !(avx512 != NULL && strcmp(avx512, "0") == 0);
-  if (status == NULL && kernel->weight_type != FLOAT16 && kernel->weight_type != FLOAT8E4M3FN &&
-      kernel->weight_type != FLOAT8E5M2)
-    status = error("lowbit.cpu.MatMulNarrowFloat: weight_type must be 10 (float16), 17 (e4m3fn) or 19 (e5m2)");
+  if (status == NULL && kernel->weight_type != FLOAT16 && kernel->weight_type != BFLOAT16 &&
+      kernel->weight_type != FLOAT8E4M3FN && kernel->weight_type != FLOAT8E5M2)
+    status = error("lowbit.cpu.MatMulNarrowFloat: weight_type must be 10 (float16), 16 (bfloat16), 17 (e4m3fn) or "
+                   "19 (e5m2)");
   if (status != NULL) {
     free(kernel);
     return status;
