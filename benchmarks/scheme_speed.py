@@ -10,7 +10,8 @@ every scheme (and the formats only a recipe reaches, with benchmarks/recipes/: r
 (rotating the order), for `--rounds` rounds. A scheme's prefill/decode is its best round; peak RSS
 is the bench process's own (wait4). Ratios are against q0f32 from the same run, so machine load
 moves both sides alike. Prints a Markdown table (docs/performance.md keeps the latest). `--ort-kernels` adds,
-for each scheme, a row run with LOWBIT_KERNELS=0 (ONNX Runtime's kernels instead of lowbit's int8 CPU kernel);
+for each scheme, q0f32 included, a row run with LOWBIT_KERNELS=0 (ONNX Runtime's kernels instead of lowbit's CPU
+kernels) and ratios against `q0f32 ORT`, the float model on ONNX Runtime's own MatMul;
 `--float16-graphs`, for each float16 scheme, a row run with LOWBIT_CPU_FLOAT32=0 (its float16 graph as written,
 instead of computed in float32).
 """
@@ -62,8 +63,8 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", type=Path)
     parser.add_argument("--ort-kernels", action="store_true",
-                        help="also run every scheme but q0f32 with LOWBIT_KERNELS=0 (rows '... ORT'): ONNX Runtime's "
-                             "kernels where lowbit's int8 CPU kernel would run")
+                        help="also run every scheme with LOWBIT_KERNELS=0 (rows '... ORT'): ONNX Runtime's kernels "
+                             "where lowbit's CPU kernels would run; adds ratios against 'q0f32 ORT'")
     parser.add_argument("--float16-graphs", action="store_true",
                         help="also run every float16 scheme with LOWBIT_CPU_FLOAT32=0 (rows '... f16'): the float16 "
                              "graph as written")
@@ -89,10 +90,10 @@ def main():
                    *(["--scheme", scheme] if scheme else []), *extra])
         print(f"converted {label}: {model_bytes(out) / 1e6:.1f} MB", flush=True)
     variants = {label: [] for label in labels}  # extra rows: (suffix, environment)
-    for label in labels[1:]:
-        if args.ort_kernels:
+    for label in labels:
+        if args.ort_kernels:  # q0f32 too: lowbit's kernel reads a bfloat16 checkpoint's float32 weights at half width
             variants[label].append((" ORT", {"LOWBIT_KERNELS": "0"}))
-        if args.float16_graphs and json.loads((folders[label] / "lowbit.json").read_text()).get("dtype") == "float16":
+        if label != "q0f32" and args.float16_graphs and json.loads((folders[label] / "lowbit.json").read_text()).get("dtype") == "float16":
             variants[label].append((" f16", {"LOWBIT_CPU_FLOAT32": "0"}))
     envs = {}
     for label, extra in variants.items():
@@ -101,15 +102,18 @@ def main():
     labels = [row for label in labels for row in [label] + [label + suffix for suffix, _ in variants[label]]]
     results = interleaved_bench({label: folders[label] for label in labels}, args.rounds, args.prompt_len,
                                 args.new_tokens, args.threads, envs)
-    base = results["q0f32"]
+    base, ort = results["q0f32"], results.get("q0f32 ORT")  # ort: the float model on ONNX Runtime's own MatMul
     print(f"\n{args.model} (random weights), prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"{args.threads} threads, best of {args.rounds} interleaved rounds\n")
-    print("| scheme | folder MB | prefill tok/s | × q0f32 | decode tok/s | × q0f32 | peak RSS MB | RSS − folder MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    against_ort = " × q0f32 ORT (prefill, decode) |" if ort else ""
+    print(f"| scheme | folder MB | prefill tok/s | × q0f32 | decode tok/s | × q0f32 |{against_ort} peak RSS MB | "
+          "RSS − folder MB |")
+    print("|---|---|---|---|---|---|" + ("---|" if ort else "") + "---|---|")
     for label in labels:
         r = results[label]
+        ratios = f" {r['prefill'] / ort['prefill']:.2f}, {r['decode'] / ort['decode']:.2f} |" if ort else ""
         print(f"| {label} | {r['model_bytes'] / 1e6:.1f} | {r['prefill']:.0f} | {r['prefill'] / base['prefill']:.2f} | "
-              f"{r['decode']:.1f} | {r['decode'] / base['decode']:.2f} | {r['rss_mb']:.0f} | "
+              f"{r['decode']:.1f} | {r['decode'] / base['decode']:.2f} |{ratios} {r['rss_mb']:.0f} | "
               f"{r['rss_mb'] - r['model_bytes'] / 1e6:.0f} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
