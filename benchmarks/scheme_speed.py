@@ -93,7 +93,8 @@ def main():
     for label in labels:
         if args.ort_kernels:  # q0f32 too: lowbit's kernel reads a bfloat16 checkpoint's float32 weights at half width
             variants[label].append((" ORT", {"LOWBIT_KERNELS": "0"}))
-        if label != "q0f32" and args.float16_graphs and json.loads((folders[label] / "lowbit.json").read_text()).get("dtype") == "float16":
+        dtype = json.loads((folders[label] / "lowbit.json").read_text()).get("dtype")
+        if label != "q0f32" and args.float16_graphs and dtype == "float16":
             variants[label].append((" f16", {"LOWBIT_CPU_FLOAT32": "0"}))
     envs = {}
     for label, extra in variants.items():

@@ -9,8 +9,9 @@ checkpoint converted to float32) can be read as its 16 high bits. The node exist
 builds in memory
 (runtime/narrow_float_weights.py); files on disk keep their standard nodes, which are its fallback. Arithmetic:
 
-    w[k, n]: bfloat16: the float32 whose high half it is; else the weight as a float16: itself; e5m2: its byte as a float16's high byte (the same value); e4m3fn:
-             sign and the other 7 bits shifted into a float16, the value / 256 (exact, subnormals included)
+    w[k, n]: bfloat16: the float32 whose high half it is; else the weight as a float16: itself; e5m2: its byte as a
+             float16's high byte (the same value); e4m3fn: sign and the other 7 bits shifted into a float16, the
+             value / 256 (exact, subnormals included)
     f[n] = scales[n] (or scales[0]) * (256 for e4m3fn, else 1), float32; v[k, n] = w[k, n] * f[n] in float32: the
              float32 weight DequantizeLinear makes, exactly (for float16 without a scale, w itself)
     Y[m, n] = acc after acc = 0; for k in order: acc = acc + A[m, k] * v[k, n] (float32 multiply, then float32 add)

@@ -74,7 +74,8 @@ def test_reference_is_the_matmul_of_the_dequantized_weight(rng):
         a = rng.standard_normal((3, 96)).astype(np.float32)
         expected = a.astype(np.float64) @ (w.astype(np.float64) * scales)
         got = op.reference_matmul(a, op.pack(w, scales))
-        assert np.abs(got - expected).max() <= 1e-5 * np.abs(a).sum(1).max() * np.abs(w.astype(np.float32) * scales).max()
+        bound = 1e-5 * np.abs(a).sum(1).max() * np.abs(w.astype(np.float32) * scales).max()
+        assert np.abs(got - expected).max() <= bound
 
 
 def kernel_session(packed: op.NarrowFloatWeight, threads: int = 2):
