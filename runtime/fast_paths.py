@@ -250,13 +250,7 @@ def _rewrite_narrow_float(model, data_dir: Path, folder: Path) -> narrow_float_w
         result = narrow_float_weights.rewrite(model, reader, writer)
         if not result.changed:
             return result
-        del graph.node[:]
-        graph.node.extend(writer.nodes)
-        _prune(graph)
-        used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
-        kept = [t for t in graph.initializer if t.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept + writer.initializers)
+        _replace_nodes(graph, writer)
         if data_dir != folder:
             data.take_over(graph, reader)
         if not any(op.domain == "lowbit.cpu" for op in model.opset_import):
@@ -433,6 +427,17 @@ def _dequantize_nvfp4(node, reader: _TensorReader, writer, layers: dict[str, int
     del weight
     writer.nodes.append(helper.make_node("MatMul", inputs, list(node.output), name=node.name))
     return True
+
+
+def _replace_nodes(graph, writer) -> None:
+    """The graph's nodes become the writer's, pruned; its initializers, those still read plus the writer's."""
+    del graph.node[:]
+    graph.node.extend(writer.nodes)
+    _prune(graph)
+    used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + writer.initializers)
 
 
 def _prune(graph) -> None:
@@ -729,13 +734,7 @@ def rewrite_blockwise(model, model_dir: Path, levels: dict[str, int], folder: Pa
             result.fast.append(label)
         if not result.changed:
             return result
-        del graph.node[:]
-        graph.node.extend(writer.nodes)
-        _prune(graph)
-        used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
-        kept = [t for t in graph.initializer if t.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept + writer.initializers)
+        _replace_nodes(graph, writer)
         data.take_over(graph, reader)
         if not any(op.domain == matmul_nbits.DOMAIN for op in model.opset_import):
             model.opset_import.append(helper.make_opsetid(matmul_nbits.DOMAIN, 1))

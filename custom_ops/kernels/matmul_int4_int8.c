@@ -33,7 +33,7 @@
 #endif
 #define QUADS_PER_FLUSH 4  /* 4 quads of 4 rows: |sum| <= 16 * 15 * 127 = 30480 fits int16 */
 
-typedef struct {
+typedef struct { /* k and n first: new_kernel (ort_api.h) */
   int64_t k, n, group_size, layout; /* layout: 0 AVX2 (pairs of rows), 1 VNNI (fours of rows) */
 } Kernel;
 
@@ -289,27 +289,19 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
 static OrtStatus *create_kernel(const CustomOp *op, const OrtApi *unused, const OrtKernelInfo *info, void **out) {
   (void)op;
   (void)unused;
-  Kernel *kernel = calloc(1, sizeof(Kernel));
-  if (kernel == NULL) return API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "out of memory");
-  OrtStatus *status = API(KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, "K", &kernel->k);
-  if (status == NULL) status = API(KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, "N", &kernel->n);
-  if (status == NULL)
-    status = API(KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, "group_size", &kernel->group_size);
-  if (status == NULL && (kernel->k < 1 || kernel->n < 1 || kernel->group_size < 4 || kernel->group_size % 4 != 0))
-    status = error("lowbit.cpu.MatMulInt4Int8: K and N must be positive, group_size a positive multiple of 4");
-  if (status == NULL) {
-    OrtStatus *absent = API(KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, "layout",
-                                                                                        &kernel->layout);
-    if (absent != NULL) {  /* optional: the AVX2 layout */
-      API(ReleaseStatus, ReleaseStatusFn)(absent);
-      kernel->layout = 0;
-    }
-  }
+  Kernel *kernel = NULL;
+  OrtStatus *status = new_kernel(info, sizeof(Kernel), "lowbit.cpu.MatMulInt4Int8: K and N must be positive",
+                                 (void **)&kernel);
+  if (status != NULL) return status;
+  status = int_attribute(info, "group_size", &kernel->group_size, 0, 0);
+  if (status == NULL && (kernel->group_size < 4 || kernel->group_size % 4 != 0))
+    status = error("lowbit.cpu.MatMulInt4Int8: group_size must be a positive multiple of 4");
+  if (status == NULL) status = int_attribute(info, "layout", &kernel->layout, 1, 0);  /* optional: AVX2 */
+  if (status == NULL && kernel->layout != 0 && kernel->layout != 1)
+    status = error("lowbit.cpu.MatMulInt4Int8: layout must be 0 (AVX2) or 1 (VNNI)");
   if (status == NULL && kernel->layout == 1 &&
       !(kernel->group_size % 8 == 0 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")))
     status = error("lowbit.cpu.MatMulInt4Int8: layout 1 needs AVX512-VNNI and a group_size multiple of 8");
-  if (status == NULL && kernel->layout != 0 && kernel->layout != 1)
-    status = error("lowbit.cpu.MatMulInt4Int8: layout must be 0 (AVX2) or 1 (VNNI)");
   if (status != NULL) {
     free(kernel);
     return status;

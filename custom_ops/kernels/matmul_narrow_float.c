@@ -36,7 +36,7 @@ enum { FLOAT16 = 10, BFLOAT16 = 16, FLOAT8E4M3FN = 17, FLOAT8E5M2 = 19 };
 #define KC 256 /* rows of K widened at once when M > 1: 16 KB */
 #define TASKS 64
 
-typedef struct {
+typedef struct { /* k and n first: new_kernel (ort_api.h) */
   int64_t k, n, weight_type, input_type;
   int avx512; /* prompts on 512-bit registers (the CPU has AVX-512F, LOWBIT_KERNELS_AVX512 is not 0) */
 } Kernel;
@@ -125,6 +125,18 @@ static inline void one_row(const Work *w, int64_t t0, const int T, const int64_t
   for (int j = 0; j < T; j++) store_tile(w, t0 + j, 0, acc[2 * j], acc[2 * j + 1]);
 }
 
+/* Rows k0 .. k1 - 1 of tile t as float32 weights v, into `tile` [k1 - k0, 16]. */
+static inline void widen_rows(const Work *w, int64_t t, int64_t k0, int64_t k1, float *tile) {
+  const int64_t bytes = WEIGHT_BYTES(w->weight_type);
+  const uint8_t *b = w->b + (size_t)(t * w->k * TILE * bytes);
+  for (int64_t k = k0; k < k1; k++) {
+    __m256 lo, hi;
+    weights16(w, t, b + k * TILE * bytes, w->weight_type, w->factors != NULL, &lo, &hi);
+    _mm256_store_ps(tile + (k - k0) * TILE, lo);
+    _mm256_store_ps(tile + (k - k0) * TILE + 8, hi);
+  }
+}
+
 /* M > 1: rows m0 .. m0 + R - 1 against rows k0 .. k1 - 1 of one tile, already widened into `tile` [k1 - k0, 16];
  * the sums continue from Y's partial sums where k0 > 0. */
 static inline void row_block(const Work *w, const float *tile, int64_t t, int64_t k0, int64_t k1, int64_t m0,
@@ -159,17 +171,10 @@ static inline void row_block(const Work *w, const float *tile, int64_t t, int64_
 /* M > 1: one tile, KC rows of K at a time: the chunk widened once into a buffer that stays in L1, then every block
  * of rows of A against it. */
 static void many_rows(const Work *w, int64_t t) {
-  const int64_t bytes = WEIGHT_BYTES(w->weight_type);
-  const uint8_t *b = w->b + (size_t)(t * w->k * TILE * bytes);
   float tile[KC * TILE] __attribute__((aligned(32)));
   for (int64_t k0 = 0; k0 < w->k; k0 += KC) {
     const int64_t k1 = k0 + KC < w->k ? k0 + KC : w->k;
-    for (int64_t k = k0; k < k1; k++) {
-      __m256 lo, hi;
-      weights16(w, t, b + k * TILE * bytes, w->weight_type, w->factors != NULL, &lo, &hi);
-      _mm256_store_ps(tile + (k - k0) * TILE, lo);
-      _mm256_store_ps(tile + (k - k0) * TILE + 8, hi);
-    }
+    widen_rows(w, t, k0, k1, tile);
     for (int64_t m0 = 0; m0 < w->m; m0 += ROWS) {
       switch (w->m - m0 < ROWS ? w->m - m0 : ROWS) { /* constant R: each case gets its own register allocation */
         case 1: row_block(w, tile, t, k0, k1, m0, 1); break;
@@ -242,17 +247,10 @@ __attribute__((target("avx512f"), always_inline)) static inline void row_block51
 }
 
 __attribute__((target("avx512f"))) static void many_rows512(const Work *w, int64_t t) {
-  const int64_t bytes = WEIGHT_BYTES(w->weight_type);
-  const uint8_t *b = w->b + (size_t)(t * w->k * TILE * bytes);
   float tile[KC512 * TILE] __attribute__((aligned(64)));
   for (int64_t k0 = 0; k0 < w->k; k0 += KC512) {
     const int64_t k1 = k0 + KC512 < w->k ? k0 + KC512 : w->k;
-    for (int64_t k = k0; k < k1; k++) {
-      __m256 lo, hi;
-      weights16(w, t, b + k * TILE * bytes, w->weight_type, w->factors != NULL, &lo, &hi);
-      _mm256_store_ps(tile + (k - k0) * TILE, lo);
-      _mm256_store_ps(tile + (k - k0) * TILE + 8, hi);
-    }
+    widen_rows(w, t, k0, k1, tile);
     for (int64_t m0 = 0; m0 < w->m; m0 += ROWS512) {
       switch (w->m - m0 < ROWS512 ? w->m - m0 : ROWS512) {
 #define ROWS_CASE(R) case R: row_block512(w, tile, t, k0, k1, m0, R); break;
@@ -367,27 +365,15 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
 static OrtStatus *create_kernel(const CustomOp *op, const OrtApi *unused, const OrtKernelInfo *info, void **out) {
   (void)op;
   (void)unused;
-  Kernel *kernel = calloc(1, sizeof(Kernel));
-  if (kernel == NULL) return API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "out of memory");
-  OrtStatus *status = API(KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, "K", &kernel->k);
-  if (status == NULL) status = API(KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, "N", &kernel->n);
-  if (status == NULL)
-    status = API(KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, "weight_type", &kernel->weight_type);
-  if (status == NULL) {
-    OrtStatus *absent = API(KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, "input_type",
-                                                                                        &kernel->input_type);
-    if (absent != NULL) {  /* optional: A as it is */
-      API(ReleaseStatus, ReleaseStatusFn)(absent);
-      kernel->input_type = 0;
-    }
-  }
+  Kernel *kernel = NULL;
+  OrtStatus *status = new_kernel(info, sizeof(Kernel), "lowbit.cpu.MatMulNarrowFloat: K and N must be positive",
+                                 (void **)&kernel);
+  if (status != NULL) return status;
+  status = int_attribute(info, "weight_type", &kernel->weight_type, 0, 0);
+  if (status == NULL) status = int_attribute(info, "input_type", &kernel->input_type, 1, 0);  /* optional: A as is */
   if (status == NULL && kernel->input_type != 0 && kernel->input_type != FLOAT8E4M3FN &&
       kernel->input_type != FLOAT8E5M2)
     status = error("lowbit.cpu.MatMulNarrowFloat: input_type must be 0, 17 (e4m3fn) or 19 (e5m2)");
-  if (status == NULL && (kernel->k < 1 || kernel->n < 1))
-    status = error("lowbit.cpu.MatMulNarrowFloat: K and N must be positive");
-  const char *avx512 = getenv("LOWBIT_KERNELS_AVX512");
-  kernel->avx512 = __builtin_cpu_supports("avx512f") && !(avx512 != NULL && strcmp(avx512, "0") == 0);
   if (status == NULL && kernel->weight_type != FLOAT16 && kernel->weight_type != BFLOAT16 &&
       kernel->weight_type != FLOAT8E4M3FN && kernel->weight_type != FLOAT8E5M2)
     status = error("lowbit.cpu.MatMulNarrowFloat: weight_type must be 10 (float16), 16 (bfloat16), 17 (e4m3fn) or "
@@ -396,6 +382,8 @@ static OrtStatus *create_kernel(const CustomOp *op, const OrtApi *unused, const 
     free(kernel);
     return status;
   }
+  const char *avx512 = getenv("LOWBIT_KERNELS_AVX512");
+  kernel->avx512 = __builtin_cpu_supports("avx512f") && !(avx512 != NULL && strcmp(avx512, "0") == 0);
   *out = kernel;
   return NULL;
 }

@@ -124,6 +124,34 @@ static inline void *data_of(const OrtValue *value) {
   return data;
 }
 
+/* An int64 attribute; `optional`: absent leaves `fallback` in *out instead of an error. */
+static inline OrtStatus *int_attribute(const OrtKernelInfo *info, const char *name, int64_t *out, int optional,
+                                       int64_t fallback) {
+  OrtStatus *status = API(KernelInfoGetAttribute_int64, KernelInfoGetAttributeInt64Fn)(info, name, out);
+  if (status != NULL && optional) {
+    API(ReleaseStatus, ReleaseStatusFn)(status);
+    *out = fallback;
+    return NULL;
+  }
+  return status;
+}
+
+/* A kernel's state of `size` bytes, zeroed, that begins with int64 K and N: both read from the attributes (positive),
+ * or an error (`op`: its message) and nothing allocated. */
+static inline OrtStatus *new_kernel(const OrtKernelInfo *info, size_t size, const char *op, void **out) {
+  int64_t *dims = calloc(1, size);
+  if (dims == NULL) return API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "out of memory");
+  OrtStatus *status = int_attribute(info, "K", &dims[0], 0, 0);
+  if (status == NULL) status = int_attribute(info, "N", &dims[1], 0, 0);
+  if (status == NULL && (dims[0] < 1 || dims[1] < 1)) status = error(op);
+  if (status != NULL) {
+    free(dims);
+    return status;
+  }
+  *out = dims;
+  return NULL;
+}
+
 /* Members every lowbit.cpu op shares: CPU provider, required inputs and outputs in CPU memory, one float32 output,
  * a kernel state freed with free(), any opset version. */
 static inline const char *cpu_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
