@@ -37,9 +37,11 @@ import numpy as np
 DOMAIN = "lowbit.cpu"
 OP_TYPE = "MatMulNarrowFloat"
 TILE = 16  # columns per tile of B
-FLOAT16, BFLOAT16, FLOAT8E4M3FN, FLOAT8E5M2 = 10, 16, 17, 19  # onnx.TensorProto data types
-WEIGHT_BYTES = {FLOAT16: 2, BFLOAT16: 2, FLOAT8E4M3FN: 1, FLOAT8E5M2: 1}
-UNIT = {FLOAT16: 1.0, BFLOAT16: 1.0, FLOAT8E4M3FN: 256.0, FLOAT8E5M2: 1.0}  # the value of w[k, n] == 1 as stored
+FLOAT16, BFLOAT16, FLOAT8E4M3FN, FLOAT8E5M2, FLOAT4E2M1 = 10, 16, 17, 19, 23  # onnx.TensorProto data types
+ROW_BYTES = {FLOAT16: 32, BFLOAT16: 32, FLOAT8E4M3FN: 16, FLOAT8E5M2: 16, FLOAT4E2M1: 8}  # a tile's row, 16 weights
+UNIT = {FLOAT16: 1.0, BFLOAT16: 1.0, FLOAT8E4M3FN: 256.0, FLOAT8E5M2: 1.0, FLOAT4E2M1: 1.0}  # w == 1 as stored
+FP4_BLOCK = 16  # rows of K per step of a FLOAT4E2M1 weight (NVFP4's block)
+E2M1_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)  # code 8: +0
 FLOAT8_MAX = {FLOAT8E4M3FN: 448.0, FLOAT8E5M2: 57344.0}
 
 
@@ -102,9 +104,34 @@ def exact_bfloat16(weights: np.ndarray) -> np.ndarray | None:
     return (bits >> 16).astype(np.uint16).view(ml_dtypes.bfloat16)
 
 
+def pack_e2m1(codes: np.ndarray, steps: np.ndarray) -> NarrowFloatWeight:
+    """NVFP4 weights: e2m1 codes [N, K] (0..15, K a multiple of 16) and each block's float32 step [N, K / 16]
+    (s / gs: the FP8 block scale over the global scale) -> the kernel's arrays (`weight_type` 23). Tile t, row k:
+    8 bytes, byte c holding column c's code (low nibble) and column c + 8's (high nibble); `scales` holds the
+    steps tile by tile, [N_pad / 16, K / 16, 16]. The kernel's weight is e2m1(code) * step in float32 (one rounding,
+    as the dequantization ORT folds; code 8, -0, gives +0)."""
+    codes = np.asarray(codes, np.uint8)
+    n, k = codes.shape
+    if k % FP4_BLOCK or np.shape(steps) != (n, k // FP4_BLOCK):
+        raise ValueError(f"codes {codes.shape}, steps {np.shape(steps)}: K must be a multiple of 16, steps [N, K/16]")
+    n_pad = -(-n // TILE) * TILE
+    padded = np.zeros((n_pad, k), np.uint8)
+    padded[:n] = codes
+    rows = padded.reshape(n_pad // TILE, TILE, k).transpose(0, 2, 1)  # [tiles, K, 16 columns]
+    b = np.ascontiguousarray(rows[..., :8] | (rows[..., 8:] << 4))
+    step = np.zeros((n_pad, k // FP4_BLOCK), np.float32)
+    step[:n] = steps
+    tiled = np.ascontiguousarray(step.reshape(n_pad // TILE, TILE, -1).transpose(0, 2, 1))
+    return NarrowFloatWeight(b, tiled, k, n, FLOAT4E2M1)
+
+
 def widened(weight: NarrowFloatWeight) -> np.ndarray:
-    """w [K, N_pad] float32: the kernel's w[k, n] (for e4m3fn, the value / 256)."""
+    """w [K, N_pad] float32: the kernel's w[k, n] (for e4m3fn, the value / 256; for e2m1, times its step)."""
     tiles, k, _ = weight.b.shape
+    if weight.weight_type == FLOAT4E2M1:
+        codes = np.concatenate([weight.b & 0x0F, weight.b >> 4], axis=-1)  # [tiles, K, 16 columns]
+        steps = np.repeat(weight.scales, FP4_BLOCK, axis=1)  # [tiles, K, 16]
+        return (E2M1_VALUES[codes] * steps).transpose(1, 0, 2).reshape(k, tiles * TILE)
     if weight.weight_type == BFLOAT16:
         high = weight.b.view(np.uint16).astype(np.uint32) << 16
         return high.view(np.float32).transpose(1, 0, 2).reshape(k, tiles * TILE)
@@ -117,8 +144,10 @@ def widened(weight: NarrowFloatWeight) -> np.ndarray:
 
 
 def factors(weight: NarrowFloatWeight) -> np.ndarray:
-    """f [N_pad] float32."""
+    """f [N_pad] float32 (ones for e2m1, whose steps are in `widened`)."""
     n_pad = weight.b.shape[0] * TILE
+    if weight.weight_type == FLOAT4E2M1:
+        return np.ones(n_pad, np.float32)
     return np.broadcast_to(weight.scales * np.float32(UNIT[weight.weight_type]), (n_pad,)).astype(np.float32)
 
 

@@ -202,17 +202,18 @@ def inference_session(model_dir: Path, options, providers: list[str], metadata: 
     session, widened, narrow = None, False, narrow_float_weights.NarrowFloatResult()
     try:
         with tempfile.TemporaryDirectory(prefix="lowbit-fast-path-", ignore_cleanup_errors=True) as folder:
-            result = RewriteResult()
+            result, fp4_library = RewriteResult(), None
             if rewrite and off is None:
+                fp4_library = _narrow_float_kernel() if nvfp4 and accuracy_level is None else None
                 result = rewrite_blockwise(model, model_dir, accuracy_levels(metadata), Path(folder), nvfp4,
-                                           int4_int8=kernel is not None)
+                                           int4_int8=kernel is not None, fp4_kernel=fp4_library is not None)
             if accuracy_level is not None:
                 set_accuracy_level(model.graph, accuracy_level)
             widened = widen and float32_compute.to_float32(model)
             if narrow_library is not None:
                 narrow = _rewrite_narrow_float(model, Path(folder) if result.changed else model_dir, Path(folder))
-            if result.kernel or narrow.changed:
-                options.register_custom_ops_library(str(kernel or narrow_library))
+            if result.kernel or result.fp4_kernel or narrow.changed:
+                options.register_custom_ops_library(str(kernel or narrow_library or fp4_library))
             if result.changed or accuracy_level is not None or widened or narrow.changed:
                 options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                                  folder if result.changed or narrow.changed else str(model_dir))
@@ -266,11 +267,12 @@ class RewriteResult:
     fallback: list[tuple[str, str]] = field(default_factory=list)  # (node, why it kept its function body)
     widened: list[str] = field(default_factory=list)  # 2-bit MatMulNBits nodes now running as 4-bit
     dequantized: list[str] = field(default_factory=list)  # NVFP4 MatMuls now reading a float weight
+    fp4_kernel: list[str] = field(default_factory=list)  # NVFP4 MatMuls now on lowbit.cpu.MatMulNarrowFloat
     kernel: list[str] = field(default_factory=list)  # nodes now running as lowbit.cpu.MatMulInt4Int8
 
     @property
     def changed(self) -> bool:
-        return bool(self.fast or self.widened or self.dequantized or self.kernel)
+        return bool(self.fast or self.widened or self.dequantized or self.kernel or self.fp4_kernel)
 
     def messages(self) -> list[str]:
         lines = []
@@ -284,6 +286,8 @@ class RewriteResult:
                          "load: ORT's 4-bit kernel is the faster one)")
         if self.dequantized:
             lines.append(f"{len(self.dequantized)} NVFP4 weights dequantized to float32 at load, one layer at a time")
+        if self.fp4_kernel:
+            lines.append(f"{len(self.fp4_kernel)} NVFP4 weights run at 4 bits on lowbit.cpu.MatMulNarrowFloat")
         lines += [f"{name} runs as its ONNX function body ({why})" for name, why in self.fallback]
         return lines
 
@@ -407,26 +411,37 @@ def _why_not(node, reader: _TensorReader) -> str | None:
     return None
 
 
-def _dequantize_nvfp4(node, reader: _TensorReader, writer, layers: dict[str, int]) -> bool:
-    """A MatMul of an NVFP4 layer (`layers`: module -> K) reading the unpack graph's weight becomes the MatMul over
-    that weight, float32 [K, N], dequantized here (`lowbit.nvfp4`) and appended to `writer`; False leaves the node
-    to the caller. The unpack nodes are left without a reader (`_prune` removes them)."""
+def _dequantize_nvfp4(node, reader: _TensorReader, writer, layers: dict[str, int], fp4_kernel: bool = False) -> str:
+    """A MatMul of an NVFP4 layer (`layers`: module -> K) reading the unpack graph's weight becomes, with
+    `fp4_kernel` and K a multiple of 16, `lowbit.cpu.MatMulNarrowFloat` over the e2m1 codes and the blocks' float32
+    steps s / gs (the same float32 weight, 4.5 bits a weight in memory; returns "kernel"), else the MatMul over that
+    weight, float32 [K, N], dequantized here (`lowbit.nvfp4`; returns "float32"), appended to `writer`; "" leaves
+    the node to the caller. The unpack nodes are left without a reader (`_prune` removes them)."""
     from onnx import TensorProto, helper
 
     from lowbit import nvfp4
 
     if node.op_type != "MatMul" or node.domain or node.name not in layers:
-        return False
+        return ""
     packed, scales, gs = (f"{node.name}.{part}" for part in ("qweight", "scales", "global_scale"))
     if not all(reader.has(name) for name in (packed, scales, gs)) \
             or reader.protos[scales].data_type != TensorProto.FLOAT8E4M3FN:
-        return False
+        return ""
     k = layers[node.name]
+    if fp4_kernel and k % nvfp4.GROUP == 0:
+        from lowbit.custom_ops import matmul_narrow_float as op
+
+        codes = nvfp4.unpack(reader.read(packed))[:, :k]
+        steps = (np.asarray(reader.read(scales)).astype(np.float32) / np.float32(reader.read(gs)))[:, :k // nvfp4.GROUP]
+        weight = op.pack_e2m1(codes, steps)
+        writer.node(op.OP_TYPE, [node.input[0], writer.array("B", weight.b), writer.array("steps", weight.scales)],
+                    "nvfp4", domain=op.DOMAIN, output=node.output[0], K=k, N=weight.n, weight_type=op.FLOAT4E2M1)
+        return "kernel"
     weight = nvfp4.dequantize(nvfp4.unpack(reader.read(packed)), reader.read(scales), np.float32(reader.read(gs)))
     inputs = [node.input[0], writer.array("weight", np.ascontiguousarray(weight[:, :k].T))]
     del weight
     writer.nodes.append(helper.make_node("MatMul", inputs, list(node.output), name=node.name))
-    return True
+    return "float32"
 
 
 def _replace_nodes(graph, writer) -> None:
@@ -673,7 +688,8 @@ class _GraphWriter:
 
 
 def rewrite_blockwise(model, model_dir: Path, levels: dict[str, int], folder: Path,
-                      nvfp4: dict[str, int] | None = None, int4_int8: bool = False) -> RewriteResult:
+                      nvfp4: dict[str, int] | None = None, int4_int8: bool = False,
+                      fp4_kernel: bool = False) -> RewriteResult:
     """Rewrites every `lowbit.MatMulBlockwise` node of `model` (an onnx.ModelProto loaded without external data) in
     place, and every 2-bit MatMulNBits and NVFP4 MatMul (`nvfp4`: module -> K) it can, writing the new weights, and
     the external data the graph still reads, into `folder`."""
@@ -694,8 +710,9 @@ def rewrite_blockwise(model, model_dir: Path, levels: dict[str, int], folder: Pa
             if _widen_2bit(node, reader, writer):
                 result.widened.append(node.name or node.output[0])
                 continue
-            if nvfp4 and _dequantize_nvfp4(node, reader, writer, nvfp4):
-                result.dequantized.append(node.name)
+            route = _dequantize_nvfp4(node, reader, writer, nvfp4, fp4_kernel) if nvfp4 else ""
+            if route:
+                (result.fp4_kernel if route == "kernel" else result.dequantized).append(node.name)
                 continue
             if (node.domain, node.op_type) != MATMUL_OP:
                 writer.nodes.append(node)

@@ -40,7 +40,7 @@ def test_every_float8_code_widens_to_its_value(name):
 def test_pack_holds_the_weights_in_tile_order(name, k, n, rng):
     w = weights(rng, (k, n), DTYPES[name])
     packed = op.pack(w)
-    assert packed.b.shape == (-(-n // 16), k, 16 * op.WEIGHT_BYTES[packed.weight_type])
+    assert packed.b.shape == (-(-n // 16), k, op.ROW_BYTES[packed.weight_type])
     unit = np.float32(op.UNIT[packed.weight_type])
     assert np.array_equal(op.widened(packed)[:, :n] * unit, w.astype(np.float32))
     assert not op.widened(packed)[:, n:].any()
@@ -322,3 +322,72 @@ def test_which_folders_the_rewrite_looks_at():
     assert not kernel_applies({"dtype": "float32", "source_float_dtypes": ["F32"]})
     assert not kernel_applies({"dtype": "float32"}) and not kernel_applies(None)
     assert kernel_applies({"dtype": "float32", "quantization": {"x": {"format": "qdq_fp8_e4m3"}}})
+
+
+# ------------------------------------------------------------------------------ NVFP4 (e2m1 codes, block steps)
+
+
+def test_e2m1_pack_holds_the_dequantized_weight(rng):
+    """e2m1(code) * (s / gs) per block: lowbit.nvfp4.dequantize's float32 weight, bit for bit (-0 as +0)."""
+    from lowbit import nvfp4
+
+    n, k = 37, 96
+    codes = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    scales = rng.uniform(0.02, 400, (n, k // 16)).astype(ml_dtypes.float8_e4m3fn)
+    gs = np.float32(rng.uniform(10, 3000))
+    steps = scales.astype(np.float32) / gs
+    packed = op.pack_e2m1(codes, steps)
+    assert packed.b.shape == (3, k, 8) and packed.scales.shape == (3, k // 16, 16)
+    expected = nvfp4.dequantize(codes, scales, gs).T  # [K, N]
+    got = op.widened(packed)[:, :n]
+    assert np.array_equal(got, expected + 0.0)  # + 0.0: -0 -> +0
+    with pytest.raises(ValueError, match="multiple of 16"):
+        op.pack_e2m1(codes[:, :40], steps[:, :2])
+
+
+@needs_kernel
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 9)])
+@pytest.mark.parametrize("n,k", [(16, 16), (45, 96), (70, 320)])
+@pytest.mark.parametrize("avx512", ["1", "0"])
+def test_e2m1_kernel_equals_the_reference_bit_for_bit(lead, n, k, avx512, rng, monkeypatch):
+    monkeypatch.setenv("LOWBIT_KERNELS_AVX512", avx512)
+    codes = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    steps = (rng.uniform(0.02, 400, (n, k // 16)).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+             / np.float32(rng.uniform(10, 3000)))
+    packed = op.pack_e2m1(codes, steps)
+    a = rng.standard_normal((*lead, k)).astype(np.float32)
+    y = kernel_session(packed).run(None, {"A": a})[0]
+    assert np.array_equal(y, op.reference_matmul(a, packed))
+
+
+NVFP4_RECIPE = ("QuantizationModifier:\n  ignore: [lm_head]\n  scheme: NVFP4A16\n  targets: [Linear]\n"
+                "  bypass_divisibility_checks: true\n")
+
+
+@needs_kernel
+def test_nvfp4_folder_on_the_kernel_gives_the_folded_weights_logits(tmp_path, monkeypatch, capfd):
+    """stories260K NVFP4A16: layers whose K is a multiple of 16 run on the kernel at 4 bits (the same float32
+    weights as the fold, summed in another order: within 1e-5 of the largest logit, prefill and cached decode),
+    the others (down_proj, K = 172) keep the float32 weight dequantized at load."""
+    import json
+
+    import lowbit
+    from lowbit.runtime import fast_paths
+    from lowbit.runtime.session import create_session
+
+    recipe = tmp_path / "nvfp4.yaml"
+    recipe.write_text(NVFP4_RECIPE)
+    out = tmp_path / "nvfp4a16"
+    lowbit.convert(str(SAMPLE_MODEL), out, recipe=recipe)
+    layers = fast_paths.nvfp4_layers(json.loads((out / "lowbit.json").read_text()))
+    on_kernel = [name for name, k in layers.items() if k % 16 == 0]
+    assert 0 < len(on_kernel) < len(layers)
+    capfd.readouterr()
+    kernel_logits = prefill_and_decode(create_session(out))
+    err = capfd.readouterr().err
+    assert f"lowbit: {len(on_kernel)} NVFP4 weights run at 4 bits on lowbit.cpu.MatMulNarrowFloat" in err
+    assert f"lowbit: {len(layers) - len(on_kernel)} NVFP4 weights dequantized to float32 at load" in err
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    folded = prefill_and_decode(create_session(out))
+    for a, b in zip(kernel_logits, folded):
+        assert relative(a, b) <= 1e-5

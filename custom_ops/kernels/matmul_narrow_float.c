@@ -27,8 +27,10 @@
 
 #include "ort_api.h"
 
-enum { FLOAT16 = 10, BFLOAT16 = 16, FLOAT8E4M3FN = 17, FLOAT8E5M2 = 19 };
-#define WEIGHT_BYTES(type) ((type) == FLOAT16 || (type) == BFLOAT16 ? 2 : 1)
+enum { FLOAT16 = 10, BFLOAT16 = 16, FLOAT8E4M3FN = 17, FLOAT8E5M2 = 19, FLOAT4E2M1 = 23 };
+#define FP4_BLOCK 16 /* rows of K per float32 step of a FLOAT4E2M1 weight (NVFP4's block) */
+/* bytes of one row of a tile: 16 weights of 2 bytes, 1 byte, or (FLOAT4E2M1) half a byte */
+#define ROW_BYTES(type) ((type) == FLOAT16 || (type) == BFLOAT16 ? 32 : (type) == FLOAT4E2M1 ? 8 : 16)
 
 #define TILE 16 /* columns per tile: two 256-bit registers of float32 */
 #define ROWS 6  /* rows of A per block when M > 1: 12 accumulators */
@@ -44,6 +46,7 @@ typedef struct { /* k and n first: new_kernel (ort_api.h) */
 typedef struct {
   const uint8_t *b;
   const float *factors; /* [N_pad] f[n]; NULL: all 1 */
+  const float *steps;   /* FLOAT4E2M1: [N_pad / 16, K / 16, 16] the blocks' float32 steps; else NULL */
   const float *a;       /* [M, K] */
   float *y;             /* [M, N] */
   int64_t m, k, n, n_pad, weight_type, tiles_per_task;
@@ -85,9 +88,26 @@ static inline void store_tile(const Work *w, int64_t t, int64_t row, __m256 lo, 
   memcpy(w->y + row * w->n + n0, out, sizeof(float) * (size_t)width);
 }
 
-/* Row k of tile t as the float32 weights v: widened, times the columns' factors. */
-static inline void weights16(const Work *w, int64_t t, const uint8_t *p, const int64_t type, const int scaled,
-                             __m256 *lo, __m256 *hi) {
+/* Row k of a FLOAT4E2M1 tile (8 bytes: columns 0..7 in the low nibbles, 8..15 in the high ones) as float32:
+ * e2m1(code) (exact, from 2 * e2m1 as int8; code 8, -0, gives +0) times the block's step. */
+static inline void widen16_e2m1(const uint8_t *p, const float *step, __m256 *lo, __m256 *hi) {
+  const __m128i twice = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+  const __m128i nibble = _mm_set1_epi8(0x0F), x = _mm_loadl_epi64((const __m128i *)p);
+  const __m128i codes = _mm_unpacklo_epi64(_mm_and_si128(x, nibble), _mm_and_si128(_mm_srli_epi16(x, 4), nibble));
+  const __m128i values = _mm_shuffle_epi8(twice, codes);
+  const __m256 half = _mm256_set1_ps(0.5f);
+  *lo = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(values)), half), _mm256_loadu_ps(step));
+  *hi = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(values, 8))), half),
+                      _mm256_loadu_ps(step + 8));
+}
+
+/* Row k of tile t as the float32 weights v: widened, times the columns' factors (FLOAT4E2M1: its block's step). */
+static inline void weights16(const Work *w, int64_t t, int64_t k, const uint8_t *p, const int64_t type,
+                             const int scaled, __m256 *lo, __m256 *hi) {
+  if (type == FLOAT4E2M1) {
+    widen16_e2m1(p, w->steps + (t * (w->k / FP4_BLOCK) + k / FP4_BLOCK) * TILE, lo, hi);
+    return;
+  }
   widen16(p, type, lo, hi);
   if (scaled) {
     *lo = _mm256_mul_ps(*lo, _mm256_loadu_ps(w->factors + t * TILE));
@@ -106,7 +126,7 @@ static inline void load_partial(const Work *w, int64_t t, int64_t row, __m256 *l
 /* M == 1: tiles t0 .. t0 + T - 1 in one pass over K (T independent streams of weights); T, the weight type and
  * whether there are factors are constants in each copy the compiler makes (one_row_typed). */
 static inline void one_row(const Work *w, int64_t t0, const int T, const int64_t type, const int scaled) {
-  const int64_t bytes = WEIGHT_BYTES(type), row_bytes = TILE * bytes, tile_bytes = w->k * row_bytes;
+  const int64_t row_bytes = ROW_BYTES(type), tile_bytes = w->k * row_bytes;
   const uint8_t *b = w->b + (size_t)(t0 * tile_bytes);
   __m256 acc[2 * TILES_AT_ONCE];
   _Pragma("GCC unroll 16")
@@ -116,7 +136,7 @@ static inline void one_row(const Work *w, int64_t t0, const int T, const int64_t
     _Pragma("GCC unroll 16")
     for (int j = 0; j < T; j++) {
       __m256 lo, hi;
-      weights16(w, t0 + j, b + j * tile_bytes + k * row_bytes, type, scaled, &lo, &hi);
+      weights16(w, t0 + j, k, b + j * tile_bytes + k * row_bytes, type, scaled, &lo, &hi);
       acc[2 * j] = _mm256_add_ps(acc[2 * j], _mm256_mul_ps(x, lo));
       acc[2 * j + 1] = _mm256_add_ps(acc[2 * j + 1], _mm256_mul_ps(x, hi));
     }
@@ -127,11 +147,11 @@ static inline void one_row(const Work *w, int64_t t0, const int T, const int64_t
 
 /* Rows k0 .. k1 - 1 of tile t as float32 weights v, into `tile` [k1 - k0, 16]. */
 static inline void widen_rows(const Work *w, int64_t t, int64_t k0, int64_t k1, float *tile) {
-  const int64_t bytes = WEIGHT_BYTES(w->weight_type);
-  const uint8_t *b = w->b + (size_t)(t * w->k * TILE * bytes);
+  const int64_t row_bytes = ROW_BYTES(w->weight_type);
+  const uint8_t *b = w->b + (size_t)(t * w->k * row_bytes);
   for (int64_t k = k0; k < k1; k++) {
     __m256 lo, hi;
-    weights16(w, t, b + k * TILE * bytes, w->weight_type, w->factors != NULL, &lo, &hi);
+    weights16(w, t, k, b + k * row_bytes, w->weight_type, w->factors != NULL, &lo, &hi);
     _mm256_store_ps(tile + (k - k0) * TILE, lo);
     _mm256_store_ps(tile + (k - k0) * TILE + 8, hi);
   }
@@ -269,7 +289,8 @@ static inline void one_row_typed(const Work *w, int64_t t, const int T) {
     case FLOAT16: scaled ? one_row(w, t, T, FLOAT16, 1) : one_row(w, t, T, FLOAT16, 0); break;
     case BFLOAT16: scaled ? one_row(w, t, T, BFLOAT16, 1) : one_row(w, t, T, BFLOAT16, 0); break;
     case FLOAT8E4M3FN: scaled ? one_row(w, t, T, FLOAT8E4M3FN, 1) : one_row(w, t, T, FLOAT8E4M3FN, 0); break;
-    default: scaled ? one_row(w, t, T, FLOAT8E5M2, 1) : one_row(w, t, T, FLOAT8E5M2, 0); break;
+    case FLOAT8E5M2: scaled ? one_row(w, t, T, FLOAT8E5M2, 1) : one_row(w, t, T, FLOAT8E5M2, 0); break;
+    default: one_row(w, t, T, FLOAT4E2M1, 0); break;
   }
 }
 
@@ -297,7 +318,7 @@ static void run_task(void *data, size_t task) {
 static OrtStatus *compute(void *state, OrtKernelContext *context) {
   const Kernel *kernel = state;
   const int64_t k = kernel->k, n = kernel->n, n_pad = (n + TILE - 1) / TILE * TILE;
-  const int64_t bytes = WEIGHT_BYTES(kernel->weight_type);
+  const int e2m1 = kernel->weight_type == FLOAT4E2M1;
   const OrtValue *values[4];
   int64_t dims[4][8];
   size_t ranks[4];
@@ -306,11 +327,14 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
     return error("lowbit.cpu.MatMulNarrowFloat: input_scale is not one value");
   if (ranks[0] < 1 || dims[0][ranks[0] - 1] != k)
     return error("lowbit.cpu.MatMulNarrowFloat: A's last dimension is not K");
-  const int64_t b_dims[3] = {n_pad / TILE, k, TILE * bytes};
+  const int64_t b_dims[3] = {n_pad / TILE, k, ROW_BYTES(kernel->weight_type)};
   if (ranks[1] != 3 || memcmp(dims[1], b_dims, sizeof b_dims) != 0)
-    return error("lowbit.cpu.MatMulNarrowFloat: B is not [N_pad / 16, K, 16 * bytes]");
+    return error("lowbit.cpu.MatMulNarrowFloat: B is not [N_pad / 16, K, row bytes]");
+  const int64_t step_dims[3] = {n_pad / TILE, k / FP4_BLOCK, TILE};
+  if (e2m1 && (ranks[2] != 3 || memcmp(dims[2], step_dims, sizeof step_dims) != 0))
+    return error("lowbit.cpu.MatMulNarrowFloat: FLOAT4E2M1 steps are not [N_pad / 16, K / 16, 16]");
   const int uniform = ranks[2] == 1 && dims[2][0] == 1;
-  if (!uniform && (ranks[2] != 1 || dims[2][0] != n_pad))
+  if (!e2m1 && !uniform && (ranks[2] != 1 || dims[2][0] != n_pad))
     return error("lowbit.cpu.MatMulNarrowFloat: scales are not [N_pad] or [1]");
   int64_t m = 1, out_dims[8];
   for (size_t i = 0; i + 1 < ranks[0]; i++) {
@@ -346,13 +370,14 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
   const float unit = kernel->weight_type == FLOAT8E4M3FN ? 256.0f : 1.0f;
   int ones = 1;
   for (int64_t i = 0; i < n_pad; i++) {
-    factors[i] = scales[uniform ? 0 : i] * unit;
+    factors[i] = e2m1 ? 1.0f : scales[uniform ? 0 : i] * unit;
     ones = ones && factors[i] == 1.0f;
   }
   const int64_t tiles = n_pad / TILE;
   int64_t per_task = (tiles + TASKS - 1) / TASKS;
   if (m == 1) per_task = (per_task + TILES_AT_ONCE - 1) / TILES_AT_ONCE * TILES_AT_ONCE;
-  Work work = {b, ones ? NULL : factors, a, y, m, k, n, n_pad, kernel->weight_type, per_task, kernel->avx512};
+  Work work = {b, ones ? NULL : factors, e2m1 ? scales : NULL, a, y, m, k, n, n_pad, kernel->weight_type, per_task,
+               kernel->avx512};
   OrtStatus *status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(
       context, run_task, (size_t)((tiles + per_task - 1) / per_task), 0, &work);
   free(factors);
@@ -375,9 +400,11 @@ static OrtStatus *create_kernel(const CustomOp *op, const OrtApi *unused, const 
       kernel->input_type != FLOAT8E5M2)
     status = error("lowbit.cpu.MatMulNarrowFloat: input_type must be 0, 17 (e4m3fn) or 19 (e5m2)");
   if (status == NULL && kernel->weight_type != FLOAT16 && kernel->weight_type != BFLOAT16 &&
-      kernel->weight_type != FLOAT8E4M3FN && kernel->weight_type != FLOAT8E5M2)
-    status = error("lowbit.cpu.MatMulNarrowFloat: weight_type must be 10 (float16), 16 (bfloat16), 17 (e4m3fn) or "
-                   "19 (e5m2)");
+      kernel->weight_type != FLOAT8E4M3FN && kernel->weight_type != FLOAT8E5M2 && kernel->weight_type != FLOAT4E2M1)
+    status = error("lowbit.cpu.MatMulNarrowFloat: weight_type must be 10 (float16), 16 (bfloat16), 17 (e4m3fn), "
+                   "19 (e5m2) or 23 (e2m1)");
+  if (status == NULL && kernel->weight_type == FLOAT4E2M1 && kernel->k % FP4_BLOCK != 0)
+    status = error("lowbit.cpu.MatMulNarrowFloat: a FLOAT4E2M1 weight needs K a multiple of 16");
   if (status != NULL) {
     free(kernel);
     return status;
