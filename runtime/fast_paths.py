@@ -11,8 +11,10 @@ still run the function bodies.
 NVFP4 weights on the ort target (converter format `nvfp4_unpack`: packed FP4 codes, FP8 block scales and a global
 scale unpacked by standard ops) have no ORT kernel; ORT folds the unpack graph into the float weight at load, and
 its folding holds several full-size intermediates at once (int64 indices among them: 3 GB peak for a 540 MB float
-model). Here each such MatMul instead reads its float32 weight, dequantized in numpy one layer at a time
-(`lowbit.nvfp4.dequantize`, bit for bit what the folding computes), and the unpack nodes go.
+model). Here each such MatMul instead runs on `lowbit.cpu.MatMulNarrowFloat` over the e2m1 codes and the blocks'
+float32 steps (where the kernel library exists and K is a multiple of 16), or reads its float32 weight, dequantized
+in numpy one layer at a time (`lowbit.nvfp4.dequantize`, bit for bit what the folding computes); the unpack nodes
+go either way.
 
 How: the graph is read without its weights (`onnx.load(..., load_external_data=False)`); the packed tensors are
 read one layer at a time through memory maps of the folder's external data, repacked, and written to a data
