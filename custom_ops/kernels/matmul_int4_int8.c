@@ -314,20 +314,4 @@ static const char *op_name(const CustomOp *op) { (void)op; return "MatMulInt4Int
 static int op_input_type(const CustomOp *op, size_t index) { (void)op; return index == 0 || index == 2 ? TYPE_FLOAT : TYPE_UINT8; }
 static size_t op_input_count(const CustomOp *op) { (void)op; return 4; }
 
-const CustomOp lowbit_matmul_int4_int8 = {
-    .version = API_VERSION,
-    .GetName = op_name,
-    .GetExecutionProviderType = cpu_provider,
-    .GetInputType = op_input_type,
-    .GetInputTypeCount = op_input_count,
-    .GetOutputType = float_output,
-    .GetOutputTypeCount = one_output,
-    .KernelDestroy = free_kernel,
-    .GetInputCharacteristic = required,
-    .GetOutputCharacteristic = required,
-    .GetInputMemoryType = default_memory,
-    .CreateKernelV2 = create_kernel,
-    .KernelComputeV2 = compute,
-    .GetStartVersion = since_version_1,
-    .GetEndVersion = any_later_version,
-};
+LOWBIT_CPU_OP(lowbit_matmul_int4_int8, op_name, op_input_type, op_input_count, required, create_kernel, compute);

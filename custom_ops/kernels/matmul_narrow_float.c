@@ -420,20 +420,4 @@ static int op_input_type(const CustomOp *op, size_t index) { (void)op; return in
 static size_t op_input_count(const CustomOp *op) { (void)op; return 4; }
 static int input_characteristic(const CustomOp *op, size_t index) { (void)op; return index == 3 ? OPTIONAL : REQUIRED; }
 
-const CustomOp lowbit_matmul_narrow_float = {
-    .version = API_VERSION,
-    .GetName = op_name,
-    .GetExecutionProviderType = cpu_provider,
-    .GetInputType = op_input_type,
-    .GetInputTypeCount = op_input_count,
-    .GetOutputType = float_output,
-    .GetOutputTypeCount = one_output,
-    .KernelDestroy = free_kernel,
-    .GetInputCharacteristic = input_characteristic,
-    .GetOutputCharacteristic = required,
-    .GetInputMemoryType = default_memory,
-    .CreateKernelV2 = create_kernel,
-    .KernelComputeV2 = compute,
-    .GetStartVersion = since_version_1,
-    .GetEndVersion = any_later_version,
-};
+LOWBIT_CPU_OP(lowbit_matmul_narrow_float, op_name, op_input_type, op_input_count, input_characteristic, create_kernel, compute);

@@ -163,4 +163,24 @@ static inline void free_kernel(void *kernel) { free(kernel); }
 static inline int since_version_1(const CustomOp *op) { (void)op; return 1; }
 static inline int any_later_version(const CustomOp *op) { (void)op; return 0x7fffffff; }
 
+/* One lowbit.cpu op's table: its name, input types and count, which inputs are optional, and its kernel. */
+#define LOWBIT_CPU_OP(variable, name, input_type, input_count, input_characteristic, create, compute_fn) \
+  const CustomOp variable = {                                                                             \
+      .version = API_VERSION,                                                                             \
+      .GetName = name,                                                                                    \
+      .GetExecutionProviderType = cpu_provider,                                                           \
+      .GetInputType = input_type,                                                                         \
+      .GetInputTypeCount = input_count,                                                                   \
+      .GetOutputType = float_output,                                                                      \
+      .GetOutputTypeCount = one_output,                                                                   \
+      .KernelDestroy = free_kernel,                                                                       \
+      .GetInputCharacteristic = input_characteristic,                                                     \
+      .GetOutputCharacteristic = required,                                                                \
+      .GetInputMemoryType = default_memory,                                                               \
+      .CreateKernelV2 = create,                                                                           \
+      .KernelComputeV2 = compute_fn,                                                                      \
+      .GetStartVersion = since_version_1,                                                                 \
+      .GetEndVersion = any_later_version,                                                                 \
+  }
+
 #endif
