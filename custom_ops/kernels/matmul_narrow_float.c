@@ -246,7 +246,8 @@ static void fake_quantize(const float *x, float *y, int64_t count, float scale, 
  * same float32 multiply and add in the same order, so the results are equal bit for bit; fewer instructions per
  * product, where the AVX2 loop is bound by issuing them. */
 #define ROWS512 12
-#define KC512 128 /* 8 KB of widened rows */
+#define KC512 128 /* 8 KB of widened rows a tile */
+#define TILES512 4 /* tiles a block of rows of A meets per chunk: 32 KB of widened rows */
 
 __attribute__((target("avx512f"), always_inline)) static inline void row_block512(
     const Work *w, const float *tile, int64_t t, int64_t k0, int64_t k1, int64_t m0, const int R) {
@@ -266,18 +267,24 @@ __attribute__((target("avx512f"), always_inline)) static inline void row_block51
   for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(w->y + (m0 + r) * w->n + n0, mask, acc[r]);
 }
 
-__attribute__((target("avx512f"))) static void many_rows512(const Work *w, int64_t t) {
-  float tile[KC512 * TILE] __attribute__((aligned(64)));
+/* Tiles t0 .. t1 - 1 (at most TILES512) together: each chunk of K widened for all of them, then each block of rows
+ * of A against every tile in turn, so the block (12 rows x 128 floats) is read from memory once per chunk for
+ * TILES512 tiles instead of once per tile. */
+__attribute__((target("avx512f"))) static void many_rows512(const Work *w, int64_t t0, int64_t t1) {
+  float tiles[TILES512][KC512 * TILE] __attribute__((aligned(64)));
   for (int64_t k0 = 0; k0 < w->k; k0 += KC512) {
     const int64_t k1 = k0 + KC512 < w->k ? k0 + KC512 : w->k;
-    widen_rows(w, t, k0, k1, tile);
+    for (int64_t t = t0; t < t1; t++) widen_rows(w, t, k0, k1, tiles[t - t0]);
     for (int64_t m0 = 0; m0 < w->m; m0 += ROWS512) {
-      switch (w->m - m0 < ROWS512 ? w->m - m0 : ROWS512) {
+      for (int64_t t = t0; t < t1; t++) {
+        const float *tile = tiles[t - t0];
+        switch (w->m - m0 < ROWS512 ? w->m - m0 : ROWS512) {
 #define ROWS_CASE(R) case R: row_block512(w, tile, t, k0, k1, m0, R); break;
-        ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4) ROWS_CASE(5) ROWS_CASE(6)
-        ROWS_CASE(7) ROWS_CASE(8) ROWS_CASE(9) ROWS_CASE(10) ROWS_CASE(11)
+          ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4) ROWS_CASE(5) ROWS_CASE(6)
+          ROWS_CASE(7) ROWS_CASE(8) ROWS_CASE(9) ROWS_CASE(10) ROWS_CASE(11)
 #undef ROWS_CASE
-        default: row_block512(w, tile, t, k0, k1, m0, ROWS512); break;
+          default: row_block512(w, tile, t, k0, k1, m0, ROWS512); break;
+        }
       }
     }
   }
@@ -309,10 +316,11 @@ static void run_task(void *data, size_t task) {
     }
     return;
   }
-  for (int64_t t = t0; t < t1; t++) {
-    if (w->avx512) many_rows512(w, t);
-    else many_rows(w, t);
+  if (w->avx512) {
+    for (int64_t t = t0; t < t1; t += TILES512) many_rows512(w, t, t + TILES512 < t1 ? t + TILES512 : t1);
+    return;
   }
+  for (int64_t t = t0; t < t1; t++) many_rows(w, t);
 }
 
 static OrtStatus *compute(void *state, OrtKernelContext *context) {
@@ -375,7 +383,7 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
   }
   const int64_t tiles = n_pad / TILE;
   int64_t per_task = (tiles + TASKS - 1) / TASKS;
-  if (m == 1) per_task = (per_task + TILES_AT_ONCE - 1) / TILES_AT_ONCE * TILES_AT_ONCE;
+  per_task = (per_task + TILES_AT_ONCE - 1) / TILES_AT_ONCE * TILES_AT_ONCE;  /* whole groups (TILES512 too) */
   Work work = {b, ones ? NULL : factors, e2m1 ? scales : NULL, a, y, m, k, n, n_pad, kernel->weight_type, per_task,
                kernel->avx512};
   OrtStatus *status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(
