@@ -22,7 +22,9 @@ that another node also reads keeps its Cast (ORT folds it as before).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
+
 import numpy as np
 
 FLOAT, FLOAT16, BFLOAT16 = 1, 10, 16  # onnx.TensorProto
@@ -59,12 +61,23 @@ def rewrite(model, reader, writer) -> NarrowFloatResult:
     producers = {out: node for node in graph.node for out in node.output}
     result = NarrowFloatResult()
 
+    # a weight several nodes read (a tied embedding: the Gather and the lm_head) is checked once, and its bfloat16
+    # values kept only until its last reader has been rewritten: memory stays at about one layer
+    readers = Counter(name for node in graph.node for name in node.input)
+    checked: dict = {}
+
     def bfloat16_weight(name: str):
         """A float32 2-D initializer's values as bfloat16, where all are; else None."""
         tensor = inits.get(name)
         if tensor is None or tensor.data_type != FLOAT or len(tensor.dims) != 2:
             return None
-        return op.exact_bfloat16(reader.read(name))
+        values = checked[name] if name in checked else op.exact_bfloat16(reader.read(name))
+        readers[name] -= 1
+        if readers[name] > 0:
+            checked[name] = values
+        else:
+            checked.pop(name, None)
+        return values
 
     def float16_source(name: str) -> str | None:
         """The float16 initializer a float32 value is a Cast of, or None."""

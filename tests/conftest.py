@@ -157,3 +157,27 @@ def assert_bound_decode_equals_forward(session, prompt_len: int, capacity: int, 
         assert np.array_equal(bound, plain)
         token = plain[:, -1:].argmax(-1).astype(np.int64)
         positions = positions[:, -1:] + 1
+
+
+def relative(a, b) -> float:
+    """Largest absolute difference of a from b, over b's largest magnitude."""
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def kernel_node_session(op_type: str, inputs: dict[str, np.ndarray], threads: int = 2, **attributes):
+    """An ORT session of one `lowbit.cpu` node, input A (float32) -> Y, its other inputs the given initializers (in
+    order), with lowbit's compiled kernel library registered."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lowbit.custom_ops import kernels
+
+    node = helper.make_node(op_type, ["A", *inputs], ["Y"], domain="lowbit.cpu", **attributes)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.asarray(value), name) for name, value in inputs.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("lowbit.cpu", 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.register_custom_ops_library(str(kernels.library()))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

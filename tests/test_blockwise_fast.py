@@ -11,6 +11,7 @@ import pytest
 from lowbit.affine import WeightQuant, dequantize, quantize
 from lowbit.custom_ops import blockwise, blockwise_repack
 from lowbit.custom_ops.bitpack import unpack_bytes
+from tests.conftest import relative
 
 K = 204  # a multiple of none of the groups: the last group is padded
 
@@ -140,9 +141,6 @@ def count_ops(path, op_type: str) -> int:
 
     return sum(n.op_type == op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
 
-
-def relative(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.mark.parametrize("level", [4, 0])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lowbit.runtime import float32_compute
-from tests.conftest import SAMPLE_MODEL, assert_bound_decode_equals_forward, prefill_and_decode
+from tests.conftest import SAMPLE_MODEL, assert_bound_decode_equals_forward, prefill_and_decode, relative
 
 FLOAT, FLOAT16 = 1, 10
 
@@ -119,9 +119,6 @@ def stories_folders(tmp_path_factory):
     lowbit.convert(str(SAMPLE_MODEL), root / "q4f16_1", scheme="q4f16_1", accuracy_level=0)  # float compute
     return root
 
-
-def relative(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def both_ways(folder, monkeypatch, capfd):

@@ -11,7 +11,7 @@ import pytest
 
 from lowbit.custom_ops import kernels
 from lowbit.custom_ops import matmul_int4_int8 as op
-from tests.conftest import assert_bound_decode_equals_forward, prefill_and_decode
+from tests.conftest import assert_bound_decode_equals_forward, kernel_node_session, prefill_and_decode, relative
 
 needs_kernel = pytest.mark.skipif(kernels.library() is None, reason=f"no int8 CPU kernel: {kernels.unavailable()}")
 
@@ -89,20 +89,8 @@ def test_reference_is_int8_activations_times_the_dequantized_weight(group, rng):
 
 
 def kernel_session(w: op.Int4Int8Weight, threads: int = 2):
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    inits = [numpy_helper.from_array(w.b, "B"), numpy_helper.from_array(w.scales, "S"),
-             numpy_helper.from_array(w.zero_points, "Z")]
-    node = helper.make_node(op.OP_TYPE, ["A", "B", "S", "Z"], ["Y"], domain=op.DOMAIN, K=w.k, N=w.n,
-                            group_size=w.group_size, **({"layout": w.layout} if w.layout else {}))
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(op.DOMAIN, 1)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.register_custom_ops_library(str(kernels.library()))
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return kernel_node_session(op.OP_TYPE, {"B": w.b, "S": w.scales, "Z": w.zero_points}, threads, K=w.k, N=w.n,
+                               group_size=w.group_size, **({"layout": w.layout} if w.layout else {}))
 
 
 KERNEL_CASES = [  # (n, k, group, lead dims of A, per-column zero points, bits)
@@ -172,9 +160,6 @@ def kernel_layers(folder) -> int:
             or (node.op_type == "MatMulBlockwise" and attrs["bits"] <= 4)
     return count
 
-
-def relative(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @needs_kernel

@@ -10,7 +10,8 @@ import pytest
 
 from lowbit.custom_ops import kernels
 from lowbit.custom_ops import matmul_narrow_float as op
-from tests.conftest import SAMPLE_MODEL, assert_bound_decode_equals_forward, prefill_and_decode
+from tests.conftest import (SAMPLE_MODEL, assert_bound_decode_equals_forward, kernel_node_session,
+                            prefill_and_decode, relative)
 
 needs_kernel = pytest.mark.skipif(kernels.library() is None, reason=f"no CPU kernel library: {kernels.unavailable()}")
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "e4m3fn": ml_dtypes.float8_e4m3fn,
@@ -79,19 +80,8 @@ def test_reference_is_the_matmul_of_the_dequantized_weight(rng):
 
 
 def kernel_session(packed: op.NarrowFloatWeight, threads: int = 2):
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    node = helper.make_node(op.OP_TYPE, ["A", "B", "S"], ["Y"], domain=op.DOMAIN, K=packed.k, N=packed.n,
-                            weight_type=packed.weight_type)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(packed.b, "B"), numpy_helper.from_array(packed.scales, "S")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(op.DOMAIN, 1)])
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(kernels.library()))
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return kernel_node_session(op.OP_TYPE, {"B": packed.b, "S": packed.scales}, threads, K=packed.k, N=packed.n,
+                               weight_type=packed.weight_type)
 
 
 @needs_kernel
@@ -154,9 +144,6 @@ def test_fake_quantize_is_onnx_runtimes_quantize_dequantize_pair(input_type, rng
 @pytest.mark.parametrize("lead", [(1,), (3, 5), (1, 11)])
 def test_kernel_with_float8_inputs_equals_the_reference(input_type, lead, rng):
     """The fake quantization inside the kernel (AVX2) is the reference's, bit for bit, ties included."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
     k, n = 45, 40
     packed = op.pack(weights(rng, (k, n), DTYPES["e4m3fn"]), rng.uniform(0.5, 2, n).astype(np.float32))
     scale = np.float32(rng.uniform(0.01, 0.5))
@@ -165,17 +152,9 @@ def test_kernel_with_float8_inputs_equals_the_reference(input_type, lead, rng):
     ties = ((codes[1:].astype(np.float64) + codes[:-1]) / 2 * scale).astype(np.float32)
     a = (rng.standard_normal((*lead, k)) * rng.choice([0.01, 1, 100])).astype(np.float32)
     a.reshape(-1)[: min(a.size, ties.size)] = rng.choice(ties, min(a.size, ties.size))
-    node = helper.make_node(op.OP_TYPE, ["A", "B", "S", "T"], ["Y"], domain=op.DOMAIN, K=k, N=n,
-                            weight_type=packed.weight_type, input_type=input_type)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(packed.b, "B"), numpy_helper.from_array(packed.scales, "S"),
-                               numpy_helper.from_array(scale.reshape(1), "T")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(op.DOMAIN, 1)])
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(kernels.library()))
-    y = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
-        None, {"A": a})[0]
+    session = kernel_node_session(op.OP_TYPE, {"B": packed.b, "S": packed.scales, "T": scale.reshape(1)}, K=k, N=n,
+                                  weight_type=packed.weight_type, input_type=input_type)
+    y = session.run(None, {"A": a})[0]
     assert np.array_equal(y, op.reference_matmul(a, packed, (input_type, scale)))
     assert not np.array_equal(y, op.reference_matmul(a, packed))  # the quantization is there
 
@@ -227,9 +206,6 @@ def stories_narrow(tmp_path_factory):
     lowbit.convert(str(rounded), root / "w4a16-bfloat16", scheme="w4a16", ignore=["lm_head"])
     return root
 
-
-def relative(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @needs_kernel
