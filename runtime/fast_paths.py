@@ -179,6 +179,8 @@ def inference_session(model_dir: Path, options, providers: list[str], metadata: 
     not changed. Only the session without `accuracy_level` reports on stderr."""
     import onnxruntime as ort
 
+    from lowbit.custom_ops import kernels
+
     model_path = model_dir / "model.onnx"
     blockwise = has_blockwise_matmul(model_dir, metadata)
     nvfp4 = nvfp4_layers(metadata)
@@ -194,50 +196,43 @@ def inference_session(model_dir: Path, options, providers: list[str], metadata: 
         else None
     rewrite = rewrite or kernel is not None
     widen = float32_compute.applies(metadata, providers[0])  # a float16 graph computed in float32
-    narrow_library = _narrow_float_kernel() if off is None and narrow_float_weights.kernel_applies(metadata) \
-        else None
-    if (not rewrite or off is not None) and accuracy_level is None and not widen and narrow_library is None:
+    narrow = off is None and narrow_float_weights.kernel_applies(metadata) and kernels.library() is not None
+    if (not rewrite or off is not None) and accuracy_level is None and not widen and not narrow:
         return ort.InferenceSession(str(model_path), options, providers=providers)
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
-    session, widened, narrow = None, False, narrow_float_weights.NarrowFloatResult()
+    session, widened, narrowed = None, False, narrow_float_weights.NarrowFloatResult()
     try:
         with tempfile.TemporaryDirectory(prefix="lowbit-fast-path-", ignore_cleanup_errors=True) as folder:
-            result, fp4_library = RewriteResult(), None
+            result = RewriteResult()
             if rewrite and off is None:
-                fp4_library = _narrow_float_kernel() if nvfp4 and accuracy_level is None else None
                 result = rewrite_blockwise(model, model_dir, accuracy_levels(metadata), Path(folder), nvfp4,
-                                           int4_int8=kernel is not None, fp4_kernel=fp4_library is not None)
+                                           int4_int8=kernel is not None,
+                                           fp4_kernel=accuracy_level is None and kernels.library() is not None)
             if accuracy_level is not None:
                 set_accuracy_level(model.graph, accuracy_level)
             widened = widen and float32_compute.to_float32(model)
-            if narrow_library is not None:
-                narrow = _rewrite_narrow_float(model, Path(folder) if result.changed else model_dir, Path(folder))
-            if result.kernel or result.fp4_kernel or narrow.changed:
-                options.register_custom_ops_library(str(kernel or narrow_library or fp4_library))
-            if result.changed or accuracy_level is not None or widened or narrow.changed:
+            if narrow:
+                narrowed = _rewrite_narrow_float(model, Path(folder) if result.changed else model_dir, Path(folder))
+            if result.kernel or result.fp4_kernel or narrowed.changed:
+                options.register_custom_ops_library(str(kernels.library()))
+            if result.changed or accuracy_level is not None or widened or narrowed.changed:
                 options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                                 folder if result.changed or narrow.changed else str(model_dir))
+                                                 folder if result.changed or narrowed.changed else str(model_dir))
                 session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     except OSError as e:  # no temporary space: every node keeps its function body
-        widened, narrow = False, narrow_float_weights.NarrowFloatResult()
+        widened, narrowed = False, narrow_float_weights.NarrowFloatResult()
         result = RewriteResult(fallback=[("all lowbit.MatMulBlockwise nodes", f"no temporary folder: {e}")])
     if session is None:
         session = ort.InferenceSession(str(model_path), options, providers=providers)
-    for line in result.messages() + [narrow.message()] if report else []:
+    for line in result.messages() + [narrowed.message()] if report else []:
         if line:
             print(f"lowbit: {line}", file=sys.stderr)
     if widened and report:
         print(f"lowbit: the float16 graph computes in float32 on the CPU ({float32_compute.ENV_SWITCH}=0 keeps "
               "float16)", file=sys.stderr)
     return session
-
-
-def _narrow_float_kernel() -> Path | None:
-    from lowbit.custom_ops import kernels
-
-    return kernels.library()
 
 
 def _rewrite_narrow_float(model, data_dir: Path, folder: Path) -> narrow_float_weights.NarrowFloatResult:
