@@ -91,6 +91,36 @@ def test_sequential_calibrates_on_the_quantized_layers_before(calibration):
     assert any(not np.array_equal(sequential[name], independent[name]) for name in later)
 
 
+def test_sequential_layer_equals_gptq_on_the_quantized_model_before_it(calibration, tmp_path):
+    """Layer 1 of a sequential folder, code for code: GPTQ on the Hessians of the float model whose layer 0 holds
+    the folder's own dequantized layer 0 (the whole model in one session, without the layer-by-layer passes)."""
+    from lowbit.affine import dequantize
+
+    root, data, reference, samples = calibration
+    stored = initializers(convert_gptq(root, data, "sequential-check"))
+    model = onnx.load(str(reference / "model.onnx"))
+    floats = {}
+    for tensor in model.graph.initializer:
+        if tensor.name.startswith("layers.0.") and tensor.name.endswith(".weight") \
+                and f"{tensor.name[: -len('.weight')]}.qweight" in stored:
+            module = tensor.name[: -len(".weight")]
+            kn = numpy_helper.to_array(tensor)
+            arrays = matmul_nbits.MatMulNBitsArrays(stored[f"{module}.qweight"], stored[f"{module}.scales"], None,
+                                                    *kn.shape, QUANT.bits, QUANT.group_size)
+            layer0 = np.ascontiguousarray(dequantize(matmul_nbits.unpack(arrays)).T)
+            assert not np.array_equal(layer0, kn)
+            tensor.CopyFrom(numpy_helper.from_array(layer0, tensor.name))
+        floats[tensor.name] = numpy_helper.to_array(tensor)
+    assert sum(name.startswith("layers.0.") for name in floats if f"{name[:-7]}.qweight" in stored) == 4
+    onnx.save(model, str(tmp_path / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    modules = [f"layers.1.{m}" for m in ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
+    hessians = calibrate_statistics(tmp_path / "model.onnx", modules[:1] + modules[2:3], ["hessian"], samples)
+    for module in modules[:1] + modules[2:3]:  # the layer's inputs that its own quantized linears do not feed
+        expected = expected_arrays(floats[f"{module}.weight"], hessians[module]["hessian"])
+        assert np.array_equal(stored[f"{module}.qweight"], expected.b), module
+        assert np.array_equal(stored[f"{module}.scales"], expected.scales), module
+
+
 def test_act_order_keeps_static_groups(calibration):
     root, data, reference, samples = calibration
     out = convert_gptq(root, data, "act-order", sequential=False, act_order=True)

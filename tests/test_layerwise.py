@@ -80,3 +80,36 @@ def test_layerwise_calibration_equals_the_whole_model(tmp_path):
         assert (layerwise[site]["minmax"].min, layerwise[site]["minmax"].max) == (whole[site]["minmax"].min,
                                                                                  whole[site]["minmax"].max)
         assert np.array_equal(layerwise[site]["hessian"], whole[site]["hessian"])
+
+
+@pytest.mark.parametrize("changes", [False, True])
+def test_capture_only_passes_give_the_same_statistics(changes, tmp_path, rng):
+    """walk_layers(reruns=True) runs each layer first up to its captured inputs only, then whole for the next
+    layer's inputs: the statistics of every site equal those of the plain walk, whatever finish_layer answers."""
+    from lowbit.converter.calibration.layerwise import walk_layers
+    from lowbit.converter.calibration.observers import make_observer
+
+    model = build_tiny_model("llama", tmp_path / "src")
+    lowbit.convert(tmp_path / "src", tmp_path / "f32", scheme="q0f32")
+    proto = onnx.load(str(tmp_path / "f32" / "model.onnx"), load_external_data=False)
+    sites = {layer: [f"layers.{layer}.attn.qkv_proj", f"layers.{layer}.mlp.down_proj"]
+             for layer in range(model.config.num_hidden_layers)}
+    samples = [rng.integers(3, model.config.vocab_size, n) for n in (5, 9, 3)]
+    results = {}
+    for reruns in (False, True):
+        got, finished = {}, []
+
+        def finish_layer(index, state, got=got, finished=finished):
+            finished.append(index)
+            got.update({site: {name: o.result() for name, o in by_name.items()} for site, by_name in state.items()})
+            return changes
+
+        walk_layers(tmp_path / "f32", proto, sites, samples,
+                    lambda site: {name: make_observer(name) for name in ("hessian", "absmax")}, finish_layer,
+                    reruns=reruns)
+        assert finished == sorted(sites)
+        results[reruns] = got
+    assert set(results[True]) == {site for names in sites.values() for site in names}
+    for site, by_name in results[False].items():
+        np.testing.assert_array_equal(results[True][site]["hessian"], by_name["hessian"])
+        assert results[True][site]["absmax"] == by_name["absmax"]

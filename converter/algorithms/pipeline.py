@@ -491,7 +491,8 @@ def run_layerwise(float_path: Path, stages_: list[list[tuple[Site, LayerQuant]]]
 
     proto = onnx.load(str(float_path), load_external_data=False)
     sites = {key: [site.module for site, _ in stage] for key, stage in by_layer.items()}
-    walk_layers(float_path.parent, proto, sites, samples, make_observers, finish_layer, layer_progress)
+    walk_layers(float_path.parent, proto, sites, samples, make_observers, finish_layer, layer_progress,
+                reruns=sequential)
 
 
 def effective_algorithm(scheme, algo: str) -> str:

@@ -106,6 +106,8 @@ class LayerRunner:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.enable_cpu_mem_arena = False  # one layer: ORT's arena would keep its largest activations
+        # the observers' BLAS runs between two samples: ORT's pool threads must not spin on through it
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
@@ -171,14 +173,18 @@ def walk_layers(folder: Path, model, sites: dict[int, list[str]], samples: Seque
                 make_observers: Callable[[str], dict[str, Observer]],
                 finish_layer: Callable[[int, LayerStatistics], bool] | None = None,
                 progress: Callable[[int], Callable[[int, int], None] | None] | None = None,
-                threads: int | None = None, session_config: dict[str, str] | None = None) -> None:
+                threads: int | None = None, session_config: dict[str, str] | None = None,
+                reruns: bool = False) -> None:
     """Walks the decoder of `folder/model.onnx` (`model`: its ModelProto without external data) one layer at a
     time. `sites`: layer index (AFTER_LAYERS for an untied lm_head) -> names of the MatMul nodes whose inputs are
     observed there. For each layer holding sites, the layer's subgraph runs over every sample, fed that sample's
     values at the layer's boundary, and each site's input rows go to its observers (`make_observers(site)`,
     sites without any are not captured); then `finish_layer(index, statistics)` runs. When it returns True it has
     changed the layer's weights in the folder, and the layer runs again so that the next one is fed its new
-    outputs. Stops after the last layer that holds a site. `progress(layer)` gives a per-sample callback."""
+    outputs. Stops after the last layer that holds a site. `progress(layer)` gives a per-sample callback.
+    `reruns`: finish_layer is expected to change every layer (a sequential algorithm), so the first pass computes
+    only the captured inputs (not the rest of the layer, which the second pass computes anyway), and a layer that
+    holds sites runs again whether it changed or not."""
     boundaries = layer_boundaries(model)
     last_key = max(sites) if sites else -1
     cache = BoundaryCache(len(samples))
@@ -194,7 +200,9 @@ def walk_layers(folder: Path, model, sites: dict[int, list[str]], samples: Seque
             captures = {site: capture_value(model, site) for site in names if state[site]}
             inputs = list(boundaries[index]) if index else []
             following = [] if last else list(boundaries[index + 1])
-            runner = LayerRunner(folder, model, inputs, following + list(captures.values()), threads, session_config)
+            capture_only = reruns and bool(captures) and not last  # the second pass gives the next layer's inputs
+            first = list(captures.values()) if capture_only else following + list(captures.values())
+            runner = LayerRunner(folder, model, inputs, first, threads, session_config)
             report = progress(index) if progress is not None and names else None
             for i, sample in enumerate(samples):
                 values = runner.run(sample, cache.get(i))
@@ -202,12 +210,14 @@ def walk_layers(folder: Path, model, sites: dict[int, list[str]], samples: Seque
                     rows = values[value].reshape(-1, values[value].shape[-1]).astype(np.float32, copy=False)
                     for observer in state[site].values():
                         observer.update(rows)
-                cache.put(i, tuple(values[name] for name in following))
+                if not capture_only:
+                    cache.put(i, tuple(values[name] for name in following))
                 del values
                 if report:
                     report(i + 1, len(samples))
             del runner
-            if names and finish_layer is not None and finish_layer(index, state) and not last:
+            changed = bool(names) and finish_layer is not None and finish_layer(index, state)
+            if (changed or capture_only) and not last:
                 runner = LayerRunner(folder, model, inputs, following, threads, session_config)
                 for i, sample in enumerate(samples):  # the next layer sees this layer's new outputs
                     values = runner.run(sample, cache.get(i))
