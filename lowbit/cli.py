@@ -351,19 +351,22 @@ def evaluate(model_dir, data, seq_len, stride, max_tokens, reference, provider, 
 @click.option("--prompt-session/--no-prompt-session", default=True, show_default=True,
               help="Run prompts of 32+ tokens on a second session whose MatMulNBits compute in float32 (CPU, "
                    "symmetric 4-bit grouped folders; docs/targets.md#prompts-float32-matmulnbits).")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Rows per step (random prompts of the same length); tokens per second count every row.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
-def bench(model_dir, prompt_len, new_tokens, repeats, threads, provider, prompt_session, as_json):
+def bench(model_dir, prompt_len, new_tokens, repeats, threads, provider, prompt_session, batch, as_json):
     """Prefill/decode tokens per second, peak RSS and model bytes."""
     from lowbit.runtime.bench import benchmark
     from lowbit.runtime.session import create_session
 
     session = create_session(model_dir, provider, threads, prompt_session=prompt_session)
-    result = benchmark(session, prompt_len, new_tokens, repeats)
+    result = benchmark(session, prompt_len, new_tokens, repeats, batch)
     if as_json:
         click.echo(json.dumps(result.as_dict()))
     else:
         click.echo(
-            f"prefill {result.prefill_tokens_per_s:.1f} tok/s ({prompt_len} tokens), "
+            f"prefill {result.prefill_tokens_per_s:.1f} tok/s ({prompt_len} tokens"
+            f"{f' x {batch} rows' if batch > 1 else ''}), "
             f"decode {result.decode_tokens_per_s:.1f} tok/s, peak RSS {result.peak_rss_mb:.0f} MB, "
             f"model {result.model_bytes / 1e6:.1f} MB"
         )

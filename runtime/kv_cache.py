@@ -5,9 +5,11 @@ Two kinds, chosen by the folder (`KVCache.empty`):
 - `BoundKVCache`, for graphs whose attention writes the new positions into a past allocated at a
   fixed capacity (GroupQueryAttention, `past_present_share_buffer` in genai_config.json): one
   buffer per layer and K/V is bound through ORT's IO binding as both the past input and the present
-  output, so no step allocates, copies or concatenates the cache. When a step needs more positions
-  than the buffers hold, they are regrown (to the larger of twice the capacity and what the step
-  needs, capped at the context length) and what they hold is copied once.
+  output, so no step allocates, copies or concatenates the cache. The buffers live where the session
+  computes: host memory on the CPU provider, GPU memory on CUDA (ORT copies only the step's ids, mask
+  and positions in and its logits out). When a step needs more positions than the buffers hold, they
+  are regrown (to the larger of twice the capacity and what the step needs, capped at the context
+  length) and what they hold is copied once.
 - `GrowingKVCache`, for every other graph (standard-op attention: the present is the past with the
   new positions concatenated): the past is fed and the present returned as arrays.
 
@@ -22,6 +24,8 @@ import numpy as np
 from lowbit.errors import LowbitError
 from lowbit.runtime.session import DecoderSession, run_stepwise, stepwise
 
+BUFFER_DEVICES = {"cpu": "cpu", "cuda": "cuda"}  # provider -> the ORT device its bound KV buffers live on
+
 
 class KVCache:
     """The cache of one batch across `forward` calls."""
@@ -34,10 +38,11 @@ class KVCache:
     @staticmethod
     def empty(session: DecoderSession, batch: int, capacity: int = 0) -> "KVCache":
         """An empty cache for `batch` rows; `capacity`: the positions to preallocate where the graph allows it.
-        The bound buffers are host memory: on the CPU provider only (on a GPU, ORT would copy them to the device
-        and back, and the node would no longer write into the buffer it reads)."""
-        if session.shares_kv_buffer and session.provider == "cpu":
-            return BoundKVCache(session, batch, capacity)
+        Bound buffers sit in host memory on the CPU provider and in GPU memory on CUDA (host buffers bound to a
+        GPU session would be copied to the device and back, and the node would no longer write into the buffer it
+        reads); TensorRT keeps the growing cache."""
+        if session.shares_kv_buffer and session.provider in BUFFER_DEVICES:
+            return BoundKVCache(session, batch, capacity, BUFFER_DEVICES[session.provider])
         return GrowingKVCache(session, batch)
 
     @property
@@ -87,17 +92,20 @@ class GrowingKVCache(KVCache):
 
 
 class BoundKVCache(KVCache):
-    """One preallocated buffer per layer and K/V, bound as past and present (IO binding)."""
+    """One preallocated buffer per layer and K/V, bound as past and present (IO binding). `device`: the ORT
+    device the buffers live on ("cpu": host arrays ORT reads and writes in place; "cuda": GPU memory)."""
 
-    def __init__(self, session: DecoderSession, batch: int, capacity: int = 0):
+    def __init__(self, session: DecoderSession, batch: int, capacity: int = 0, device: str = "cpu"):
         super().__init__(session, batch)
+        self.device = device
         self.bindings: dict[int, object] = {}  # id(ORT session) -> its IO binding, all over the same buffers
-        self.buffers: dict[str, np.ndarray] = {}  # past input name -> [B, kv_heads, capacity, head_dim]
+        self.buffers: dict[str, object] = {}  # past input name -> OrtValue [B, kv_heads, capacity, head_dim]
+        self._host: dict[str, np.ndarray] = {}  # on the CPU: the arrays those OrtValues are views of
         self._allocate(max(capacity, 1))
 
     @property
     def capacity(self) -> int:
-        return next(iter(self.buffers.values())).shape[2]
+        return next(iter(self.buffers.values())).shape()[2]
 
     def reserve(self, length: int) -> None:
         if length > self.session.context_length:
@@ -106,24 +114,27 @@ class BoundKVCache(KVCache):
             self._allocate(min(self.session.context_length, max(length, 2 * self.capacity)))
 
     def _allocate(self, capacity: int) -> None:
+        import onnxruntime as ort
+
         s = self.session
         shape = (self.batch, s.num_kv_heads, capacity, s.head_dim)
         held = self.length
         for past_name, _ in s.kv_names():
-            buffer = np.zeros(shape, s.kv_dtype)
-            if past_name in self.buffers:
-                buffer[:, :, :held] = self.buffers[past_name][:, :, :held]
-            self.buffers[past_name] = buffer
+            host = np.zeros(shape, s.kv_dtype)
+            if past_name in self.buffers and held:
+                host[:, :, :held] = self.buffers[past_name].numpy()[:, :, :held]  # from the device: a copy
+            if self.device == "cpu":
+                self._host[past_name] = host
+                self.buffers[past_name] = ort.OrtValue.ortvalue_from_numpy(host)  # the array's own memory
+            else:
+                self.buffers[past_name] = ort.OrtValue.ortvalue_from_numpy(host, self.device, 0)
         for binding in self.bindings.values():
             self._bind_buffers(binding)
 
     def _bind_buffers(self, binding) -> None:
-        import onnxruntime as ort
-
         for past_name, present_name in self.session.kv_names():
-            value = ort.OrtValue.ortvalue_from_numpy(self.buffers[past_name])  # the buffer's own memory, no copy
-            binding.bind_ortvalue_input(past_name, value)
-            binding.bind_ortvalue_output(present_name, value)
+            binding.bind_ortvalue_input(past_name, self.buffers[past_name])
+            binding.bind_ortvalue_output(present_name, self.buffers[past_name])
 
     def _binding(self, session):
         if id(session) not in self.bindings:

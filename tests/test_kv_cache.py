@@ -254,11 +254,50 @@ def test_which_folders_get_a_prompt_session(quant, fmt, level, expected):
         assert prompt_accuracy_level(None, vnni) is None and prompt_accuracy_level({"quantization": {}}, vnni) is None
 
 
-def test_bound_buffers_are_for_the_cpu_provider_only(long_llama):
-    """Host buffers bound to a GPU session would be copied to the device and back, and the node would no longer
-    write into the buffer it reads: other providers keep the growing cache."""
+def test_bound_buffers_live_where_the_provider_computes(long_llama, rng, monkeypatch):
+    """On CUDA the buffers are GPU memory (host buffers bound to a GPU session would be copied to the device and
+    back, and the node would no longer write into the buffer it reads); TensorRT keeps the growing cache. The
+    device path, run here with each device allocation standing in as a separate host copy: the tokens of the plain
+    loop over 60 steps, through two regrows that read the held positions back from the "device"."""
     from dataclasses import replace
 
+    import onnxruntime as ort
+
     session = create_session(long_llama["ort"])
-    assert isinstance(KVCache.empty(session, 1), BoundKVCache)
-    assert isinstance(KVCache.empty(replace(session, provider="cuda"), 1), GrowingKVCache)
+    host = KVCache.empty(session, 1)
+    assert isinstance(host, BoundKVCache) and host.device == "cpu"
+    assert isinstance(KVCache.empty(replace(session, provider="tensorrt"), 1), GrowingKVCache)
+
+    plain_value, devices = ort.OrtValue.ortvalue_from_numpy, []
+
+    def ortvalue_from_numpy(array, device_type="cpu", device_id=0):
+        if device_type == "cpu":
+            return plain_value(array)
+        devices.append(device_type)
+        copy = np.array(array)  # memory of its own, as a device copy has; kept alive by the OrtValue's owner below
+        value = plain_value(copy)
+        kept.append(copy)
+        return value
+
+    kept = []
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_numpy", staticmethod(ortvalue_from_numpy))
+    prompt = rng.integers(3, 96, 5).tolist()
+    expected = plain_greedy(session, prompt, 60)
+    cache = KVCache.empty(replace(session, provider="cuda"), 1, capacity=16)
+    assert isinstance(cache, BoundKVCache) and cache.device == "cuda" and cache.capacity == 16
+    config = SamplingConfig(max_new_tokens=30)
+    first = [int(t[0]) for t in stream_ids(session, [prompt], config, cache=cache)]
+    assert cache.capacity == 35 and cache.length == 34  # regrown before the prompt: nothing held yet
+    second = [int(t[0]) for t in stream_ids(session, [[first[-1]]], config, cache=cache)]
+    assert first + second == expected
+    assert cache.capacity == 70 and devices.count("cuda") == 3 * 2 * session.num_layers  # 16 -> 35 -> 70
+
+def test_batched_benchmark_steps_on_the_bound_cache(long_llama):
+    """`lowbit bench --batch`: a batch of prompts, then decode steps, through the bound cache."""
+    from lowbit.runtime.bench import benchmark
+
+    session = create_session(long_llama["ort"])
+    result = benchmark(session, prompt_len=9, new_tokens=5, repeats=1, batch=3)
+    assert result.batch == 3 and result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0
+    with pytest.raises(LowbitError, match="batch must be a positive integer"):
+        benchmark(session, batch=0)

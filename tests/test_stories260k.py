@@ -119,6 +119,11 @@ def test_cli_bench_and_inspect_json(converted):
     data = json.loads(result.output.strip().splitlines()[-1])
     for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mb", "model_bytes"):
         assert data[key] > 0
+    assert data["batch"] == 1
+    result = CliRunner().invoke(main, ["bench", str(converted), "--prompt-len", "16", "--new-tokens", "4",
+                                       "--repeats", "1", "--batch", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["batch"] == 3
     result = CliRunner().invoke(main, ["inspect", str(converted), "--json"])
     info = json.loads(result.output)
     assert info["scheme"] == "q0f32" and info["ops"]["MatMul"] >= 5 * 4
