@@ -59,7 +59,8 @@ def pack(codes: np.ndarray, scales: np.ndarray, zero_points, group_size: int, la
         for `vpmaddubsw` on pairs of rows;
     VNNI (the same shape; octet j = quads 2j and 2j + 1, 64 bytes): byte 4c + r holds q[8j + r, c] (low nibble)
         and q[8j + 4 + r, c] (high nibble), for `vpdpbusd` on fours of rows, 8 columns a register (group_size a
-        multiple of 8)."""
+        multiple of 8); on CPUs without AVX512-VNNI, `vpmaddubsw` on the same bytes with each row's four
+        activations broadcast from memory as one 32-bit value (faster than the AVX2 layout there too)."""
     n, k = codes.shape
     return pack_rows(lambda start, stop: codes[start:stop], n, k, scales, zero_points, group_size, layout=layout)
 

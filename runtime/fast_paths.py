@@ -115,11 +115,11 @@ VNNI_SWITCH = "LOWBIT_KERNELS_VNNI"
 
 
 def vnni_layout() -> bool:
-    """Whether the int8 kernel's weights take the VNNI layout (`vpdpbusd` on fours of rows): the CPU has
-    AVX512-VNNI and `LOWBIT_KERNELS_VNNI` is not 0. The results are the same either way."""
-    from lowbit.custom_ops import kernels
-
-    return kernels.cpu_has_avx512_vnni() and os.environ.get(VNNI_SWITCH, "1") != "0"
+    """Whether the int8 kernel's weights take the VNNI layout (fours of rows a 32-bit lane), where the group size
+    allows it: unless `LOWBIT_KERNELS_VNNI` is 0. On AVX512-VNNI CPUs the kernel runs it on `vpdpbusd`, on others
+    on `vpmaddubsw` with 32-bit activation broadcasts, faster there than the AVX2 layout too (docs/targets.md). The
+    results are the same either way."""
+    return os.environ.get(VNNI_SWITCH, "1") != "0"
 
 
 def has_2bit_matmul_nbits(metadata: dict | None) -> bool:
@@ -137,18 +137,22 @@ def accuracy_levels(metadata: dict | None) -> dict[str, int]:
 PROMPT_SESSION_QUANT = re.compile(r"^4-bit g\d+ symmetric")  # lowbit.json "quant" of the layers it pays for
 
 
-def prompt_accuracy_level(metadata: dict | None, vnni: bool | None = None) -> int | None:
+def prompt_accuracy_level(metadata: dict | None, vnni: bool | None = None,
+                          int8_kernel: bool | None = None) -> int | None:
     """The accuracy level a prompt session should give the folder's MatMulNBits nodes: float32 compute
     (PROMPT_ACCURACY_LEVEL) where some symmetric 4-bit grouped MatMulNBits layer computes with int8 activations
-    (level 4) on a CPU without VNNI (`vnni`; default: what this CPU has), where int8 kernels are the slower ones from
-    about 32 rows on (docs/targets.md#prompts-float32-matmulnbits); None otherwise. Only there does ORT pack the
-    float32 kernel's weights at about their 4-bit size (SmolLM2-135M w4a16: peak RSS +67 to +112 MB); with zero
-    points, 8 bits, per-channel scales or repacked 2/3-bit layers it took +100 to +307 MB for 13-18% faster prompts,
-    so those folders keep one session. With VNNI the int8 kernels (lowbit's, or ORT's level 4) prefill faster than
-    any prompt session measured, so there is none."""
+    (level 4) on ONNX Runtime's kernel (`int8_kernel`: lowbit's int8 kernel runs them instead; default: whether it
+    can here) on a CPU without VNNI (`vnni`; default: what this CPU has), where ORT's int8 kernels are the slower
+    ones from about 32 rows on (docs/targets.md#prompts-float32-matmulnbits); None otherwise. Only there does ORT
+    pack the float32 kernel's weights at about their 4-bit size (SmolLM2-135M w4a16: peak RSS +67 to +112 MB);
+    with zero points, 8 bits, per-channel scales or repacked 2/3-bit layers it took +100 to +307 MB for 13-18%
+    faster prompts, so those folders keep one session. With VNNI, or with lowbit's int8 kernel, the int8 path
+    prefills faster than any prompt session measured, so there is none."""
     from lowbit.custom_ops import kernels
 
     if kernels.cpu_has_vnni() if vnni is None else vnni:
+        return None
+    if enabled() and kernels.library() is not None if int8_kernel is None else int8_kernel:
         return None
     for layer in (metadata or {}).get("quantization", {}).values():
         if layer.get("format") == "matmulnbits" and PROMPT_SESSION_QUANT.match(str(layer.get("quant", ""))) \

@@ -103,10 +103,14 @@ KERNEL_CASES = [  # (n, k, group, lead dims of A, per-column zero points, bits)
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("n,k,group,lead,per_column,bits", KERNEL_CASES)
-@pytest.mark.parametrize("layout", [op.AVX2, op.VNNI])
-def test_kernel_equals_the_reference_bit_for_bit(n, k, group, lead, per_column, bits, threads, layout, rng):
-    if layout == op.VNNI and not (kernels.cpu_has_avx512_vnni() and op.supports(group, layout)):
-        pytest.skip("the VNNI layout needs AVX512-VNNI and groups of a multiple of 8 rows")
+@pytest.mark.parametrize("layout,avx512", [(op.AVX2, "1"), (op.VNNI, "1"), (op.VNNI, "0")])
+def test_kernel_equals_the_reference_bit_for_bit(n, k, group, lead, per_column, bits, threads, layout, avx512, rng,
+                                                 monkeypatch):
+    """Both layouts; the VNNI layout on vpdpbusd where the CPU has AVX512-VNNI, and on vpmaddubsw (AVX2) with
+    LOWBIT_KERNELS_AVX512=0 or without it."""
+    if not op.supports(group, layout):
+        pytest.skip("the VNNI layout needs groups of a multiple of 8 rows")
+    monkeypatch.setenv("LOWBIT_KERNELS_AVX512", avx512)
     codes, scales, zero_points = random_weight(rng, n, k, group, per_column, bits)
     w = op.pack(codes, scales, zero_points, group, layout)
     session = kernel_session(w, threads)

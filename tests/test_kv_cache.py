@@ -156,12 +156,14 @@ def test_prompt_session_opens_on_the_first_long_prompt_and_shares_the_cache(long
                                                                            tmp_path, monkeypatch):
     """Steps of PROMPT_MIN_TOKENS or more run on a second session whose MatMulNBits compute in float32; it
     writes the same KV buffers the decode session reads. The bound cache equals the plain path that makes the
-    same choice, and the prompt's logits are those of the folder converted with float32 compute. (On a CPU
-    without VNNI; with VNNI there is no prompt session, test_no_prompt_session_where_it_would_not_help.)"""
+    same choice, and the prompt's logits are those of the folder converted with float32 compute. (On ORT's
+    kernels on a CPU without VNNI; with VNNI or lowbit's int8 kernel there is no prompt session,
+    test_no_prompt_session_where_it_would_not_help.)"""
     from lowbit.custom_ops import kernels
     from lowbit.runtime.session import PROMPT_MIN_TOKENS
 
     monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: False)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     session = create_session(long_llama_w4)
     assert session.open_prompt_session is not None and session._prompt_session is None
     short = rng.integers(3, 96, (1, PROMPT_MIN_TOKENS - 1))
@@ -199,7 +201,14 @@ def test_no_prompt_session_where_it_would_not_help(long_llama, long_llama_w4, mo
     assert create_session(long_llama["ort"]).open_prompt_session is None  # float weights
     assert create_session(long_llama_w4, prompt_session=False).open_prompt_session is None
     monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: True)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     assert create_session(long_llama_w4).open_prompt_session is None  # int8 kernels prefill faster with VNNI
+    if kernels.library() is not None:  # lowbit's int8 kernel prefills faster than the prompt session without VNNI
+        monkeypatch.setattr(kernels, "cpu_has_vnni", lambda: False)
+        monkeypatch.delenv(kernels.ENV_SWITCH)
+        assert create_session(long_llama_w4).open_prompt_session is None
+        monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+        assert create_session(long_llama_w4).open_prompt_session is not None  # ORT's int8 kernel: a prompt session
 
 
 def test_accuracy_level_rewrite_counts_matmulnbits_nodes(long_llama_w4):
@@ -248,10 +257,12 @@ def test_which_folders_get_a_prompt_session(quant, fmt, level, expected):
     from lowbit.runtime.fast_paths import prompt_accuracy_level
 
     metadata = {"quantization": {"layers.0.attn.qkv_proj": {"quant": quant, "format": fmt, "accuracy_level": level}}}
-    assert prompt_accuracy_level(metadata, vnni=False) == expected
-    assert prompt_accuracy_level(metadata, vnni=True) is None
+    assert prompt_accuracy_level(metadata, vnni=False, int8_kernel=False) == expected
+    assert prompt_accuracy_level(metadata, vnni=True, int8_kernel=False) is None
+    assert prompt_accuracy_level(metadata, vnni=False, int8_kernel=True) is None
     for vnni in (False, True):
-        assert prompt_accuracy_level(None, vnni) is None and prompt_accuracy_level({"quantization": {}}, vnni) is None
+        assert prompt_accuracy_level(None, vnni, False) is None
+        assert prompt_accuracy_level({"quantization": {}}, vnni, False) is None
 
 
 def test_bound_buffers_live_where_the_provider_computes(long_llama, rng, monkeypatch):

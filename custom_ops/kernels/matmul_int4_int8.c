@@ -35,6 +35,7 @@
 
 typedef struct { /* k and n first: new_kernel (ort_api.h) */
   int64_t k, n, group_size, layout; /* layout: 0 AVX2 (pairs of rows), 1 VNNI (fours of rows) */
+  int64_t dpbusd;                    /* layout 1 runs on vpdpbusd (AVX512-VNNI), else on vpmaddubsw */
 } Kernel;
 
 typedef struct {
@@ -48,7 +49,7 @@ typedef struct {
   const int32_t *xsum;  /* [M, groups] */
   float *y;             /* [M, N] */
   int64_t m, n, n_pad, group_size, groups;
-  int64_t tiles_per_task, layout;
+  int64_t tiles_per_task, layout, dpbusd; /* dpbusd: layout 1 on AVX512-VNNI instructions */
 } Work;
 
 /* Group g's exact integer sums (lo32: columns 0..7, hi32: 8..15 of tile t) for rows m0..m0+R-1, added to acc in
@@ -155,6 +156,67 @@ VNNI_TARGET __attribute__((always_inline)) static inline void tile_rows_vnni(con
   }
 }
 
+/* The VNNI layout on CPUs without VNNI: the 4 products of a lane's column go to two int16 sums (vpmaddubsw, each
+ * |pair| <= 2 * 15 * 127 = 3810), added in int16 for up to OCTETS_PER_FLUSH octets (two pairs an octet:
+ * |sum| <= 4 * 2 * 3810 = 30480),
+ * then widened to int32 (vpmaddwd with ones). Each row's four activations are one 32-bit broadcast from memory, which
+ * the load port does alone (tile_rows' 16-bit broadcasts need a shuffle each). The same exact integer sums. */
+#define OCTETS_PER_FLUSH 4
+
+__attribute__((always_inline)) static inline void tile_rows_fours(const Work *w, int64_t t, int64_t m0, const int R,
+                                                                 float *acc) {
+  const int64_t octets = w->group_size / 8, stride = w->groups * w->group_size;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const uint8_t *b = w->b + (size_t)t * w->groups * octets * 64;
+  for (int64_t g = 0; g < w->groups; g++) {
+    __m256i lo32[4], hi32[4];
+    for (int r = 0; r < R; r++) lo32[r] = hi32[r] = _mm256_setzero_si256();
+    for (int64_t j0 = 0; j0 < octets; j0 += OCTETS_PER_FLUSH) {
+      const int64_t j1 = j0 + OCTETS_PER_FLUSH < octets ? j0 + OCTETS_PER_FLUSH : octets;
+      __m256i lo16[4], hi16[4];
+      for (int r = 0; r < R; r++) lo16[r] = hi16[r] = _mm256_setzero_si256();
+      for (int64_t j = j0; j < j1; j++) {
+        const uint8_t *p = b + (size_t)(g * octets + j) * 64;
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *)p), v1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+        const __m256i l0 = _mm256_and_si256(v0, low), h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+        const __m256i l1 = _mm256_and_si256(v1, low), h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+        for (int r = 0; r < R; r++) {
+          const int8_t *x = w->xq + (m0 + r) * stride + g * w->group_size + 8 * j;
+          int32_t four0, four1;
+          memcpy(&four0, x, 4);
+          memcpy(&four1, x + 4, 4);
+          const __m256i x0 = _mm256_set1_epi32(four0), x1 = _mm256_set1_epi32(four1);
+          lo16[r] = _mm256_add_epi16(lo16[r], _mm256_add_epi16(_mm256_maddubs_epi16(l0, x0),
+                                                               _mm256_maddubs_epi16(h0, x1)));
+          hi16[r] = _mm256_add_epi16(hi16[r], _mm256_add_epi16(_mm256_maddubs_epi16(l1, x0),
+                                                               _mm256_maddubs_epi16(h1, x1)));
+        }
+      }
+      for (int r = 0; r < R; r++) {
+        lo32[r] = _mm256_add_epi32(lo32[r], _mm256_madd_epi16(lo16[r], ones));
+        hi32[r] = _mm256_add_epi32(hi32[r], _mm256_madd_epi16(hi16[r], ones));
+      }
+    }
+    add_group(w, t, g, m0, R, lo32, hi32, acc);
+  }
+}
+
+static void run_tile_fours(const Work *w, int64_t t) {
+  const int64_t n0 = t * TILE, width = w->n - n0 < TILE ? w->n - n0 : TILE;
+  float acc[4 * TILE];
+  for (int64_t m0 = 0; m0 < w->m; m0 += 4) {
+    const int64_t rows = w->m - m0 < 4 ? w->m - m0 : 4;
+    memset(acc, 0, sizeof acc);
+    switch (rows) {
+      case 1: tile_rows_fours(w, t, m0, 1, acc); break;
+      case 2: tile_rows_fours(w, t, m0, 2, acc); break;
+      case 3: tile_rows_fours(w, t, m0, 3, acc); break;
+      default: tile_rows_fours(w, t, m0, 4, acc); break;
+    }
+    for (int64_t r = 0; r < rows; r++) memcpy(w->y + (m0 + r) * w->n + n0, acc + r * TILE, sizeof(float) * width);
+  }
+}
+
 VNNI_TARGET static void run_tile_vnni(const Work *w, int64_t t) {
   const int64_t n0 = t * TILE, width = w->n - n0 < TILE ? w->n - n0 : TILE;
   float acc[4 * TILE];
@@ -173,7 +235,10 @@ VNNI_TARGET static void run_tile_vnni(const Work *w, int64_t t) {
 
 static void run_tile(const Work *w, int64_t t) {
   if (w->layout == 1) {
-    run_tile_vnni(w, t);
+    if (w->dpbusd)
+      run_tile_vnni(w, t);
+    else
+      run_tile_fours(w, t);
     return;
   }
   const int64_t n0 = t * TILE, width = w->n - n0 < TILE ? w->n - n0 : TILE;
@@ -272,7 +337,7 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
     }
     const int64_t tiles = n_pad / TILE, per_task = (tiles + TASKS - 1) / TASKS;
     Work work = {data_of(values[1]), data_of(values[2]), uniform ? NULL : zero_points, zero_points[0], xq, pairs, sx,
-                 xsum, y, m, n, n_pad, g, groups, per_task, kernel->layout};
+                 xsum, y, m, n, n_pad, g, groups, per_task, kernel->layout, kernel->dpbusd};
     status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(context, run_task,
                                                                        (size_t)((tiles + per_task - 1) / per_task), 0,
                                                                        &work);
@@ -299,9 +364,11 @@ static OrtStatus *create_kernel(const CustomOp *op, const OrtApi *unused, const 
   if (status == NULL) status = int_attribute(info, "layout", &kernel->layout, 1, 0);  /* optional: AVX2 */
   if (status == NULL && kernel->layout != 0 && kernel->layout != 1)
     status = error("lowbit.cpu.MatMulInt4Int8: layout must be 0 (AVX2) or 1 (VNNI)");
-  if (status == NULL && kernel->layout == 1 &&
-      !(kernel->group_size % 8 == 0 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")))
-    status = error("lowbit.cpu.MatMulInt4Int8: layout 1 needs AVX512-VNNI and a group_size multiple of 8");
+  if (status == NULL && kernel->layout == 1 && kernel->group_size % 8 != 0)
+    status = error("lowbit.cpu.MatMulInt4Int8: layout 1 needs a group_size multiple of 8");
+  const char *avx512 = getenv("LOWBIT_KERNELS_AVX512");  /* "0": no AVX-512 instructions (tests of both paths) */
+  kernel->dpbusd = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+                   !(avx512 != NULL && strcmp(avx512, "0") == 0);
   if (status != NULL) {
     free(kernel);
     return status;
