@@ -350,7 +350,8 @@ def evaluate(model_dir, data, seq_len, stride, max_tokens, reference, provider, 
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]))
 @click.option("--prompt-session/--no-prompt-session", default=True, show_default=True,
               help="Run prompts of 32+ tokens on a second session whose MatMulNBits compute in float32 (CPU, "
-                   "symmetric 4-bit grouped folders; docs/targets.md#prompts-float32-matmulnbits).")
+                   "symmetric 4-bit grouped folders on ORT's int8 kernels, without VNNI; "
+                   "docs/targets.md#prompts-float32-matmulnbits).")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
               help="Rows per step (random prompts of the same length); tokens per second count every row.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")

@@ -121,7 +121,8 @@ def stepwise(step, input_ids, attention_mask, position_ids, logits_to_keep: int)
 def create_session(model_dir: str | Path, provider: str = "cpu", threads: int | None = None,
                    session_config: dict[str, str] | None = None, prompt_session: bool = True) -> DecoderSession:
     """`session_config`: ORT session config entries on top of the folder's own (lowbit.json). `prompt_session`:
-    on the CPU, where the folder has symmetric 4-bit grouped MatMulNBits with int8 activations, also open the graph
+    on the CPU, where the folder has symmetric 4-bit grouped MatMulNBits with int8 activations that run on ORT's
+    kernels (not lowbit's int8 kernel) on a CPU without VNNI, also open the graph
     with float32 compute for prompts of PROMPT_MIN_TOKENS or more (faster there; its packed weights cost about the
     4-bit weights' size again in memory), on the first such prompt (fast_paths.prompt_accuracy_level). Generation
     and `lowbit bench` use it; `forward` (perplexity) does not."""

@@ -52,6 +52,23 @@ typedef struct {
   int64_t tiles_per_task, layout, dpbusd; /* dpbusd: layout 1 on AVX512-VNNI instructions */
 } Work;
 
+/* Tile t for every row of A, 4 rows at a time, through ROWS_FN(w, t, m0, R, acc) with a constant R (each case compiles
+ * to its own register allocation), stored to Y. */
+#define ROW_BLOCKS(ROWS_FN)                                                                                          \
+  const int64_t n0 = t * TILE, width = w->n - n0 < TILE ? w->n - n0 : TILE;                                          \
+  float acc[4 * TILE];                                                                                               \
+  for (int64_t m0 = 0; m0 < w->m; m0 += 4) {                                                                         \
+    const int64_t rows = w->m - m0 < 4 ? w->m - m0 : 4;                                                              \
+    memset(acc, 0, sizeof acc);                                                                                      \
+    switch (rows) {                                                                                                  \
+      case 1: ROWS_FN(w, t, m0, 1, acc); break;                                                                      \
+      case 2: ROWS_FN(w, t, m0, 2, acc); break;                                                                      \
+      case 3: ROWS_FN(w, t, m0, 3, acc); break;                                                                      \
+      default: ROWS_FN(w, t, m0, 4, acc); break;                                                                     \
+    }                                                                                                                \
+    for (int64_t r = 0; r < rows; r++) memcpy(w->y + (m0 + r) * w->n + n0, acc + r * TILE, sizeof(float) * width); \
+  }
+
 /* Group g's exact integer sums (lo32: columns 0..7, hi32: 8..15 of tile t) for rows m0..m0+R-1, added to acc in
  * float32: float(dot - z * xsum) * (s * sx). */
 __attribute__((always_inline)) static inline void add_group(const Work *w, int64_t t, int64_t g, int64_t m0, const int R, const __m256i *lo32,
@@ -124,6 +141,27 @@ static inline void tile_rows(const Work *w, int64_t t, int64_t m0, const int R, 
   }
 }
 
+/* One octet of the VNNI layout (64 bytes): l0/h0 columns 0..7 rows 0..3/4..7, l1/h1 columns 8..15. */
+typedef struct {
+  __m256i l0, h0, l1, h1;
+} Octet;
+
+__attribute__((always_inline)) static inline Octet octet_codes(const uint8_t *p) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i v0 = _mm256_loadu_si256((const __m256i *)p), v1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+  return (Octet){_mm256_and_si256(v0, low), _mm256_and_si256(_mm256_srli_epi16(v0, 4), low),
+                 _mm256_and_si256(v1, low), _mm256_and_si256(_mm256_srli_epi16(v1, 4), low)};
+}
+
+/* A row's activations for rows 0..3 and 4..7 of an octet, each four broadcast as one 32-bit value. */
+__attribute__((always_inline)) static inline void row_fours(const int8_t *x, __m256i *x0, __m256i *x1) {
+  int32_t four0, four1;
+  memcpy(&four0, x, 4);
+  memcpy(&four1, x + 4, 4);
+  *x0 = _mm256_set1_epi32(four0);
+  *x1 = _mm256_set1_epi32(four1);
+}
+
 /* The VNNI layout (custom_ops/matmul_int4_int8.py, `pack`): per octet of rows, 8 columns a register, each 32-bit
  * lane one column's 4 rows (low nibbles: rows 0..3, high: 4..7); vpdpbusd adds the 4 products of unsigned codes and
  * signed int8 activations into int32 directly. The same exact integer sums as tile_rows, so the same results. */
@@ -132,24 +170,17 @@ static inline void tile_rows(const Work *w, int64_t t, int64_t m0, const int R, 
 VNNI_TARGET __attribute__((always_inline)) static inline void tile_rows_vnni(const Work *w, int64_t t, int64_t m0,
                                                                             const int R, float *acc) {
   const int64_t octets = w->group_size / 8, stride = w->groups * w->group_size;
-  const __m256i low = _mm256_set1_epi8(0x0F);
   const uint8_t *b = w->b + (size_t)t * w->groups * octets * 64;
   for (int64_t g = 0; g < w->groups; g++) {
     __m256i lo32[4], hi32[4];
     for (int r = 0; r < R; r++) lo32[r] = hi32[r] = _mm256_setzero_si256();
     for (int64_t j = 0; j < octets; j++) {
-      const uint8_t *p = b + (size_t)(g * octets + j) * 64;
-      const __m256i v0 = _mm256_loadu_si256((const __m256i *)p), v1 = _mm256_loadu_si256((const __m256i *)(p + 32));
-      const __m256i l0 = _mm256_and_si256(v0, low), h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
-      const __m256i l1 = _mm256_and_si256(v1, low), h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+      const Octet q = octet_codes(b + (size_t)(g * octets + j) * 64);
       for (int r = 0; r < R; r++) {
-        const int8_t *x = w->xq + (m0 + r) * stride + g * w->group_size + 8 * j;
-        int32_t four0, four1;
-        memcpy(&four0, x, 4);
-        memcpy(&four1, x + 4, 4);
-        const __m256i x0 = _mm256_set1_epi32(four0), x1 = _mm256_set1_epi32(four1);
-        lo32[r] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(lo32[r], l0, x0), h0, x1);
-        hi32[r] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(hi32[r], l1, x0), h1, x1);
+        __m256i x0, x1;
+        row_fours(w->xq + (m0 + r) * stride + g * w->group_size + 8 * j, &x0, &x1);
+        lo32[r] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(lo32[r], q.l0, x0), q.h0, x1);
+        hi32[r] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(hi32[r], q.l1, x0), q.h1, x1);
       }
     }
     add_group(w, t, g, m0, R, lo32, hi32, acc);
@@ -158,15 +189,14 @@ VNNI_TARGET __attribute__((always_inline)) static inline void tile_rows_vnni(con
 
 /* The VNNI layout on CPUs without VNNI: the 4 products of a lane's column go to two int16 sums (vpmaddubsw, each
  * |pair| <= 2 * 15 * 127 = 3810), added in int16 for up to OCTETS_PER_FLUSH octets (two pairs an octet:
- * |sum| <= 4 * 2 * 3810 = 30480),
- * then widened to int32 (vpmaddwd with ones). Each row's four activations are one 32-bit broadcast from memory, which
+ * |sum| <= 4 * 2 * 3810 = 30480), then widened to int32 (vpmaddwd with ones). Each row's four activations are one 32-bit broadcast from memory, which
  * the load port does alone (tile_rows' 16-bit broadcasts need a shuffle each). The same exact integer sums. */
 #define OCTETS_PER_FLUSH 4
 
 __attribute__((always_inline)) static inline void tile_rows_fours(const Work *w, int64_t t, int64_t m0, const int R,
                                                                  float *acc) {
   const int64_t octets = w->group_size / 8, stride = w->groups * w->group_size;
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1);
   const uint8_t *b = w->b + (size_t)t * w->groups * octets * 64;
   for (int64_t g = 0; g < w->groups; g++) {
     __m256i lo32[4], hi32[4];
@@ -176,20 +206,14 @@ __attribute__((always_inline)) static inline void tile_rows_fours(const Work *w,
       __m256i lo16[4], hi16[4];
       for (int r = 0; r < R; r++) lo16[r] = hi16[r] = _mm256_setzero_si256();
       for (int64_t j = j0; j < j1; j++) {
-        const uint8_t *p = b + (size_t)(g * octets + j) * 64;
-        const __m256i v0 = _mm256_loadu_si256((const __m256i *)p), v1 = _mm256_loadu_si256((const __m256i *)(p + 32));
-        const __m256i l0 = _mm256_and_si256(v0, low), h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
-        const __m256i l1 = _mm256_and_si256(v1, low), h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+        const Octet q = octet_codes(b + (size_t)(g * octets + j) * 64);
         for (int r = 0; r < R; r++) {
-          const int8_t *x = w->xq + (m0 + r) * stride + g * w->group_size + 8 * j;
-          int32_t four0, four1;
-          memcpy(&four0, x, 4);
-          memcpy(&four1, x + 4, 4);
-          const __m256i x0 = _mm256_set1_epi32(four0), x1 = _mm256_set1_epi32(four1);
-          lo16[r] = _mm256_add_epi16(lo16[r], _mm256_add_epi16(_mm256_maddubs_epi16(l0, x0),
-                                                               _mm256_maddubs_epi16(h0, x1)));
-          hi16[r] = _mm256_add_epi16(hi16[r], _mm256_add_epi16(_mm256_maddubs_epi16(l1, x0),
-                                                               _mm256_maddubs_epi16(h1, x1)));
+          __m256i x0, x1;
+          row_fours(w->xq + (m0 + r) * stride + g * w->group_size + 8 * j, &x0, &x1);
+          lo16[r] = _mm256_add_epi16(lo16[r], _mm256_add_epi16(_mm256_maddubs_epi16(q.l0, x0),
+                                                               _mm256_maddubs_epi16(q.h0, x1)));
+          hi16[r] = _mm256_add_epi16(hi16[r], _mm256_add_epi16(_mm256_maddubs_epi16(q.l1, x0),
+                                                               _mm256_maddubs_epi16(q.h1, x1)));
         }
       }
       for (int r = 0; r < R; r++) {
@@ -202,35 +226,11 @@ __attribute__((always_inline)) static inline void tile_rows_fours(const Work *w,
 }
 
 static void run_tile_fours(const Work *w, int64_t t) {
-  const int64_t n0 = t * TILE, width = w->n - n0 < TILE ? w->n - n0 : TILE;
-  float acc[4 * TILE];
-  for (int64_t m0 = 0; m0 < w->m; m0 += 4) {
-    const int64_t rows = w->m - m0 < 4 ? w->m - m0 : 4;
-    memset(acc, 0, sizeof acc);
-    switch (rows) {
-      case 1: tile_rows_fours(w, t, m0, 1, acc); break;
-      case 2: tile_rows_fours(w, t, m0, 2, acc); break;
-      case 3: tile_rows_fours(w, t, m0, 3, acc); break;
-      default: tile_rows_fours(w, t, m0, 4, acc); break;
-    }
-    for (int64_t r = 0; r < rows; r++) memcpy(w->y + (m0 + r) * w->n + n0, acc + r * TILE, sizeof(float) * width);
-  }
+  ROW_BLOCKS(tile_rows_fours);
 }
 
 VNNI_TARGET static void run_tile_vnni(const Work *w, int64_t t) {
-  const int64_t n0 = t * TILE, width = w->n - n0 < TILE ? w->n - n0 : TILE;
-  float acc[4 * TILE];
-  for (int64_t m0 = 0; m0 < w->m; m0 += 4) {
-    const int64_t rows = w->m - m0 < 4 ? w->m - m0 : 4;
-    memset(acc, 0, sizeof acc);
-    switch (rows) {
-      case 1: tile_rows_vnni(w, t, m0, 1, acc); break;
-      case 2: tile_rows_vnni(w, t, m0, 2, acc); break;
-      case 3: tile_rows_vnni(w, t, m0, 3, acc); break;
-      default: tile_rows_vnni(w, t, m0, 4, acc); break;
-    }
-    for (int64_t r = 0; r < rows; r++) memcpy(w->y + (m0 + r) * w->n + n0, acc + r * TILE, sizeof(float) * width);
-  }
+  ROW_BLOCKS(tile_rows_vnni);
 }
 
 static void run_tile(const Work *w, int64_t t) {
@@ -241,19 +241,7 @@ static void run_tile(const Work *w, int64_t t) {
       run_tile_fours(w, t);
     return;
   }
-  const int64_t n0 = t * TILE, width = w->n - n0 < TILE ? w->n - n0 : TILE;
-  float acc[4 * TILE];
-  for (int64_t m0 = 0; m0 < w->m; m0 += 4) {
-    const int64_t rows = w->m - m0 < 4 ? w->m - m0 : 4;
-    memset(acc, 0, sizeof acc);
-    switch (rows) {  /* constant R: each case compiles to its own register allocation */
-      case 1: tile_rows(w, t, m0, 1, acc); break;
-      case 2: tile_rows(w, t, m0, 2, acc); break;
-      case 3: tile_rows(w, t, m0, 3, acc); break;
-      default: tile_rows(w, t, m0, 4, acc); break;
-    }
-    for (int64_t r = 0; r < rows; r++) memcpy(w->y + (m0 + r) * w->n + n0, acc + r * TILE, sizeof(float) * width);
-  }
+  ROW_BLOCKS(tile_rows);
 }
 
 static void run_task(void *data, size_t task) {
