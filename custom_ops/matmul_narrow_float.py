@@ -18,14 +18,15 @@ builds in memory
 
 With `input_type` 17 or 19 (and a scalar `input_scale` s), A is first fake-quantized as ONNX Runtime's
 QuantizeLinear -> DequantizeLinear to that float8 type with zero point 0 does it (`fake_quantize`):
-A <- float(float8(clip(A / s, -max, max))) * s, float32 division, round to nearest even, saturating.
+A <- float(float8(clip(A / s, -max, max))) * s, float32 division, round to nearest even, saturating. With
+`input_type` 23, A is fake-quantized as NVFP4 activations with the global scale s (`lowbit.NVFP4ActivationQDQ`).
 
 `reference_matmul` computes this in numpy; the kernel's result is equal bit for bit, for every M (each output is
 summed in the same order whatever the batch, the prompt or the threads).
 
 Inputs: A float32 [..., K]; B uint8 [N_pad / 16, K, 16 * bytes] (`pack`; bytes = 2 for float16, 1 for float8);
 scales float32 [N_pad] or [1]; input_scale float32 [1] (optional). Attributes: K, N, weight_type (10, 17 or 19,
-as onnx.TensorProto), input_type (0, 17 or 19; optional). Output Y float32.
+as onnx.TensorProto), input_type (0, 17, 19 or 23; optional). Output Y float32.
 """
 
 from __future__ import annotations
@@ -153,8 +154,14 @@ def factors(weight: NarrowFloatWeight) -> np.ndarray:
 
 def fake_quantize(a: np.ndarray, scale: float, input_type: int) -> np.ndarray:
     """QuantizeLinear -> DequantizeLinear to float8 `input_type` (17 e4m3fn, 19 e5m2) with a scalar scale and zero
-    point 0, saturating, as ONNX Runtime computes the pair in float32."""
+    point 0, saturating, as ONNX Runtime computes the pair in float32; with 23 (e2m1), NVFP4 activations with the
+    global scale `scale` (`lowbit.nvfp4.fake_quantize_activations`, what lowbit.NVFP4ActivationQDQ computes)."""
     import ml_dtypes
+
+    if input_type == FLOAT4E2M1:
+        from lowbit import nvfp4
+
+        return nvfp4.fake_quantize_activations(np.asarray(a, np.float32), np.float32(scale))
 
     dtype = {FLOAT8E4M3FN: ml_dtypes.float8_e4m3fn, FLOAT8E5M2: ml_dtypes.float8_e5m2}[input_type]
     scale = np.float32(scale)

@@ -412,12 +412,15 @@ def _why_not(node, reader: _TensorReader) -> str | None:
     return None
 
 
-def _dequantize_nvfp4(node, reader: _TensorReader, writer, layers: dict[str, int], fp4_kernel: bool = False) -> str:
+def _dequantize_nvfp4(node, reader: _TensorReader, writer, layers: dict[str, int], fp4_kernel: bool = False,
+                      producers: dict | None = None) -> str:
     """A MatMul of an NVFP4 layer (`layers`: module -> K) reading the unpack graph's weight becomes, with
     `fp4_kernel` and K a multiple of 16, `lowbit.cpu.MatMulNarrowFloat` over the e2m1 codes and the blocks' float32
     steps s / gs (the same float32 weight, 4.5 bits a weight in memory; returns "kernel"), else the MatMul over that
     weight, float32 [K, N], dequantized here (`lowbit.nvfp4`; returns "float32"), appended to `writer`; "" leaves
-    the node to the caller. The unpack nodes are left without a reader (`_prune` removes them)."""
+    the node to the caller. The unpack nodes are left without a reader (`_prune` removes them). On the kernel, a
+    `lowbit.NVFP4ActivationQDQ` producing the MatMul's input (`producers`: value -> node; W4A4) is computed inside
+    it too (input_type 23, its global scale as input_scale: the same bits), instead of as its function body."""
     from onnx import TensorProto, helper
 
     from lowbit import nvfp4
@@ -431,12 +434,20 @@ def _dequantize_nvfp4(node, reader: _TensorReader, writer, layers: dict[str, int
     k = layers[node.name]
     if fp4_kernel and k % nvfp4.GROUP == 0:
         from lowbit.custom_ops import matmul_narrow_float as op
+        from lowbit.custom_ops import nvfp4 as nvfp4_op
 
         codes = nvfp4.unpack(reader.read(packed))[:, :k]
         steps = (np.asarray(reader.read(scales)).astype(np.float32) / np.float32(reader.read(gs)))[:, :k // nvfp4.GROUP]
         weight = op.pack_e2m1(codes, steps)
-        writer.node(op.OP_TYPE, [node.input[0], writer.array("B", weight.b), writer.array("steps", weight.scales)],
-                    "nvfp4", domain=op.DOMAIN, output=node.output[0], K=k, N=weight.n, weight_type=op.FLOAT4E2M1)
+        inputs = [node.input[0], writer.array("B", weight.b), writer.array("steps", weight.scales)]
+        qdq, attrs = (producers or {}).get(node.input[0]), {}
+        if qdq is not None and (qdq.domain, qdq.op_type) == (nvfp4_op.DOMAIN, nvfp4_op.ACTIVATION_OP) \
+                and reader.has(qdq.input[1]):
+            gs_in = np.asarray(reader.read(qdq.input[1]), np.float32).reshape(1)
+            inputs = [qdq.input[0], *inputs[1:], writer.array("input_scale", gs_in)]
+            attrs["input_type"] = op.FLOAT4E2M1
+        writer.node(op.OP_TYPE, inputs, "nvfp4", domain=op.DOMAIN, output=node.output[0], K=k, N=weight.n,
+                    weight_type=op.FLOAT4E2M1, **attrs)
         return "kernel"
     weight = nvfp4.dequantize(nvfp4.unpack(reader.read(packed)), reader.read(scales), np.float32(reader.read(gs)))
     inputs = [node.input[0], writer.array("weight", np.ascontiguousarray(weight[:, :k].T))]
@@ -703,6 +714,7 @@ def rewrite_blockwise(model, model_dir: Path, levels: dict[str, int], folder: Pa
     result = RewriteResult()
     data = _DataFile(folder)
     writer = _GraphWriter(data, known_ranks(graph))
+    producers = {name: node for node in graph.node for name in node.output}
     try:
         for node in graph.node:
             if int4_int8 and _to_int4_int8(node, reader, writer, levels):
@@ -711,7 +723,7 @@ def rewrite_blockwise(model, model_dir: Path, levels: dict[str, int], folder: Pa
             if _widen_2bit(node, reader, writer):
                 result.widened.append(node.name or node.output[0])
                 continue
-            route = _dequantize_nvfp4(node, reader, writer, nvfp4, fp4_kernel) if nvfp4 else ""
+            route = _dequantize_nvfp4(node, reader, writer, nvfp4, fp4_kernel, producers) if nvfp4 else ""
             if route:
                 (result.fp4_kernel if route == "kernel" else result.dequantized).append(node.name)
                 continue

@@ -336,6 +336,41 @@ def test_e2m1_kernel_equals_the_reference_bit_for_bit(lead, n, k, avx512, rng, m
     assert np.array_equal(y, op.reference_matmul(a, packed))
 
 
+@needs_kernel
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 9)])
+@pytest.mark.parametrize("n,k", [(16, 16), (45, 96)])
+def test_kernel_with_nvfp4_inputs_equals_the_reference(lead, n, k, rng):
+    """input_type 23: the activations fake-quantized as lowbit.NVFP4ActivationQDQ computes them (blocks of 16, e4m3
+    block scales, e2m1 values, ties to even, -0 where a negative value rounds to 0) inside the kernel, bit for bit:
+    random rows at several magnitudes, exact ties of the e2m1 grid, an all-zero block and values far past 6 steps."""
+    from lowbit import nvfp4
+
+    codes = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    steps = (rng.uniform(0.02, 400, (n, k // 16)).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+             / np.float32(rng.uniform(10, 3000)))
+    packed = op.pack_e2m1(codes, steps)
+    gs = np.float32(2.0 ** rng.integers(6, 12))  # a power of two: the tie block holds exact multiples of its step
+    a = (rng.standard_normal((*lead, k)) * rng.choice([0.01, 1, 100], (*lead, 1))).astype(np.float32)
+    rows = a.reshape(-1, k)
+    if rows.size > 16:
+        rows[0, :16] = 0.0  # amax 0: the 0.125 block scale
+    if k >= 32:  # a block of exact ties: its max is 6 steps of an e4m3 scale s (step = s / gs), ties at half steps
+        step = np.float32(rng.choice([0.5, 1.5, 3.0, 20.0, 208.0])) / gs
+        rows[-1, 16:32] = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -2.5, -5.0, 3.0, -3.0, 6.0,
+                                    -0.2, 1.0], np.float32) * step
+    session = kernel_node_session(op.OP_TYPE, {"B": packed.b, "S": packed.scales, "T": gs.reshape(1)}, K=k, N=n,
+                                  weight_type=packed.weight_type, input_type=op.FLOAT4E2M1)
+    y = session.run(None, {"A": a})[0]
+    quantized = nvfp4.fake_quantize_activations(a, gs)
+    assert np.array_equal(y, op.reference_matmul(quantized, packed))
+    assert np.array_equal(y, op.reference_matmul(a, packed, (op.FLOAT4E2M1, gs)))
+    assert not np.array_equal(y, op.reference_matmul(a, packed))  # the quantization is there
+    with pytest.raises(Exception, match="multiple of 16"):
+        kernel_node_session(op.OP_TYPE, {"B": op.pack(weights(rng, (24, 16), DTYPES["e4m3fn"])).b,
+                                         "S": np.ones(1, np.float32), "T": gs.reshape(1)}, K=24, N=16,
+                            weight_type=op.FLOAT8E4M3FN, input_type=op.FLOAT4E2M1)
+
+
 NVFP4_RECIPE = ("QuantizationModifier:\n  ignore: [lm_head]\n  scheme: NVFP4A16\n  targets: [Linear]\n"
                 "  bypass_divisibility_checks: true\n")
 

@@ -293,6 +293,39 @@ def test_tiny_llama_nvfp4_on_ort_equals_the_reference(rng, tmp_path):
     assert all(after[f"{m}.input_global_scale"] == scales[m] for m in formats)
 
 
+def test_nvfp4_activations_inside_the_cpu_kernel(tmp_path, monkeypatch, capfd):
+    """On lowbit's CPU kernel each NVFP4ActivationQDQ -> MatMul pair is one lowbit.cpu.MatMulNarrowFloat node
+    (input_type 23, the global scale as input_scale; its fake quantization is the function body's, bit for bit, in
+    tests/test_narrow_float_kernel.py): no function body is left, and the logits, prefill and cached decode, are
+    those of ONNX Runtime running the function bodies and the dequantized weights, within 1e-5 of their scale
+    (the kernel sums each product in another order)."""
+    import tempfile
+    from pathlib import Path
+
+    from lowbit.custom_ops import kernels
+    from lowbit.runtime import fast_paths
+    from lowbit.runtime.session import create_session
+    from tests.conftest import prefill_and_decode, relative
+
+    if kernels.library() is None:
+        pytest.skip(f"no CPU kernel library: {kernels.unavailable()}")
+    _, out, _ = _convert_tiny(tmp_path, "ort")
+    metadata = json.loads((out / "lowbit.json").read_text())
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    with tempfile.TemporaryDirectory() as folder:
+        result = fast_paths.rewrite_blockwise(model, out, {}, Path(folder), fast_paths.nvfp4_layers(metadata),
+                                              fp4_kernel=True)
+    assert len(result.fp4_kernel) == 8
+    assert not [n for n in model.graph.node if n.op_type == nvfp4_ops.ACTIVATION_OP]
+    fused = [n for n in model.graph.node if n.op_type == "MatMulNarrowFloat"]
+    assert len(fused) == 8 and all({a.name: a.i for a in n.attribute}["input_type"] == 23 for n in fused)
+    on_kernel = prefill_and_decode(create_session(out))
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    bodies = prefill_and_decode(create_session(out))
+    for a, b in zip(on_kernel, bodies):
+        assert relative(a, b) <= 1e-5
+
+
 def test_compressed_tensors_checkpoint_carries_the_input_global_scales(tmp_path):
     pytest.importorskip("safetensors")
     from safetensors.torch import load_file

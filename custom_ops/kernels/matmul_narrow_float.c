@@ -13,6 +13,8 @@
  * With input_type 17 or 19, A is first fake-quantized as QuantizeLinear -> DequantizeLinear to that float8 type with
  * the scalar input_scale s and zero point 0 compute it in ONNX Runtime: A <- float(float8(clip(A / s, -max, max))) * s
  * (float32 division, round to nearest even, saturating at max = 448 for e4m3fn and 57344 for e5m2).
+ * With input_type 23, A is fake-quantized as NVFP4 activations (lowbit.NVFP4ActivationQDQ, lowbit/nvfp4.py
+ * fake_quantize_activations) with input_scale as the global scale gs, in blocks of 16 along K.
  *
  * Inputs: A float32 [..., K]; B uint8 [N_pad / 16, K, 16 * bytes], bytes = 2 for (b)float16 (little-endian), 1 for
  * float8: tile t, row k holds w[k, 16t .. 16t + 15] (columns >= N are 0), so each tile is one sequential stream;
@@ -242,6 +244,44 @@ static void fake_quantize(const float *x, float *y, int64_t count, float scale, 
   }
 }
 
+/* A's NVFP4 fake quantization (input_type 23; see the top of the file), `blocks` blocks of FP4_BLOCK values with the
+ * global scale gs: block scale s = e4m3(min(gs * (amax / 6), 448)) (0 -> 0.125), step = s / gs, then each value
+ * e2m1-rounded (half to even in each binade of the grid, magnitude at most 6) times the step, its sign kept. */
+static int fake_quantize_nvfp4(const float *x, float *y, int64_t blocks, float gs) {
+  float *steps = malloc(sizeof(float) * (size_t)blocks);
+  if (steps == NULL) return 0;
+  const __m256 sign_bit = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+  for (int64_t b = 0; b < blocks; b++) {
+    const float *v = x + b * FP4_BLOCK;
+    __m256 m = _mm256_max_ps(_mm256_andnot_ps(sign_bit, _mm256_loadu_ps(v)),
+                             _mm256_andnot_ps(sign_bit, _mm256_loadu_ps(v + 8)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    steps[b] = fminf(gs * (_mm_cvtss_f32(h) / 6.0f), 448.0f);
+  }
+  fake_quantize(steps, steps, blocks, 1.0f, FLOAT8E4M3FN);  /* QuantizeLinear -> DequantizeLinear, scale 1 */
+  const __m256 two = _mm256_set1_ps(2.0f), four = _mm256_set1_ps(4.0f), six = _mm256_set1_ps(6.0f);
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), minus_one = _mm256_set1_ps(-1.0f);
+  const int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t b = 0; b < blocks; b++) {
+    const __m256 step = _mm256_set1_ps((steps[b] == 0.0f ? 0.125f : steps[b]) / gs);
+    for (int i = 0; i < FP4_BLOCK; i += 8) {
+      const __m256 scaled = _mm256_div_ps(_mm256_loadu_ps(x + b * FP4_BLOCK + i), step);
+      const __m256 m = _mm256_min_ps(_mm256_andnot_ps(sign_bit, scaled), six);
+      const __m256 halves = _mm256_mul_ps(_mm256_round_ps(_mm256_mul_ps(m, two), nearest), half);
+      const __m256 ones = _mm256_round_ps(m, nearest);
+      const __m256 twos = _mm256_mul_ps(_mm256_round_ps(_mm256_mul_ps(m, half), nearest), two);
+      const __m256 rounded = _mm256_blendv_ps(_mm256_blendv_ps(twos, ones, _mm256_cmp_ps(m, four, _CMP_LT_OQ)), halves,
+                                              _mm256_cmp_ps(m, two, _CMP_LT_OQ));
+      const __m256 sign = _mm256_blendv_ps(one, minus_one, _mm256_cmp_ps(scaled, _mm256_setzero_ps(), _CMP_LT_OQ));
+      _mm256_storeu_ps(y + b * FP4_BLOCK + i, _mm256_mul_ps(_mm256_mul_ps(rounded, sign), step));
+    }
+  }
+  free(steps);
+  return 1;
+}
+
 /* The same as many_rows on 512-bit registers (one tile row each): blocks of ROWS512 rows of A, each output the
  * same float32 multiply and add in the same order, so the results are equal bit for bit; fewer instructions per
  * product, where the AVX2 loop is bound by issuing them. */
@@ -372,7 +412,15 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
       free(quantized);
       return error("lowbit.cpu.MatMulNarrowFloat: no tensor data");
     }
-    fake_quantize(a, quantized, m * k, input_scale[0], kernel->input_type);
+    if (kernel->input_type == FLOAT4E2M1) {
+      if (!fake_quantize_nvfp4(a, quantized, m * k / FP4_BLOCK, input_scale[0])) {
+        free(factors);
+        free(quantized);
+        return API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "lowbit.cpu.MatMulNarrowFloat: out of memory");
+      }
+    } else {
+      fake_quantize(a, quantized, m * k, input_scale[0], kernel->input_type);
+    }
     a = quantized;
   }
   const float unit = kernel->weight_type == FLOAT8E4M3FN ? 256.0f : 1.0f;
@@ -405,8 +453,10 @@ static OrtStatus *create_kernel(const CustomOp *op, const OrtApi *unused, const 
   status = int_attribute(info, "weight_type", &kernel->weight_type, 0, 0);
   if (status == NULL) status = int_attribute(info, "input_type", &kernel->input_type, 1, 0);  /* optional: A as is */
   if (status == NULL && kernel->input_type != 0 && kernel->input_type != FLOAT8E4M3FN &&
-      kernel->input_type != FLOAT8E5M2)
-    status = error("lowbit.cpu.MatMulNarrowFloat: input_type must be 0, 17 (e4m3fn) or 19 (e5m2)");
+      kernel->input_type != FLOAT8E5M2 && kernel->input_type != FLOAT4E2M1)
+    status = error("lowbit.cpu.MatMulNarrowFloat: input_type must be 0, 17 (e4m3fn), 19 (e5m2) or 23 (e2m1)");
+  if (status == NULL && kernel->input_type == FLOAT4E2M1 && kernel->k % FP4_BLOCK != 0)
+    status = error("lowbit.cpu.MatMulNarrowFloat: NVFP4 activations (input_type 23) need K a multiple of 16");
   if (status == NULL && kernel->weight_type != FLOAT16 && kernel->weight_type != BFLOAT16 &&
       kernel->weight_type != FLOAT8E4M3FN && kernel->weight_type != FLOAT8E5M2 && kernel->weight_type != FLOAT4E2M1)
     status = error("lowbit.cpu.MatMulNarrowFloat: weight_type must be 10 (float16), 16 (bfloat16), 17 (e4m3fn), "
