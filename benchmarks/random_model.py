@@ -26,6 +26,19 @@ CONFIGS = {
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     ),
+    # a quick GroupQueryAttention check (head size 32) for tests and the GPU run (benchmarks/gpu/)
+    "tiny": dict(
+        model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, hidden_act="silu",
+    ),
+    "llama-3.1-8b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001, hidden_act="silu", head_dim=128,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    ),
 }
 
 
@@ -58,5 +71,7 @@ def _write_tokenizer(out: Path, vocab_size: int) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in CONFIGS:
+        sys.exit(f"usage: random_model.py {{{','.join(CONFIGS)}}} OUT")
     make_random_model(sys.argv[1], Path(sys.argv[2]))
     print(f"wrote {sys.argv[2]}")

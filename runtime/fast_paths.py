@@ -150,9 +150,11 @@ def prompt_accuracy_level(metadata: dict | None, vnni: bool | None = None,
     prefills faster than any prompt session measured, so there is none."""
     from lowbit.custom_ops import kernels
 
-    if kernels.cpu_has_vnni() if vnni is None else vnni:
-        return None
-    if enabled() and kernels.library() is not None if int8_kernel is None else int8_kernel:
+    if vnni is None:
+        vnni = kernels.cpu_has_vnni()
+    if int8_kernel is None:  # as inference_session decides: the fast paths on and the kernel library built
+        int8_kernel = enabled() and kernels.library() is not None
+    if vnni or int8_kernel:
         return None
     for layer in (metadata or {}).get("quantization", {}).values():
         if layer.get("format") == "matmulnbits" and PROMPT_SESSION_QUANT.match(str(layer.get("quant", ""))) \

@@ -142,7 +142,6 @@ def count_ops(path, op_type: str) -> int:
     return sum(n.op_type == op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
-
 @pytest.mark.parametrize("level", [4, 0])
 @pytest.mark.parametrize("scheme", FAST_SCHEMES)
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

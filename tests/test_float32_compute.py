@@ -120,7 +120,6 @@ def stories_folders(tmp_path_factory):
     return root
 
 
-
 def both_ways(folder, monkeypatch, capfd):
     """prefill_and_decode logits of the folder widened, then as its float16 graph (LOWBIT_CPU_FLOAT32=0)."""
     from lowbit.runtime.session import create_session

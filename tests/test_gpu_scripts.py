@@ -175,10 +175,10 @@ def tiny_folders(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     import lowbit
-    import models
+    from benchmarks.random_model import make_random_model
 
     root = tmp_path_factory.mktemp("gpu-tiny")
-    hf = models.make("tiny", root / "hf")
+    hf = make_random_model("tiny", root / "hf")
     for scheme in ("q0f16", "w4a16"):
         lowbit.convert(str(hf), str(root / scheme), scheme=scheme, overwrite=True)
     lowbit.convert(str(hf), str(root / "q0f16-trt"), scheme="q0f16", target="tensorrt", overwrite=True)

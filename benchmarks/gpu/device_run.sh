@@ -80,7 +80,7 @@ declare -A FOLDERS  # model -> its converted folders (parity.py and gpu_bench.py
 # prepare MODEL: the random-weight checkpoint, then each scheme's conversion (and q0f16 --target tensorrt)
 prepare() {
   local m=$1 s
-  phase "model-$m" "$PY" "$GPU/models.py" "$m" "$WORK/hf/$m" || return 1
+  phase "model-$m" "$PY" "$GPU/../random_model.py" "$m" "$WORK/hf/$m" || return 1
   for s in $SCHEMES; do
     phase "convert-$m-$s" convert "$m" "$m-$s" --scheme "$s" --target ort && FOLDERS[$m]+=" $WORK/onnx/$m-$s"
   done

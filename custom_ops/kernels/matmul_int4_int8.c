@@ -189,8 +189,9 @@ VNNI_TARGET __attribute__((always_inline)) static inline void tile_rows_vnni(con
 
 /* The VNNI layout on CPUs without VNNI: the 4 products of a lane's column go to two int16 sums (vpmaddubsw, each
  * |pair| <= 2 * 15 * 127 = 3810), added in int16 for up to OCTETS_PER_FLUSH octets (two pairs an octet:
- * |sum| <= 4 * 2 * 3810 = 30480), then widened to int32 (vpmaddwd with ones). Each row's four activations are one 32-bit broadcast from memory, which
- * the load port does alone (tile_rows' 16-bit broadcasts need a shuffle each). The same exact integer sums. */
+ * |sum| <= 4 * 2 * 3810 = 30480), then widened to int32 (vpmaddwd with ones). Each row's four activations are one
+ * 32-bit broadcast from memory, which the load port does alone (tile_rows' 16-bit broadcasts need a shuffle each).
+ * The same exact integer sums. */
 #define OCTETS_PER_FLUSH 4
 
 __attribute__((always_inline)) static inline void tile_rows_fours(const Work *w, int64_t t, int64_t m0, const int R,
