@@ -194,29 +194,47 @@ VNNI_TARGET __attribute__((always_inline)) static inline void tile_rows_vnni(con
  * The same exact integer sums. */
 #define OCTETS_PER_FLUSH 4
 
+/* Octets j0..j1-1 of group g (at most OCTETS_PER_FLUSH) for rows m0..m0+R-1 into int16 sums (lo16: columns 0..7,
+ * hi16: 8..15 of the tile, each 32-bit lane's two int16 halves one column's). */
+__attribute__((always_inline)) static inline void fours_int16(const Work *w, const uint8_t *b, int64_t g, int64_t j0,
+                                                              int64_t j1, int64_t m0, const int R, __m256i *lo16,
+                                                              __m256i *hi16) {
+  const int64_t octets = w->group_size / 8, stride = w->groups * w->group_size;
+  for (int r = 0; r < R; r++) lo16[r] = hi16[r] = _mm256_setzero_si256();
+  for (int64_t j = j0; j < j1; j++) {
+    const Octet q = octet_codes(b + (size_t)(g * octets + j) * 64);
+    for (int r = 0; r < R; r++) {
+      __m256i x0, x1;
+      row_fours(w->xq + (m0 + r) * stride + g * w->group_size + 8 * j, &x0, &x1);
+      lo16[r] = _mm256_add_epi16(lo16[r], _mm256_add_epi16(_mm256_maddubs_epi16(q.l0, x0),
+                                                           _mm256_maddubs_epi16(q.h0, x1)));
+      hi16[r] = _mm256_add_epi16(hi16[r], _mm256_add_epi16(_mm256_maddubs_epi16(q.l1, x0),
+                                                           _mm256_maddubs_epi16(q.h1, x1)));
+    }
+  }
+}
+
 __attribute__((always_inline)) static inline void tile_rows_fours(const Work *w, int64_t t, int64_t m0, const int R,
                                                                  float *acc) {
-  const int64_t octets = w->group_size / 8, stride = w->groups * w->group_size;
+  const int64_t octets = w->group_size / 8;
   const __m256i ones = _mm256_set1_epi16(1);
   const uint8_t *b = w->b + (size_t)t * w->groups * octets * 64;
+  __m256i lo16[4], hi16[4], lo32[4], hi32[4];
+  if (octets <= OCTETS_PER_FLUSH) { /* groups of up to 32: one flush a group, no int32 sums live across octets */
+    for (int64_t g = 0; g < w->groups; g++) {
+      fours_int16(w, b, g, 0, octets, m0, R, lo16, hi16);
+      for (int r = 0; r < R; r++) {
+        lo32[r] = _mm256_madd_epi16(lo16[r], ones);
+        hi32[r] = _mm256_madd_epi16(hi16[r], ones);
+      }
+      add_group(w, t, g, m0, R, lo32, hi32, acc);
+    }
+    return;
+  }
   for (int64_t g = 0; g < w->groups; g++) {
-    __m256i lo32[4], hi32[4];
     for (int r = 0; r < R; r++) lo32[r] = hi32[r] = _mm256_setzero_si256();
     for (int64_t j0 = 0; j0 < octets; j0 += OCTETS_PER_FLUSH) {
-      const int64_t j1 = j0 + OCTETS_PER_FLUSH < octets ? j0 + OCTETS_PER_FLUSH : octets;
-      __m256i lo16[4], hi16[4];
-      for (int r = 0; r < R; r++) lo16[r] = hi16[r] = _mm256_setzero_si256();
-      for (int64_t j = j0; j < j1; j++) {
-        const Octet q = octet_codes(b + (size_t)(g * octets + j) * 64);
-        for (int r = 0; r < R; r++) {
-          __m256i x0, x1;
-          row_fours(w->xq + (m0 + r) * stride + g * w->group_size + 8 * j, &x0, &x1);
-          lo16[r] = _mm256_add_epi16(lo16[r], _mm256_add_epi16(_mm256_maddubs_epi16(q.l0, x0),
-                                                               _mm256_maddubs_epi16(q.h0, x1)));
-          hi16[r] = _mm256_add_epi16(hi16[r], _mm256_add_epi16(_mm256_maddubs_epi16(q.l1, x0),
-                                                               _mm256_maddubs_epi16(q.h1, x1)));
-        }
-      }
+      fours_int16(w, b, g, j0, j0 + OCTETS_PER_FLUSH < octets ? j0 + OCTETS_PER_FLUSH : octets, m0, R, lo16, hi16);
       for (int r = 0; r < R; r++) {
         lo32[r] = _mm256_add_epi32(lo32[r], _mm256_madd_epi16(lo16[r], ones));
         hi32[r] = _mm256_add_epi32(hi32[r], _mm256_madd_epi16(hi16[r], ones));
@@ -252,22 +270,44 @@ static void run_task(void *data, size_t task) {
   for (int64_t t = t0; t < t1; t++) run_tile(w, t);
 }
 
-/* Per row and group: the int8 activations, their scale and their sum. */
+/* Per row and group: the int8 activations, their scale and their sum. Eight values at a time: vcvtps2dq rounds to
+ * nearest even as lrintf does (the default rounding mode), so the tail's scalar code gives the same integers. */
 static void quantize_rows(const float *a, int64_t m, int64_t k, int64_t group_size, int64_t groups, int8_t *xq,
                           float *sx, int32_t *xsum) {
   const int64_t stride = groups * group_size;
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i top = _mm256_set1_epi32(127), bottom = _mm256_set1_epi32(-127);
   for (int64_t i = 0; i < m; i++) {
     const float *x = a + i * k;
     int8_t *q = xq + i * stride;
     memset(q, 0, (size_t)stride);
     for (int64_t g = 0; g < groups; g++) {
       const int64_t k0 = g * group_size, k1 = k0 + group_size < k ? k0 + group_size : k;
+      const int64_t k8 = k0 + (k1 - k0) / 8 * 8;
+      __m256 vmax = _mm256_setzero_ps();
+      for (int64_t kk = k0; kk < k8; kk += 8)  /* a NaN value is skipped (vmaxps returns vmax) */
+        vmax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + kk), magnitude), vmax);
+      float lanes[8];
+      _mm256_storeu_ps(lanes, vmax);
       float amax = 0.0f;
-      for (int64_t kk = k0; kk < k1; kk++) amax = fmaxf(amax, fabsf(x[kk]));
+      for (int l = 0; l < 8; l++) amax = lanes[l] > amax ? lanes[l] : amax;
+      for (int64_t kk = k8; kk < k1; kk++) amax = fabsf(x[kk]) > amax ? fabsf(x[kk]) : amax;
       int32_t sum = 0;
       if (amax > 0.0f) {
         const float inv = 127.0f / amax;
-        for (int64_t kk = k0; kk < k1; kk++) {
+        const __m256 vinv = _mm256_set1_ps(inv);
+        __m256i vsum = _mm256_setzero_si256();
+        for (int64_t kk = k0; kk < k8; kk += 8) {
+          __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + kk), vinv));
+          v = _mm256_max_epi32(_mm256_min_epi32(v, top), bottom);
+          vsum = _mm256_add_epi32(vsum, v);
+          const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+          _mm_storel_epi64((__m128i *)(q + kk), _mm_packs_epi16(w16, w16));
+        }
+        int32_t parts[8];
+        _mm256_storeu_si256((__m256i *)parts, vsum);
+        for (int l = 0; l < 8; l++) sum += parts[l];
+        for (int64_t kk = k8; kk < k1; kk++) {
           long v = lrintf(x[kk] * inv);
           v = v > 127 ? 127 : (v < -127 ? -127 : v);
           q[kk] = (int8_t)v;

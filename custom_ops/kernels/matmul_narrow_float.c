@@ -37,7 +37,7 @@ enum { FLOAT16 = 10, BFLOAT16 = 16, FLOAT8E4M3FN = 17, FLOAT8E5M2 = 19, FLOAT4E2
 #define TILE 16 /* columns per tile: two 256-bit registers of float32 */
 #define ROWS 6  /* rows of A per block when M > 1: 12 accumulators */
 #define TILES_AT_ONCE 4 /* tiles per pass when M == 1: 8 independent accumulators */
-#define KC 256 /* rows of K widened at once when M > 1: 16 KB */
+#define KC 384 /* rows of K widened at once when M > 1: 24 KB */
 #define TASKS 64
 
 typedef struct { /* k and n first: new_kernel (ort_api.h) */
@@ -50,6 +50,7 @@ typedef struct {
   const float *factors; /* [N_pad] f[n]; NULL: all 1 */
   const float *steps;   /* FLOAT4E2M1: [N_pad / 16, K / 16, 16] the blocks' float32 steps; else NULL */
   const float *a;       /* [M, K] */
+  const float *packed;  /* M > 1 on AVX2: A by blocks of ROWS rows, [M / ROWS rounded up, K, ROWS] (zeros past M) */
   float *y;             /* [M, N] */
   int64_t m, k, n, n_pad, weight_type, tiles_per_task;
   int avx512;
@@ -84,6 +85,11 @@ static inline void widen16(const uint8_t *p, int64_t type, __m256 *lo, __m256 *h
 /* Columns of tile t in row `row` of Y (the product, or between chunks of K the partial sum). */
 static inline void store_tile(const Work *w, int64_t t, int64_t row, __m256 lo, __m256 hi) {
   const int64_t n0 = t * TILE, width = w->n - n0 < TILE ? w->n - n0 : TILE;
+  if (width == TILE) {
+    _mm256_storeu_ps(w->y + row * w->n + n0, lo);
+    _mm256_storeu_ps(w->y + row * w->n + n0 + 8, hi);
+    return;
+  }
   float out[TILE];
   _mm256_storeu_ps(out, lo);
   _mm256_storeu_ps(out + 8, hi);
@@ -119,6 +125,11 @@ static inline void weights16(const Work *w, int64_t t, int64_t k, const uint8_t 
 
 static inline void load_partial(const Work *w, int64_t t, int64_t row, __m256 *lo, __m256 *hi) {
   const int64_t n0 = t * TILE, width = w->n - n0 < TILE ? w->n - n0 : TILE;
+  if (width == TILE) {
+    *lo = _mm256_loadu_ps(w->y + row * w->n + n0);
+    *hi = _mm256_loadu_ps(w->y + row * w->n + n0 + 8);
+    return;
+  }
   float in[TILE] = {0};
   memcpy(in, w->y + row * w->n + n0, sizeof(float) * (size_t)width);
   *lo = _mm256_loadu_ps(in);
@@ -175,13 +186,13 @@ static inline void row_block(const Work *w, const float *tile, int64_t t, int64_
       acc[2 * r + 1] = hi;
     }
   }
-  const float *a = w->a + m0 * w->k;
+  const float *a = w->packed + m0 * w->k; /* m0 is a multiple of ROWS: block m0 / ROWS */
   for (int64_t k = k0; k < k1; k++) {
     const float *row = tile + (k - k0) * TILE;
     const __m256 lo = _mm256_load_ps(row), hi = _mm256_load_ps(row + 8);
     _Pragma("GCC unroll 16")
     for (int r = 0; r < R; r++) {
-      const __m256 x = _mm256_broadcast_ss(a + r * w->k + k);
+      const __m256 x = _mm256_broadcast_ss(a + k * ROWS + r);
       acc[2 * r] = _mm256_add_ps(acc[2 * r], _mm256_mul_ps(x, lo));
       acc[2 * r + 1] = _mm256_add_ps(acc[2 * r + 1], _mm256_mul_ps(x, hi));
     }
@@ -429,13 +440,37 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
     factors[i] = e2m1 ? 1.0f : scales[uniform ? 0 : i] * unit;
     ones = ones && factors[i] == 1.0f;
   }
+  float *packed = NULL; /* row_block's broadcasts read one sequential stream, not ROWS rows K apart */
+  if (m > 1 && !kernel->avx512) {
+    const int64_t blocks = (m + ROWS - 1) / ROWS;
+    packed = malloc(sizeof(float) * (size_t)(blocks * ROWS * k));
+    if (packed == NULL) {
+      free(factors);
+      free(quantized);
+      return API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "lowbit.cpu.MatMulNarrowFloat: out of memory");
+    }
+    for (int64_t blk = 0; blk < blocks; blk++) {
+      float *out = packed + blk * ROWS * k;
+      for (int r = 0; r < ROWS; r++) {
+        const int64_t row = blk * ROWS + r;
+        if (row >= m) {
+          for (int64_t i = 0; i < k; i++) out[i * ROWS + r] = 0.0f;
+          continue;
+        }
+        const float *x = a + row * k;
+        for (int64_t i = 0; i < k; i++) out[i * ROWS + r] = x[i];
+      }
+    }
+  }
   const int64_t tiles = n_pad / TILE;
   int64_t per_task = (tiles + TASKS - 1) / TASKS;
-  per_task = (per_task + TILES_AT_ONCE - 1) / TILES_AT_ONCE * TILES_AT_ONCE;  /* whole groups (TILES512 too) */
-  Work work = {b, ones ? NULL : factors, e2m1 ? scales : NULL, a, y, m, k, n, n_pad, kernel->weight_type, per_task,
+  if (m == 1 || kernel->avx512)  /* whole groups of TILES_AT_ONCE (TILES512 too); AVX2 prompts: tile by tile */
+    per_task = (per_task + TILES_AT_ONCE - 1) / TILES_AT_ONCE * TILES_AT_ONCE;
+  Work work = {b, ones ? NULL : factors, e2m1 ? scales : NULL, a, packed, y, m, k, n, n_pad, kernel->weight_type, per_task,
                kernel->avx512};
   OrtStatus *status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(
       context, run_task, (size_t)((tiles + per_task - 1) / per_task), 0, &work);
+  free(packed);
   free(factors);
   free(quantized);
   return status;
