@@ -95,14 +95,21 @@ def pack_rows(read_codes, n: int, k: int, scales: np.ndarray, zero_points, group
             rows = padded.reshape(tiles, TILE, groups, quads, 4).transpose(0, 2, 3, 1, 4)
             nibbles = rows[..., :2] | (rows[..., 2:] << 4)  # [.., 16 columns, 2 rows]
         b[start // TILE: start // TILE + tiles] = nibbles.reshape(tiles, groups, quads, 2 * TILE)
+    return Int4Int8Weight(b, *tile_scales_and_zero_points(scales, zero_points, n), k, n, group_size, layout)
+
+
+def tile_scales_and_zero_points(scales: np.ndarray, zero_points, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """scales [groups, N] and zero points ([groups, N] or a scalar) -> the kernel's scales [N_pad / 16, groups, 16]
+    (`by_tile`, zero past N) and zero points: [1] where all are equal, else as the scales."""
+    groups, n_pad = np.shape(scales)[0], -(-n // TILE) * TILE
     s = np.zeros((groups, n_pad), np.float32)
     s[:, :n] = scales
     zero_points = np.asarray(zero_points)
     if zero_points.size and np.all(zero_points == zero_points.flat[0]):
-        return Int4Int8Weight(b, by_tile(s), np.array([zero_points.flat[0]], np.uint8), k, n, group_size, layout)
+        return by_tile(s), np.array([zero_points.flat[0]], np.uint8)
     z = np.zeros((groups, n_pad), np.uint8)
     z[:, :n] = np.broadcast_to(zero_points, (groups, n))
-    return Int4Int8Weight(b, by_tile(s), by_tile(z), k, n, group_size, layout)
+    return by_tile(s), by_tile(z)
 
 
 def by_tile(per_group: np.ndarray) -> np.ndarray:
@@ -148,20 +155,29 @@ def quantize_activations(a: np.ndarray, group_size: int) -> tuple[np.ndarray, np
 
 def reference_matmul(a: np.ndarray, weight: Int4Int8Weight) -> np.ndarray:
     """Y [..., N] float32, the kernel's arithmetic step for step."""
+    return reference_from_codes(a, unpack_codes(weight), weight.scales, weight.zero_points, weight.group_size)
+
+
+def reference_from_codes(a: np.ndarray, codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray,
+                         group_size: int) -> np.ndarray:
+    """The arithmetic of both int8-activation kernels (lowbit.cpu.MatMulInt4Int8 and MatMulInt8Int8) for codes
+    [N, K], the kernel's scales and zero points (`tile_scales_and_zero_points`): Y [..., N] float32."""
     a = np.asarray(a, np.float32)
+    n, k = codes.shape
     lead = a.shape[:-1]
-    a2 = a.reshape(-1, weight.k)
-    g = weight.group_size
+    a2 = a.reshape(-1, k)
+    g = group_size
+    groups = scales.shape[1]
     xq, sx, xsum = quantize_activations(a2, g)
-    codes = np.zeros((weight.groups * g, weight.n), np.int64)
-    codes[: weight.k] = unpack_codes(weight).T
-    codes = codes.reshape(weight.groups, g, weight.n)
-    z = np.broadcast_to(weight.zero_points.astype(np.int64), (weight.groups, weight.n)) \
-        if weight.zero_points.size == 1 else per_group(weight.zero_points)[:, : weight.n].astype(np.int64)
-    s = per_group(weight.scales)[:, : weight.n]
-    y = np.zeros((a2.shape[0], weight.n), np.float32)
-    for group in range(weight.groups):
-        dot = xq[:, group].astype(np.int64) @ codes[group]  # [M, N], exact
+    padded = np.zeros((groups * g, n), np.int64)
+    padded[:k] = codes.T
+    padded = padded.reshape(groups, g, n)
+    z = np.broadcast_to(zero_points.astype(np.int64), (groups, n)) \
+        if zero_points.size == 1 else per_group(zero_points)[:, :n].astype(np.int64)
+    s = per_group(scales)[:, :n]
+    y = np.zeros((a2.shape[0], n), np.float32)
+    for group in range(groups):
+        dot = xq[:, group].astype(np.int64) @ padded[group]  # [M, N], exact
         term = (dot - z[group] * xsum[:, group, None]).astype(np.float32)
         y = y + term * (s[group] * sx[:, group, None])
-    return y.reshape(*lead, weight.n)
+    return y.reshape(*lead, n)

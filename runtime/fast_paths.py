@@ -24,11 +24,12 @@ set to that folder, so it loads, prepacks and releases the new weights exactly a
 (peak memory: ORT's packed weights plus about one layer). The temporary folder is removed once the session
 exists.
 
-On CPUs with AVX2 and a C compiler, MatMuls of 4 bits or fewer at int8 compute (2/4-bit MatMulNBits at accuracy
-level 4; MatMulBlockwise of 2-4 bits with integer zero points, MLC's groups of 40 included, unpadded) run instead on
-lowbit's own kernel, `lowbit.cpu.MatMulInt4Int8` (custom_ops/matmul_int4_int8.py, custom_ops/kernels/), compiled on
-first use and registered with the session; its weights are the same codes, scales and zero points in the kernel's
-tile order, written here like the others. `LOWBIT_KERNELS=0` keeps ONNX Runtime's kernels (the rewrites above).
+On CPUs with AVX2 and a C compiler, MatMuls at int8 compute (2/4/8-bit MatMulNBits at accuracy level 4;
+MatMulBlockwise of 2-4 or 8 bits with integer zero points, MLC's groups of 40 included, unpadded) run instead on
+lowbit's own kernels, `lowbit.cpu.MatMulInt4Int8` (codes of 4 bits or fewer, custom_ops/matmul_int4_int8.py) and
+`lowbit.cpu.MatMulInt8Int8` (8-bit codes, custom_ops/matmul_int8_int8.py), compiled on first use (custom_ops/kernels/)
+and registered with the session; their weights are the same codes, scales and zero points in the kernel's tile
+order, written here like the others. `LOWBIT_KERNELS=0` keeps ONNX Runtime's kernels (the rewrites above).
 A prompt session (`accuracy_level`) does not use it.
 
 Each node's accuracy level is the one `lowbit.json` records for its layer (`--accuracy-level` at conversion:
@@ -86,12 +87,12 @@ def nvfp4_layers(metadata: dict | None) -> dict[str, int]:
             if layer.get("format") in NVFP4_FORMATS and len(layer.get("shape") or ()) == 2}
 
 
-KERNEL_QUANT = re.compile(r"^[234]-bit ")  # lowbit.json "quant" of the layers lowbit.cpu.MatMulInt4Int8 can run
+KERNEL_QUANT = re.compile(r"^[2348]-bit ")  # lowbit.json "quant" of the layers lowbit's int8 kernels can run
 
 
-def has_int4_matmuls(metadata: dict | None) -> bool:
-    """lowbit.json lists a MatMulNBits or blockwise layer of 4 bits or fewer at int8 compute (accuracy level 4),
-    which the int8 CPU kernel runs; True without lowbit.json (the rewrite looks at the graph itself)."""
+def has_int8_kernel_matmuls(metadata: dict | None) -> bool:
+    """lowbit.json lists a MatMulNBits or blockwise layer of 2, 3, 4 or 8 bits at int8 compute (accuracy level 4),
+    which lowbit's int8 CPU kernels run; True without lowbit.json (the rewrite looks at the graph itself)."""
     if metadata is None or "quantization" not in metadata:
         return True
     return any(layer.get("format") in ("matmulnbits", "blockwise") and KERNEL_QUANT.match(str(layer.get("quant", "")))
@@ -99,9 +100,9 @@ def has_int4_matmuls(metadata: dict | None) -> bool:
                for layer in metadata["quantization"].values())
 
 
-def int4_int8_kernel(report: bool) -> Path | None:
-    """The compiled library of lowbit.cpu.MatMulInt4Int8 (custom_ops/kernels), or None; `report`: say on stderr
-    why not, unless it was switched off."""
+def int8_kernel_library(report: bool) -> Path | None:
+    """The compiled library of lowbit.cpu.MatMulInt4Int8 and MatMulInt8Int8 (custom_ops/kernels), or None;
+    `report`: say on stderr why not, unless it was switched off."""
     from lowbit.custom_ops import kernels
 
     library = kernels.library()
@@ -198,8 +199,8 @@ def inference_session(model_dir: Path, options, providers: list[str], metadata: 
     if blockwise and off is not None and report:
         print(f"lowbit: lowbit.MatMulBlockwise nodes run as their ONNX function bodies ({off})", file=sys.stderr)
     # a prompt session (accuracy_level) keeps ORT's float compute
-    kernel = int4_int8_kernel(report) if off is None and accuracy_level is None and has_int4_matmuls(metadata) \
-        else None
+    kernel = int8_kernel_library(report) \
+        if off is None and accuracy_level is None and has_int8_kernel_matmuls(metadata) else None
     rewrite = rewrite or kernel is not None
     widen = float32_compute.applies(metadata, providers[0])  # a float16 graph computed in float32
     narrow = off is None and narrow_float_weights.kernel_applies(metadata) and kernels.library() is not None
@@ -214,7 +215,7 @@ def inference_session(model_dir: Path, options, providers: list[str], metadata: 
             result = RewriteResult()
             if rewrite and off is None:
                 result = rewrite_blockwise(model, model_dir, accuracy_levels(metadata), Path(folder), nvfp4,
-                                           int4_int8=kernel is not None,
+                                           int8_kernel=kernel is not None,
                                            fp4_kernel=accuracy_level is None and kernels.library() is not None)
             if accuracy_level is not None:
                 set_accuracy_level(model.graph, accuracy_level)
@@ -271,7 +272,8 @@ class RewriteResult:
     widened: list[str] = field(default_factory=list)  # 2-bit MatMulNBits nodes now running as 4-bit
     dequantized: list[str] = field(default_factory=list)  # NVFP4 MatMuls now reading a float weight
     fp4_kernel: list[str] = field(default_factory=list)  # NVFP4 MatMuls now on lowbit.cpu.MatMulNarrowFloat
-    kernel: list[str] = field(default_factory=list)  # nodes now running as lowbit.cpu.MatMulInt4Int8
+    kernel: list[str] = field(default_factory=list)  # nodes now running on lowbit's int8 kernels
+    kernel_ops: set[str] = field(default_factory=set)  # which: lowbit.cpu.MatMulInt4Int8, MatMulInt8Int8
 
     @property
     def changed(self) -> bool:
@@ -280,8 +282,8 @@ class RewriteResult:
     def messages(self) -> list[str]:
         lines = []
         if self.kernel:
-            lines.append(f"{len(self.kernel)} quantized MatMuls run on lowbit's int8 CPU kernel "
-                         "(lowbit.cpu.MatMulInt4Int8)")
+            ops = " and ".join(f"lowbit.cpu.{op}" for op in sorted(self.kernel_ops))
+            lines.append(f"{len(self.kernel)} quantized MatMuls run on lowbit's int8 CPU kernel ({ops})")
         if self.fast:
             lines.append(f"{len(self.fast)} lowbit.MatMulBlockwise nodes run as MatMulNBits (repacked at load)")
         if self.widened:
@@ -509,14 +511,15 @@ def _widen_2bit(node, reader: _TensorReader, writer) -> bool:
     return True
 
 
-def _to_int4_int8(node, reader: _TensorReader, writer, levels: dict[str, int]) -> bool:
-    """A com.microsoft.MatMulNBits node of 2 or 4 bits at accuracy level 4, or a lowbit.MatMulBlockwise node of 4
-    bits or fewer with integer zero points, whose weights are initializers, becomes `lowbit.cpu.MatMulInt4Int8` over
-    the same codes, scales and zero points (custom_ops/matmul_int4_int8.py), appended to `writer` (float16
-    activations through Casts); False leaves the node to the caller."""
+def _to_int8_kernel(node, reader: _TensorReader, writer, levels: dict[str, int]) -> str:
+    """A com.microsoft.MatMulNBits node of 2, 4 or 8 bits at accuracy level 4, or a lowbit.MatMulBlockwise node of
+    2-4 or 8 bits with integer zero points, whose weights are initializers, becomes `lowbit.cpu.MatMulInt4Int8` (8
+    bits: `MatMulInt8Int8`) over the same codes, scales and zero points (custom_ops/matmul_int4_int8.py,
+    matmul_int8_int8.py), appended to `writer` (float16 activations through Casts): returns the op type, or ""
+    leaving the node to the caller."""
     from onnx import TensorProto, helper
 
-    from lowbit.custom_ops import blockwise_repack, matmul_int4_int8, matmul_nbits
+    from lowbit.custom_ops import blockwise_repack, matmul_int4_int8, matmul_int8_int8, matmul_nbits
     from lowbit.custom_ops.bitpack import unpack_bytes, unpack_words
 
     inputs = [name for name in node.input]
@@ -524,13 +527,13 @@ def _to_int4_int8(node, reader: _TensorReader, writer, levels: dict[str, int]) -
     if (node.domain, node.op_type) == (matmul_nbits.DOMAIN, "MatMulNBits"):
         bits, k, n, group = attrs.get("bits"), attrs.get("K"), attrs.get("N"), attrs.get("block_size")
         has_zp = len(inputs) > 3 and inputs[3] != ""
-        if bits not in (2, 4) or attrs.get("accuracy_level", 0) != 4 or any(inputs[4:]) \
+        if bits not in (2, 4, 8) or attrs.get("accuracy_level", 0) != 4 or any(inputs[4:]) \
                 or not all(reader.has(name) for name in inputs[1:3] + inputs[3:4] * has_zp):
-            return False
+            return ""
         b = reader.read(inputs[1])
         blocks = -(-k // group)
-        if b.shape != (n, blocks, group * bits // 8) or not matmul_int4_int8.supports(group):
-            return False
+        if b.shape != (n, blocks, group * bits // 8):
+            return ""
         dtype = reader.protos[inputs[2]].data_type
         scales = np.asarray(reader.read(inputs[2]), np.float32).reshape(n, blocks).T
         zero_points = 2 ** (bits - 1)
@@ -539,40 +542,51 @@ def _to_int4_int8(node, reader: _TensorReader, writer, levels: dict[str, int]) -
 
         def read_codes(start, stop):
             return unpack_bytes(np.asarray(b[start:stop]).reshape(stop - start, -1), bits, blocks * group)
-    elif (node.domain, node.op_type) == MATMUL_OP and _why_not(node, reader) is None and attrs["bits"] <= 4 \
-            and levels.get(node.name, DEFAULT_ACCURACY_LEVEL) == 4:
+    elif (node.domain, node.op_type) == MATMUL_OP and _why_not(node, reader) is None \
+            and (attrs["bits"] <= 4 or attrs["bits"] == 8) and levels.get(node.name, DEFAULT_ACCURACY_LEVEL) == 4:
         bits, k, group = attrs["bits"], attrs["K"], attrs["group_size"]
         words = reader.read(inputs[1])
         dtype = reader.protos[inputs[2]].data_type
         scales = np.asarray(reader.read(inputs[2]), np.float32).T  # [groups, N]
         n, groups = scales.T.shape
         zeros = np.asarray(reader.read(inputs[3]))
-        if not blockwise_repack.has_integer_zero_points(zeros, bits) or not matmul_int4_int8.supports(group):
-            return False
+        if not blockwise_repack.has_integer_zero_points(zeros, bits):
+            return ""
         zero_points = np.broadcast_to(zeros.astype(np.float32).astype(np.uint8), (n, groups)).T
 
         def read_codes(start, stop):
             return unpack_words(np.asarray(words[start:stop]), bits, groups * group)
     else:
-        return False
+        return ""
     if dtype not in FLOAT_TYPES:
-        return False
-    layout = matmul_int4_int8.VNNI if vnni_layout() and matmul_int4_int8.supports(group, matmul_int4_int8.VNNI) \
-        else matmul_int4_int8.AVX2
-    weight = matmul_int4_int8.pack_rows(read_codes, n, k, scales, zero_points, group, layout=layout)
+        return ""
+    attributes = {}
+    if bits == 8:
+        if not matmul_int8_int8.supports(group):
+            return ""
+        op = matmul_int8_int8
+        weight = matmul_int8_int8.pack_rows(read_codes, n, k, scales, zero_points, group)
+    else:
+        if not matmul_int4_int8.supports(group):
+            return ""
+        op = matmul_int4_int8
+        layout = matmul_int4_int8.VNNI if vnni_layout() and matmul_int4_int8.supports(group, matmul_int4_int8.VNNI) \
+            else matmul_int4_int8.AVX2
+        weight = matmul_int4_int8.pack_rows(read_codes, n, k, scales, zero_points, group, layout=layout)
+        attributes = {"layout": layout} if layout != matmul_int4_int8.AVX2 else {}
     x, y = inputs[0], node.output[0]
     if dtype != TensorProto.FLOAT:
         x = writer.shared.get(("float32", x)) or writer.node("Cast", [x], "to_float32", to=TensorProto.FLOAT)
         writer.shared[("float32", inputs[0])] = x
     product = writer.node(
-        matmul_int4_int8.OP_TYPE,
+        op.OP_TYPE,
         [x, writer.array("B", weight.b), writer.array("scales", weight.scales),
          writer.array("zero_points", weight.zero_points)],
-        "int4_int8", domain=matmul_int4_int8.DOMAIN, output=y if dtype == TensorProto.FLOAT else None,
-        K=k, N=n, group_size=group, **({"layout": layout} if layout != matmul_int4_int8.AVX2 else {}))
+        "int8_kernel", domain=op.DOMAIN, output=y if dtype == TensorProto.FLOAT else None,
+        K=k, N=n, group_size=group, **attributes)
     if dtype != TensorProto.FLOAT:
         writer.nodes.append(helper.make_node("Cast", [product], [y], name=writer.name("to_input_type"), to=dtype))
-    return True
+    return op.OP_TYPE
 
 
 # ------------------------------------------------------------------------------ ranks
@@ -702,7 +716,7 @@ class _GraphWriter:
 
 
 def rewrite_blockwise(model, model_dir: Path, levels: dict[str, int], folder: Path,
-                      nvfp4: dict[str, int] | None = None, int4_int8: bool = False,
+                      nvfp4: dict[str, int] | None = None, int8_kernel: bool = False,
                       fp4_kernel: bool = False) -> RewriteResult:
     """Rewrites every `lowbit.MatMulBlockwise` node of `model` (an onnx.ModelProto loaded without external data) in
     place, and every 2-bit MatMulNBits and NVFP4 MatMul (`nvfp4`: module -> K) it can, writing the new weights, and
@@ -719,8 +733,10 @@ def rewrite_blockwise(model, model_dir: Path, levels: dict[str, int], folder: Pa
     producers = {name: node for node in graph.node for name in node.output}
     try:
         for node in graph.node:
-            if int4_int8 and _to_int4_int8(node, reader, writer, levels):
+            op = _to_int8_kernel(node, reader, writer, levels) if int8_kernel else ""
+            if op:
                 result.kernel.append(node.name or node.output[0])
+                result.kernel_ops.add(op)
                 continue
             if _widen_2bit(node, reader, writer):
                 result.widened.append(node.name or node.output[0])

@@ -216,7 +216,7 @@ def test_rewritten_graph(stories_q4f16, tmp_path):
     head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.name == "lm_head")
     assert any(node.op_type == "GatherBlockQuantized" for node in model.graph.node)  # reads head's tensors
     n = kernel_layers(stories_q4f16)
-    result = fast_paths.rewrite_blockwise(model, stories_q4f16, {}, tmp_path, int4_int8=True)
+    result = fast_paths.rewrite_blockwise(model, stories_q4f16, {}, tmp_path, int8_kernel=True)
     nodes = list(model.graph.node)
     kernel = [node for node in nodes if node.op_type == op.OP_TYPE]
     assert len(result.kernel) == n == len(kernel) and not any(node.op_type == "MatMulNBits" for node in nodes)
@@ -284,8 +284,9 @@ def test_folders_without_such_layers_do_not_import_onnx(tmp_path):
     from tests.conftest import SAMPLE_MODEL
 
     out = tmp_path / "w8"
-    lowbit.convert(str(SAMPLE_MODEL), out, scheme="w8a16")
-    assert "4-bit" not in json.dumps(json.loads((out / "lowbit.json").read_text())["quantization"])
+    lowbit.convert(str(SAMPLE_MODEL), out, scheme="w8a16", accuracy_level=0)  # float compute: ORT's kernel
+    layers = json.loads((out / "lowbit.json").read_text())["quantization"].values()
+    assert all(layer["accuracy_level"] == 0 for layer in layers if layer.get("format") == "matmulnbits")
     code = ("import sys; from lowbit.runtime.session import create_session; "
             f"create_session({str(out)!r}); print('onnx' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -1,5 +1,6 @@
 /* lowbit.cpu.MatMulInt4Int8: Y[M, N] = A[M, K] @ W[K, N] for weights stored as codes of 4 bits or fewer, computed
- * with int8 activations and integer dot products (AVX2), as an ONNX Runtime custom op.
+ * with int8 activations and integer dot products (AVX2), as an ONNX Runtime custom op; lowbit.cpu.MatMulInt8Int8:
+ * the same for codes of 8 bits (the same arithmetic; B holds bytes, see the end of this comment).
  *
  * The arithmetic (custom_ops/matmul_int4_int8.py holds the numpy reference, equal bit for bit):
  *   groups of G rows of K (the last one partial where G does not divide K), per row m of A and group g:
@@ -13,6 +14,8 @@
  * high nibble (codes of rows >= K and columns >= N are 0); scales float32 [N_pad / 16, groups, 16] and
  * zero_points uint8 [N_pad / 16, groups, 16], tile by tile as B (each tile's bytes are one sequential stream), or
  * [1] where all are equal. Attributes K, N, group_size. Output Y float32 [..., N].
+ * MatMulInt8Int8: codes 0..255 and zero points 0..255; B uint8 [N_pad / 16, groups, G / 2, 32]: byte 2c + h of pair
+ * p of group g of tile t holds q[gG + 2p + h, 16t + c] (group_size even).
  */
 
 #include <immintrin.h>
@@ -34,7 +37,7 @@
 #define QUADS_PER_FLUSH 4  /* 4 quads of 4 rows: |sum| <= 16 * 15 * 127 = 30480 fits int16 */
 
 typedef struct { /* k and n first: new_kernel (ort_api.h) */
-  int64_t k, n, group_size, layout; /* layout: 0 AVX2 (pairs of rows), 1 VNNI (fours of rows) */
+  int64_t k, n, group_size, layout; /* layout: 0 AVX2 (pairs of rows), 1 VNNI (fours of rows), 2 bytes (8 bits) */
   int64_t dpbusd;                    /* layout 1 runs on vpdpbusd (AVX512-VNNI), else on vpmaddubsw */
 } Kernel;
 
@@ -44,7 +47,8 @@ typedef struct {
   const uint8_t *zero_points;  /* NULL: every zero point is `zero_point` */
   int32_t zero_point;
   const int8_t *xq;     /* [M, groups * G], zero beyond K */
-  const __m256i *pairs; /* M == 1: [groups * G / 2] each pair of xq broadcast over a register; else NULL */
+  const int16_t *xw;    /* layout 2: xq widened to int16 (each two of a row one 32-bit broadcast); else NULL */
+  const __m256i *pairs; /* M == 1, layout 0: [groups * G / 2] each pair of xq broadcast over a register */
   const float *sx;      /* [M, groups] */
   const int32_t *xsum;  /* [M, groups] */
   float *y;             /* [M, N] */
@@ -244,6 +248,36 @@ __attribute__((always_inline)) static inline void tile_rows_fours(const Work *w,
   }
 }
 
+/* Layout 2 (8-bit codes): per pair of rows of K, 32 bytes (byte 2c + h: row h of column c) widened to int16
+ * (vpmovzxbw), each 32-bit lane one column's two rows, and vpmaddwd with the row's two activations as int16 (one
+ * 32-bit broadcast) adds both products into int32: exact, |dot| <= G * 255 * 127. */
+__attribute__((always_inline)) static inline void tile_rows_bytes(const Work *w, int64_t t, int64_t m0, const int R,
+                                                                 float *acc) {
+  const int64_t pairs = w->group_size / 2, stride = w->groups * w->group_size;
+  const uint8_t *b = w->b + (size_t)t * w->groups * pairs * 32;
+  for (int64_t g = 0; g < w->groups; g++) {
+    __m256i lo32[4], hi32[4];
+    for (int r = 0; r < R; r++) lo32[r] = hi32[r] = _mm256_setzero_si256();
+    for (int64_t p = 0; p < pairs; p++) {
+      const uint8_t *q = b + (size_t)(g * pairs + p) * 32;
+      const __m256i c0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q));
+      const __m256i c1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
+      for (int r = 0; r < R; r++) {
+        int32_t two;
+        memcpy(&two, w->xw + (m0 + r) * stride + g * w->group_size + 2 * p, 4);
+        const __m256i x = _mm256_set1_epi32(two);
+        lo32[r] = _mm256_add_epi32(lo32[r], _mm256_madd_epi16(c0, x));
+        hi32[r] = _mm256_add_epi32(hi32[r], _mm256_madd_epi16(c1, x));
+      }
+    }
+    add_group(w, t, g, m0, R, lo32, hi32, acc);
+  }
+}
+
+static void run_tile_bytes(const Work *w, int64_t t) {
+  ROW_BLOCKS(tile_rows_bytes);
+}
+
 static void run_tile_fours(const Work *w, int64_t t) {
   ROW_BLOCKS(tile_rows_fours);
 }
@@ -253,6 +287,10 @@ VNNI_TARGET static void run_tile_vnni(const Work *w, int64_t t) {
 }
 
 static void run_tile(const Work *w, int64_t t) {
+  if (w->layout == 2) {
+    run_tile_bytes(w, t);
+    return;
+  }
   if (w->layout == 1) {
     if (w->dpbusd)
       run_tile_vnni(w, t);
@@ -320,22 +358,27 @@ static void quantize_rows(const float *a, int64_t m, int64_t k, int64_t group_si
   }
 }
 
+/* An error of this kernel's op (MSG a string literal). */
+#define OP_ERROR(kernel, MSG) \
+  error((kernel)->layout == 2 ? "lowbit.cpu.MatMulInt8Int8: " MSG : "lowbit.cpu.MatMulInt4Int8: " MSG)
+
 static OrtStatus *compute(void *state, OrtKernelContext *context) {
   const Kernel *kernel = state;
-  const int64_t k = kernel->k, n = kernel->n, g = kernel->group_size;
+  const int64_t k = kernel->k, n = kernel->n, g = kernel->group_size, bytes = kernel->layout == 2;
   const int64_t groups = (k + g - 1) / g, n_pad = (n + TILE - 1) / TILE * TILE;
   const OrtValue *values[4];
   int64_t dims[4][8];
   size_t ranks[4];
   for (size_t i = 0; i < 4; i++) CHECK(input(context, i, &values[i], dims[i], &ranks[i]));
-  if (ranks[0] < 1 || dims[0][ranks[0] - 1] != k) return error("lowbit.cpu.MatMulInt4Int8: A's last dimension is not K");
-  const int64_t b_dims[4] = {n_pad / TILE, groups, g / 4, 32};
+  if (ranks[0] < 1 || dims[0][ranks[0] - 1] != k) return OP_ERROR(kernel, "A's last dimension is not K");
+  const int64_t b_dims[4] = {n_pad / TILE, groups, bytes ? g / 2 : g / 4, 32};
   if (ranks[1] != 4 || memcmp(dims[1], b_dims, sizeof b_dims) != 0)
-    return error("lowbit.cpu.MatMulInt4Int8: B is not [N_pad / 16, groups, group_size / 4, 32]");
+    return bytes ? OP_ERROR(kernel, "B is not [N_pad / 16, groups, group_size / 2, 32]")
+                 : OP_ERROR(kernel, "B is not [N_pad / 16, groups, group_size / 4, 32]");
   const int uniform = ranks[3] == 1 && dims[3][0] == 1;
   for (size_t i = 2; i < (uniform ? 3 : 4); i++)
     if (ranks[i] != 3 || dims[i][0] != n_pad / TILE || dims[i][1] != groups || dims[i][2] != TILE)
-      return error("lowbit.cpu.MatMulInt4Int8: scales or zero_points are not [N_pad / 16, groups, 16]");
+      return OP_ERROR(kernel, "scales or zero_points are not [N_pad / 16, groups, 16]");
   int64_t m = 1, out_dims[8];
   for (size_t i = 0; i + 1 < ranks[0]; i++) {
     m *= dims[0][i];
@@ -346,17 +389,20 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
   CHECK(API(KernelContext_GetOutput, KernelContextGetOutputFn)(context, 0, out_dims, ranks[0], &output));
   float *y = data_of(output);
   const float *a = data_of(values[0]);
-  if (y == NULL || a == NULL) return error("lowbit.cpu.MatMulInt4Int8: no tensor data");
+  if (y == NULL || a == NULL) return OP_ERROR(kernel, "no tensor data");
   if (m == 0) return NULL;
   const int64_t stride = groups * g;
   int8_t *xq = malloc((size_t)(m * stride));
   float *sx = malloc(sizeof(float) * (size_t)(m * groups));
   int32_t *xsum = malloc(sizeof(int32_t) * (size_t)(m * groups));
-  __m256i *pairs = m == 1 ? aligned_alloc(32, sizeof(__m256i) * (size_t)(stride / 2)) : NULL;
+  const int with_pairs = m == 1 && kernel->layout == 0; /* tile_rows' one-row case */
+  __m256i *pairs = with_pairs ? aligned_alloc(32, sizeof(__m256i) * (size_t)(stride / 2)) : NULL;
+  int16_t *xw = bytes ? malloc(sizeof(int16_t) * (size_t)(m * stride)) : NULL;
   const uint8_t *zero_points = data_of(values[3]);
   OrtStatus *status = NULL;
-  if (xq == NULL || sx == NULL || xsum == NULL || (m == 1 && pairs == NULL) || zero_points == NULL) {
-    status = API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "lowbit.cpu.MatMulInt4Int8: out of memory");
+  if (xq == NULL || sx == NULL || xsum == NULL || (with_pairs && pairs == NULL) || (bytes && xw == NULL) ||
+      zero_points == NULL) {
+    status = API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "lowbit.cpu: out of memory");
   } else {
     quantize_rows(a, m, k, g, groups, xq, sx, xsum);
     for (int64_t i = 0; pairs != NULL && i < stride / 2; i++) {
@@ -364,14 +410,20 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
       memcpy(&pair, xq + 2 * i, 2);
       pairs[i] = _mm256_set1_epi16(pair);
     }
+    for (int64_t i = 0; xw != NULL && i < m * stride; i += 16)  /* m * stride is even; a tail of 8 at most */
+      if (i + 16 <= m * stride)
+        _mm256_storeu_si256((__m256i *)(xw + i), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(xq + i))));
+      else
+        for (int64_t j = i; j < m * stride; j++) xw[j] = xq[j];
     const int64_t tiles = n_pad / TILE, per_task = (tiles + TASKS - 1) / TASKS;
-    Work work = {data_of(values[1]), data_of(values[2]), uniform ? NULL : zero_points, zero_points[0], xq, pairs, sx,
-                 xsum, y, m, n, n_pad, g, groups, per_task, kernel->layout, kernel->dpbusd};
+    Work work = {data_of(values[1]), data_of(values[2]), uniform ? NULL : zero_points, zero_points[0], xq, xw, pairs,
+                 sx, xsum, y, m, n, n_pad, g, groups, per_task, kernel->layout, kernel->dpbusd};
     status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(context, run_task,
                                                                        (size_t)((tiles + per_task - 1) / per_task), 0,
                                                                        &work);
   }
   free(xq);
+  free(xw);
   free(pairs);
   free(sx);
   free(xsum);
@@ -406,8 +458,31 @@ static OrtStatus *create_kernel(const CustomOp *op, const OrtApi *unused, const 
   return NULL;
 }
 
+static OrtStatus *create_kernel_bytes(const CustomOp *op, const OrtApi *unused, const OrtKernelInfo *info,
+                                      void **out) {
+  (void)op;
+  (void)unused;
+  Kernel *kernel = NULL;
+  OrtStatus *status = new_kernel(info, sizeof(Kernel), "lowbit.cpu.MatMulInt8Int8: K and N must be positive",
+                                 (void **)&kernel);
+  if (status != NULL) return status;
+  status = int_attribute(info, "group_size", &kernel->group_size, 0, 0);
+  if (status == NULL && (kernel->group_size < 2 || kernel->group_size % 2 != 0))
+    status = error("lowbit.cpu.MatMulInt8Int8: group_size must be a positive even number");
+  if (status != NULL) {
+    free(kernel);
+    return status;
+  }
+  kernel->layout = 2;
+  *out = kernel;
+  return NULL;
+}
+
 static const char *op_name(const CustomOp *op) { (void)op; return "MatMulInt4Int8"; }
+static const char *op_name_bytes(const CustomOp *op) { (void)op; return "MatMulInt8Int8"; }
 static int op_input_type(const CustomOp *op, size_t index) { (void)op; return index == 0 || index == 2 ? TYPE_FLOAT : TYPE_UINT8; }
 static size_t op_input_count(const CustomOp *op) { (void)op; return 4; }
 
 LOWBIT_CPU_OP(lowbit_matmul_int4_int8, op_name, op_input_type, op_input_count, required, create_kernel, compute);
+LOWBIT_CPU_OP(lowbit_matmul_int8_int8, op_name_bytes, op_input_type, op_input_count, required, create_kernel_bytes,
+              compute);

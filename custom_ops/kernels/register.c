@@ -6,6 +6,7 @@
 const OrtApi *lowbit_ort_api;
 
 extern const CustomOp lowbit_matmul_int4_int8;
+extern const CustomOp lowbit_matmul_int8_int8;
 extern const CustomOp lowbit_matmul_narrow_float;
 
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options,
@@ -16,6 +17,7 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
   OrtCustomOpDomain *domain;
   CHECK(API(CreateCustomOpDomain, CreateCustomOpDomainFn)("lowbit.cpu", &domain));
   CHECK(API(CustomOpDomain_Add, CustomOpDomainAddFn)(domain, &lowbit_matmul_int4_int8));
+  CHECK(API(CustomOpDomain_Add, CustomOpDomainAddFn)(domain, &lowbit_matmul_int8_int8));
   CHECK(API(CustomOpDomain_Add, CustomOpDomainAddFn)(domain, &lowbit_matmul_narrow_float));
   return API(AddCustomOpDomain, AddCustomOpDomainFn)(options, domain);
 }

@@ -1,0 +1,99 @@
+"""`lowbit.cpu.MatMulInt8Int8`: a matmul over 8-bit weight codes with int8 activations, run by lowbit's compiled CPU
+kernel (custom_ops/kernels/matmul_int4_int8.c, beside `lowbit.cpu.MatMulInt4Int8`).
+
+It is `lowbit.cpu.MatMulInt4Int8` (custom_ops/matmul_int4_int8.py) for codes 0..255: the same arithmetic, per row m
+of A [M, K] and group g of `group_size` rows of K,
+
+    amax = max |A[m, k]| over the group; sx = amax / 127; xq = rint(A[m, k] * (127 / amax)) (0 where amax == 0)
+    dot[n] = sum of q[k, n] * xq[k] over the group (integers); xsum = sum of the group's xq
+    Y[m, n] = sum over g, in order, of float32(dot[n] - z[g, n] * xsum) * (s[g, n] * sx)  (float32, no fused add)
+
+which is how ONNX Runtime's 8-bit MatMulNBits computes at accuracy level 4 (int8 activations per block of K), and
+`reference_matmul` computes it in numpy (equal bit for bit). The kernel widens each pair of rows' codes to int16
+and multiplies them with the pair's activations in one `vpmaddwd` (int32 sums, exact).
+
+Like its 4-bit sibling, the node exists only in graphs the runtime builds in memory (runtime/fast_paths.py, from
+8-bit MatMulNBits at accuracy level 4); the folder keeps the node it replaces, which is its fallback.
+
+Inputs: A float32 [..., K]; B uint8 [N_pad / 16, groups, group_size / 2, 32] (`pack`: byte 2c + h of pair p of group
+g of tile t holds q[g * group_size + 2p + h, 16t + c]); scales float32 and zero_points uint8 [N_pad / 16, groups,
+16], or zero_points [1] where all are equal (as MatMulInt4Int8's). Attributes: K, N, group_size (even).
+Output: Y float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lowbit.custom_ops.matmul_int4_int8 import TILE, reference_from_codes, tile_scales_and_zero_points
+
+DOMAIN = "lowbit.cpu"
+OP_TYPE = "MatMulInt8Int8"
+MAX_CODE = 255
+
+
+@dataclass(frozen=True)
+class Int8Int8Weight:
+    b: np.ndarray  # uint8 [N_pad / 16, groups, group_size / 2, 32]
+    scales: np.ndarray  # float32 [N_pad / 16, groups, 16]
+    zero_points: np.ndarray  # uint8 [N_pad / 16, groups, 16], or [1] where all are equal
+    k: int
+    n: int
+    group_size: int
+
+    @property
+    def groups(self) -> int:
+        return self.scales.shape[1]
+
+
+def supports(group_size: int) -> bool:
+    return group_size >= 2 and group_size % 2 == 0
+
+
+def pack(codes: np.ndarray, scales: np.ndarray, zero_points, group_size: int) -> Int8Int8Weight:
+    """codes: integers 0..255, [N, K] (one row per output column, as MatMulNBits stores them); scales [groups, N];
+    zero_points [groups, N] (integers 0..255) or a scalar -> the kernel's arrays."""
+    n, k = codes.shape
+    return pack_rows(lambda start, stop: codes[start:stop], n, k, scales, zero_points, group_size)
+
+
+def pack_rows(read_codes, n: int, k: int, scales: np.ndarray, zero_points, group_size: int,
+              rows_per_chunk: int = 4096) -> Int8Int8Weight:
+    """`pack`, reading the codes `rows_per_chunk` output columns at a time: `read_codes(start, stop)` -> integers
+    [stop - start, >= K] (columns past K are ignored). Only one chunk is unpacked at once."""
+    if not supports(group_size):
+        raise ValueError(f"group_size must be a positive even number, got {group_size}")
+    groups = -(-k // group_size)
+    if np.shape(scales) != (groups, n):
+        raise ValueError(f"scales {np.shape(scales)} != ({groups}, {n})")
+    n_pad = -(-n // TILE) * TILE
+    pairs = group_size // 2
+    b = np.empty((n_pad // TILE, groups, pairs, 2 * TILE), np.uint8)
+    chunk = max(TILE, rows_per_chunk // TILE * TILE)
+    for start in range(0, n_pad, chunk):
+        stop = min(n, start + chunk)
+        codes = np.asarray(read_codes(start, stop))[:, :k]
+        if codes.size and (codes.min() < 0 or codes.max() > MAX_CODE):
+            raise ValueError("codes must lie in 0..255")
+        tiles = -(-(stop - start) // TILE)
+        padded = np.zeros((tiles * TILE, groups * group_size), np.uint8)
+        padded[: stop - start, :k] = codes
+        # [tiles, 16 columns, groups, pairs, 2 rows] -> [tiles, groups, pairs, 16 columns, 2 rows]
+        rows = padded.reshape(tiles, TILE, groups, pairs, 2).transpose(0, 2, 3, 1, 4)
+        b[start // TILE: start // TILE + tiles] = rows.reshape(tiles, groups, pairs, 2 * TILE)
+    return Int8Int8Weight(b, *tile_scales_and_zero_points(scales, zero_points, n), k, n, group_size)
+
+
+def unpack_codes(weight: Int8Int8Weight) -> np.ndarray:
+    """The codes [N, K] `weight` holds (inverse of `pack`)."""
+    tiles, groups, pairs, _ = weight.b.shape
+    rows = weight.b.reshape(tiles, groups, pairs, TILE, 2)
+    codes = rows.transpose(0, 3, 1, 2, 4).reshape(tiles * TILE, groups * pairs * 2)
+    return codes[: weight.n, : weight.k]
+
+
+def reference_matmul(a: np.ndarray, weight: Int8Int8Weight) -> np.ndarray:
+    """Y [..., N] float32, the kernel's arithmetic step for step."""
+    return reference_from_codes(a, unpack_codes(weight), weight.scales, weight.zero_points, weight.group_size)

@@ -1,0 +1,187 @@
+"""lowbit.cpu.MatMulInt8Int8, the 8-bit sibling of the int8 CPU kernel (custom_ops/matmul_int8_int8.py): its
+packing, its numpy reference against the arithmetic it stands for, the kernel through ONNX Runtime against the
+reference bit for bit, and the runtime's rewrite of 8-bit MatMulNBits (accuracy level 4) onto it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lowbit.custom_ops import kernels
+from lowbit.custom_ops import matmul_int8_int8 as op
+from tests.conftest import kernel_node_session, prefill_and_decode, relative
+
+needs_kernel = pytest.mark.skipif(kernels.library() is None, reason=f"no int8 CPU kernel: {kernels.unavailable()}")
+
+
+def random_weight(rng, n, k, group, per_column_zero_points=True):
+    groups = -(-k // group)
+    codes = rng.integers(0, 256, (n, k))
+    scales = (rng.random((groups, n)) + 0.5).astype(np.float32)
+    zero_points = rng.integers(0, 256, (groups, n)) if per_column_zero_points else 128
+    return codes, scales, zero_points
+
+
+@pytest.mark.parametrize("n,k,group", [(16, 64, 32), (50, 100, 16), (33, 576, 40), (7, 10, 2), (40, 200, 128)])
+@pytest.mark.parametrize("per_column", [True, False])
+def test_pack_holds_the_codes_scales_and_zero_points(n, k, group, per_column, rng):
+    codes, scales, zero_points = random_weight(rng, n, k, group, per_column)
+    w = op.pack(codes, scales, zero_points, group)
+    groups, n_pad = -(-k // group), -(-n // 16) * 16
+    assert w.b.shape == (n_pad // 16, groups, group // 2, 32) and w.b.dtype == np.uint8
+    assert np.array_equal(op.unpack_codes(w), codes)
+    # byte 2c + h of pair p of group g of tile t: row g * group + 2p + h of column 16t + c
+    t, g, p, c, h = (n - 1) // 16, groups - 1, 0, (n - 1) % 16, 1
+    assert w.b[t, g, p, 2 * c + h] == codes[16 * t + c, g * group + 2 * p + h]
+    if group >= 4 and n > 3:
+        assert w.b[0, 0, 1, 2 * 3] == codes[3, 2]  # pair 1, row 0 (h = 0) of column 3: row 2 of K
+    per_group = w.scales.transpose(1, 0, 2).reshape(groups, n_pad)
+    assert np.array_equal(per_group[:, :n], scales) and not per_group[:, n:].any()
+    if per_column:
+        assert np.array_equal(w.zero_points.transpose(1, 0, 2).reshape(groups, n_pad)[:, :n], zero_points)
+    else:
+        assert w.zero_points.shape == (1,) and w.zero_points[0] == zero_points
+    chunked = op.pack_rows(lambda a, b: codes[a:b], n, k, scales, zero_points, group, rows_per_chunk=16)
+    assert all(np.array_equal(x, y) for x, y in zip((w.b, w.scales, w.zero_points),
+                                                    (chunked.b, chunked.scales, chunked.zero_points)))
+
+
+def test_pack_rejects_what_the_kernel_cannot_hold(rng):
+    codes, scales, zero_points = random_weight(rng, 16, 64, 32)
+    with pytest.raises(ValueError, match="even"):
+        op.pack(codes[:, :63], scales, zero_points, 21)
+    with pytest.raises(ValueError, match="0..255"):
+        op.pack(codes + 256, scales, zero_points, 32)
+    with pytest.raises(ValueError, match="scales"):
+        op.pack(codes, scales[:1], zero_points, 32)
+
+
+@pytest.mark.parametrize("group", [16, 40, 128])
+def test_reference_is_int8_activations_times_the_dequantized_weight(group, rng):
+    """Y = sum over groups of (xq sx) . ((q - z) s), within float32 rounding, and within int8 activation error of
+    the float product."""
+    from lowbit.custom_ops.matmul_int4_int8 import quantize_activations
+
+    n, k = 24, 300
+    codes, scales, zero_points = random_weight(rng, n, k, group)
+    w = op.pack(codes, scales, zero_points, group)
+    a = rng.standard_normal((5, k)).astype(np.float32)
+    xq, sx, _ = quantize_activations(a, group)
+    x = (xq * sx[..., None].astype(np.float64)).reshape(5, -1)[:, :k]
+    dequantized = (codes - np.repeat(zero_points, group, axis=0)[:k].T) * np.repeat(scales, group, axis=0)[:k].T
+    expected = x @ dequantized.astype(np.float64).T
+    actual = op.reference_matmul(a, w)
+    assert np.abs(actual - expected).max() <= 1e-5 * np.abs(expected).max()
+    float_product = a.astype(np.float64) @ dequantized.T
+    assert np.abs(actual - float_product).max() <= 2e-2 * np.abs(float_product).max()
+
+
+def kernel_session(w: op.Int8Int8Weight, threads: int = 2):
+    return kernel_node_session(op.OP_TYPE, {"B": w.b, "S": w.scales, "Z": w.zero_points}, threads, K=w.k, N=w.n,
+                               group_size=w.group_size)
+
+
+KERNEL_CASES = [  # (n, k, group, lead dims of A, per-column zero points)
+    (64, 128, 32, (1,), False), (960, 576, 32, (1,), False), (48, 576, 128, (3,), False),
+    (50, 100, 16, (2, 5), True), (17, 70, 64, (9,), True), (576, 1536, 128, (1, 1), True),
+    (33, 206, 2, (4,), True), (16, 8, 4, (6,), True), (3000, 64, 32, (1,), False), (40, 576, 256, (7,), True),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,k,group,lead,per_column", KERNEL_CASES)
+def test_kernel_equals_the_reference_bit_for_bit(n, k, group, lead, per_column, threads, rng):
+    codes, scales, zero_points = random_weight(rng, n, k, group, per_column)
+    w = op.pack(codes, scales, zero_points, group)
+    session = kernel_session(w, threads)
+    for _ in range(2):  # fresh activations each call
+        a = (rng.standard_normal((*lead, k)) * rng.choice([0.01, 1.0, 300.0])).astype(np.float32)
+        (y,) = session.run(None, {"A": a})
+        assert y.shape == (*lead, n) and y.dtype == np.float32
+        assert np.array_equal(y, op.reference_matmul(a, w))
+
+
+@needs_kernel
+def test_extreme_codes_and_activations_stay_exact(rng):
+    """Codes 255 against activations of +-127 over a group of 256 rows: the largest sums the int32 lanes hold."""
+    n, k, group = 32, 512, 256
+    codes = np.full((n, k), 255)
+    codes[::2] = rng.integers(0, 256, (n // 2, k))
+    scales = (rng.random((2, n)) + 0.5).astype(np.float32)
+    w = op.pack(codes, scales, rng.integers(0, 256, (2, n)), group)
+    a = np.where(rng.random((3, k)) < 0.9, 1.0, -1.0).astype(np.float32) * np.float32(2.5)
+    (y,) = kernel_session(w).run(None, {"A": a})
+    assert np.array_equal(y, op.reference_matmul(a, w))
+
+
+@needs_kernel
+def test_a_group_of_zero_activations(rng):
+    codes, scales, zero_points = random_weight(rng, 32, 96, 32)
+    w = op.pack(codes, scales, zero_points, 32)
+    a = rng.standard_normal((2, 96)).astype(np.float32)
+    a[0, 32:64] = 0.0  # amax 0: that group's activations and term are 0
+    (y,) = kernel_session(w).run(None, {"A": a})
+    assert np.array_equal(y, op.reference_matmul(a, w)) and np.isfinite(y).all()
+
+
+@needs_kernel
+def test_kernel_rejects_inputs_of_the_wrong_shape(rng):
+    codes, scales, zero_points = random_weight(rng, 32, 64, 32)
+    w = op.pack(codes, scales, zero_points, 32)
+    session = kernel_session(w)
+    with pytest.raises(Exception, match="MatMulInt8Int8: A's last dimension is not K"):
+        session.run(None, {"A": rng.standard_normal((1, 63)).astype(np.float32)})
+    with pytest.raises(Exception, match="MatMulInt8Int8: B is not"):
+        kernel_node_session(op.OP_TYPE, {"B": w.b[:, :, :8], "S": w.scales, "Z": w.zero_points}, K=64, N=32,
+                            group_size=32).run(None, {"A": rng.standard_normal((1, 64)).astype(np.float32)})
+    with pytest.raises(Exception, match="group_size must be a positive even number"):
+        kernel_node_session(op.OP_TYPE, {"B": w.b, "S": w.scales, "Z": w.zero_points}, K=64, N=32, group_size=31)
+
+
+# ------------------------------------------------------------------ the runtime's rewrite onto the kernel
+
+KERNEL_SCHEMES = ["w8a16", "a16w8", "a16w8-g64"]
+TOLERANCE = 3e-2  # |kernel - float compute| / max|float compute|: int8 activations per group (accuracy level 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory):
+    from tests.conftest import build_tiny_model
+
+    folder = tmp_path_factory.mktemp("int8_kernel_src") / "llama"
+    build_tiny_model("llama", folder)
+    return folder
+
+
+def eight_bit_layers(folder) -> int:
+    import onnx
+
+    return sum(node.op_type == "MatMulNBits" and {a.name: a.i for a in node.attribute}["bits"] == 8
+               for node in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node)
+
+
+@needs_kernel
+@pytest.mark.parametrize("scheme", KERNEL_SCHEMES)
+def test_8bit_schemes_run_on_the_kernel_within_int8_tolerance(scheme, tiny_source, tmp_path, monkeypatch, capfd):
+    """Every 8-bit MatMulNBits of the folder (accuracy level 4) runs on lowbit.cpu.MatMulInt8Int8 (said once on
+    stderr), prefill and cached decode within TOLERANCE of float compute (the folder converted at accuracy level 0)
+    and of ONNX Runtime's own int8 compute of the same folder."""
+    import lowbit
+    from lowbit.runtime.session import create_session
+
+    out, exact = tmp_path / "int8", tmp_path / "float"
+    lowbit.convert(str(tiny_source), out, scheme=scheme)
+    lowbit.convert(str(tiny_source), exact, scheme=scheme, accuracy_level=0)
+    capfd.readouterr()
+    kernel = prefill_and_decode(create_session(out))
+    lines = capfd.readouterr().err.splitlines()
+    assert eight_bit_layers(out) > 0
+    assert lines[0] == f"lowbit: {eight_bit_layers(out)} quantized MatMuls run on lowbit's int8 CPU kernel " \
+                       "(lowbit.cpu.MatMulInt8Int8)"
+    reference = prefill_and_decode(create_session(exact))
+    assert "int8 CPU kernel" not in capfd.readouterr().err  # level 0: float compute stays with ORT
+    monkeypatch.setenv("LOWBIT_KERNELS", "0")
+    ort_int8 = prefill_and_decode(create_session(out))
+    for a, b, c in zip(kernel, reference, ort_int8):
+        assert relative(a, b) <= TOLERANCE and relative(c, b) <= TOLERANCE
