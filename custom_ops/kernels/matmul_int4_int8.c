@@ -52,9 +52,16 @@ typedef struct {
   const float *sx;      /* [M, groups] */
   const int32_t *xsum;  /* [M, groups] */
   float *y;             /* [M, N] */
-  int64_t m, n, n_pad, group_size, groups;
+  int64_t m, n, n_pad, group_size, groups, k;
   int64_t tiles_per_task, layout, dpbusd; /* dpbusd: layout 1 on AVX512-VNNI instructions */
 } Work;
+
+/* Group g's rows of K in steps of `step` rows (a pair, an octet): all of them but in a last group that K ends
+ * early, where the steps past K (zero codes times zero activations) are skipped. */
+static inline int64_t rows_in(const Work *w, int64_t g, int64_t step) {
+  const int64_t left = w->k - g * w->group_size, rows = left < w->group_size ? left : w->group_size;
+  return (rows + step - 1) / step;
+}
 
 /* Tile t for every row of A, 4 rows at a time, through ROWS_FN(w, t, m0, R, acc) with a constant R (each case compiles
  * to its own register allocation), stored to Y. */
@@ -178,7 +185,7 @@ VNNI_TARGET __attribute__((always_inline)) static inline void tile_rows_vnni(con
   for (int64_t g = 0; g < w->groups; g++) {
     __m256i lo32[4], hi32[4];
     for (int r = 0; r < R; r++) lo32[r] = hi32[r] = _mm256_setzero_si256();
-    for (int64_t j = 0; j < octets; j++) {
+    for (int64_t j = 0; j < rows_in(w, g, 8); j++) {
       const Octet q = octet_codes(b + (size_t)(g * octets + j) * 64);
       for (int r = 0; r < R; r++) {
         __m256i x0, x1;
@@ -226,7 +233,7 @@ __attribute__((always_inline)) static inline void tile_rows_fours(const Work *w,
   __m256i lo16[4], hi16[4], lo32[4], hi32[4];
   if (octets <= OCTETS_PER_FLUSH) { /* groups of up to 32: one flush a group, no int32 sums live across octets */
     for (int64_t g = 0; g < w->groups; g++) {
-      fours_int16(w, b, g, 0, octets, m0, R, lo16, hi16);
+      fours_int16(w, b, g, 0, rows_in(w, g, 8), m0, R, lo16, hi16);
       for (int r = 0; r < R; r++) {
         lo32[r] = _mm256_madd_epi16(lo16[r], ones);
         hi32[r] = _mm256_madd_epi16(hi16[r], ones);
@@ -237,8 +244,9 @@ __attribute__((always_inline)) static inline void tile_rows_fours(const Work *w,
   }
   for (int64_t g = 0; g < w->groups; g++) {
     for (int r = 0; r < R; r++) lo32[r] = hi32[r] = _mm256_setzero_si256();
-    for (int64_t j0 = 0; j0 < octets; j0 += OCTETS_PER_FLUSH) {
-      fours_int16(w, b, g, j0, j0 + OCTETS_PER_FLUSH < octets ? j0 + OCTETS_PER_FLUSH : octets, m0, R, lo16, hi16);
+    const int64_t used = rows_in(w, g, 8);
+    for (int64_t j0 = 0; j0 < used; j0 += OCTETS_PER_FLUSH) {
+      fours_int16(w, b, g, j0, j0 + OCTETS_PER_FLUSH < used ? j0 + OCTETS_PER_FLUSH : used, m0, R, lo16, hi16);
       for (int r = 0; r < R; r++) {
         lo32[r] = _mm256_add_epi32(lo32[r], _mm256_madd_epi16(lo16[r], ones));
         hi32[r] = _mm256_add_epi32(hi32[r], _mm256_madd_epi16(hi16[r], ones));
@@ -258,7 +266,7 @@ __attribute__((always_inline)) static inline void tile_rows_bytes(const Work *w,
   for (int64_t g = 0; g < w->groups; g++) {
     __m256i lo32[4], hi32[4];
     for (int r = 0; r < R; r++) lo32[r] = hi32[r] = _mm256_setzero_si256();
-    for (int64_t p = 0; p < pairs; p++) {
+    for (int64_t p = 0; p < rows_in(w, g, 2); p++) {
       const uint8_t *q = b + (size_t)(g * pairs + p) * 32;
       const __m256i c0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q));
       const __m256i c1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
@@ -417,7 +425,7 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
         for (int64_t j = i; j < m * stride; j++) xw[j] = xq[j];
     const int64_t tiles = n_pad / TILE, per_task = (tiles + TASKS - 1) / TASKS;
     Work work = {data_of(values[1]), data_of(values[2]), uniform ? NULL : zero_points, zero_points[0], xq, xw, pairs,
-                 sx, xsum, y, m, n, n_pad, g, groups, per_task, kernel->layout, kernel->dpbusd};
+                 sx, xsum, y, m, n, n_pad, g, groups, k, per_task, kernel->layout, kernel->dpbusd};
     status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(context, run_task,
                                                                        (size_t)((tiles + per_task - 1) / per_task), 0,
                                                                        &work);
