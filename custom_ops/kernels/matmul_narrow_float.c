@@ -440,7 +440,7 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
     factors[i] = e2m1 ? 1.0f : scales[uniform ? 0 : i] * unit;
     ones = ones && factors[i] == 1.0f;
   }
-  float *packed = NULL; /* row_block's broadcasts read one sequential stream, not ROWS rows K apart */
+  float *packed = NULL; /* a copy of A (M x K floats) whose ROWS rows row_block reads as one stream */
   if (m > 1 && !kernel->avx512) {
     const int64_t blocks = (m + ROWS - 1) / ROWS;
     packed = malloc(sizeof(float) * (size_t)(blocks * ROWS * k));
@@ -466,8 +466,8 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
   int64_t per_task = (tiles + TASKS - 1) / TASKS;
   if (m == 1 || kernel->avx512)  /* whole groups of TILES_AT_ONCE (TILES512 too); AVX2 prompts: tile by tile */
     per_task = (per_task + TILES_AT_ONCE - 1) / TILES_AT_ONCE * TILES_AT_ONCE;
-  Work work = {b, ones ? NULL : factors, e2m1 ? scales : NULL, a, packed, y, m, k, n, n_pad, kernel->weight_type, per_task,
-               kernel->avx512};
+  Work work = {b, ones ? NULL : factors, e2m1 ? scales : NULL, a, packed, y, m, k, n, n_pad, kernel->weight_type,
+               per_task, kernel->avx512};
   OrtStatus *status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(
       context, run_task, (size_t)((tiles + per_task - 1) / per_task), 0, &work);
   free(packed);
