@@ -74,28 +74,40 @@ def pack_rows(read_codes, n: int, k: int, scales: np.ndarray, zero_points, group
     groups = -(-k // group_size)
     if np.shape(scales) != (groups, n):
         raise ValueError(f"scales {np.shape(scales)} != ({groups}, {n})")
-    n_pad = -(-n // TILE) * TILE
     quads = group_size // 4
-    b = np.empty((n_pad // TILE, groups, quads, 2 * TILE), np.uint8)
+
+    def arrange(padded: np.ndarray, tiles: int) -> np.ndarray:
+        if layout == VNNI:
+            # [tiles, 16 columns, groups, octets, 8 rows] -> [tiles, groups, octets, 16 columns, 8 rows]
+            rows = padded.reshape(tiles, TILE, groups, quads // 2, 8).transpose(0, 2, 3, 1, 4)
+            return rows[..., :4] | (rows[..., 4:] << 4)  # [.., 16 columns, 4 rows]
+        # [tiles, 16 columns, groups, quads, 4 rows] -> [tiles, groups, quads, 16 columns, 4 rows]
+        rows = padded.reshape(tiles, TILE, groups, quads, 4).transpose(0, 2, 3, 1, 4)
+        return rows[..., :2] | (rows[..., 2:] << 4)  # [.., 16 columns, 2 rows]
+
+    b = tile_codes(read_codes, n, k, group_size, MAX_CODE, quads, arrange, rows_per_chunk)
+    return Int4Int8Weight(b, *tile_scales_and_zero_points(scales, zero_points, n), k, n, group_size, layout)
+
+
+def tile_codes(read_codes, n: int, k: int, group_size: int, max_code: int, rows_per_group: int, arrange,
+               rows_per_chunk: int) -> np.ndarray:
+    """B [N_pad / 16, groups, rows_per_group, 32] uint8, `rows_per_chunk` output columns at a time: the codes of a
+    chunk (`read_codes(start, stop)`, checked to lie in 0..max_code), zero-padded to whole tiles and groups
+    [tiles * 16, groups * group_size], laid out by `arrange(padded, tiles)` -> [tiles, groups, ..]."""
+    groups, n_pad = -(-k // group_size), -(-n // TILE) * TILE
+    b = np.empty((n_pad // TILE, groups, rows_per_group, 2 * TILE), np.uint8)
     chunk = max(TILE, rows_per_chunk // TILE * TILE)
     for start in range(0, n_pad, chunk):
         stop = min(n, start + chunk)
         codes = np.asarray(read_codes(start, stop))[:, :k]
-        if codes.size and (codes.min() < 0 or codes.max() > MAX_CODE):
-            raise ValueError("codes must lie in 0..15")
+        if codes.size and (codes.min() < 0 or codes.max() > max_code):
+            raise ValueError(f"codes must lie in 0..{max_code}")
         tiles = -(-(stop - start) // TILE)
         padded = np.zeros((tiles * TILE, groups * group_size), np.uint8)
         padded[: stop - start, :k] = codes
-        if layout == VNNI:
-            # [tiles, 16 columns, groups, octets, 8 rows] -> [tiles, groups, octets, 16 columns, 8 rows]
-            rows = padded.reshape(tiles, TILE, groups, quads // 2, 8).transpose(0, 2, 3, 1, 4)
-            nibbles = rows[..., :4] | (rows[..., 4:] << 4)  # [.., 16 columns, 4 rows]
-        else:
-            # [tiles, 16 columns, groups, quads, 4 rows] -> [tiles, groups, quads, 16 columns, 4 rows]
-            rows = padded.reshape(tiles, TILE, groups, quads, 4).transpose(0, 2, 3, 1, 4)
-            nibbles = rows[..., :2] | (rows[..., 2:] << 4)  # [.., 16 columns, 2 rows]
-        b[start // TILE: start // TILE + tiles] = nibbles.reshape(tiles, groups, quads, 2 * TILE)
-    return Int4Int8Weight(b, *tile_scales_and_zero_points(scales, zero_points, n), k, n, group_size, layout)
+        b[start // TILE: start // TILE + tiles] = arrange(padded, tiles).reshape(tiles, groups, rows_per_group,
+                                                                                 2 * TILE)
+    return b
 
 
 def tile_scales_and_zero_points(scales: np.ndarray, zero_points, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lowbit.custom_ops.matmul_int4_int8 import TILE, reference_from_codes, tile_scales_and_zero_points
+from lowbit.custom_ops.matmul_int4_int8 import (TILE, reference_from_codes, tile_codes,
+                                                  tile_scales_and_zero_points)
 
 DOMAIN = "lowbit.cpu"
 OP_TYPE = "MatMulInt8Int8"
@@ -68,21 +69,13 @@ def pack_rows(read_codes, n: int, k: int, scales: np.ndarray, zero_points, group
     groups = -(-k // group_size)
     if np.shape(scales) != (groups, n):
         raise ValueError(f"scales {np.shape(scales)} != ({groups}, {n})")
-    n_pad = -(-n // TILE) * TILE
     pairs = group_size // 2
-    b = np.empty((n_pad // TILE, groups, pairs, 2 * TILE), np.uint8)
-    chunk = max(TILE, rows_per_chunk // TILE * TILE)
-    for start in range(0, n_pad, chunk):
-        stop = min(n, start + chunk)
-        codes = np.asarray(read_codes(start, stop))[:, :k]
-        if codes.size and (codes.min() < 0 or codes.max() > MAX_CODE):
-            raise ValueError("codes must lie in 0..255")
-        tiles = -(-(stop - start) // TILE)
-        padded = np.zeros((tiles * TILE, groups * group_size), np.uint8)
-        padded[: stop - start, :k] = codes
+
+    def arrange(padded: np.ndarray, tiles: int) -> np.ndarray:
         # [tiles, 16 columns, groups, pairs, 2 rows] -> [tiles, groups, pairs, 16 columns, 2 rows]
-        rows = padded.reshape(tiles, TILE, groups, pairs, 2).transpose(0, 2, 3, 1, 4)
-        b[start // TILE: start // TILE + tiles] = rows.reshape(tiles, groups, pairs, 2 * TILE)
+        return padded.reshape(tiles, TILE, groups, pairs, 2).transpose(0, 2, 3, 1, 4)
+
+    b = tile_codes(read_codes, n, k, group_size, MAX_CODE, pairs, arrange, rows_per_chunk)
     return Int8Int8Weight(b, *tile_scales_and_zero_points(scales, zero_points, n), k, n, group_size)
 
 

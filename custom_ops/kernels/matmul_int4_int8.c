@@ -440,21 +440,25 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
 
 /* ----------------------------------------------------------------------------------------------- registration */
 
-static OrtStatus *create_kernel(const CustomOp *op, const OrtApi *unused, const OrtKernelInfo *info, void **out) {
-  (void)op;
-  (void)unused;
+/* MatMulInt4Int8 (bytes 0: attribute layout 0 or 1) or MatMulInt8Int8 (bytes 1: layout 2). */
+static OrtStatus *create(const OrtKernelInfo *info, const int bytes, void **out) {
   Kernel *kernel = NULL;
-  OrtStatus *status = new_kernel(info, sizeof(Kernel), "lowbit.cpu.MatMulInt4Int8: K and N must be positive",
+  OrtStatus *status = new_kernel(info, sizeof(Kernel),
+                                 bytes ? "lowbit.cpu.MatMulInt8Int8: K and N must be positive"
+                                       : "lowbit.cpu.MatMulInt4Int8: K and N must be positive",
                                  (void **)&kernel);
   if (status != NULL) return status;
   status = int_attribute(info, "group_size", &kernel->group_size, 0, 0);
-  if (status == NULL && (kernel->group_size < 4 || kernel->group_size % 4 != 0))
-    status = error("lowbit.cpu.MatMulInt4Int8: group_size must be a positive multiple of 4");
-  if (status == NULL) status = int_attribute(info, "layout", &kernel->layout, 1, 0);  /* optional: AVX2 */
-  if (status == NULL && kernel->layout != 0 && kernel->layout != 1)
+  const int64_t multiple = bytes ? 2 : 4;
+  if (status == NULL && (kernel->group_size < multiple || kernel->group_size % multiple != 0))
+    status = bytes ? error("lowbit.cpu.MatMulInt8Int8: group_size must be a positive even number")
+                   : error("lowbit.cpu.MatMulInt4Int8: group_size must be a positive multiple of 4");
+  if (status == NULL && !bytes) status = int_attribute(info, "layout", &kernel->layout, 1, 0); /* optional: AVX2 */
+  if (status == NULL && !bytes && kernel->layout != 0 && kernel->layout != 1)
     status = error("lowbit.cpu.MatMulInt4Int8: layout must be 0 (AVX2) or 1 (VNNI)");
   if (status == NULL && kernel->layout == 1 && kernel->group_size % 8 != 0)
     status = error("lowbit.cpu.MatMulInt4Int8: layout 1 needs a group_size multiple of 8");
+  if (bytes) kernel->layout = 2;
   const char *avx512 = getenv("LOWBIT_KERNELS_AVX512");  /* "0": no AVX-512 instructions (tests of both paths) */
   kernel->dpbusd = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
                    !(avx512 != NULL && strcmp(avx512, "0") == 0);
@@ -466,24 +470,17 @@ static OrtStatus *create_kernel(const CustomOp *op, const OrtApi *unused, const 
   return NULL;
 }
 
+static OrtStatus *create_kernel(const CustomOp *op, const OrtApi *unused, const OrtKernelInfo *info, void **out) {
+  (void)op;
+  (void)unused;
+  return create(info, 0, out);
+}
+
 static OrtStatus *create_kernel_bytes(const CustomOp *op, const OrtApi *unused, const OrtKernelInfo *info,
                                       void **out) {
   (void)op;
   (void)unused;
-  Kernel *kernel = NULL;
-  OrtStatus *status = new_kernel(info, sizeof(Kernel), "lowbit.cpu.MatMulInt8Int8: K and N must be positive",
-                                 (void **)&kernel);
-  if (status != NULL) return status;
-  status = int_attribute(info, "group_size", &kernel->group_size, 0, 0);
-  if (status == NULL && (kernel->group_size < 2 || kernel->group_size % 2 != 0))
-    status = error("lowbit.cpu.MatMulInt8Int8: group_size must be a positive even number");
-  if (status != NULL) {
-    free(kernel);
-    return status;
-  }
-  kernel->layout = 2;
-  *out = kernel;
-  return NULL;
+  return create(info, 1, out);
 }
 
 static const char *op_name(const CustomOp *op) { (void)op; return "MatMulInt4Int8"; }
