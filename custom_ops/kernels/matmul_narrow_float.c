@@ -37,7 +37,7 @@ enum { FLOAT16 = 10, BFLOAT16 = 16, FLOAT8E4M3FN = 17, FLOAT8E5M2 = 19, FLOAT4E2
 #define TILE 16 /* columns per tile: two 256-bit registers of float32 */
 #define ROWS 6  /* rows of A per block when M > 1: 12 accumulators */
 #define TILES_AT_ONCE 4 /* tiles per pass when M == 1: 8 independent accumulators */
-#define KC 384 /* rows of K widened at once when M > 1: 24 KB */
+#define KC 576 /* rows of K widened at once when M > 1: 36 KB, in L2 (fewer passes over Y than 16 KB in L1) */
 #define TASKS 64
 
 typedef struct { /* k and n first: new_kernel (ort_api.h) */
@@ -57,7 +57,7 @@ typedef struct {
 } Work;
 
 /* Row k of a tile (16 weights at p) as float32: lo = columns 0..7, hi = 8..15. */
-static inline void widen16(const uint8_t *p, int64_t type, __m256 *lo, __m256 *hi) {
+__attribute__((always_inline)) static inline void widen16(const uint8_t *p, int64_t type, __m256 *lo, __m256 *hi) {
   __m128i h0, h1;
   if (type == BFLOAT16) { /* the high half of a float32 */
     *lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
@@ -98,7 +98,7 @@ static inline void store_tile(const Work *w, int64_t t, int64_t row, __m256 lo, 
 
 /* Row k of a FLOAT4E2M1 tile (8 bytes: columns 0..7 in the low nibbles, 8..15 in the high ones) as float32:
  * e2m1(code) (exact, from 2 * e2m1 as int8; code 8, -0, gives +0) times the block's step. */
-static inline void widen16_e2m1(const uint8_t *p, const float *step, __m256 *lo, __m256 *hi) {
+__attribute__((always_inline)) static inline void widen16_e2m1(const uint8_t *p, const float *step, __m256 *lo, __m256 *hi) {
   const __m128i twice = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
   const __m128i nibble = _mm_set1_epi8(0x0F), x = _mm_loadl_epi64((const __m128i *)p);
   const __m128i codes = _mm_unpacklo_epi64(_mm_and_si128(x, nibble), _mm_and_si128(_mm_srli_epi16(x, 4), nibble));
@@ -110,7 +110,7 @@ static inline void widen16_e2m1(const uint8_t *p, const float *step, __m256 *lo,
 }
 
 /* Row k of tile t as the float32 weights v: widened, times the columns' factors (FLOAT4E2M1: its block's step). */
-static inline void weights16(const Work *w, int64_t t, int64_t k, const uint8_t *p, const int64_t type,
+__attribute__((always_inline)) static inline void weights16(const Work *w, int64_t t, int64_t k, const uint8_t *p, const int64_t type,
                              const int scaled, __m256 *lo, __m256 *hi) {
   if (type == FLOAT4E2M1) {
     widen16_e2m1(p, w->steps + (t * (w->k / FP4_BLOCK) + k / FP4_BLOCK) * TILE, lo, hi);
@@ -138,7 +138,7 @@ static inline void load_partial(const Work *w, int64_t t, int64_t row, __m256 *l
 
 /* M == 1: tiles t0 .. t0 + T - 1 in one pass over K (T independent streams of weights); T, the weight type and
  * whether there are factors are constants in each copy the compiler makes (one_row_typed). */
-static inline void one_row(const Work *w, int64_t t0, const int T, const int64_t type, const int scaled) {
+__attribute__((always_inline)) static inline void one_row(const Work *w, int64_t t0, const int T, const int64_t type, const int scaled) {
   const int64_t row_bytes = ROW_BYTES(type), tile_bytes = w->k * row_bytes;
   const uint8_t *b = w->b + (size_t)(t0 * tile_bytes);
   __m256 acc[2 * TILES_AT_ONCE];
@@ -341,7 +341,7 @@ __attribute__((target("avx512f"))) static void many_rows512(const Work *w, int64
   }
 }
 
-static inline void one_row_typed(const Work *w, int64_t t, const int T) {
+__attribute__((always_inline)) static inline void one_row_typed(const Work *w, int64_t t, const int T) {
   const int scaled = w->factors != NULL;
   switch (w->weight_type) {
     case FLOAT16: scaled ? one_row(w, t, T, FLOAT16, 1) : one_row(w, t, T, FLOAT16, 0); break;
