@@ -23,6 +23,7 @@
  * Output Y float32 [..., N]. */
 
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -97,16 +98,23 @@ static inline void store_tile(const Work *w, int64_t t, int64_t row, __m256 lo, 
 }
 
 /* Row k of a FLOAT4E2M1 tile (8 bytes: columns 0..7 in the low nibbles, 8..15 in the high ones) as float32:
- * e2m1(code) (exact, from 2 * e2m1 as int8; code 8, -0, gives +0) times the block's step. */
-__attribute__((always_inline)) static inline void widen16_e2m1(const uint8_t *p, const float *step, __m256 *lo, __m256 *hi) {
-  const __m128i twice = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
-  const __m128i nibble = _mm_set1_epi8(0x0F), x = _mm_loadl_epi64((const __m128i *)p);
-  const __m128i codes = _mm_unpacklo_epi64(_mm_and_si128(x, nibble), _mm_and_si128(_mm_srli_epi16(x, 4), nibble));
-  const __m128i values = _mm_shuffle_epi8(twice, codes);
-  const __m256 half = _mm256_set1_ps(0.5f);
-  *lo = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(values)), half), _mm256_loadu_ps(step));
-  *hi = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(values, 8))), half),
-                      _mm256_loadu_ps(step + 8));
+ * e2m1(code) times the block's step. Each byte in a 32-bit lane; vpermps looks the value up by the code's low 3
+ * bits in the positive or the negative table, and the sign bit (3, or 7 for the high nibble, shifted to bit 31)
+ * picks between them (code 8, -0, gives +0, as the negative table's first value is +0). */
+__attribute__((always_inline)) static inline void widen16_e2m1(const uint8_t *p, const float *step, __m256 *lo,
+                                                               __m256 *hi) {
+  const __m256 positive = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
+  const __m256 negative = _mm256_setr_ps(0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f);
+  const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+  const __m256i high = _mm256_srli_epi32(bytes, 4);
+  const __m256 low_value = _mm256_blendv_ps(_mm256_permutevar8x32_ps(positive, bytes),
+                                            _mm256_permutevar8x32_ps(negative, bytes),
+                                            _mm256_castsi256_ps(_mm256_slli_epi32(bytes, 28)));
+  const __m256 high_value = _mm256_blendv_ps(_mm256_permutevar8x32_ps(positive, high),
+                                             _mm256_permutevar8x32_ps(negative, high),
+                                             _mm256_castsi256_ps(_mm256_slli_epi32(bytes, 24)));
+  *lo = _mm256_mul_ps(low_value, _mm256_loadu_ps(step));
+  *hi = _mm256_mul_ps(high_value, _mm256_loadu_ps(step + 8));
 }
 
 /* Row k of tile t as the float32 weights v: widened, times the columns' factors (FLOAT4E2M1: its block's step). */
