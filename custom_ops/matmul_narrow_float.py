@@ -24,7 +24,8 @@ A <- float(float8(clip(A / s, -max, max))) * s, float32 division, round to neare
 `reference_matmul` computes this in numpy; the kernel's result is equal bit for bit, for every M (each output is
 summed in the same order whatever the batch, the prompt or the threads).
 
-Inputs: A float32 [..., K]; B uint8 [N_pad / 16, K, 16 * bytes] (`pack`; bytes = 2 for float16, 1 for float8);
+Inputs: A float32 [..., K]; B uint8 [N_pad / 16, K, 16 * bytes] (`pack`; bytes = 2 for (b)float16, 1 for float8;
+bfloat16 tile rows in the column order BFLOAT16_ORDER);
 scales float32 [N_pad] or [1]; input_scale float32 [1] (optional). Attributes: K, N, weight_type (10, 17 or 19,
 as onnx.TensorProto), input_type (0, 17, 19 or 23; optional). Output Y float32.
 """
@@ -42,6 +43,9 @@ FLOAT16, BFLOAT16, FLOAT8E4M3FN, FLOAT8E5M2, FLOAT4E2M1 = 10, 16, 17, 19, 23  # 
 ROW_BYTES = {FLOAT16: 32, BFLOAT16: 32, FLOAT8E4M3FN: 16, FLOAT8E5M2: 16, FLOAT4E2M1: 8}  # a tile's row, 16 weights
 UNIT = {FLOAT16: 1.0, BFLOAT16: 1.0, FLOAT8E4M3FN: 256.0, FLOAT8E5M2: 1.0, FLOAT4E2M1: 1.0}  # w == 1 as stored
 FP4_BLOCK = 16  # rows of K per step of a FLOAT4E2M1 weight (NVFP4's block)
+# a bfloat16 tile row's columns as stored: the kernel's in-lane unpacks (vpunpcklwd / vpunpckhwd with zeros) then
+# give columns 0..7 and 8..15 as float32 in two instructions
+BFLOAT16_ORDER = np.array([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15])
 E2M1_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)  # code 8: +0
 FLOAT8_MAX = {FLOAT8E4M3FN: 448.0, FLOAT8E5M2: 57344.0}
 
@@ -78,7 +82,10 @@ def pack(weights: np.ndarray, scales=None, transposed: bool = False) -> NarrowFl
     n_pad = -(-n // TILE) * TILE
     columns = np.zeros((n_pad, k), bits.dtype)  # one row per output column
     columns[:n] = bits if transposed else bits.T
-    b = np.ascontiguousarray(columns.reshape(n_pad // TILE, TILE, k).transpose(0, 2, 1))  # [tiles, K, 16]
+    b = columns.reshape(n_pad // TILE, TILE, k).transpose(0, 2, 1)  # [tiles, K, 16]
+    if weight_type == BFLOAT16:
+        b = b[..., BFLOAT16_ORDER]
+    b = np.ascontiguousarray(b)
     scales = np.float32(1) if scales is None else np.asarray(scales, np.float32)
     if scales.size == 1:
         s = scales.reshape(1)
@@ -134,7 +141,7 @@ def widened(weight: NarrowFloatWeight) -> np.ndarray:
         steps = np.repeat(weight.scales, FP4_BLOCK, axis=1)  # [tiles, K, 16]
         return (E2M1_VALUES[codes] * steps).transpose(1, 0, 2).reshape(k, tiles * TILE)
     if weight.weight_type == BFLOAT16:
-        high = weight.b.view(np.uint16).astype(np.uint32) << 16
+        high = weight.b.view(np.uint16)[..., BFLOAT16_ORDER].astype(np.uint32) << 16  # the order is its own inverse
         return high.view(np.float32).transpose(1, 0, 2).reshape(k, tiles * TILE)
     raw = weight.b.view(np.uint16) if weight.weight_type == FLOAT16 else weight.b.astype(np.uint16)
     if weight.weight_type == FLOAT8E5M2:

@@ -17,7 +17,8 @@
  * fake_quantize_activations) with input_scale as the global scale gs, in blocks of 16 along K.
  *
  * Inputs: A float32 [..., K]; B uint8 [N_pad / 16, K, 16 * bytes], bytes = 2 for (b)float16 (little-endian), 1 for
- * float8: tile t, row k holds w[k, 16t .. 16t + 15] (columns >= N are 0), so each tile is one sequential stream;
+ * float8: tile t, row k holds w[k, 16t .. 16t + 15] (columns >= N are 0), so each tile is one sequential stream
+ * (bfloat16: in the order 0-3, 8-11, 4-7, 12-15 of the 16);
  * scales float32 [N_pad] or [1]; input_scale float32 [1] (optional: with input_type). Attributes K, N, weight_type
  * (ONNX TensorProto: 10 FLOAT16, 16 BFLOAT16, 17 FLOAT8E4M3FN, 19 FLOAT8E5M2), input_type (0: A as it is; 17 or 19).
  * Output Y float32 [..., N]. */
@@ -60,24 +61,25 @@ typedef struct {
 /* Row k of a tile (16 weights at p) as float32: lo = columns 0..7, hi = 8..15. */
 __attribute__((always_inline)) static inline void widen16(const uint8_t *p, int64_t type, __m256 *lo, __m256 *hi) {
   __m128i h0, h1;
-  if (type == BFLOAT16) { /* the high half of a float32 */
-    *lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-    *hi = _mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + 16))), 16));
+  if (type == BFLOAT16) { /* the high half of a float32: columns stored 0-3, 8-11, 4-7, 12-15 (pack), so that the
+                            * in-lane unpacks with zeros give columns 0..7 and 8..15 */
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p), zero = _mm256_setzero_si256();
+    *lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
+    *hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
     return;
   }
   if (type == FLOAT16) {
     h0 = _mm_loadu_si128((const __m128i *)p);
     h1 = _mm_loadu_si128((const __m128i *)(p + 16));
-  } else {
-    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
-    if (type == FLOAT8E5M2) {
-      v = _mm256_slli_epi16(v, 8);
-    } else { /* the byte at the top, shifted down one with its sign: the sign copied into bit 14, cleared */
-      v = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 1), _mm256_set1_epi16((short)0xBFFF));
+  } else { /* each byte as a float16's high byte: unpacked with zeros, in lane; that is e5m2's float16 */
+    const __m128i v = _mm_loadu_si128((const __m128i *)p), zero = _mm_setzero_si128();
+    h0 = _mm_unpacklo_epi8(zero, v);
+    h1 = _mm_unpackhi_epi8(zero, v);
+    if (type == FLOAT8E4M3FN) { /* shifted down one with its sign: the sign copied into bit 14, cleared */
+      const __m128i clear = _mm_set1_epi16((short)0xBFFF);
+      h0 = _mm_and_si128(_mm_srai_epi16(h0, 1), clear);
+      h1 = _mm_and_si128(_mm_srai_epi16(h1, 1), clear);
     }
-    h0 = _mm256_castsi256_si128(v);
-    h1 = _mm256_extracti128_si256(v, 1);
   }
   *lo = _mm256_cvtph_ps(h0);
   *hi = _mm256_cvtph_ps(h1);
