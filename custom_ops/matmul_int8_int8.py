@@ -15,10 +15,10 @@ and multiplies them with the pair's activations in one `vpmaddwd` (int32 sums, e
 Like its 4-bit sibling, the node exists only in graphs the runtime builds in memory (runtime/fast_paths.py, from
 8-bit MatMulNBits at accuracy level 4); the folder keeps the node it replaces, which is its fallback.
 
-Inputs: A float32 [..., K]; B uint8 [N_pad / 16, groups, group_size / 2, 32] (`pack`: byte 2c + h of pair p of group
-g of tile t holds q[g * group_size + 2p + h, 16t + c]); scales float32 and zero_points uint8 [N_pad / 16, groups,
-16], or zero_points [1] where all are equal (as MatMulInt4Int8's). Attributes: K, N, group_size (even).
-Output: Y float32.
+Inputs: A float32 [..., K]; B uint8 [N_pad / 16, groups, group_size / 2, 32] (`pack`: pair p of group g of tile t
+holds q[g * group_size + 2p + h, 16t + c] at byte 8 * CHUNK_ORDER[c // 4] + 2 (c % 4) + h); scales float32 and
+zero_points uint8 [N_pad / 16, groups, 16], or zero_points [1] where all are equal (as MatMulInt4Int8's).
+Attributes: K, N, group_size (even). Output: Y float32.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ from lowbit.custom_ops.matmul_int4_int8 import (TILE, reference_from_codes, tile
 DOMAIN = "lowbit.cpu"
 OP_TYPE = "MatMulInt8Int8"
 MAX_CODE = 255
+# the order of a pair's four 8-byte quarters (columns 0-3, 4-7, 8-11, 12-15) in B: the kernel's in-lane unpacks
+# with zeros (vpunpcklbw / vpunpckhbw) then give columns 0..7 and 8..15 as int16; the order is its own inverse
+CHUNK_ORDER = [0, 2, 1, 3]
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,10 @@ def pack_rows(read_codes, n: int, k: int, scales: np.ndarray, zero_points, group
     pairs = group_size // 2
 
     def arrange(padded: np.ndarray, tiles: int) -> np.ndarray:
-        # [tiles, 16 columns, groups, pairs, 2 rows] -> [tiles, groups, pairs, 16 columns, 2 rows]
-        return padded.reshape(tiles, TILE, groups, pairs, 2).transpose(0, 2, 3, 1, 4)
+        # [tiles, 16 columns, groups, pairs, 2 rows] -> [tiles, groups, pairs, 16 columns, 2 rows], then the
+        # 8-byte quarters (4 columns each) in the order CHUNK_ORDER
+        rows = padded.reshape(tiles, TILE, groups, pairs, 2).transpose(0, 2, 3, 1, 4)
+        return rows.reshape(tiles, groups, pairs, 4, 8)[:, :, :, CHUNK_ORDER]
 
     b = tile_codes(read_codes, n, k, group_size, MAX_CODE, pairs, arrange, rows_per_chunk)
     return Int8Int8Weight(b, *tile_scales_and_zero_points(scales, zero_points, n), k, n, group_size)
@@ -82,7 +87,7 @@ def pack_rows(read_codes, n: int, k: int, scales: np.ndarray, zero_points, group
 def unpack_codes(weight: Int8Int8Weight) -> np.ndarray:
     """The codes [N, K] `weight` holds (inverse of `pack`)."""
     tiles, groups, pairs, _ = weight.b.shape
-    rows = weight.b.reshape(tiles, groups, pairs, TILE, 2)
+    rows = weight.b.reshape(tiles, groups, pairs, 4, 8)[:, :, :, CHUNK_ORDER].reshape(tiles, groups, pairs, TILE, 2)
     codes = rows.transpose(0, 3, 1, 2, 4).reshape(tiles * TILE, groups * pairs * 2)
     return codes[: weight.n, : weight.k]
 

@@ -30,11 +30,13 @@ def test_pack_holds_the_codes_scales_and_zero_points(n, k, group, per_column, rn
     groups, n_pad = -(-k // group), -(-n // 16) * 16
     assert w.b.shape == (n_pad // 16, groups, group // 2, 32) and w.b.dtype == np.uint8
     assert np.array_equal(op.unpack_codes(w), codes)
-    # byte 2c + h of pair p of group g of tile t: row g * group + 2p + h of column 16t + c
+    # pair p of group g of tile t, byte 8 * (0, 2, 1, 3)[c // 4] + 2 (c % 4) + h: row g * group + 2p + h of column
+    # 16t + c (the quarters of 4 columns in the order the kernel's in-lane unpacks want)
     t, g, p, c, h = (n - 1) // 16, groups - 1, 0, (n - 1) % 16, 1
-    assert w.b[t, g, p, 2 * c + h] == codes[16 * t + c, g * group + 2 * p + h]
-    if group >= 4 and n > 3:
+    assert w.b[t, g, p, 8 * (0, 2, 1, 3)[c // 4] + 2 * (c % 4) + h] == codes[16 * t + c, g * group + 2 * p + h]
+    if group >= 4 and n > 5:
         assert w.b[0, 0, 1, 2 * 3] == codes[3, 2]  # pair 1, row 0 (h = 0) of column 3: row 2 of K
+        assert w.b[0, 0, 1, 16 + 2 * 1] == codes[5, 2]  # column 5, in the third quarter
     per_group = w.scales.transpose(1, 0, 2).reshape(groups, n_pad)
     assert np.array_equal(per_group[:, :n], scales) and not per_group[:, n:].any()
     if per_column:

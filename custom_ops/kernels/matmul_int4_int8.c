@@ -14,8 +14,8 @@
  * high nibble (codes of rows >= K and columns >= N are 0); scales float32 [N_pad / 16, groups, 16] and
  * zero_points uint8 [N_pad / 16, groups, 16], tile by tile as B (each tile's bytes are one sequential stream), or
  * [1] where all are equal. Attributes K, N, group_size. Output Y float32 [..., N].
- * MatMulInt8Int8: codes 0..255 and zero points 0..255; B uint8 [N_pad / 16, groups, G / 2, 32]: byte 2c + h of pair
- * p of group g of tile t holds q[gG + 2p + h, 16t + c] (group_size even).
+ * MatMulInt8Int8: codes 0..255 and zero points 0..255; B uint8 [N_pad / 16, groups, G / 2, 32]: pair p of group g
+ * of tile t holds q[gG + 2p + h, 16t + c] at byte 8 * o(c / 4) + 2 (c % 4) + h, o = (0, 2, 1, 3) (group_size even).
  */
 
 #include <immintrin.h>
@@ -256,20 +256,21 @@ __attribute__((always_inline)) static inline void tile_rows_fours(const Work *w,
   }
 }
 
-/* Layout 2 (8-bit codes): per pair of rows of K, 32 bytes (byte 2c + h: row h of column c) widened to int16
- * (vpmovzxbw), each 32-bit lane one column's two rows, and vpmaddwd with the row's two activations as int16 (one
- * 32-bit broadcast) adds both products into int32: exact, |dot| <= G * 255 * 127. */
+/* Layout 2 (8-bit codes): per pair of rows of K, 32 bytes, widened to int16 by in-lane unpacks with zeros (the
+ * quarters' order o puts columns 0..7 in the low halves of the two 128-bit lanes), each 32-bit lane one column's
+ * two rows, and vpmaddwd with the row's two activations as int16 (one 32-bit broadcast) adds both products into
+ * int32: exact, |dot| <= G * 255 * 127. (Unpacking in lane instead of vpmovzxbw: prompts 8% faster.) */
 __attribute__((always_inline)) static inline void tile_rows_bytes(const Work *w, int64_t t, int64_t m0, const int R,
                                                                  float *acc) {
   const int64_t pairs = w->group_size / 2, stride = w->groups * w->group_size;
   const uint8_t *b = w->b + (size_t)t * w->groups * pairs * 32;
+  const __m256i zero = _mm256_setzero_si256();
   for (int64_t g = 0; g < w->groups; g++) {
     __m256i lo32[4], hi32[4];
     for (int r = 0; r < R; r++) lo32[r] = hi32[r] = _mm256_setzero_si256();
     for (int64_t p = 0; p < rows_in(w, g, 2); p++) {
-      const uint8_t *q = b + (size_t)(g * pairs + p) * 32;
-      const __m256i c0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q));
-      const __m256i c1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
+      const __m256i v = _mm256_loadu_si256((const __m256i *)(b + (size_t)(g * pairs + p) * 32));
+      const __m256i c0 = _mm256_unpacklo_epi8(v, zero), c1 = _mm256_unpackhi_epi8(v, zero);
       for (int r = 0; r < R; r++) {
         int32_t two;
         memcpy(&two, w->xw + (m0 + r) * stride + g * w->group_size + 2 * p, 4);
