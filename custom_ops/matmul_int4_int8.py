@@ -171,16 +171,17 @@ def reference_matmul(a: np.ndarray, weight: Int4Int8Weight) -> np.ndarray:
 
 
 def reference_from_codes(a: np.ndarray, codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray,
-                         group_size: int) -> np.ndarray:
+                         group_size: int, quantize=None) -> np.ndarray:
     """The arithmetic of both int8-activation kernels (lowbit.cpu.MatMulInt4Int8 and MatMulInt8Int8) for codes
-    [N, K], the kernel's scales and zero points (`tile_scales_and_zero_points`): Y [..., N] float32."""
+    [N, K], the kernel's scales and zero points (`tile_scales_and_zero_points`): Y [..., N] float32. `quantize(a
+    [M, K], group_size)` -> (xq, sx, xsum) as `quantize_activations` returns them (its default)."""
     a = np.asarray(a, np.float32)
     n, k = codes.shape
     lead = a.shape[:-1]
     a2 = a.reshape(-1, k)
     g = group_size
     groups = scales.shape[1]
-    xq, sx, xsum = quantize_activations(a2, g)
+    xq, sx, xsum = (quantize or quantize_activations)(a2, g)
     padded = np.zeros((groups * g, n), np.int64)
     padded[:k] = codes.T
     padded = padded.reshape(groups, g, n)

@@ -92,6 +92,42 @@ def unpack_codes(weight: Int8Int8Weight) -> np.ndarray:
     return codes[: weight.n, : weight.k]
 
 
-def reference_matmul(a: np.ndarray, weight: Int8Int8Weight) -> np.ndarray:
-    """Y [..., N] float32, the kernel's arithmetic step for step."""
-    return reference_from_codes(a, unpack_codes(weight), weight.scales, weight.zero_points, weight.group_size)
+def reference_matmul(a: np.ndarray, weight: Int8Int8Weight, nvfp4_global_scale=None) -> np.ndarray:
+    """Y [..., N] float32, the kernel's arithmetic step for step; with `nvfp4_global_scale`, the node's
+    activation 1 (NVFP4 activations, `nvfp4_activations`)."""
+    quantize = None
+    if nvfp4_global_scale is not None:
+        def quantize(a2, group_size):
+            return nvfp4_activations(a2, nvfp4_global_scale)
+    return reference_from_codes(a, unpack_codes(weight), weight.scales, weight.zero_points, weight.group_size,
+                                quantize)
+
+
+# ------------------------------------------------------------------------------ NVFP4 (W4A4) as integers
+
+NVFP4_ZERO_POINT = 12  # twice an e2m1 value (-12..12) plus 12: a code 0..24
+
+
+def from_nvfp4(codes: np.ndarray, steps: np.ndarray) -> Int8Int8Weight:
+    """NVFP4 weights, e2m1 codes [N, K] (K a multiple of 16) and each block's float32 step [N, K / 16] (s / gs), as
+    this node's weight: codes twice the e2m1 value plus 12, zero point 12, scales half the steps, groups of 16. With
+    NVFP4 activations (activation 1: twice their e2m1 values, scales half their steps) each block's integer dot
+    times the two half steps is the block's exact product, e_x s_x e_w s_w summed."""
+    from lowbit import nvfp4
+
+    twice = (2 * nvfp4.E2M1[np.asarray(codes, np.uint8)]).astype(np.int64)  # -12..12 (code 8, -0: 0)
+    halves = (np.asarray(steps, np.float32) * np.float32(0.5)).T  # [K / 16, N], exact
+    return pack(twice + NVFP4_ZERO_POINT, np.ascontiguousarray(halves), NVFP4_ZERO_POINT, nvfp4.GROUP)
+
+
+def nvfp4_activations(a: np.ndarray, gs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """a float32 [M, K] -> NVFP4 activations as `quantize_activations` returns int8 ones: xq [M, K / 16, 16] twice
+    the e2m1 values (lowbit.nvfp4.fake_quantize_activations' values times 2 over their step), sx [M, K / 16] half
+    the blocks' steps, xsum [M, K / 16]."""
+    from lowbit import nvfp4
+
+    m, k = a.shape
+    blocks = np.asarray(a, np.float32).reshape(m, k // nvfp4.GROUP, nvfp4.GROUP)
+    step = nvfp4.block_scales(blocks, np.float32(gs)).astype(np.float32) / np.float32(gs)
+    xq = (2 * nvfp4.E2M1[nvfp4.to_e2m1_codes(blocks / step[..., None])]).astype(np.int32)
+    return xq, (step * np.float32(0.5)).astype(np.float32), xq.sum(axis=-1, dtype=np.int64)

@@ -222,7 +222,7 @@ def inference_session(model_dir: Path, options, providers: list[str], metadata: 
             widened = widen and float32_compute.to_float32(model)
             if narrow:
                 narrowed = _rewrite_narrow_float(model, Path(folder) if result.changed else model_dir, Path(folder))
-            if result.kernel or result.fp4_kernel or narrowed.changed:
+            if result.kernel or result.fp4_kernel or result.fp4_integer or narrowed.changed:
                 options.register_custom_ops_library(str(kernels.library()))
             if result.changed or accuracy_level is not None or widened or narrowed.changed:
                 options.add_session_config_entry("session.model_external_initializers_file_folder_path",
@@ -272,12 +272,13 @@ class RewriteResult:
     widened: list[str] = field(default_factory=list)  # 2-bit MatMulNBits nodes now running as 4-bit
     dequantized: list[str] = field(default_factory=list)  # NVFP4 MatMuls now reading a float weight
     fp4_kernel: list[str] = field(default_factory=list)  # NVFP4 MatMuls now on lowbit.cpu.MatMulNarrowFloat
+    fp4_integer: list[str] = field(default_factory=list)  # NVFP4 W4A4 MatMuls now on lowbit.cpu.MatMulInt8Int8
     kernel: list[str] = field(default_factory=list)  # nodes now running on lowbit's int8 kernels
     kernel_ops: set[str] = field(default_factory=set)  # which: lowbit.cpu.MatMulInt4Int8, MatMulInt8Int8
 
     @property
     def changed(self) -> bool:
-        return bool(self.fast or self.widened or self.dequantized or self.kernel or self.fp4_kernel)
+        return bool(self.fast or self.widened or self.dequantized or self.kernel or self.fp4_kernel or self.fp4_integer)
 
     def messages(self) -> list[str]:
         lines = []
@@ -293,6 +294,9 @@ class RewriteResult:
             lines.append(f"{len(self.dequantized)} NVFP4 weights dequantized to float32 at load, one layer at a time")
         if self.fp4_kernel:
             lines.append(f"{len(self.fp4_kernel)} NVFP4 weights run at 4 bits on lowbit.cpu.MatMulNarrowFloat")
+        if self.fp4_integer:
+            lines.append(f"{len(self.fp4_integer)} NVFP4 W4A4 MatMuls run as integer block products on "
+                         "lowbit.cpu.MatMulInt8Int8 (their codes held as bytes)")
         lines += [f"{name} runs as its ONNX function body ({why})" for name, why in self.fallback]
         return lines
 
@@ -416,15 +420,21 @@ def _why_not(node, reader: _TensorReader) -> str | None:
     return None
 
 
+NVFP4_INTEGER_SWITCH = "LOWBIT_NVFP4_INTEGER"  # "0": W4A4 NVFP4 on MatMulNarrowFloat (4.5 bits a weight in memory)
+
+
 def _dequantize_nvfp4(node, reader: _TensorReader, writer, layers: dict[str, int], fp4_kernel: bool = False,
                       producers: dict | None = None) -> str:
     """A MatMul of an NVFP4 layer (`layers`: module -> K) reading the unpack graph's weight becomes, with
     `fp4_kernel` and K a multiple of 16, `lowbit.cpu.MatMulNarrowFloat` over the e2m1 codes and the blocks' float32
     steps s / gs (the same float32 weight, 4.5 bits a weight in memory; returns "kernel"), else the MatMul over that
     weight, float32 [K, N], dequantized here (`lowbit.nvfp4`; returns "float32"), appended to `writer`; "" leaves
-    the node to the caller. The unpack nodes are left without a reader (`_prune` removes them). On the kernel, a
-    `lowbit.NVFP4ActivationQDQ` producing the MatMul's input (`producers`: value -> node; W4A4) is computed inside
-    it too (input_type 23, its global scale as input_scale: the same bits), instead of as its function body."""
+    the node to the caller. The unpack nodes are left without a reader (`_prune` removes them). Where a
+    `lowbit.NVFP4ActivationQDQ` produces the MatMul's input (`producers`: value -> node; W4A4), the pair becomes
+    `lowbit.cpu.MatMulInt8Int8` with NVFP4 activations instead (custom_ops/matmul_int8_int8.py, `from_nvfp4`: each
+    block's exact integer product; codes held as bytes; returns "integer"), unless `LOWBIT_NVFP4_INTEGER` is 0: then
+    the activations' fake quantization runs inside MatMulNarrowFloat (input_type 23, its global scale as
+    input_scale: the function body's bits), keeping 4.5 bits a weight."""
     from onnx import TensorProto, helper
 
     from lowbit import nvfp4
@@ -442,12 +452,27 @@ def _dequantize_nvfp4(node, reader: _TensorReader, writer, layers: dict[str, int
 
         codes = nvfp4.unpack(reader.read(packed))[:, :k]
         steps = (np.asarray(reader.read(scales)).astype(np.float32) / np.float32(reader.read(gs)))[:, :k // nvfp4.GROUP]
+        qdq = (producers or {}).get(node.input[0])
+        fused = qdq is not None and (qdq.domain, qdq.op_type) == (nvfp4_op.DOMAIN, nvfp4_op.ACTIVATION_OP) \
+            and reader.has(qdq.input[1])
+        gs_in = np.asarray(reader.read(qdq.input[1]), np.float32).reshape(1) if fused else None
+        if fused and os.environ.get(NVFP4_INTEGER_SWITCH, "1") != "0":
+            from lowbit.custom_ops import matmul_int8_int8
+
+            # W4A4: both operands are e2m1 values times a step per block of 16, so each block's product is an
+            # integer dot (twice the values, -12..12) times the two half steps, on the int8 kernel
+            weight = matmul_int8_int8.from_nvfp4(codes, steps)
+            del codes
+            writer.node(matmul_int8_int8.OP_TYPE,
+                        [qdq.input[0], writer.array("B", weight.b), writer.array("scales", weight.scales),
+                         writer.array("zero_points", weight.zero_points), writer.array("input_scale", gs_in)],
+                        "nvfp4_w4a4", domain=matmul_int8_int8.DOMAIN, output=node.output[0], K=k, N=weight.n,
+                        group_size=nvfp4.GROUP, activation=1)
+            return "integer"
         weight = op.pack_e2m1(codes, steps)
         inputs = [node.input[0], writer.array("B", weight.b), writer.array("steps", weight.scales)]
-        qdq, attrs = (producers or {}).get(node.input[0]), {}
-        if qdq is not None and (qdq.domain, qdq.op_type) == (nvfp4_op.DOMAIN, nvfp4_op.ACTIVATION_OP) \
-                and reader.has(qdq.input[1]):
-            gs_in = np.asarray(reader.read(qdq.input[1]), np.float32).reshape(1)
+        attrs = {}
+        if fused:
             inputs = [qdq.input[0], *inputs[1:], writer.array("input_scale", gs_in)]
             attrs["input_type"] = op.FLOAT4E2M1
         writer.node(op.OP_TYPE, inputs, "nvfp4", domain=op.DOMAIN, output=node.output[0], K=k, N=weight.n,
@@ -743,7 +768,8 @@ def rewrite_blockwise(model, model_dir: Path, levels: dict[str, int], folder: Pa
                 continue
             route = _dequantize_nvfp4(node, reader, writer, nvfp4, fp4_kernel, producers) if nvfp4 else ""
             if route:
-                (result.fp4_kernel if route == "kernel" else result.dequantized).append(node.name)
+                {"kernel": result.fp4_kernel, "integer": result.fp4_integer}.get(route, result.dequantized).append(
+                    node.name)
                 continue
             if (node.domain, node.op_type) != MATMUL_OP:
                 writer.nodes.append(node)

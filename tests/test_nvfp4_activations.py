@@ -293,12 +293,15 @@ def test_tiny_llama_nvfp4_on_ort_equals_the_reference(rng, tmp_path):
     assert all(after[f"{m}.input_global_scale"] == scales[m] for m in formats)
 
 
-def test_nvfp4_activations_inside_the_cpu_kernel(tmp_path, monkeypatch, capfd):
-    """On lowbit's CPU kernel each NVFP4ActivationQDQ -> MatMul pair is one lowbit.cpu.MatMulNarrowFloat node
-    (input_type 23, the global scale as input_scale; its fake quantization is the function body's, bit for bit, in
-    tests/test_narrow_float_kernel.py): no function body is left, and the logits, prefill and cached decode, are
-    those of ONNX Runtime running the function bodies and the dequantized weights, within 1e-5 of their scale
-    (the kernel sums each product in another order)."""
+@pytest.mark.parametrize("integer", [True, False])
+def test_nvfp4_activations_inside_the_cpu_kernel(integer, tmp_path, monkeypatch, capfd):
+    """On lowbit's CPU kernels each NVFP4ActivationQDQ -> MatMul pair is one node: lowbit.cpu.MatMulInt8Int8 with
+    NVFP4 activations (activation 1: each block's exact integer product, tests/test_int8_int8_kernel.py), or with
+    LOWBIT_NVFP4_INTEGER=0 lowbit.cpu.MatMulNarrowFloat (input_type 23, the global scale as input_scale; its fake
+    quantization is the function body's, bit for bit, in tests/test_narrow_float_kernel.py). No function body is
+    left, and the logits, prefill and cached decode, are those of ONNX Runtime running the function bodies and the
+    dequantized weights within 1e-5 of their scale (the kernels sum the products in another order; the integer
+    route also keeps each product exact where the body rounds e * step to float32 first)."""
     import tempfile
     from pathlib import Path
 
@@ -309,17 +312,26 @@ def test_nvfp4_activations_inside_the_cpu_kernel(tmp_path, monkeypatch, capfd):
 
     if kernels.library() is None:
         pytest.skip(f"no CPU kernel library: {kernels.unavailable()}")
+    monkeypatch.setenv(fast_paths.NVFP4_INTEGER_SWITCH, "1" if integer else "0")
     _, out, _ = _convert_tiny(tmp_path, "ort")
     metadata = json.loads((out / "lowbit.json").read_text())
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     with tempfile.TemporaryDirectory() as folder:
         result = fast_paths.rewrite_blockwise(model, out, {}, Path(folder), fast_paths.nvfp4_layers(metadata),
                                               fp4_kernel=True)
-    assert len(result.fp4_kernel) == 8
+    assert len(result.fp4_integer if integer else result.fp4_kernel) == 8
     assert not [n for n in model.graph.node if n.op_type == nvfp4_ops.ACTIVATION_OP]
-    fused = [n for n in model.graph.node if n.op_type == "MatMulNarrowFloat"]
-    assert len(fused) == 8 and all({a.name: a.i for a in n.attribute}["input_type"] == 23 for n in fused)
+    if integer:
+        fused = [n for n in model.graph.node if n.op_type == "MatMulInt8Int8"]
+        assert len(fused) == 8 and all({a.name: a.i for a in n.attribute}["activation"] == 1 for n in fused)
+    else:
+        fused = [n for n in model.graph.node if n.op_type == "MatMulNarrowFloat"]
+        assert len(fused) == 8 and all({a.name: a.i for a in n.attribute}["input_type"] == 23 for n in fused)
+    capfd.readouterr()
     on_kernel = prefill_and_decode(create_session(out))
+    message = "8 NVFP4 W4A4 MatMuls run as integer block products on lowbit.cpu.MatMulInt8Int8" if integer \
+        else "8 NVFP4 weights run at 4 bits on lowbit.cpu.MatMulNarrowFloat"
+    assert message in capfd.readouterr().err
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     bodies = prefill_and_decode(create_session(out))
     for a, b in zip(on_kernel, bodies):

@@ -39,6 +39,7 @@
 typedef struct { /* k and n first: new_kernel (ort_api.h) */
   int64_t k, n, group_size, layout; /* layout: 0 AVX2 (pairs of rows), 1 VNNI (fours of rows), 2 bytes (8 bits) */
   int64_t dpbusd;                    /* layout 1 runs on vpdpbusd (AVX512-VNNI), else on vpmaddubsw */
+  int64_t activation;                /* MatMulInt8Int8: 0 int8 per group, 1 NVFP4 (input 4: the global scale) */
 } Kernel;
 
 typedef struct {
@@ -367,6 +368,22 @@ static void quantize_rows(const float *a, int64_t m, int64_t k, int64_t group_si
   }
 }
 
+void lowbit_nvfp4_activations(const float *x, int64_t blocks, float gs, int8_t *twice, float *steps);
+
+/* activation 1: per row and block of 16 (the group), NVFP4's activations as integers (matmul_narrow_float.c: twice
+ * each e2m1 value, -12..12), their scale (half the block's step) and their sum. */
+static void quantize_rows_nvfp4(const float *a, int64_t m, int64_t k, float gs, int8_t *xq, float *sx,
+                                int32_t *xsum) {
+  const int64_t blocks = k / 16;
+  lowbit_nvfp4_activations(a, m * blocks, gs, xq, sx);
+  for (int64_t b = 0; b < m * blocks; b++) {
+    int32_t sum = 0;
+    for (int i = 0; i < 16; i++) sum += xq[b * 16 + i];
+    xsum[b] = sum;
+    sx[b] *= 0.5f;
+  }
+}
+
 /* An error of this kernel's op (MSG a string literal). */
 #define OP_ERROR(kernel, MSG) \
   error((kernel)->layout == 2 ? "lowbit.cpu.MatMulInt8Int8: " MSG : "lowbit.cpu.MatMulInt4Int8: " MSG)
@@ -375,11 +392,14 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
   const Kernel *kernel = state;
   const int64_t k = kernel->k, n = kernel->n, g = kernel->group_size, bytes = kernel->layout == 2;
   const int64_t groups = (k + g - 1) / g, n_pad = (n + TILE - 1) / TILE * TILE;
-  const OrtValue *values[4];
-  int64_t dims[4][8];
-  size_t ranks[4];
-  for (size_t i = 0; i < 4; i++) CHECK(input(context, i, &values[i], dims[i], &ranks[i]));
+  const OrtValue *values[5];
+  int64_t dims[5][8];
+  size_t ranks[5];
+  const size_t count = kernel->activation ? 5 : 4;
+  for (size_t i = 0; i < count; i++) CHECK(input(context, i, &values[i], dims[i], &ranks[i]));
   if (ranks[0] < 1 || dims[0][ranks[0] - 1] != k) return OP_ERROR(kernel, "A's last dimension is not K");
+  if (kernel->activation && (ranks[4] > 1 || (ranks[4] == 1 && dims[4][0] != 1) || data_of(values[4]) == NULL))
+    return OP_ERROR(kernel, "input_scale is not one value");
   const int64_t b_dims[4] = {n_pad / TILE, groups, bytes ? g / 2 : g / 4, 32};
   if (ranks[1] != 4 || memcmp(dims[1], b_dims, sizeof b_dims) != 0)
     return bytes ? OP_ERROR(kernel, "B is not [N_pad / 16, groups, group_size / 2, 32]")
@@ -413,7 +433,10 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
       zero_points == NULL) {
     status = API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "lowbit.cpu: out of memory");
   } else {
-    quantize_rows(a, m, k, g, groups, xq, sx, xsum);
+    if (kernel->activation)
+      quantize_rows_nvfp4(a, m, k, *(const float *)data_of(values[4]), xq, sx, xsum);
+    else
+      quantize_rows(a, m, k, g, groups, xq, sx, xsum);
     for (int64_t i = 0; pairs != NULL && i < stride / 2; i++) {
       int16_t pair;
       memcpy(&pair, xq + 2 * i, 2);
@@ -460,6 +483,11 @@ static OrtStatus *create(const OrtKernelInfo *info, const int bytes, void **out)
   if (status == NULL && kernel->layout == 1 && kernel->group_size % 8 != 0)
     status = error("lowbit.cpu.MatMulInt4Int8: layout 1 needs a group_size multiple of 8");
   if (bytes) kernel->layout = 2;
+  if (status == NULL && bytes) status = int_attribute(info, "activation", &kernel->activation, 1, 0);
+  if (status == NULL && kernel->activation != 0 && (kernel->activation != 1 || kernel->group_size != 16 ||
+                                                    kernel->k % 16 != 0))
+    status = error("lowbit.cpu.MatMulInt8Int8: activation must be 0 (int8) or 1 (NVFP4: group_size 16, K a multiple "
+                   "of 16)");
   const char *avx512 = getenv("LOWBIT_KERNELS_AVX512");  /* "0": no AVX-512 instructions (tests of both paths) */
   kernel->dpbusd = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
                    !(avx512 != NULL && strcmp(avx512, "0") == 0);
@@ -486,9 +514,12 @@ static OrtStatus *create_kernel_bytes(const CustomOp *op, const OrtApi *unused, 
 
 static const char *op_name(const CustomOp *op) { (void)op; return "MatMulInt4Int8"; }
 static const char *op_name_bytes(const CustomOp *op) { (void)op; return "MatMulInt8Int8"; }
-static int op_input_type(const CustomOp *op, size_t index) { (void)op; return index == 0 || index == 2 ? TYPE_FLOAT : TYPE_UINT8; }
+static int op_input_type(const CustomOp *op, size_t index) { (void)op; return index == 0 || index == 2 || index == 4 ? TYPE_FLOAT : TYPE_UINT8; }
 static size_t op_input_count(const CustomOp *op) { (void)op; return 4; }
+static size_t op_input_count_bytes(const CustomOp *op) { (void)op; return 5; }
+static int input_characteristic_bytes(const CustomOp *op, size_t index) { (void)op; return index == 4 ? OPTIONAL : REQUIRED; }
 
 LOWBIT_CPU_OP(lowbit_matmul_int4_int8, op_name, op_input_type, op_input_count, required, create_kernel, compute);
-LOWBIT_CPU_OP(lowbit_matmul_int8_int8, op_name_bytes, op_input_type, op_input_count, required, create_kernel_bytes,
+LOWBIT_CPU_OP(lowbit_matmul_int8_int8, op_name_bytes, op_input_type, op_input_count_bytes, input_characteristic_bytes,
+              create_kernel_bytes,
               compute);

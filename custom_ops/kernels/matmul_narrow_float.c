@@ -265,12 +265,9 @@ static void fake_quantize(const float *x, float *y, int64_t count, float scale, 
   }
 }
 
-/* A's NVFP4 fake quantization (input_type 23; see the top of the file), `blocks` blocks of FP4_BLOCK values with the
- * global scale gs: block scale s = e4m3(min(gs * (amax / 6), 448)) (0 -> 0.125), step = s / gs, then each value
- * e2m1-rounded (half to even in each binade of the grid, magnitude at most 6) times the step, its sign kept. */
-static int fake_quantize_nvfp4(const float *x, float *y, int64_t blocks, float gs) {
-  float *steps = malloc(sizeof(float) * (size_t)blocks);
-  if (steps == NULL) return 0;
+/* NVFP4 activations (see the top of the file) in blocks of FP4_BLOCK values with the global scale gs: each block's
+ * step s / gs, block scale s = e4m3(min(gs * (amax / 6), 448)) (0 -> 0.125). */
+static int nvfp4_steps(const float *x, int64_t blocks, float gs, float *steps) {
   const __m256 sign_bit = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
   for (int64_t b = 0; b < blocks; b++) {
     const float *v = x + b * FP4_BLOCK;
@@ -282,25 +279,55 @@ static int fake_quantize_nvfp4(const float *x, float *y, int64_t blocks, float g
     steps[b] = fminf(gs * (_mm_cvtss_f32(h) / 6.0f), 448.0f);
   }
   fake_quantize(steps, steps, blocks, 1.0f, FLOAT8E4M3FN);  /* QuantizeLinear -> DequantizeLinear, scale 1 */
+  for (int64_t b = 0; b < blocks; b++) steps[b] = (steps[b] == 0.0f ? 0.125f : steps[b]) / gs;
+  return 1;
+}
+
+/* 8 values of a block with its step as e2m1 values with their signs (e2m1-rounded: half to even in each binade of
+ * the grid, magnitude at most 6). */
+static inline __m256 nvfp4_values8(const float *x, __m256 step) {
+  const __m256 sign_bit = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
   const __m256 two = _mm256_set1_ps(2.0f), four = _mm256_set1_ps(4.0f), six = _mm256_set1_ps(6.0f);
   const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), minus_one = _mm256_set1_ps(-1.0f);
   const int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m256 scaled = _mm256_div_ps(_mm256_loadu_ps(x), step);
+  const __m256 m = _mm256_min_ps(_mm256_andnot_ps(sign_bit, scaled), six);
+  const __m256 halves = _mm256_mul_ps(_mm256_round_ps(_mm256_mul_ps(m, two), nearest), half);
+  const __m256 ones = _mm256_round_ps(m, nearest);
+  const __m256 twos = _mm256_mul_ps(_mm256_round_ps(_mm256_mul_ps(m, half), nearest), two);
+  const __m256 rounded = _mm256_blendv_ps(_mm256_blendv_ps(twos, ones, _mm256_cmp_ps(m, four, _CMP_LT_OQ)), halves,
+                                          _mm256_cmp_ps(m, two, _CMP_LT_OQ));
+  const __m256 sign = _mm256_blendv_ps(one, minus_one, _mm256_cmp_ps(scaled, _mm256_setzero_ps(), _CMP_LT_OQ));
+  return _mm256_mul_ps(rounded, sign);
+}
+
+/* A's NVFP4 fake quantization (input_type 23): each value e2m1-rounded times its block's step, its sign kept. */
+static int fake_quantize_nvfp4(const float *x, float *y, int64_t blocks, float gs) {
+  float *steps = malloc(sizeof(float) * (size_t)blocks);
+  if (steps == NULL) return 0;
+  nvfp4_steps(x, blocks, gs, steps);
   for (int64_t b = 0; b < blocks; b++) {
-    const __m256 step = _mm256_set1_ps((steps[b] == 0.0f ? 0.125f : steps[b]) / gs);
-    for (int i = 0; i < FP4_BLOCK; i += 8) {
-      const __m256 scaled = _mm256_div_ps(_mm256_loadu_ps(x + b * FP4_BLOCK + i), step);
-      const __m256 m = _mm256_min_ps(_mm256_andnot_ps(sign_bit, scaled), six);
-      const __m256 halves = _mm256_mul_ps(_mm256_round_ps(_mm256_mul_ps(m, two), nearest), half);
-      const __m256 ones = _mm256_round_ps(m, nearest);
-      const __m256 twos = _mm256_mul_ps(_mm256_round_ps(_mm256_mul_ps(m, half), nearest), two);
-      const __m256 rounded = _mm256_blendv_ps(_mm256_blendv_ps(twos, ones, _mm256_cmp_ps(m, four, _CMP_LT_OQ)), halves,
-                                              _mm256_cmp_ps(m, two, _CMP_LT_OQ));
-      const __m256 sign = _mm256_blendv_ps(one, minus_one, _mm256_cmp_ps(scaled, _mm256_setzero_ps(), _CMP_LT_OQ));
-      _mm256_storeu_ps(y + b * FP4_BLOCK + i, _mm256_mul_ps(_mm256_mul_ps(rounded, sign), step));
-    }
+    const __m256 step = _mm256_set1_ps(steps[b]);
+    for (int i = 0; i < FP4_BLOCK; i += 8)
+      _mm256_storeu_ps(y + b * FP4_BLOCK + i, _mm256_mul_ps(nvfp4_values8(x + b * FP4_BLOCK + i, step), step));
   }
   free(steps);
   return 1;
+}
+
+/* The same quantization as integers, for lowbit.cpu.MatMulInt8Int8 (matmul_int4_int8.c): per block, twice each
+ * e2m1 value (int8, -12..12; the fake-quantized value is twice / 2 * step exactly) and the block's step. */
+void lowbit_nvfp4_activations(const float *x, int64_t blocks, float gs, int8_t *twice, float *steps) {
+  nvfp4_steps(x, blocks, gs, steps);
+  const __m256 two = _mm256_set1_ps(2.0f);
+  for (int64_t b = 0; b < blocks; b++) {
+    const __m256 step = _mm256_set1_ps(steps[b]);
+    for (int i = 0; i < FP4_BLOCK; i += 8) {
+      const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(nvfp4_values8(x + b * FP4_BLOCK + i, step), two));
+      const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+      _mm_storel_epi64((__m128i *)(twice + b * FP4_BLOCK + i), _mm_packs_epi16(w16, w16));
+    }
+  }
 }
 
 /* The same as many_rows on 512-bit registers (one tile row each): blocks of ROWS512 rows of A, each output the
