@@ -49,6 +49,7 @@ typedef struct {
   int32_t zero_point;
   const int8_t *xq;     /* [M, groups * G], zero beyond K */
   const int16_t *xw;    /* layout 2: xq widened to int16 (each two of a row one 32-bit broadcast); else NULL */
+  const int32_t *x4;    /* layout 2, NVFP4 activations: each pair of xq twice, bytes x0 x1 x0 x1; else NULL */
   const __m256i *pairs; /* M == 1, layout 0: [groups * G / 2] each pair of xq broadcast over a register */
   const float *sx;      /* [M, groups] */
   const int32_t *xsum;  /* [M, groups] */
@@ -288,6 +289,44 @@ static void run_tile_bytes(const Work *w, int64_t t) {
   ROW_BLOCKS(tile_rows_bytes);
 }
 
+/* Layout 2 with NVFP4 activations (|xq| <= 12, groups of 16): vpmaddubsw on the code bytes as they are (each pair of
+ * rows of a column adjacent) and the pair's activations (x0 x1 x0 x1, one 32-bit broadcast) gives each column's two
+ * products in one int16 (|.| <= 255 * 12 * 2 = 6120), summed in int16 over 4 pairs (<= 24480) and widened in lane
+ * with the sign (the quarters' order makes the low halves columns 0..7): the same exact integers as tile_rows_bytes
+ * for twice the products an instruction. */
+#define PAIRS_PER_FLUSH 4
+
+__attribute__((always_inline)) static inline void tile_rows_nvfp4(const Work *w, int64_t t, int64_t m0, const int R,
+                                                                 float *acc) {
+  const int64_t pairs = w->group_size / 2, half_stride = w->groups * w->group_size / 2;
+  const uint8_t *b = w->b + (size_t)t * w->groups * pairs * 32;
+  for (int64_t g = 0; g < w->groups; g++) {
+    __m256i lo32[4], hi32[4];
+    for (int r = 0; r < R; r++) lo32[r] = hi32[r] = _mm256_setzero_si256();
+    for (int64_t p0 = 0; p0 < pairs; p0 += PAIRS_PER_FLUSH) {
+      __m256i sum16[4];
+      for (int r = 0; r < R; r++) sum16[r] = _mm256_setzero_si256();
+      for (int64_t p = p0; p < p0 + PAIRS_PER_FLUSH && p < pairs; p++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(b + (size_t)(g * pairs + p) * 32));
+        for (int r = 0; r < R; r++) {
+          const __m256i x = _mm256_set1_epi32(w->x4[(m0 + r) * half_stride + g * pairs + p]);
+          sum16[r] = _mm256_add_epi16(sum16[r], _mm256_maddubs_epi16(v, x));
+        }
+      }
+      for (int r = 0; r < R; r++) {
+        const __m256i sign = _mm256_srai_epi16(sum16[r], 15);
+        lo32[r] = _mm256_add_epi32(lo32[r], _mm256_unpacklo_epi16(sum16[r], sign));
+        hi32[r] = _mm256_add_epi32(hi32[r], _mm256_unpackhi_epi16(sum16[r], sign));
+      }
+    }
+    add_group(w, t, g, m0, R, lo32, hi32, acc);
+  }
+}
+
+static void run_tile_nvfp4(const Work *w, int64_t t) {
+  ROW_BLOCKS(tile_rows_nvfp4);
+}
+
 static void run_tile_fours(const Work *w, int64_t t) {
   ROW_BLOCKS(tile_rows_fours);
 }
@@ -298,7 +337,10 @@ VNNI_TARGET static void run_tile_vnni(const Work *w, int64_t t) {
 
 static void run_tile(const Work *w, int64_t t) {
   if (w->layout == 2) {
-    run_tile_bytes(w, t);
+    if (w->x4 != NULL)
+      run_tile_nvfp4(w, t);
+    else
+      run_tile_bytes(w, t);
     return;
   }
   if (w->layout == 1) {
@@ -426,11 +468,12 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
   int32_t *xsum = malloc(sizeof(int32_t) * (size_t)(m * groups));
   const int with_pairs = m == 1 && kernel->layout == 0; /* tile_rows' one-row case */
   __m256i *pairs = with_pairs ? aligned_alloc(32, sizeof(__m256i) * (size_t)(stride / 2)) : NULL;
-  int16_t *xw = bytes ? malloc(sizeof(int16_t) * (size_t)(m * stride)) : NULL;
+  int16_t *xw = bytes && !kernel->activation ? malloc(sizeof(int16_t) * (size_t)(m * stride)) : NULL;
+  int32_t *x4 = kernel->activation ? malloc(sizeof(int32_t) * (size_t)(m * stride / 2)) : NULL;
   const uint8_t *zero_points = data_of(values[3]);
   OrtStatus *status = NULL;
-  if (xq == NULL || sx == NULL || xsum == NULL || (with_pairs && pairs == NULL) || (bytes && xw == NULL) ||
-      zero_points == NULL) {
+  if (xq == NULL || sx == NULL || xsum == NULL || (with_pairs && pairs == NULL) || (xw == NULL && x4 == NULL && bytes)
+      || zero_points == NULL) {
     status = API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "lowbit.cpu: out of memory");
   } else {
     if (kernel->activation)
@@ -447,15 +490,18 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
         _mm256_storeu_si256((__m256i *)(xw + i), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(xq + i))));
       else
         for (int64_t j = i; j < m * stride; j++) xw[j] = xq[j];
+    for (int64_t i = 0; x4 != NULL && i < m * stride / 2; i++)
+      x4[i] = (int32_t)(((uint32_t)(uint8_t)xq[2 * i] | (uint32_t)(uint8_t)xq[2 * i + 1] << 8) * 0x10001u);
     const int64_t tiles = n_pad / TILE, per_task = (tiles + TASKS - 1) / TASKS;
-    Work work = {data_of(values[1]), data_of(values[2]), uniform ? NULL : zero_points, zero_points[0], xq, xw, pairs,
-                 sx, xsum, y, m, n, n_pad, g, groups, k, per_task, kernel->layout, kernel->dpbusd};
+    Work work = {data_of(values[1]), data_of(values[2]), uniform ? NULL : zero_points, zero_points[0], xq, xw, x4,
+                 pairs, sx, xsum, y, m, n, n_pad, g, groups, k, per_task, kernel->layout, kernel->dpbusd};
     status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(context, run_task,
                                                                        (size_t)((tiles + per_task - 1) / per_task), 0,
                                                                        &work);
   }
   free(xq);
   free(xw);
+  free(x4);
   free(pairs);
   free(sx);
   free(xsum);
