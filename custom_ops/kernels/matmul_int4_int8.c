@@ -560,10 +560,16 @@ static OrtStatus *create_kernel_bytes(const CustomOp *op, const OrtApi *unused, 
 
 static const char *op_name(const CustomOp *op) { (void)op; return "MatMulInt4Int8"; }
 static const char *op_name_bytes(const CustomOp *op) { (void)op; return "MatMulInt8Int8"; }
-static int op_input_type(const CustomOp *op, size_t index) { (void)op; return index == 0 || index == 2 || index == 4 ? TYPE_FLOAT : TYPE_UINT8; }
+static int op_input_type(const CustomOp *op, size_t index) {
+  (void)op;
+  return index == 0 || index == 2 || index == 4 ? TYPE_FLOAT : TYPE_UINT8;
+}
 static size_t op_input_count(const CustomOp *op) { (void)op; return 4; }
 static size_t op_input_count_bytes(const CustomOp *op) { (void)op; return 5; }
-static int input_characteristic_bytes(const CustomOp *op, size_t index) { (void)op; return index == 4 ? OPTIONAL : REQUIRED; }
+static int input_characteristic_bytes(const CustomOp *op, size_t index) {
+  (void)op;
+  return index == 4 ? OPTIONAL : REQUIRED;
+}
 
 LOWBIT_CPU_OP(lowbit_matmul_int4_int8, op_name, op_input_type, op_input_count, required, create_kernel, compute);
 LOWBIT_CPU_OP(lowbit_matmul_int8_int8, op_name_bytes, op_input_type, op_input_count_bytes, input_characteristic_bytes,

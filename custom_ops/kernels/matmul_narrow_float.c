@@ -120,8 +120,9 @@ __attribute__((always_inline)) static inline void widen16_e2m1(const uint8_t *p,
 }
 
 /* Row k of tile t as the float32 weights v: widened, times the columns' factors (FLOAT4E2M1: its block's step). */
-__attribute__((always_inline)) static inline void weights16(const Work *w, int64_t t, int64_t k, const uint8_t *p, const int64_t type,
-                             const int scaled, __m256 *lo, __m256 *hi) {
+__attribute__((always_inline)) static inline void weights16(const Work *w, int64_t t, int64_t k, const uint8_t *p,
+                                                            const int64_t type, const int scaled, __m256 *lo,
+                                                            __m256 *hi) {
   if (type == FLOAT4E2M1) {
     widen16_e2m1(p, w->steps + (t * (w->k / FP4_BLOCK) + k / FP4_BLOCK) * TILE, lo, hi);
     return;
@@ -148,7 +149,8 @@ static inline void load_partial(const Work *w, int64_t t, int64_t row, __m256 *l
 
 /* M == 1: tiles t0 .. t0 + T - 1 in one pass over K (T independent streams of weights); T, the weight type and
  * whether there are factors are constants in each copy the compiler makes (one_row_typed). */
-__attribute__((always_inline)) static inline void one_row(const Work *w, int64_t t0, const int T, const int64_t type, const int scaled) {
+__attribute__((always_inline)) static inline void one_row(const Work *w, int64_t t0, const int T, const int64_t type,
+                                                          const int scaled) {
   const int64_t row_bytes = ROW_BYTES(type), tile_bytes = w->k * row_bytes;
   const uint8_t *b = w->b + (size_t)(t0 * tile_bytes);
   __m256 acc[2 * TILES_AT_ONCE];
