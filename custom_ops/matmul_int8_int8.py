@@ -115,9 +115,9 @@ def from_nvfp4(codes: np.ndarray, steps: np.ndarray) -> Int8Int8Weight:
     times the two half steps is the block's exact product, e_x s_x e_w s_w summed."""
     from lowbit import nvfp4
 
-    twice = (2 * nvfp4.E2M1[np.asarray(codes, np.uint8)]).astype(np.int64)  # -12..12 (code 8, -0: 0)
+    as_byte = (2 * nvfp4.E2M1 + NVFP4_ZERO_POINT).astype(np.uint8)  # e2m1 code -> 2e + 12 (code 8, -0: 12)
     halves = (np.asarray(steps, np.float32) * np.float32(0.5)).T  # [K / 16, N], exact
-    return pack(twice + NVFP4_ZERO_POINT, np.ascontiguousarray(halves), NVFP4_ZERO_POINT, nvfp4.GROUP)
+    return pack(as_byte[np.asarray(codes, np.uint8)], np.ascontiguousarray(halves), NVFP4_ZERO_POINT, nvfp4.GROUP)
 
 
 def nvfp4_activations(a: np.ndarray, gs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
