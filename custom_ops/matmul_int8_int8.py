@@ -126,8 +126,6 @@ def nvfp4_activations(a: np.ndarray, gs) -> tuple[np.ndarray, np.ndarray, np.nda
     the blocks' steps, xsum [M, K / 16]."""
     from lowbit import nvfp4
 
-    m, k = a.shape
-    blocks = np.asarray(a, np.float32).reshape(m, k // nvfp4.GROUP, nvfp4.GROUP)
-    step = nvfp4.block_scales(blocks, np.float32(gs)).astype(np.float32) / np.float32(gs)
-    xq = (2 * nvfp4.E2M1[nvfp4.to_e2m1_codes(blocks / step[..., None])]).astype(np.int32)
+    codes, step = nvfp4.quantize_activations(a, gs)
+    xq = (2 * nvfp4.E2M1[codes]).astype(np.int32)
     return xq, (step * np.float32(0.5)).astype(np.float32), xq.sum(axis=-1, dtype=np.int64)

@@ -135,15 +135,21 @@ def unpack(packed: np.ndarray) -> np.ndarray:
     return np.stack([packed & 15, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
 
 
-def fake_quantize_activations(x: np.ndarray, gs) -> np.ndarray:
-    """NVFP4 input activations, quantized and dequantized: x [..., K] float32 (K a multiple of 16) in blocks of 16
-    along K, block scale s = fp8(gs · (max|x_block| / 6)) computed here (0 → 0.125), values e2m1(x / (s / gs)) ·
-    (s / gs) in float32 (compressed-tensors' `fake_quantize` for tensor_group with dynamic local, bit for bit; a
-    negative value that rounds to zero gives −0.0)."""
+def quantize_activations(x: np.ndarray, gs) -> tuple[np.ndarray, np.ndarray]:
+    """NVFP4 input activations: x [..., K] float32 (K a multiple of 16) in blocks of 16 along K -> the e2m1 codes
+    [..., K / 16, 16] of x / step and each block's float32 step [..., K / 16], s / gs with the block scale
+    s = fp8(gs · (max|x_block| / 6)) computed here (0 → 0.125)."""
     x = np.asarray(x, np.float32)
     if x.shape[-1] % GROUP:
         raise ValueError(f"FP4 activation blocks need K divisible by {GROUP}, got K = {x.shape[-1]}")
     blocks = x.reshape(*x.shape[:-1], -1, GROUP)
     step = block_scales(blocks, np.float32(gs)).astype(np.float32) / np.float32(gs)
-    values = E2M1[to_e2m1_codes(blocks / step[..., None])] * step[..., None]
-    return values.reshape(x.shape)
+    return to_e2m1_codes(blocks / step[..., None]), step
+
+
+def fake_quantize_activations(x: np.ndarray, gs) -> np.ndarray:
+    """NVFP4 input activations, quantized (`quantize_activations`) and dequantized: values e2m1(x / (s / gs)) ·
+    (s / gs) in float32 (compressed-tensors' `fake_quantize` for tensor_group with dynamic local, bit for bit; a
+    negative value that rounds to zero gives −0.0)."""
+    codes, step = quantize_activations(x, gs)
+    return (E2M1[codes] * step[..., None]).reshape(np.shape(x))

@@ -269,7 +269,7 @@ static void fake_quantize(const float *x, float *y, int64_t count, float scale, 
 
 /* NVFP4 activations (see the top of the file) in blocks of FP4_BLOCK values with the global scale gs: each block's
  * step s / gs, block scale s = e4m3(min(gs * (amax / 6), 448)) (0 -> 0.125). */
-static int nvfp4_steps(const float *x, int64_t blocks, float gs, float *steps) {
+static void nvfp4_steps(const float *x, int64_t blocks, float gs, float *steps) {
   const __m256 sign_bit = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
   for (int64_t b = 0; b < blocks; b++) {
     const float *v = x + b * FP4_BLOCK;
@@ -282,7 +282,6 @@ static int nvfp4_steps(const float *x, int64_t blocks, float gs, float *steps) {
   }
   fake_quantize(steps, steps, blocks, 1.0f, FLOAT8E4M3FN);  /* QuantizeLinear -> DequantizeLinear, scale 1 */
   for (int64_t b = 0; b < blocks; b++) steps[b] = (steps[b] == 0.0f ? 0.125f : steps[b]) / gs;
-  return 1;
 }
 
 /* 8 values of a block with its step as e2m1 values with their signs (e2m1-rounded: half to even in each binade of
@@ -303,18 +302,27 @@ static inline __m256 nvfp4_values8(const float *x, __m256 step) {
   return _mm256_mul_ps(rounded, sign);
 }
 
-/* A's NVFP4 fake quantization (input_type 23): each value e2m1-rounded times its block's step, its sign kept. */
-static int fake_quantize_nvfp4(const float *x, float *y, int64_t blocks, float gs) {
-  float *steps = malloc(sizeof(float) * (size_t)blocks);
-  if (steps == NULL) return 0;
+/* A's NVFP4 fake quantization (input_type 23): each value e2m1-rounded times its block's step, its sign kept;
+ * `steps` holds `blocks` floats. */
+static void fake_quantize_nvfp4(const float *x, float *y, int64_t blocks, float gs, float *steps) {
   nvfp4_steps(x, blocks, gs, steps);
   for (int64_t b = 0; b < blocks; b++) {
     const __m256 step = _mm256_set1_ps(steps[b]);
     for (int i = 0; i < FP4_BLOCK; i += 8)
       _mm256_storeu_ps(y + b * FP4_BLOCK + i, _mm256_mul_ps(nvfp4_values8(x + b * FP4_BLOCK + i, step), step));
   }
-  free(steps);
-  return 1;
+}
+
+/* A [M, K] by blocks of ROWS rows, [M / ROWS rounded up, K, ROWS] (zeros past M): row_block's broadcasts of a block
+ * read one sequential stream instead of ROWS rows K apart. */
+static void pack_row_blocks(const float *a, int64_t m, int64_t k, float *packed) {
+  for (int64_t blk = 0; blk < (m + ROWS - 1) / ROWS; blk++) {
+    float *out = packed + blk * ROWS * k;
+    for (int r = 0; r < ROWS; r++) {
+      const int64_t row = blk * ROWS + r;
+      for (int64_t i = 0; i < k; i++) out[i * ROWS + r] = row < m ? a[row * k + i] : 0.0f;
+    }
+  }
 }
 
 /* The same quantization as integers, for lowbit.cpu.MatMulInt8Int8 (matmul_int4_int8.c): per block, twice each
@@ -448,59 +456,33 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
   if (y == NULL || a == NULL || b == NULL || scales == NULL)
     return error("lowbit.cpu.MatMulNarrowFloat: no tensor data");
   if (m == 0) return NULL;
+  const float *input_scale = kernel->input_type ? data_of(values[3]) : NULL;
+  if (kernel->input_type && input_scale == NULL) return error("lowbit.cpu.MatMulNarrowFloat: no tensor data");
+  const int nvfp4 = kernel->input_type == FLOAT4E2M1, pack = m > 1 && !kernel->avx512;
   float *factors = malloc(sizeof(float) * (size_t)n_pad);
   float *quantized = kernel->input_type ? malloc(sizeof(float) * (size_t)(m * k)) : NULL;
-  if (factors == NULL || (kernel->input_type && quantized == NULL)) {
+  float *steps = nvfp4 ? malloc(sizeof(float) * (size_t)(m * k / FP4_BLOCK)) : NULL;
+  float *packed = pack ? malloc(sizeof(float) * (size_t)((m + ROWS - 1) / ROWS * ROWS * k)) : NULL;
+  if (factors == NULL || (kernel->input_type && quantized == NULL) || (nvfp4 && steps == NULL) ||
+      (pack && packed == NULL)) {
     free(factors);
     free(quantized);
+    free(steps);
+    free(packed);
     return API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "lowbit.cpu.MatMulNarrowFloat: out of memory");
   }
-  if (kernel->input_type) {
-    const float *input_scale = data_of(values[3]);
-    if (input_scale == NULL) {
-      free(factors);
-      free(quantized);
-      return error("lowbit.cpu.MatMulNarrowFloat: no tensor data");
-    }
-    if (kernel->input_type == FLOAT4E2M1) {
-      if (!fake_quantize_nvfp4(a, quantized, m * k / FP4_BLOCK, input_scale[0])) {
-        free(factors);
-        free(quantized);
-        return API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "lowbit.cpu.MatMulNarrowFloat: out of memory");
-      }
-    } else {
-      fake_quantize(a, quantized, m * k, input_scale[0], kernel->input_type);
-    }
-    a = quantized;
-  }
+  if (nvfp4)
+    fake_quantize_nvfp4(a, quantized, m * k / FP4_BLOCK, input_scale[0], steps);
+  else if (kernel->input_type)
+    fake_quantize(a, quantized, m * k, input_scale[0], kernel->input_type);
+  if (kernel->input_type) a = quantized;
   const float unit = kernel->weight_type == FLOAT8E4M3FN ? 256.0f : 1.0f;
   int ones = 1;
   for (int64_t i = 0; i < n_pad; i++) {
     factors[i] = e2m1 ? 1.0f : scales[uniform ? 0 : i] * unit;
     ones = ones && factors[i] == 1.0f;
   }
-  float *packed = NULL; /* a copy of A (M x K floats) whose ROWS rows row_block reads as one stream */
-  if (m > 1 && !kernel->avx512) {
-    const int64_t blocks = (m + ROWS - 1) / ROWS;
-    packed = malloc(sizeof(float) * (size_t)(blocks * ROWS * k));
-    if (packed == NULL) {
-      free(factors);
-      free(quantized);
-      return API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "lowbit.cpu.MatMulNarrowFloat: out of memory");
-    }
-    for (int64_t blk = 0; blk < blocks; blk++) {
-      float *out = packed + blk * ROWS * k;
-      for (int r = 0; r < ROWS; r++) {
-        const int64_t row = blk * ROWS + r;
-        if (row >= m) {
-          for (int64_t i = 0; i < k; i++) out[i * ROWS + r] = 0.0f;
-          continue;
-        }
-        const float *x = a + row * k;
-        for (int64_t i = 0; i < k; i++) out[i * ROWS + r] = x[i];
-      }
-    }
-  }
+  if (pack) pack_row_blocks(a, m, k, packed);
   const int64_t tiles = n_pad / TILE;
   int64_t per_task = (tiles + TASKS - 1) / TASKS;
   if (m == 1 || kernel->avx512)  /* whole groups of TILES_AT_ONCE (TILES512 too); AVX2 prompts: tile by tile */
@@ -510,6 +492,7 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
   OrtStatus *status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(
       context, run_task, (size_t)((tiles + per_task - 1) / per_task), 0, &work);
   free(packed);
+  free(steps);
   free(factors);
   free(quantized);
   return status;
