@@ -3,9 +3,11 @@
     python benchmarks/accuracy_levels.py --data ../shared/data/wikitext2_test.txt [--max-tokens 40960]
 
 Converts samples/stories260K-hf with every weight-only scheme twice (`--accuracy-level 0` and the
-default 4), then measures each folder with `lowbit report` against the q0f32 folder: WikiText-2 test in
-non-overlapping 256-token windows with a fresh context each, perplexity, mean KL divergence to the float
-model's next-token distribution, and top-1 agreement. Prints a Markdown table (docs/schemes.md keeps it).
+default 4), and with the weight-only recipes of benchmarks/recipes/ (`--recipes`: NVFP4A16, whose int8 compute
+is lowbit's MatMulInt4Int8 over the e2m1 codes; K not a multiple of 16 zero-padded), then measures each folder
+with `lowbit report` against the q0f32 folder: WikiText-2 test in non-overlapping 256-token windows with a fresh
+context each, perplexity, mean KL divergence to the float model's next-token distribution, and top-1 agreement.
+Prints a Markdown table (docs/schemes.md keeps it).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import lowbit  # noqa: E402
+RECIPES = {"nvfp4a16": ROOT / "benchmarks" / "recipes" / "nvfp4a16.yaml"}
 SCHEMES = ["q4f32_1", "q4f16_1", "q3f16_1", "a16w8", "a16w8-g128", "a16w8-minmax", "a16w4", "a16w4-g32", "w8a16",
            "w4a16", "w3a16", "w2a16"]
 
@@ -29,6 +32,7 @@ def main():
     parser.add_argument("--data", required=True)
     parser.add_argument("--max-tokens", type=int, default=40960)
     parser.add_argument("--schemes", nargs="*", default=SCHEMES)
+    parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -40,6 +44,13 @@ def main():
                 out = work / f"{scheme}-level{level}"
                 lowbit("convert", args.model, "-o", out, "--scheme", scheme, "--accuracy-level", level)
                 folders.append(out)
+        for name in args.recipes:
+            recipe = work / f"{name}.yaml"  # stories260K's down_proj has K = 172: zero-padded to groups of 16
+            recipe.write_text(RECIPES[name].read_text().rstrip("\n") + "\n  bypass_divisibility_checks: true\n")
+            for level in (0, 4):
+                out = work / f"{name}-level{level}"
+                lowbit("convert", args.model, "-o", out, "--recipe", recipe, "--accuracy-level", level)
+                folders.append(out)
         numbers = work / "report.json"
         lowbit("report", reference, *folders, "--data", args.data, "--reference", reference, "--seq-len", 256,
                "--max-tokens", args.max_tokens, "--repeats", 1, "--new-tokens", 8, "-o", work / "report.html",
@@ -50,7 +61,7 @@ def main():
           f"q0f32 PPL {base['perplexity']:.2f}\n")
     print("| scheme | PPL float compute | PPL int8 compute | KL float | KL int8 | top-1 float | top-1 int8 |")
     print("|---|---|---|---|---|---|---|")
-    for scheme in args.schemes:
+    for scheme in args.schemes + args.recipes:
         f, q = rows[f"{scheme}-level0"], rows[f"{scheme}-level4"]
         print(f"| {scheme} | {f['perplexity']:.2f} | {q['perplexity']:.2f} | {f['kl']:.4f} | {q['kl']:.4f} | "
               f"{f['top1']:.3f} | {q['top1']:.3f} |")

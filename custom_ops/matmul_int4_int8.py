@@ -14,13 +14,16 @@ as ORT's int8 compute (accuracy level 4) quantizes them, symmetric int8 with one
 group of the weight). The node's standard-ONNX fallback is the node it replaces.
 
 Inputs: A float32 [..., K]; B uint8 [N_pad / 16, groups, group_size / 4, 32] (`pack`); scales float32 and zero_points
-uint8 [N_pad / 16, groups, 16] (`by_tile`: a tile's values in one run, as B's), or [1] where all are equal.
-Attributes: K, N, group_size (a multiple of 4), layout (optional: 0 AVX2, 1 VNNI; see `pack`). Output: Y float32.
+uint8 [N_pad / 16, groups, 16] (`by_tile`: a tile's values in one run, as B's), or [1] where all are equal; optional
+input_scale float32 [1] (activation 1). Attributes: K, N, group_size (a multiple of 4), layout (optional: 0 AVX2, 1
+VNNI; see `pack`), e2m1 (optional, 1: the codes are FLOAT4E2M1 bit patterns standing for `E2M1_BYTES`, layout 1
+and groups of 16; `from_nvfp4`), activation (optional, 1: NVFP4 activations with input_scale as their global
+scale, groups of 16: `nvfp4_activations` instead of int8 ones). Output: Y float32.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -40,6 +43,7 @@ class Int4Int8Weight:
     n: int
     group_size: int
     layout: int = AVX2
+    e2m1: bool = False  # the codes are FLOAT4E2M1 bit patterns, each standing for E2M1_BYTES[code] (`from_nvfp4`)
 
     @property
     def groups(self) -> int:
@@ -165,9 +169,20 @@ def quantize_activations(a: np.ndarray, group_size: int) -> tuple[np.ndarray, np
     return xq, (amax / np.float32(127)).astype(np.float32), xq.sum(axis=-1, dtype=np.int64)
 
 
-def reference_matmul(a: np.ndarray, weight: Int4Int8Weight) -> np.ndarray:
-    """Y [..., N] float32, the kernel's arithmetic step for step."""
-    return reference_from_codes(a, unpack_codes(weight), weight.scales, weight.zero_points, weight.group_size)
+def reference_matmul(a: np.ndarray, weight: Int4Int8Weight, nvfp4_global_scale=None) -> np.ndarray:
+    """Y [..., N] float32, the kernel's arithmetic step for step; with `nvfp4_global_scale`, the node's
+    activation 1 (NVFP4 activations, `nvfp4_activations`)."""
+    codes = unpack_codes(weight)
+    return reference_from_codes(a, E2M1_BYTES[codes] if weight.e2m1 else codes, weight.scales, weight.zero_points,
+                                weight.group_size, activation_quantizer(nvfp4_global_scale))
+
+
+def activation_quantizer(nvfp4_global_scale=None):
+    """`reference_from_codes`' `quantize` for the node's activation attribute: None (int8 per group, activation 0),
+    or with a global scale NVFP4 activations (activation 1, `nvfp4_activations`)."""
+    if nvfp4_global_scale is None:
+        return None
+    return lambda a2, group_size: nvfp4_activations(a2, nvfp4_global_scale)
 
 
 def reference_from_codes(a: np.ndarray, codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray,
@@ -194,3 +209,41 @@ def reference_from_codes(a: np.ndarray, codes: np.ndarray, scales: np.ndarray, z
         term = (dot - z[group] * xsum[:, group, None]).astype(np.float32)
         y = y + term * (s[group] * sx[:, group, None])
     return y.reshape(*lead, n)
+
+
+# ------------------------------------------------------------------------------ NVFP4 as integers
+
+NVFP4_ZERO_POINT = 12  # twice an e2m1 value (-12..12) plus 12: 0..24
+
+
+def _e2m1_bytes() -> np.ndarray:
+    from lowbit import nvfp4
+
+    return (2 * nvfp4.E2M1 + NVFP4_ZERO_POINT).astype(np.uint8)  # code 8 (-0) -> 12
+
+
+E2M1_BYTES = _e2m1_bytes()  # FLOAT4E2M1 code -> twice its value plus 12 (the kernel's vpshufb table)
+
+
+def from_nvfp4(codes: np.ndarray, steps: np.ndarray) -> Int4Int8Weight:
+    """NVFP4 weights, e2m1 codes [N, K] (K a multiple of 16) and each block's float32 step [N, K / 16] (s / gs), as
+    this node's weight (attribute e2m1 1, VNNI layout, groups of 16): the codes as they are, each standing for twice
+    its e2m1 value plus 12 (`E2M1_BYTES`), zero point 12, scales half the steps. Times int8 activations (activation
+    0) that is int8 compute on the exact weights; times NVFP4 activations (activation 1: twice their e2m1 values,
+    scales half their steps) each block's integer dot times the two half steps is the block's exact product."""
+    from lowbit import nvfp4
+
+    halves = (np.asarray(steps, np.float32) * np.float32(0.5)).T  # [K / 16, N], exact
+    weight = pack(np.asarray(codes, np.uint8), np.ascontiguousarray(halves), NVFP4_ZERO_POINT, nvfp4.GROUP, VNNI)
+    return replace(weight, e2m1=True)
+
+
+def nvfp4_activations(a: np.ndarray, gs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """a float32 [M, K] -> NVFP4 activations as `quantize_activations` returns int8 ones: xq [M, K / 16, 16] twice
+    the e2m1 values (lowbit.nvfp4.fake_quantize_activations' values times 2 over their step), sx [M, K / 16] half
+    the blocks' steps, xsum [M, K / 16]."""
+    from lowbit import nvfp4
+
+    codes, step = nvfp4.quantize_activations(a, gs)
+    xq = (2 * nvfp4.E2M1[codes]).astype(np.int32)
+    return xq, (step * np.float32(0.5)).astype(np.float32), xq.sum(axis=-1, dtype=np.int64)

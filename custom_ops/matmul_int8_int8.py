@@ -18,7 +18,8 @@ Like its 4-bit sibling, the node exists only in graphs the runtime builds in mem
 Inputs: A float32 [..., K]; B uint8 [N_pad / 16, groups, group_size / 2, 32] (`pack`: pair p of group g of tile t
 holds q[g * group_size + 2p + h, 16t + c] at byte 8 * CHUNK_ORDER[c // 4] + 2 (c % 4) + h); scales float32 and
 zero_points uint8 [N_pad / 16, groups, 16], or zero_points [1] where all are equal (as MatMulInt4Int8's).
-Attributes: K, N, group_size (even). Output: Y float32.
+Attributes: K, N, group_size (even), activation (optional: 1 NVFP4 activations, input 4 the global scale, as
+MatMulInt4Int8's). Output: Y float32.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lowbit.custom_ops.matmul_int4_int8 import (TILE, reference_from_codes, tile_codes,
+from lowbit.custom_ops.matmul_int4_int8 import (TILE, activation_quantizer, reference_from_codes, tile_codes,
                                                   tile_scales_and_zero_points)
 
 DOMAIN = "lowbit.cpu"
@@ -94,38 +95,6 @@ def unpack_codes(weight: Int8Int8Weight) -> np.ndarray:
 
 def reference_matmul(a: np.ndarray, weight: Int8Int8Weight, nvfp4_global_scale=None) -> np.ndarray:
     """Y [..., N] float32, the kernel's arithmetic step for step; with `nvfp4_global_scale`, the node's
-    activation 1 (NVFP4 activations, `nvfp4_activations`)."""
-    quantize = None
-    if nvfp4_global_scale is not None:
-        def quantize(a2, group_size):
-            return nvfp4_activations(a2, nvfp4_global_scale)
+    activation 1 (NVFP4 activations, matmul_int4_int8's `nvfp4_activations`)."""
     return reference_from_codes(a, unpack_codes(weight), weight.scales, weight.zero_points, weight.group_size,
-                                quantize)
-
-
-# ------------------------------------------------------------------------------ NVFP4 (W4A4) as integers
-
-NVFP4_ZERO_POINT = 12  # twice an e2m1 value (-12..12) plus 12: a code 0..24
-
-
-def from_nvfp4(codes: np.ndarray, steps: np.ndarray) -> Int8Int8Weight:
-    """NVFP4 weights, e2m1 codes [N, K] (K a multiple of 16) and each block's float32 step [N, K / 16] (s / gs), as
-    this node's weight: codes twice the e2m1 value plus 12, zero point 12, scales half the steps, groups of 16. With
-    NVFP4 activations (activation 1: twice their e2m1 values, scales half their steps) each block's integer dot
-    times the two half steps is the block's exact product, e_x s_x e_w s_w summed."""
-    from lowbit import nvfp4
-
-    as_byte = (2 * nvfp4.E2M1 + NVFP4_ZERO_POINT).astype(np.uint8)  # e2m1 code -> 2e + 12 (code 8, -0: 12)
-    halves = (np.asarray(steps, np.float32) * np.float32(0.5)).T  # [K / 16, N], exact
-    return pack(as_byte[np.asarray(codes, np.uint8)], np.ascontiguousarray(halves), NVFP4_ZERO_POINT, nvfp4.GROUP)
-
-
-def nvfp4_activations(a: np.ndarray, gs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """a float32 [M, K] -> NVFP4 activations as `quantize_activations` returns int8 ones: xq [M, K / 16, 16] twice
-    the e2m1 values (lowbit.nvfp4.fake_quantize_activations' values times 2 over their step), sx [M, K / 16] half
-    the blocks' steps, xsum [M, K / 16]."""
-    from lowbit import nvfp4
-
-    codes, step = nvfp4.quantize_activations(a, gs)
-    xq = (2 * nvfp4.E2M1[codes]).astype(np.int32)
-    return xq, (step * np.float32(0.5)).astype(np.float32), xq.sum(axis=-1, dtype=np.int64)
+                                activation_quantizer(nvfp4_global_scale))

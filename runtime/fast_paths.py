@@ -11,10 +11,12 @@ still run the function bodies.
 NVFP4 weights on the ort target (converter format `nvfp4_unpack`: packed FP4 codes, FP8 block scales and a global
 scale unpacked by standard ops) have no ORT kernel; ORT folds the unpack graph into the float weight at load, and
 its folding holds several full-size intermediates at once (int64 indices among them: 3 GB peak for a 540 MB float
-model). Here each such MatMul instead runs on `lowbit.cpu.MatMulNarrowFloat` over the e2m1 codes and the blocks'
-float32 steps (where the kernel library exists and K is a multiple of 16), or reads its float32 weight, dequantized
-in numpy one layer at a time (`lowbit.nvfp4.dequantize`, bit for bit what the folding computes); the unpack nodes
-go either way.
+model). Here each such MatMul instead runs, where the kernel library exists and K is a multiple of 16, on
+`lowbit.cpu.MatMulInt4Int8` over the e2m1 codes as integers (W4A4, whose NVFP4 activations make each block's
+product an exact integer dot; weight-only layers at accuracy level 4, with int8 activations) or on
+`lowbit.cpu.MatMulNarrowFloat` over the codes and the blocks' float32 steps (weight-only at level 0: float32
+compute), else reads its float32 weight, dequantized in numpy one layer at a time (`lowbit.nvfp4.dequantize`, bit
+for bit what the folding computes); the unpack nodes go either way.
 
 How: the graph is read without its weights (`onnx.load(..., load_external_data=False)`); the packed tensors are
 read one layer at a time through memory maps of the folder's external data, repacked, and written to a data
@@ -272,7 +274,7 @@ class RewriteResult:
     widened: list[str] = field(default_factory=list)  # 2-bit MatMulNBits nodes now running as 4-bit
     dequantized: list[str] = field(default_factory=list)  # NVFP4 MatMuls now reading a float weight
     fp4_kernel: list[str] = field(default_factory=list)  # NVFP4 MatMuls now on lowbit.cpu.MatMulNarrowFloat
-    fp4_integer: list[str] = field(default_factory=list)  # NVFP4 W4A4 MatMuls now on lowbit.cpu.MatMulInt8Int8
+    fp4_integer: list[str] = field(default_factory=list)  # NVFP4 MatMuls now on lowbit.cpu.MatMulInt4Int8
     kernel: list[str] = field(default_factory=list)  # nodes now running on lowbit's int8 kernels
     kernel_ops: set[str] = field(default_factory=set)  # which: lowbit.cpu.MatMulInt4Int8, MatMulInt8Int8
 
@@ -295,8 +297,8 @@ class RewriteResult:
         if self.fp4_kernel:
             lines.append(f"{len(self.fp4_kernel)} NVFP4 weights run at 4 bits on lowbit.cpu.MatMulNarrowFloat")
         if self.fp4_integer:
-            lines.append(f"{len(self.fp4_integer)} NVFP4 W4A4 MatMuls run as integer block products on "
-                         "lowbit.cpu.MatMulInt8Int8 (their codes held as bytes)")
+            lines.append(f"{len(self.fp4_integer)} NVFP4 MatMuls run as integer block products on "
+                         "lowbit.cpu.MatMulInt4Int8 (e2m1 codes at 4 bits)")
         lines += [f"{name} runs as its ONNX function body ({why})" for name, why in self.fallback]
         return lines
 
@@ -420,21 +422,23 @@ def _why_not(node, reader: _TensorReader) -> str | None:
     return None
 
 
-NVFP4_INTEGER_SWITCH = "LOWBIT_NVFP4_INTEGER"  # "0": W4A4 NVFP4 on MatMulNarrowFloat (4.5 bits a weight in memory)
+NVFP4_INTEGER_SWITCH = "LOWBIT_NVFP4_INTEGER"  # "0": NVFP4 on MatMulNarrowFloat, float32 compute (not MatMulInt4Int8)
 
 
 def _dequantize_nvfp4(node, reader: _TensorReader, writer, layers: dict[str, int], fp4_kernel: bool = False,
-                      producers: dict | None = None) -> str:
+                      producers: dict | None = None, levels: dict[str, int] | None = None) -> str:
     """A MatMul of an NVFP4 layer (`layers`: module -> K) reading the unpack graph's weight becomes, with
     `fp4_kernel` and K a multiple of 16, `lowbit.cpu.MatMulNarrowFloat` over the e2m1 codes and the blocks' float32
     steps s / gs (the same float32 weight, 4.5 bits a weight in memory; returns "kernel"), else the MatMul over that
     weight, float32 [K, N], dequantized here (`lowbit.nvfp4`; returns "float32"), appended to `writer`; "" leaves
     the node to the caller. The unpack nodes are left without a reader (`_prune` removes them). Where a
     `lowbit.NVFP4ActivationQDQ` produces the MatMul's input (`producers`: value -> node; W4A4), the pair becomes
-    `lowbit.cpu.MatMulInt8Int8` with NVFP4 activations instead (custom_ops/matmul_int8_int8.py, `from_nvfp4`: each
-    block's exact integer product; codes held as bytes; returns "integer"), unless `LOWBIT_NVFP4_INTEGER` is 0: then
-    the activations' fake quantization runs inside MatMulNarrowFloat (input_type 23, its global scale as
-    input_scale: the function body's bits), keeping 4.5 bits a weight."""
+    `lowbit.cpu.MatMulInt4Int8` with NVFP4 activations instead (custom_ops/matmul_int4_int8.py, `from_nvfp4`: each
+    block's exact integer product, the e2m1 codes kept at 4 bits; returns "integer"); a weight-only layer at
+    accuracy level 4 (`levels`: module -> level) runs there too, with int8 activations per block of 16 (int8
+    compute, as MatMulNBits' level 4). `LOWBIT_NVFP4_INTEGER=0` keeps both on MatMulNarrowFloat: W4A4 with the
+    activations' fake quantization inside it (input_type 23, its global scale as input_scale: the function body's
+    bits), weight-only layers in float32."""
     from onnx import TensorProto, helper
 
     from lowbit import nvfp4
@@ -456,18 +460,21 @@ def _dequantize_nvfp4(node, reader: _TensorReader, writer, layers: dict[str, int
         fused = qdq is not None and (qdq.domain, qdq.op_type) == (nvfp4_op.DOMAIN, nvfp4_op.ACTIVATION_OP) \
             and reader.has(qdq.input[1])
         gs_in = np.asarray(reader.read(qdq.input[1]), np.float32).reshape(1) if fused else None
-        if fused and os.environ.get(NVFP4_INTEGER_SWITCH, "1") != "0":
-            from lowbit.custom_ops import matmul_int8_int8
+        int8_compute = not fused and (levels or {}).get(node.name) == 4
+        if (fused or int8_compute) and os.environ.get(NVFP4_INTEGER_SWITCH, "1") != "0":
+            from lowbit.custom_ops import matmul_int4_int8
 
             # W4A4: both operands are e2m1 values times a step per block of 16, so each block's product is an
-            # integer dot (twice the values, -12..12) times the two half steps, on the int8 kernel
-            weight = matmul_int8_int8.from_nvfp4(codes, steps)
+            # integer dot (twice the values, -12..12) times the two half steps, on the int8 kernel; weight-only at
+            # level 4: the same weights times int8 activations per block
+            weight = matmul_int4_int8.from_nvfp4(codes, steps)
             del codes
-            writer.node(matmul_int8_int8.OP_TYPE,
-                        [qdq.input[0], writer.array("B", weight.b), writer.array("scales", weight.scales),
-                         writer.array("zero_points", weight.zero_points), writer.array("input_scale", gs_in)],
-                        "nvfp4_w4a4", domain=matmul_int8_int8.DOMAIN, output=node.output[0], K=k, N=weight.n,
-                        group_size=nvfp4.GROUP, activation=1)
+            inputs = [qdq.input[0] if fused else node.input[0], writer.array("B", weight.b),
+                      writer.array("scales", weight.scales), writer.array("zero_points", weight.zero_points)]
+            writer.node(matmul_int4_int8.OP_TYPE, inputs + ([writer.array("input_scale", gs_in)] if fused else []),
+                        "nvfp4_w4a4" if fused else "nvfp4_int8", domain=matmul_int4_int8.DOMAIN,
+                        output=node.output[0], K=k, N=weight.n, group_size=nvfp4.GROUP, layout=weight.layout,
+                        e2m1=1, activation=int(fused))
             return "integer"
         weight = op.pack_e2m1(codes, steps)
         inputs = [node.input[0], writer.array("B", weight.b), writer.array("steps", weight.scales)]
@@ -766,7 +773,7 @@ def rewrite_blockwise(model, model_dir: Path, levels: dict[str, int], folder: Pa
             if _widen_2bit(node, reader, writer):
                 result.widened.append(node.name or node.output[0])
                 continue
-            route = _dequantize_nvfp4(node, reader, writer, nvfp4, fp4_kernel, producers) if nvfp4 else ""
+            route = _dequantize_nvfp4(node, reader, writer, nvfp4, fp4_kernel, producers, levels) if nvfp4 else ""
             if route:
                 {"kernel": result.fp4_kernel, "integer": result.fp4_integer}.get(route, result.dequantized).append(
                     node.name)

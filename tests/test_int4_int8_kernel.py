@@ -139,6 +139,108 @@ def test_kernel_rejects_inputs_of_the_wrong_shape(rng):
         session.run(None, {"A": rng.standard_normal((1, 63)).astype(np.float32)})
 
 
+# ------------------------------------------------------------------ NVFP4 as integers (e2m1 1)
+
+def random_nvfp4(rng, n, k):
+    codes = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    steps = (rng.random((n, k // 16)) + 0.25).astype(np.float32) * np.float32(0.01)
+    return codes, steps
+
+
+def nvfp4_session(w, threads=1, gs=None):
+    inputs = {"B": w.b, "S": w.scales, "Z": w.zero_points}
+    if gs is not None:
+        inputs["gs"] = np.array([gs], np.float32)
+    return kernel_node_session(op.OP_TYPE, inputs, threads, K=w.k, N=w.n, group_size=16, layout=w.layout, e2m1=1,
+                               activation=int(gs is not None))
+
+
+def test_e2m1_bytes_are_twice_the_values_plus_12():
+    from lowbit import nvfp4
+
+    assert op.E2M1_BYTES.dtype == np.uint8 and op.E2M1_BYTES.max() == 24 and op.E2M1_BYTES[8] == 12  # -0 is 12
+    assert np.array_equal(op.E2M1_BYTES.astype(np.float32), 2 * nvfp4.E2M1 + 12)
+
+
+def test_nvfp4_reference_is_the_exact_product_of_the_fake_quantized_operands(rng):
+    """W4A4 as integers: NVFP4 weights (from_nvfp4) times NVFP4 activations (activation 1) equals the float64 product
+    of lowbit.nvfp4's fake-quantized activations and dequantized weights within float32 rounding."""
+    from lowbit import nvfp4
+
+    n, k, gs = 40, 96, np.float32(37.0)
+    codes, steps = random_nvfp4(rng, n, k)
+    w = op.from_nvfp4(codes, steps)
+    assert (w.group_size, w.layout, w.e2m1) == (16, op.VNNI, True)
+    assert w.zero_points.shape == (1,) and w.zero_points[0] == 12 and np.array_equal(op.unpack_codes(w), codes)
+    a = (rng.standard_normal((5, k)) * 3).astype(np.float32)
+    x = nvfp4.fake_quantize_activations(a, gs).astype(np.float64)
+    weight = nvfp4.E2M1[codes].astype(np.float64) * np.repeat(steps, 16, axis=1)
+    expected = x @ weight.T
+    actual = op.reference_matmul(a, w, nvfp4_global_scale=gs)
+    assert np.abs(actual - expected).max() <= 1e-5 * np.abs(expected).max()
+    # the integers times half their step are the exact e2m1 value times the step, of which the fake-quantized
+    # activation is the float32 rounding (e * step can take 26 bits: the integer route keeps them)
+    xq, sx, _ = op.nvfp4_activations(a, gs)
+    exact = xq.astype(np.float64) * sx[..., None].astype(np.float64)
+    assert np.array_equal(exact.reshape(5, k).astype(np.float32), nvfp4.fake_quantize_activations(a, gs))
+
+
+def test_nvfp4_weights_with_int8_activations_are_int8_compute(rng):
+    """Activation 0 (weight-only NVFP4 at accuracy level 4): the exact NVFP4 weight times int8 activations per block
+    of 16, within int8 rounding of the float product."""
+    from lowbit import nvfp4
+
+    n, k = 48, 128
+    codes, steps = random_nvfp4(rng, n, k)
+    a = rng.standard_normal((3, k)).astype(np.float32)
+    weight = nvfp4.E2M1[codes].astype(np.float64) * np.repeat(steps, 16, axis=1)
+    xq, sx, _ = op.quantize_activations(a, 16)
+    expected = (xq * sx[..., None]).reshape(3, k).astype(np.float64) @ weight.T
+    actual = op.reference_matmul(a, op.from_nvfp4(codes, steps))
+    assert np.abs(actual - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert relative(actual, a.astype(np.float64) @ weight.T) < 2e-2
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,k,lead", [(64, 128, (1,)), (960, 576, (1,)), (50, 96, (2, 5)), (33, 1536, (7,))])
+@pytest.mark.parametrize("activations", ["nvfp4", "int8"])
+@pytest.mark.parametrize("avx512", ["1", "0"])
+def test_nvfp4_kernel_equals_the_reference_bit_for_bit(n, k, lead, threads, activations, avx512, rng, monkeypatch):
+    monkeypatch.setenv("LOWBIT_KERNELS_AVX512", avx512)
+    gs = np.float32(rng.choice([1.0, 37.0, 2688.0])) if activations == "nvfp4" else None
+    codes, steps = random_nvfp4(rng, n, k)
+    w = op.from_nvfp4(codes, steps)
+    session = nvfp4_session(w, threads, gs)
+    for call in range(3):  # random rows; a zero block; values on the e2m1 grid of their block (ties included)
+        a = (rng.standard_normal((*lead, k)) * rng.choice([0.01, 1.0, 300.0])).astype(np.float32)
+        if call == 1:
+            a.reshape(-1, k)[0, :16] = 0.0
+        if call == 2:
+            a = (rng.integers(-24, 25, a.shape) * np.float32(0.25)).astype(np.float32)
+        (y,) = session.run(None, {"A": a})
+        assert y.shape == (*lead, n) and np.isfinite(y).all()
+        assert np.array_equal(y, op.reference_matmul(a, w, nvfp4_global_scale=gs))
+
+
+@needs_kernel
+def test_e2m1_and_nvfp4_activations_need_their_layout_and_groups(rng):
+    codes, steps = random_nvfp4(rng, 16, 64)
+    w = op.from_nvfp4(codes, steps)
+    inputs = {"B": w.b, "S": w.scales, "Z": w.zero_points}
+    with pytest.raises(Exception, match="activation must be 0"):
+        kernel_node_session(op.OP_TYPE, inputs, K=64, N=16, group_size=16, layout=1, e2m1=1, activation=2)
+    with pytest.raises(Exception, match="e2m1 must be 0 or 1"):  # int16 sums hold 2 octets of codes up to 24
+        kernel_node_session(op.OP_TYPE, {**inputs, "B": op.from_nvfp4(*random_nvfp4(rng, 16, 64)).b.reshape(
+            1, 2, 8, 32)}, K=64, N=16, group_size=32, layout=1, e2m1=1)
+    with pytest.raises(Exception, match="e2m1 must be 0 or 1"):
+        kernel_node_session(op.OP_TYPE, inputs, K=64, N=16, group_size=16, layout=0, e2m1=1)
+    session = kernel_node_session(op.OP_TYPE, {**inputs, "gs": np.array([1.0, 2.0], np.float32)}, K=64, N=16,
+                                  group_size=16, layout=1, e2m1=1, activation=1)
+    with pytest.raises(Exception, match="input_scale is not one value"):
+        session.run(None, {"A": rng.standard_normal((1, 64)).astype(np.float32)})
+
+
 # ------------------------------------------------------------------ the runtime's rewrite onto the kernel
 
 KERNEL_SCHEMES = ["w4a16", "q4f16_1", "q3f16_1", "w3a16", "a16w4", "w2a16", "q4f32_1"]
@@ -292,3 +394,38 @@ def test_folders_without_such_layers_do_not_import_onnx(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.split() == ["False"], result.stderr
     assert "lowbit:" not in result.stderr
+
+
+@needs_kernel
+def test_nvfp4a16_at_accuracy_level_4_runs_on_the_kernel(tmp_path, monkeypatch, capfd):
+    """stories260K NVFP4A16 converted with --accuracy-level 4: its layers whose K is a multiple of 16 run on
+    MatMulInt4Int8 over the e2m1 codes with int8 activations per block of 16 (int8 compute), within the int8
+    tolerance of the same folder in float32 compute (LOWBIT_NVFP4_INTEGER=0, MatMulNarrowFloat), prefill and cached
+    decode; at level 0 (the recipe default) the float route is taken without the switch."""
+    import lowbit
+    from lowbit.runtime import fast_paths
+    from lowbit.runtime.session import create_session
+    from tests.conftest import SAMPLE_MODEL
+    from tests.test_narrow_float_kernel import NVFP4_RECIPE
+
+    recipe = tmp_path / "nvfp4a16.yaml"
+    recipe.write_text(NVFP4_RECIPE)
+    out = tmp_path / "level4"
+    lowbit.convert(str(SAMPLE_MODEL), out, recipe=recipe, accuracy_level=4)
+    layers = fast_paths.nvfp4_layers(json.loads((out / "lowbit.json").read_text()))
+    on_kernel = [name for name, k in layers.items() if k % 16 == 0]
+    assert 0 < len(on_kernel) < len(layers)
+    capfd.readouterr()
+    integer = prefill_and_decode(create_session(out))
+    assert f"lowbit: {len(on_kernel)} NVFP4 MatMuls run as integer block products on lowbit.cpu.MatMulInt4Int8" \
+        in capfd.readouterr().err
+    monkeypatch.setenv(fast_paths.NVFP4_INTEGER_SWITCH, "0")
+    floats = prefill_and_decode(create_session(out))
+    assert f"lowbit: {len(on_kernel)} NVFP4 weights run at 4 bits on lowbit.cpu.MatMulNarrowFloat" \
+        in capfd.readouterr().err
+    for a, b in zip(integer, floats):
+        assert 0 < relative(a, b) <= TOLERANCE  # int8 activations: not the float result, within its tolerance
+    monkeypatch.delenv(fast_paths.NVFP4_INTEGER_SWITCH)
+    lowbit.convert(str(SAMPLE_MODEL), tmp_path / "level0", recipe=recipe)
+    prefill_and_decode(create_session(tmp_path / "level0"))
+    assert "NarrowFloat" in capfd.readouterr().err

@@ -133,69 +133,28 @@ def test_kernel_rejects_inputs_of_the_wrong_shape(rng):
         kernel_node_session(op.OP_TYPE, {"B": w.b, "S": w.scales, "Z": w.zero_points}, K=64, N=32, group_size=31)
 
 
-# ------------------------------------------------------------------ NVFP4 (W4A4) as integers (activation 1)
-
-def random_nvfp4(rng, n, k):
-    codes = rng.integers(0, 16, (n, k)).astype(np.uint8)
-    steps = (rng.random((n, k // 16)) + 0.25).astype(np.float32) * np.float32(0.01)
-    return codes, steps
-
-
-def test_nvfp4_reference_is_the_exact_product_of_the_fake_quantized_operands(rng):
-    """The integer route: NVFP4 weights (from_nvfp4) times NVFP4 activations (activation 1) equals the float64 product
-    of lowbit.nvfp4's fake-quantized activations and dequantized weights within float32 rounding."""
-    from lowbit import nvfp4
-
-    n, k, gs = 40, 96, np.float32(37.0)
-    codes, steps = random_nvfp4(rng, n, k)
-    w = op.from_nvfp4(codes, steps)
-    assert w.group_size == 16 and w.zero_points.shape == (1,) and w.zero_points[0] == 12
-    a = (rng.standard_normal((5, k)) * 3).astype(np.float32)
-    x = nvfp4.fake_quantize_activations(a, gs).astype(np.float64)
-    weight = nvfp4.E2M1[codes].astype(np.float64) * np.repeat(steps, 16, axis=1)
-    expected = x @ weight.T
-    actual = op.reference_matmul(a, w, nvfp4_global_scale=gs)
-    assert np.abs(actual - expected).max() <= 1e-5 * np.abs(expected).max()
-    # the integers times half their step are the exact e2m1 value times the step, of which the fake-quantized
-    # activation is the float32 rounding (e * step can take 26 bits: the integer route keeps them)
-    xq, sx, _ = op.nvfp4_activations(a, gs)
-    exact = xq.astype(np.float64) * sx[..., None].astype(np.float64)
-    assert np.array_equal(exact.reshape(5, k).astype(np.float32), nvfp4.fake_quantize_activations(a, gs))
-
+# ------------------------------------------------------------------ NVFP4 activations (activation 1)
 
 @needs_kernel
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("n,k,lead", [(64, 128, (1,)), (960, 576, (1,)), (50, 96, (2, 5)), (33, 1536, (7,))])
-def test_nvfp4_kernel_equals_the_reference_bit_for_bit(n, k, lead, threads, rng):
-    gs = np.float32(rng.choice([1.0, 37.0, 2688.0]))
-    codes, steps = random_nvfp4(rng, n, k)
-    w = op.from_nvfp4(codes, steps)
-    session = kernel_node_session(op.OP_TYPE, {"B": w.b, "S": w.scales, "Z": w.zero_points,
-                                               "gs": np.array([gs], np.float32)}, threads, K=k, N=n, group_size=16,
-                                  activation=1)
-    for call in range(3):  # random rows; a zero block; values on the e2m1 grid of their block (ties included)
-        a = (rng.standard_normal((*lead, k)) * rng.choice([0.01, 1.0, 300.0])).astype(np.float32)
-        if call == 1:
-            a.reshape(-1, k)[0, :16] = 0.0
-        if call == 2:
-            a = (rng.integers(-24, 25, a.shape) * np.float32(0.25)).astype(np.float32)
-        (y,) = session.run(None, {"A": a})
-        assert y.shape == (*lead, n) and np.isfinite(y).all()
-        assert np.array_equal(y, op.reference_matmul(a, w, nvfp4_global_scale=gs))
+@pytest.mark.parametrize("n,k,lead", [(64, 128, (1,)), (50, 96, (2, 5))])
+def test_nvfp4_activations_equal_the_reference_bit_for_bit(n, k, lead, rng):
+    """Activation 1 on 8-bit codes (here NVFP4 weights as bytes, twice the e2m1 value plus 12): the node quantizes
+    its input as NVFP4 (matmul_int4_int8.nvfp4_activations, the same C code as MatMulInt4Int8's) and multiplies the
+    integers exactly."""
+    from lowbit.custom_ops import matmul_int4_int8
 
-
-@needs_kernel
-def test_nvfp4_activation_needs_groups_of_16_and_a_global_scale(rng):
-    codes, steps = random_nvfp4(rng, 16, 64)
-    w = op.from_nvfp4(codes, steps)
-    with pytest.raises(Exception, match="activation must be 0"):
-        kernel_node_session(op.OP_TYPE, {"B": w.b, "S": w.scales, "Z": w.zero_points}, K=64, N=16, group_size=16,
-                            activation=2)
+    gs = np.float32(rng.choice([1.0, 37.0]))
+    codes = rng.integers(0, 16, (n, k))
+    halves = (rng.random((k // 16, n)) + 0.25).astype(np.float32) * np.float32(0.005)
+    w = op.pack(matmul_int4_int8.E2M1_BYTES[codes], halves, matmul_int4_int8.NVFP4_ZERO_POINT, 16)
     session = kernel_node_session(op.OP_TYPE, {"B": w.b, "S": w.scales, "Z": w.zero_points,
-                                               "gs": np.array([1.0, 2.0], np.float32)}, K=64, N=16, group_size=16,
+                                               "gs": np.array([gs], np.float32)}, 2, K=k, N=n, group_size=16,
                                   activation=1)
-    with pytest.raises(Exception, match="input_scale is not one value"):
-        session.run(None, {"A": rng.standard_normal((1, 64)).astype(np.float32)})
+    a = (rng.standard_normal((*lead, k)) * rng.choice([0.01, 300.0])).astype(np.float32)
+    (y,) = session.run(None, {"A": a})
+    assert y.shape == (*lead, n) and np.array_equal(y, op.reference_matmul(a, w, nvfp4_global_scale=gs))
+    w4 = matmul_int4_int8.from_nvfp4(codes, (2 * halves).T)
+    assert np.array_equal(y, matmul_int4_int8.reference_matmul(a, w4, nvfp4_global_scale=gs))
 
 
 # ------------------------------------------------------------------ the runtime's rewrite onto the kernel

@@ -295,8 +295,9 @@ def test_tiny_llama_nvfp4_on_ort_equals_the_reference(rng, tmp_path):
 
 @pytest.mark.parametrize("integer", [True, False])
 def test_nvfp4_activations_inside_the_cpu_kernel(integer, tmp_path, monkeypatch, capfd):
-    """On lowbit's CPU kernels each NVFP4ActivationQDQ -> MatMul pair is one node: lowbit.cpu.MatMulInt8Int8 with
-    NVFP4 activations (activation 1: each block's exact integer product, tests/test_int8_int8_kernel.py), or with
+    """On lowbit's CPU kernels each NVFP4ActivationQDQ -> MatMul pair is one node: lowbit.cpu.MatMulInt4Int8 over the
+    e2m1 codes with NVFP4 activations (e2m1 1, activation 1: each block's exact integer product,
+    tests/test_int4_int8_kernel.py), or with
     LOWBIT_NVFP4_INTEGER=0 lowbit.cpu.MatMulNarrowFloat (input_type 23, the global scale as input_scale; its fake
     quantization is the function body's, bit for bit, in tests/test_narrow_float_kernel.py). No function body is
     left, and the logits, prefill and cached decode, are those of ONNX Runtime running the function bodies and the
@@ -322,14 +323,15 @@ def test_nvfp4_activations_inside_the_cpu_kernel(integer, tmp_path, monkeypatch,
     assert len(result.fp4_integer if integer else result.fp4_kernel) == 8
     assert not [n for n in model.graph.node if n.op_type == nvfp4_ops.ACTIVATION_OP]
     if integer:
-        fused = [n for n in model.graph.node if n.op_type == "MatMulInt8Int8"]
-        assert len(fused) == 8 and all({a.name: a.i for a in n.attribute}["activation"] == 1 for n in fused)
+        fused = [n for n in model.graph.node if n.op_type == "MatMulInt4Int8"]
+        assert len(fused) == 8 and all({a.name: a.i for a in n.attribute}["activation"] == 1
+                                       and {a.name: a.i for a in n.attribute}["e2m1"] == 1 for n in fused)
     else:
         fused = [n for n in model.graph.node if n.op_type == "MatMulNarrowFloat"]
         assert len(fused) == 8 and all({a.name: a.i for a in n.attribute}["input_type"] == 23 for n in fused)
     capfd.readouterr()
     on_kernel = prefill_and_decode(create_session(out))
-    message = "8 NVFP4 W4A4 MatMuls run as integer block products on lowbit.cpu.MatMulInt8Int8" if integer \
+    message = "8 NVFP4 MatMuls run as integer block products on lowbit.cpu.MatMulInt4Int8" if integer \
         else "8 NVFP4 weights run at 4 bits on lowbit.cpu.MatMulNarrowFloat"
     assert message in capfd.readouterr().err
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")

@@ -13,7 +13,10 @@
  * quad j of group g of tile t holds q[gG + 4j + h, 16t + c] in its low nibble and q[gG + 4j + 2 + h, 16t + c] in its
  * high nibble (codes of rows >= K and columns >= N are 0); scales float32 [N_pad / 16, groups, 16] and
  * zero_points uint8 [N_pad / 16, groups, 16], tile by tile as B (each tile's bytes are one sequential stream), or
- * [1] where all are equal. Attributes K, N, group_size. Output Y float32 [..., N].
+ * [1] where all are equal. Attributes K, N, group_size, layout (0 AVX2 pairs, 1 VNNI fours: see the .py), e2m1 (1:
+ * layout 1 and groups of 16, each code a FLOAT4E2M1 bit pattern standing for twice its value plus 12, 0..24, an
+ * NVFP4 weight's exact integers), activation (1: NVFP4 activations instead of int8 ones, twice their e2m1 values with
+ * half their block's step as sx, groups of 16; input 4, the global scale). Output Y float32 [..., N].
  * MatMulInt8Int8: codes 0..255 and zero points 0..255; B uint8 [N_pad / 16, groups, G / 2, 32]: pair p of group g
  * of tile t holds q[gG + 2p + h, 16t + c] at byte 8 * o(c / 4) + 2 (c % 4) + h, o = (0, 2, 1, 3) (group_size even).
  */
@@ -39,7 +42,8 @@
 typedef struct { /* k and n first: new_kernel (ort_api.h) */
   int64_t k, n, group_size, layout; /* layout: 0 AVX2 (pairs of rows), 1 VNNI (fours of rows), 2 bytes (8 bits) */
   int64_t dpbusd;                    /* layout 1 runs on vpdpbusd (AVX512-VNNI), else on vpmaddubsw */
-  int64_t activation;                /* MatMulInt8Int8: 0 int8 per group, 1 NVFP4 (input 4: the global scale) */
+  int64_t activation;                /* 0 int8 per group, 1 NVFP4 (input 4: the global scale) */
+  int64_t e2m1;                      /* MatMulInt4Int8, layout 1: codes are FLOAT4E2M1 bit patterns (E2M1_BYTES) */
 } Kernel;
 
 typedef struct {
@@ -49,13 +53,13 @@ typedef struct {
   int32_t zero_point;
   const int8_t *xq;     /* [M, groups * G], zero beyond K */
   const int16_t *xw;    /* layout 2: xq widened to int16 (each two of a row one 32-bit broadcast); else NULL */
-  const int32_t *x4;    /* layout 2, NVFP4 activations: each pair of xq twice, bytes x0 x1 x0 x1; else NULL */
   const __m256i *pairs; /* M == 1, layout 0: [groups * G / 2] each pair of xq broadcast over a register */
   const float *sx;      /* [M, groups] */
   const int32_t *xsum;  /* [M, groups] */
   float *y;             /* [M, N] */
   int64_t m, n, n_pad, group_size, groups, k;
   int64_t tiles_per_task, layout, dpbusd; /* dpbusd: layout 1 on AVX512-VNNI instructions */
+  int64_t e2m1;                           /* layout 1: each code stands for E2M1_BYTES[code] */
 } Work;
 
 /* Group g's rows of K in steps of `step` rows (a pair, an octet): all of them but in a last group that K ends
@@ -159,11 +163,21 @@ typedef struct {
   __m256i l0, h0, l1, h1;
 } Octet;
 
-__attribute__((always_inline)) static inline Octet octet_codes(const uint8_t *p) {
+/* FLOAT4E2M1 codes (e2m1 != 0): each code as twice its e2m1 value plus 12, 0..24 (code 8, -0, is 12), looked up by
+ * vpshufb: NVFP4 weights as exact integers with zero point 12 and half the block's step as scale. */
+#define E2M1_BYTES 12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0
+
+__attribute__((always_inline)) static inline Octet octet_codes(const uint8_t *p, const int e2m1) {
   const __m256i low = _mm256_set1_epi8(0x0F);
   const __m256i v0 = _mm256_loadu_si256((const __m256i *)p), v1 = _mm256_loadu_si256((const __m256i *)(p + 32));
-  return (Octet){_mm256_and_si256(v0, low), _mm256_and_si256(_mm256_srli_epi16(v0, 4), low),
-                 _mm256_and_si256(v1, low), _mm256_and_si256(_mm256_srli_epi16(v1, 4), low)};
+  Octet q = {_mm256_and_si256(v0, low), _mm256_and_si256(_mm256_srli_epi16(v0, 4), low),
+             _mm256_and_si256(v1, low), _mm256_and_si256(_mm256_srli_epi16(v1, 4), low)};
+  if (e2m1) {
+    const __m256i values = _mm256_setr_epi8(E2M1_BYTES, E2M1_BYTES);
+    q = (Octet){_mm256_shuffle_epi8(values, q.l0), _mm256_shuffle_epi8(values, q.h0),
+                _mm256_shuffle_epi8(values, q.l1), _mm256_shuffle_epi8(values, q.h1)};
+  }
+  return q;
 }
 
 /* A row's activations for rows 0..3 and 4..7 of an octet, each four broadcast as one 32-bit value. */
@@ -181,14 +195,14 @@ __attribute__((always_inline)) static inline void row_fours(const int8_t *x, __m
 #define VNNI_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
 
 VNNI_TARGET __attribute__((always_inline)) static inline void tile_rows_vnni(const Work *w, int64_t t, int64_t m0,
-                                                                            const int R, float *acc) {
+                                                                            const int R, float *acc, const int e2m1) {
   const int64_t octets = w->group_size / 8, stride = w->groups * w->group_size;
   const uint8_t *b = w->b + (size_t)t * w->groups * octets * 64;
   for (int64_t g = 0; g < w->groups; g++) {
     __m256i lo32[4], hi32[4];
     for (int r = 0; r < R; r++) lo32[r] = hi32[r] = _mm256_setzero_si256();
     for (int64_t j = 0; j < rows_in(w, g, 8); j++) {
-      const Octet q = octet_codes(b + (size_t)(g * octets + j) * 64);
+      const Octet q = octet_codes(b + (size_t)(g * octets + j) * 64, e2m1);
       for (int r = 0; r < R; r++) {
         __m256i x0, x1;
         row_fours(w->xq + (m0 + r) * stride + g * w->group_size + 8 * j, &x0, &x1);
@@ -211,11 +225,11 @@ VNNI_TARGET __attribute__((always_inline)) static inline void tile_rows_vnni(con
  * hi16: 8..15 of the tile, each 32-bit lane's two int16 halves one column's). */
 __attribute__((always_inline)) static inline void fours_int16(const Work *w, const uint8_t *b, int64_t g, int64_t j0,
                                                               int64_t j1, int64_t m0, const int R, __m256i *lo16,
-                                                              __m256i *hi16) {
+                                                              __m256i *hi16, const int e2m1) {
   const int64_t octets = w->group_size / 8, stride = w->groups * w->group_size;
   for (int r = 0; r < R; r++) lo16[r] = hi16[r] = _mm256_setzero_si256();
   for (int64_t j = j0; j < j1; j++) {
-    const Octet q = octet_codes(b + (size_t)(g * octets + j) * 64);
+    const Octet q = octet_codes(b + (size_t)(g * octets + j) * 64, e2m1);
     for (int r = 0; r < R; r++) {
       __m256i x0, x1;
       row_fours(w->xq + (m0 + r) * stride + g * w->group_size + 8 * j, &x0, &x1);
@@ -228,14 +242,14 @@ __attribute__((always_inline)) static inline void fours_int16(const Work *w, con
 }
 
 __attribute__((always_inline)) static inline void tile_rows_fours(const Work *w, int64_t t, int64_t m0, const int R,
-                                                                 float *acc) {
+                                                                 float *acc, const int e2m1) {
   const int64_t octets = w->group_size / 8;
   const __m256i ones = _mm256_set1_epi16(1);
   const uint8_t *b = w->b + (size_t)t * w->groups * octets * 64;
   __m256i lo16[4], hi16[4], lo32[4], hi32[4];
   if (octets <= OCTETS_PER_FLUSH) { /* groups of up to 32: one flush a group, no int32 sums live across octets */
     for (int64_t g = 0; g < w->groups; g++) {
-      fours_int16(w, b, g, 0, rows_in(w, g, 8), m0, R, lo16, hi16);
+      fours_int16(w, b, g, 0, rows_in(w, g, 8), m0, R, lo16, hi16, e2m1);
       for (int r = 0; r < R; r++) {
         lo32[r] = _mm256_madd_epi16(lo16[r], ones);
         hi32[r] = _mm256_madd_epi16(hi16[r], ones);
@@ -248,7 +262,8 @@ __attribute__((always_inline)) static inline void tile_rows_fours(const Work *w,
     for (int r = 0; r < R; r++) lo32[r] = hi32[r] = _mm256_setzero_si256();
     const int64_t used = rows_in(w, g, 8);
     for (int64_t j0 = 0; j0 < used; j0 += OCTETS_PER_FLUSH) {
-      fours_int16(w, b, g, j0, j0 + OCTETS_PER_FLUSH < used ? j0 + OCTETS_PER_FLUSH : used, m0, R, lo16, hi16);
+      fours_int16(w, b, g, j0, j0 + OCTETS_PER_FLUSH < used ? j0 + OCTETS_PER_FLUSH : used, m0, R, lo16, hi16,
+                  e2m1);
       for (int r = 0; r < R; r++) {
         lo32[r] = _mm256_add_epi32(lo32[r], _mm256_madd_epi16(lo16[r], ones));
         hi32[r] = _mm256_add_epi32(hi32[r], _mm256_madd_epi16(hi16[r], ones));
@@ -292,65 +307,38 @@ static void run_tile_bytes(const Work *w, int64_t t) {
   ROW_BLOCKS(tile_rows_bytes);
 }
 
-/* Layout 2 with NVFP4 activations (|xq| <= 12, groups of 16): vpmaddubsw on the code bytes as they are (each pair of
- * rows of a column adjacent) and the pair's activations (x0 x1 x0 x1, one 32-bit broadcast) gives each column's two
- * products in one int16 (|.| <= 255 * 12 * 2 = 6120), summed in int16 over 4 pairs (<= 24480) and widened in lane
- * with the sign (the quarters' order makes the low halves columns 0..7): the same exact integers as tile_rows_bytes
- * for twice the products an instruction. */
-#define PAIRS_PER_FLUSH 4
-
-__attribute__((always_inline)) static inline void tile_rows_nvfp4(const Work *w, int64_t t, int64_t m0, const int R,
-                                                                 float *acc) {
-  const int64_t pairs = w->group_size / 2, half_stride = w->groups * w->group_size / 2;
-  const uint8_t *b = w->b + (size_t)t * w->groups * pairs * 32;
-  for (int64_t g = 0; g < w->groups; g++) {
-    __m256i lo32[4], hi32[4];
-    for (int r = 0; r < R; r++) lo32[r] = hi32[r] = _mm256_setzero_si256();
-    for (int64_t p0 = 0; p0 < pairs; p0 += PAIRS_PER_FLUSH) {
-      __m256i sum16[4];
-      for (int r = 0; r < R; r++) sum16[r] = _mm256_setzero_si256();
-      for (int64_t p = p0; p < p0 + PAIRS_PER_FLUSH && p < pairs; p++) {
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(b + (size_t)(g * pairs + p) * 32));
-        for (int r = 0; r < R; r++) {
-          const __m256i x = _mm256_set1_epi32(w->x4[(m0 + r) * half_stride + g * pairs + p]);
-          sum16[r] = _mm256_add_epi16(sum16[r], _mm256_maddubs_epi16(v, x));
-        }
-      }
-      for (int r = 0; r < R; r++) {
-        const __m256i sign = _mm256_srai_epi16(sum16[r], 15);
-        lo32[r] = _mm256_add_epi32(lo32[r], _mm256_unpacklo_epi16(sum16[r], sign));
-        hi32[r] = _mm256_add_epi32(hi32[r], _mm256_unpackhi_epi16(sum16[r], sign));
-      }
-    }
-    add_group(w, t, g, m0, R, lo32, hi32, acc);
-  }
-}
-
-static void run_tile_nvfp4(const Work *w, int64_t t) {
-  ROW_BLOCKS(tile_rows_nvfp4);
-}
+/* Each copy with e2m1 constant. */
+#define FOURS_CODES(w, t, m0, R, acc) tile_rows_fours(w, t, m0, R, acc, 0)
+#define FOURS_E2M1(w, t, m0, R, acc) tile_rows_fours(w, t, m0, R, acc, 1)
+#define VNNI_CODES(w, t, m0, R, acc) tile_rows_vnni(w, t, m0, R, acc, 0)
+#define VNNI_E2M1(w, t, m0, R, acc) tile_rows_vnni(w, t, m0, R, acc, 1)
 
 static void run_tile_fours(const Work *w, int64_t t) {
-  ROW_BLOCKS(tile_rows_fours);
+  ROW_BLOCKS(FOURS_CODES);
+}
+
+static void run_tile_fours_e2m1(const Work *w, int64_t t) {
+  ROW_BLOCKS(FOURS_E2M1);
 }
 
 VNNI_TARGET static void run_tile_vnni(const Work *w, int64_t t) {
-  ROW_BLOCKS(tile_rows_vnni);
+  ROW_BLOCKS(VNNI_CODES);
+}
+
+VNNI_TARGET static void run_tile_vnni_e2m1(const Work *w, int64_t t) {
+  ROW_BLOCKS(VNNI_E2M1);
 }
 
 static void run_tile(const Work *w, int64_t t) {
   if (w->layout == 2) {
-    if (w->x4 != NULL)
-      run_tile_nvfp4(w, t);
-    else
-      run_tile_bytes(w, t);
+    run_tile_bytes(w, t);
     return;
   }
   if (w->layout == 1) {
     if (w->dpbusd)
-      run_tile_vnni(w, t);
+      (w->e2m1 ? run_tile_vnni_e2m1 : run_tile_vnni)(w, t);
     else
-      run_tile_fours(w, t);
+      (w->e2m1 ? run_tile_fours_e2m1 : run_tile_fours)(w, t);
     return;
   }
   ROW_BLOCKS(tile_rows);
@@ -471,11 +459,10 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
   int32_t *xsum = malloc(sizeof(int32_t) * (size_t)(m * groups));
   const int with_pairs = m == 1 && kernel->layout == 0; /* tile_rows' one-row case */
   __m256i *pairs = with_pairs ? aligned_alloc(32, sizeof(__m256i) * (size_t)(stride / 2)) : NULL;
-  int16_t *xw = bytes && !kernel->activation ? malloc(sizeof(int16_t) * (size_t)(m * stride)) : NULL;
-  int32_t *x4 = kernel->activation ? malloc(sizeof(int32_t) * (size_t)(m * stride / 2)) : NULL;
+  int16_t *xw = bytes ? malloc(sizeof(int16_t) * (size_t)(m * stride)) : NULL;
   const uint8_t *zero_points = data_of(values[3]);
   OrtStatus *status = NULL;
-  if (xq == NULL || sx == NULL || xsum == NULL || (with_pairs && pairs == NULL) || (xw == NULL && x4 == NULL && bytes)
+  if (xq == NULL || sx == NULL || xsum == NULL || (with_pairs && pairs == NULL) || (bytes && xw == NULL)
       || zero_points == NULL) {
     status = API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "lowbit.cpu: out of memory");
   } else {
@@ -493,18 +480,15 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
         _mm256_storeu_si256((__m256i *)(xw + i), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(xq + i))));
       else
         for (int64_t j = i; j < m * stride; j++) xw[j] = xq[j];
-    for (int64_t i = 0; x4 != NULL && i < m * stride / 2; i++)
-      x4[i] = (int32_t)(((uint32_t)(uint8_t)xq[2 * i] | (uint32_t)(uint8_t)xq[2 * i + 1] << 8) * 0x10001u);
     const int64_t tiles = n_pad / TILE, per_task = (tiles + TASKS - 1) / TASKS;
-    Work work = {data_of(values[1]), data_of(values[2]), uniform ? NULL : zero_points, zero_points[0], xq, xw, x4,
-                 pairs, sx, xsum, y, m, n, n_pad, g, groups, k, per_task, kernel->layout, kernel->dpbusd};
+    Work work = {data_of(values[1]), data_of(values[2]), uniform ? NULL : zero_points, zero_points[0], xq, xw, pairs, sx, xsum, y, m, n, n_pad, g, groups, k, per_task, kernel->layout, kernel->dpbusd,
+                 kernel->e2m1};
     status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(context, run_task,
                                                                        (size_t)((tiles + per_task - 1) / per_task), 0,
                                                                        &work);
   }
   free(xq);
   free(xw);
-  free(x4);
   free(pairs);
   free(sx);
   free(xsum);
@@ -532,11 +516,14 @@ static OrtStatus *create(const OrtKernelInfo *info, const int bytes, void **out)
   if (status == NULL && kernel->layout == 1 && kernel->group_size % 8 != 0)
     status = error("lowbit.cpu.MatMulInt4Int8: layout 1 needs a group_size multiple of 8");
   if (bytes) kernel->layout = 2;
-  if (status == NULL && bytes) status = int_attribute(info, "activation", &kernel->activation, 1, 0);
+  if (status == NULL) status = int_attribute(info, "activation", &kernel->activation, 1, 0);
   if (status == NULL && kernel->activation != 0 && (kernel->activation != 1 || kernel->group_size != 16 ||
                                                     kernel->k % 16 != 0))
-    status = error("lowbit.cpu.MatMulInt8Int8: activation must be 0 (int8) or 1 (NVFP4: group_size 16, K a multiple "
-                   "of 16)");
+    status = OP_ERROR(kernel, "activation must be 0 (int8) or 1 (NVFP4: group_size 16, K a multiple of 16)");
+  if (status == NULL && !bytes) status = int_attribute(info, "e2m1", &kernel->e2m1, 1, 0);
+  /* int16 sums of vpmaddubsw: 2 octets of 2 pairs of products <= 24 * 127 each: 24384 */
+  if (status == NULL && kernel->e2m1 != 0 && (kernel->e2m1 != 1 || kernel->layout != 1 || kernel->group_size != 16))
+    status = error("lowbit.cpu.MatMulInt4Int8: e2m1 must be 0 or 1 (FLOAT4E2M1 codes: layout 1, group_size 16)");
   const char *avx512 = getenv("LOWBIT_KERNELS_AVX512");  /* "0": no AVX-512 instructions (tests of both paths) */
   kernel->dpbusd = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
                    !(avx512 != NULL && strcmp(avx512, "0") == 0);
@@ -567,14 +554,13 @@ static int op_input_type(const CustomOp *op, size_t index) {
   (void)op;
   return index == 0 || index == 2 || index == 4 ? TYPE_FLOAT : TYPE_UINT8;
 }
-static size_t op_input_count(const CustomOp *op) { (void)op; return 4; }
-static size_t op_input_count_bytes(const CustomOp *op) { (void)op; return 5; }
-static int input_characteristic_bytes(const CustomOp *op, size_t index) {
+static size_t op_input_count(const CustomOp *op) { (void)op; return 5; }
+static int input_characteristic(const CustomOp *op, size_t index) {
   (void)op;
   return index == 4 ? OPTIONAL : REQUIRED;
 }
 
-LOWBIT_CPU_OP(lowbit_matmul_int4_int8, op_name, op_input_type, op_input_count, required, create_kernel, compute);
-LOWBIT_CPU_OP(lowbit_matmul_int8_int8, op_name_bytes, op_input_type, op_input_count_bytes, input_characteristic_bytes,
-              create_kernel_bytes,
+LOWBIT_CPU_OP(lowbit_matmul_int4_int8, op_name, op_input_type, op_input_count, input_characteristic, create_kernel,
               compute);
+LOWBIT_CPU_OP(lowbit_matmul_int8_int8, op_name_bytes, op_input_type, op_input_count, input_characteristic,
+              create_kernel_bytes, compute);
