@@ -48,6 +48,8 @@ SCHEMES = [
     ("e5m2_e5m2_f16", "e5m2_e5m2_f16", ["--num-samples", "16"]),
     # formats only a recipe reaches (benchmarks/recipes/): scheme None
     ("nvfp4a16-recipe", None, ["--recipe", str(HERE / "recipes" / "nvfp4a16.yaml")]),
+    # the same weights at int8 compute (lowbit.cpu.MatMulInt4Int8 over the e2m1 codes; recipes default to float)
+    ("nvfp4a16-int8-recipe", None, ["--recipe", str(HERE / "recipes" / "nvfp4a16.yaml"), "--accuracy-level", "4"]),
     ("nvfp4-recipe", None, ["--recipe", str(HERE / "recipes" / "nvfp4.yaml"), "--num-samples", "16"]),
 ]
 
