@@ -27,7 +27,8 @@ set to that folder, so it loads, prepacks and releases the new weights exactly a
 exists.
 
 On CPUs with AVX2 and a C compiler, MatMuls at int8 compute (2/4/8-bit MatMulNBits at accuracy level 4;
-MatMulBlockwise of 2-4 or 8 bits with integer zero points, MLC's groups of 40 included, unpadded) run instead on
+MatMulBlockwise of 2-4 or 8 bits, MLC's groups of 40 included, unpadded; float zero points with a float32
+correction term) run instead on
 lowbit's own kernels, `lowbit.cpu.MatMulInt4Int8` (codes of 4 bits or fewer, custom_ops/matmul_int4_int8.py) and
 `lowbit.cpu.MatMulInt8Int8` (8-bit codes, custom_ops/matmul_int8_int8.py), compiled on first use (custom_ops/kernels/)
 and registered with the session; their weights are the same codes, scales and zero points in the kernel's tile
@@ -545,10 +546,11 @@ def _widen_2bit(node, reader: _TensorReader, writer) -> bool:
 
 def _to_int8_kernel(node, reader: _TensorReader, writer, levels: dict[str, int]) -> str:
     """A com.microsoft.MatMulNBits node of 2, 4 or 8 bits at accuracy level 4, or a lowbit.MatMulBlockwise node of
-    2-4 or 8 bits with integer zero points, whose weights are initializers, becomes `lowbit.cpu.MatMulInt4Int8` (8
-    bits: `MatMulInt8Int8`) over the same codes, scales and zero points (custom_ops/matmul_int4_int8.py,
-    matmul_int8_int8.py), appended to `writer` (float16 activations through Casts): returns the op type, or ""
-    leaving the node to the caller."""
+    2-4 or 8 bits, whose weights are initializers, becomes `lowbit.cpu.MatMulInt4Int8` (8 bits: `MatMulInt8Int8`)
+    over the same codes, scales and zero points (custom_ops/matmul_int4_int8.py, matmul_int8_int8.py), appended to
+    `writer` (float16 activations through Casts): returns the op type, or "" leaving the node to the caller. Float
+    zero points z (`a16w8-minmax`): the kernel takes the codes' middle c as zero point and the product is corrected
+    by `groupsum(x) @ ((z - c) * s)`, subtracted in float32, as the MatMulNBits route does (blockwise_repack)."""
     from onnx import TensorProto, helper
 
     from lowbit.custom_ops import blockwise_repack, matmul_int4_int8, matmul_int8_int8, matmul_nbits
@@ -556,6 +558,7 @@ def _to_int8_kernel(node, reader: _TensorReader, writer, levels: dict[str, int])
 
     inputs = [name for name in node.input]
     attrs = _attributes(node)
+    correction = None  # float zero points: [G, N] (z - c) * s
     if (node.domain, node.op_type) == (matmul_nbits.DOMAIN, "MatMulNBits"):
         bits, k, n, group = attrs.get("bits"), attrs.get("K"), attrs.get("N"), attrs.get("block_size")
         has_zp = len(inputs) > 3 and inputs[3] != ""
@@ -582,9 +585,12 @@ def _to_int8_kernel(node, reader: _TensorReader, writer, levels: dict[str, int])
         scales = np.asarray(reader.read(inputs[2]), np.float32).T  # [groups, N]
         n, groups = scales.T.shape
         zeros = np.asarray(reader.read(inputs[3]))
-        if not blockwise_repack.has_integer_zero_points(zeros, bits):
-            return ""
-        zero_points = np.broadcast_to(zeros.astype(np.float32).astype(np.uint8), (n, groups)).T
+        if blockwise_repack.has_integer_zero_points(zeros, bits):
+            zero_points = np.broadcast_to(zeros.astype(np.float32).astype(np.uint8), (n, groups)).T
+        else:
+            zero_points = 2 ** (bits - 1)
+            z = np.broadcast_to(zeros.astype(np.float32), (n, groups)).T
+            correction = (z - np.float32(zero_points)) * scales  # [groups, N], float32
 
         def read_codes(start, stop):
             return unpack_words(np.asarray(words[start:stop]), bits, groups * group)
@@ -610,12 +616,18 @@ def _to_int8_kernel(node, reader: _TensorReader, writer, levels: dict[str, int])
     if dtype != TensorProto.FLOAT:
         x = writer.shared.get(("float32", x)) or writer.node("Cast", [x], "to_float32", to=TensorProto.FLOAT)
         writer.shared[("float32", inputs[0])] = x
+    direct = dtype == TensorProto.FLOAT and correction is None  # the kernel writes y itself
     product = writer.node(
         op.OP_TYPE,
         [x, writer.array("B", weight.b), writer.array("scales", weight.scales),
          writer.array("zero_points", weight.zero_points)],
-        "int8_kernel", domain=op.DOMAIN, output=y if dtype == TensorProto.FLOAT else None,
-        K=k, N=n, group_size=group, **attributes)
+        "int8_kernel", domain=op.DOMAIN, output=y if direct else None, K=k, N=n, group_size=group, **attributes)
+    if correction is not None:
+        layout = blockwise_repack.Layout(bits, group, groups, k)
+        sums = writer.group_sums(x, layout, np.float32)
+        fix = writer.node("Mul", [sums, writer.array("correction", correction[0])], "correction") if groups == 1 \
+            else writer.node("MatMul", [sums, writer.array("correction", correction)], "correction")
+        product = writer.node("Sub", [product, fix], "corrected", output=y if dtype == TensorProto.FLOAT else None)
     if dtype != TensorProto.FLOAT:
         writer.nodes.append(helper.make_node("Cast", [product], [y], name=writer.name("to_input_type"), to=dtype))
     return op.OP_TYPE

@@ -159,7 +159,7 @@ def test_nvfp4_activations_equal_the_reference_bit_for_bit(n, k, lead, rng):
 
 # ------------------------------------------------------------------ the runtime's rewrite onto the kernel
 
-KERNEL_SCHEMES = ["w8a16", "a16w8", "a16w8-g64"]
+KERNEL_SCHEMES = ["w8a16", "a16w8", "a16w8-g64", "a16w8-minmax"]
 TOLERANCE = 3e-2  # |kernel - float compute| / max|float compute|: int8 activations per group (accuracy level 4)
 
 
@@ -173,18 +173,20 @@ def tiny_source(tmp_path_factory):
 
 
 def eight_bit_layers(folder) -> int:
+    """8-bit MatMulNBits and MatMulBlockwise nodes (a16w8-minmax: float zero points)."""
     import onnx
 
-    return sum(node.op_type == "MatMulNBits" and {a.name: a.i for a in node.attribute}["bits"] == 8
+    return sum(node.op_type in ("MatMulNBits", "MatMulBlockwise") and {a.name: a.i for a in node.attribute}["bits"] == 8
                for node in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node)
 
 
 @needs_kernel
 @pytest.mark.parametrize("scheme", KERNEL_SCHEMES)
 def test_8bit_schemes_run_on_the_kernel_within_int8_tolerance(scheme, tiny_source, tmp_path, monkeypatch, capfd):
-    """Every 8-bit MatMulNBits of the folder (accuracy level 4) runs on lowbit.cpu.MatMulInt8Int8 (said once on
-    stderr), prefill and cached decode within TOLERANCE of float compute (the folder converted at accuracy level 0)
-    and of ONNX Runtime's own int8 compute of the same folder."""
+    """Every 8-bit MatMulNBits or MatMulBlockwise of the folder (accuracy level 4) runs on lowbit.cpu.MatMulInt8Int8
+    (said once on stderr; float zero points with their correction term), prefill and cached decode within TOLERANCE
+    of float compute (the folder converted at accuracy level 0) and of ONNX Runtime's own int8 compute of the same
+    folder."""
     import lowbit
     from lowbit.runtime.session import create_session
 
@@ -203,3 +205,4 @@ def test_8bit_schemes_run_on_the_kernel_within_int8_tolerance(scheme, tiny_sourc
     ort_int8 = prefill_and_decode(create_session(out))
     for a, b, c in zip(kernel, reference, ort_int8):
         assert relative(a, b) <= TOLERANCE and relative(c, b) <= TOLERANCE
+        assert relative(a, c) <= 1e-5  # the same int8 arithmetic as ORT's level 4 (float zero points: corrected)
