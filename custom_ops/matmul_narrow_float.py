@@ -12,9 +12,11 @@ builds in memory
     w[k, n]: bfloat16: the float32 whose high half it is; else the weight as a float16: itself; e5m2: its byte as a
              float16's high byte (the same value); e4m3fn: sign and the other 7 bits shifted into a float16, the
              value / 256 (exact, subnormals included)
-    f[n] = scales[n] (or scales[0]) * (256 for e4m3fn, else 1), float32; v[k, n] = w[k, n] * f[n] in float32: the
-             float32 weight DequantizeLinear makes, exactly (for float16 without a scale, w itself)
-    Y[m, n] = acc after acc = 0; for k in order: acc = acc + A[m, k] * v[k, n] (float32 multiply, then float32 add)
+    f[n] = scales[n] (or scales[0]) * (256 for e4m3fn, else 1), float32 (w[k, n] * f[n] is the weight
+             DequantizeLinear makes; e2m1: f = 1, each w already times its block's step)
+    Y[m, n] = acc * f[n] after acc = 0; for k in order: acc = acc + A[m, k] * w[k, n] (float32 multiply, then
+             float32 add; the column's factor once on the finished sum, not on every weight: a multiply fewer per
+             weight, the same product up to float32 rounding)
 
 With `input_type` 17 or 19 (and a scalar `input_scale` s), A is first fake-quantized as ONNX Runtime's
 QuantizeLinear -> DequantizeLinear to that float8 type with zero point 0 does it (`fake_quantize`):
@@ -186,8 +188,8 @@ def reference_matmul(a: np.ndarray, weight: NarrowFloatWeight, input_quant: tupl
         a = fake_quantize(a, input_quant[1], input_quant[0])
     lead = a.shape[:-1]
     a2 = a.reshape(-1, weight.k)
-    v = widened(weight) * factors(weight)
-    acc = np.zeros((a2.shape[0], v.shape[1]), np.float32)
+    w = widened(weight)
+    acc = np.zeros((a2.shape[0], w.shape[1]), np.float32)
     for k in range(weight.k):
-        acc = acc + a2[:, k:k + 1] * v[k]
-    return acc[:, : weight.n].reshape(*lead, weight.n)
+        acc = acc + a2[:, k:k + 1] * w[k]
+    return (acc * factors(weight))[:, : weight.n].reshape(*lead, weight.n)
