@@ -88,8 +88,9 @@ static inline int64_t rows_in(const Work *w, int64_t g, int64_t step) {
 
 /* Group g's exact integer sums (lo32: columns 0..7, hi32: 8..15 of tile t) for rows m0..m0+R-1, added to acc in
  * float32: float(dot - z * xsum) * (s * sx). */
-__attribute__((always_inline)) static inline void add_group(const Work *w, int64_t t, int64_t g, int64_t m0, const int R, const __m256i *lo32,
-                             const __m256i *hi32, float *acc) {
+__attribute__((always_inline)) static inline void add_group(const Work *w, int64_t t, int64_t g, int64_t m0,
+                                                             const int R, const __m256i *lo32, const __m256i *hi32,
+                                                             float *acc) {
   const size_t at = ((size_t)t * w->groups + g) * TILE;
   __m256i zlo = _mm256_setzero_si256(), zhi = zlo;
   if (w->zero_points != NULL) {
@@ -481,8 +482,8 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
       else
         for (int64_t j = i; j < m * stride; j++) xw[j] = xq[j];
     const int64_t tiles = n_pad / TILE, per_task = (tiles + TASKS - 1) / TASKS;
-    Work work = {data_of(values[1]), data_of(values[2]), uniform ? NULL : zero_points, zero_points[0], xq, xw, pairs, sx, xsum, y, m, n, n_pad, g, groups, k, per_task, kernel->layout, kernel->dpbusd,
-                 kernel->e2m1};
+    Work work = {data_of(values[1]), data_of(values[2]), uniform ? NULL : zero_points, zero_points[0], xq, xw, pairs,
+                 sx, xsum, y, m, n, n_pad, g, groups, k, per_task, kernel->layout, kernel->dpbusd, kernel->e2m1};
     status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(context, run_task,
                                                                        (size_t)((tiles + per_task - 1) / per_task), 0,
                                                                        &work);

@@ -2,8 +2,9 @@
  * float8 e5m2, read in their stored width and widened to float32 in registers (F16C), as an ONNX Runtime custom op.
  *
  * The arithmetic (custom_ops/matmul_narrow_float.py holds the numpy reference, equal bit for bit):
- *   w[k, n] = bfloat16: the float32 whose high half it is (exact); else the weight as a float16: itself; e5m2: its byte as the high byte of a float16 (exact); e4m3fn: sign
- *             and the other 7 bits shifted into a float16, which is the value / 256 (exact, subnormals included)
+ *   w[k, n] = bfloat16: the float32 whose high half it is (exact); else the weight as a float16: itself; e5m2: its
+ *             byte as the high byte of a float16 (exact); e4m3fn: sign and the other 7 bits shifted into a float16,
+ *             which is the value / 256 (exact, subnormals included)
  *   f[n]    = scales[n] (or scales[0]), times 256 for e4m3fn (float32; w[k, n] * f[n] is the weight
  *             DequantizeLinear makes); FLOAT4E2M1: w = e2m1 value times its block's step, f = 1
  *   Y[m, n] = acc * f[n] after acc = 0; for k = 0 .. K-1 in order: acc = acc + A[m, k] * w[k, n]   (float32
@@ -260,8 +261,8 @@ static void fake_quantize8(const float *x, float *y, float scale, int64_t type) 
   bits = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32((1 << (shift - 1)) - 1), lsb));
   bits = _mm256_and_si256(bits, _mm256_set1_epi32((int)(0xFFFFFFFFu << shift)));
   /* subnormal: a multiple of the smallest step, to nearest even (exact: the scalings are powers of two) */
-  const __m256 sub = _mm256_mul_ps(_mm256_round_ps(_mm256_mul_ps(a, steps), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
-                                   step);
+  const __m256 sub = _mm256_mul_ps(
+      _mm256_round_ps(_mm256_mul_ps(a, steps), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), step);
   const __m256 r = _mm256_blendv_ps(_mm256_castsi256_ps(bits), sub, _mm256_cmp_ps(a, min_normal, _CMP_LT_OQ));
   _mm256_storeu_ps(y, _mm256_mul_ps(_mm256_or_ps(r, sign), s));
 }
@@ -547,4 +548,5 @@ static int op_input_type(const CustomOp *op, size_t index) { (void)op; return in
 static size_t op_input_count(const CustomOp *op) { (void)op; return 4; }
 static int input_characteristic(const CustomOp *op, size_t index) { (void)op; return index == 3 ? OPTIONAL : REQUIRED; }
 
-LOWBIT_CPU_OP(lowbit_matmul_narrow_float, op_name, op_input_type, op_input_count, input_characteristic, create_kernel, compute);
+LOWBIT_CPU_OP(lowbit_matmul_narrow_float, op_name, op_input_type, op_input_count, input_characteristic, create_kernel,
+              compute);
