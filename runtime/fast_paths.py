@@ -91,15 +91,19 @@ def nvfp4_layers(metadata: dict | None) -> dict[str, int]:
 
 
 KERNEL_QUANT = re.compile(r"^[2348]-bit ")  # lowbit.json "quant" of the layers lowbit's int8 kernels can run
+DYNAMIC_QUANTIZE_FORMAT = "dynamic_quantize_matmul"  # w8a8's layers (com.microsoft.DynamicQuantizeMatMul)
 
 
 def has_int8_kernel_matmuls(metadata: dict | None) -> bool:
     """lowbit.json lists a MatMulNBits or blockwise layer of 2, 3, 4 or 8 bits at int8 compute (accuracy level 4),
-    which lowbit's int8 CPU kernels run; True without lowbit.json (the rewrite looks at the graph itself)."""
+    or a DynamicQuantizeMatMul one (w8a8), which lowbit's int8 CPU kernels run; True without lowbit.json (the
+    rewrite looks at the graph itself)."""
     if metadata is None or "quantization" not in metadata:
         return True
-    return any(layer.get("format") in ("matmulnbits", "blockwise") and KERNEL_QUANT.match(str(layer.get("quant", "")))
-               and int(layer.get("accuracy_level", DEFAULT_ACCURACY_LEVEL)) == 4
+    return any(layer.get("format") == DYNAMIC_QUANTIZE_FORMAT
+               or (layer.get("format") in ("matmulnbits", "blockwise")
+                   and KERNEL_QUANT.match(str(layer.get("quant", "")))
+                   and int(layer.get("accuracy_level", DEFAULT_ACCURACY_LEVEL)) == 4)
                for layer in metadata["quantization"].values())
 
 
@@ -550,7 +554,10 @@ def _to_int8_kernel(node, reader: _TensorReader, writer, levels: dict[str, int])
     over the same codes, scales and zero points (custom_ops/matmul_int4_int8.py, matmul_int8_int8.py), appended to
     `writer` (float16 activations through Casts): returns the op type, or "" leaving the node to the caller. Float
     zero points z (`a16w8-minmax`): the kernel takes the codes' middle c as zero point and the product is corrected
-    by `groupsum(x) @ ((z - c) * s)`, subtracted in float32, as the MatMulNBits route does (blockwise_repack)."""
+    by `groupsum(x) @ ((z - c) * s)`, subtracted in float32, as the MatMulNBits route does (blockwise_repack).
+    A com.microsoft.DynamicQuantizeMatMul (w8a8: uint8 weights [K, N], per-column or one scale and zero point, no
+    bias, K even) becomes `MatMulInt8Int8` with one group over K and activation 2 (uint8 activations per tensor as
+    DynamicQuantizeLinear makes them): ORT's own result bit for bit."""
     from onnx import TensorProto, helper
 
     from lowbit.custom_ops import blockwise_repack, matmul_int4_int8, matmul_int8_int8, matmul_nbits
@@ -559,7 +566,25 @@ def _to_int8_kernel(node, reader: _TensorReader, writer, levels: dict[str, int])
     inputs = [name for name in node.input]
     attrs = _attributes(node)
     correction = None  # float zero points: [G, N] (z - c) * s
-    if (node.domain, node.op_type) == (matmul_nbits.DOMAIN, "MatMulNBits"):
+    attributes = {}
+    if (node.domain, node.op_type) == (matmul_nbits.DOMAIN, "DynamicQuantizeMatMul"):
+        has_zp = len(inputs) > 3 and inputs[3] != ""
+        if any(inputs[4:]) or not all(reader.has(name) for name in inputs[1:3] + inputs[3:4] * has_zp) \
+                or reader.protos[inputs[1]].data_type != TensorProto.UINT8:
+            return ""
+        b = reader.read(inputs[1])
+        if b.ndim != 2 or b.shape[0] % 2:
+            return ""
+        bits, (k, n), dtype = 8, b.shape, reader.protos[inputs[2]].data_type
+        group = k
+        scales = np.broadcast_to(np.asarray(reader.read(inputs[2]), np.float32).reshape(-1), (n,))[None]
+        zero_points = np.broadcast_to(np.asarray(reader.read(inputs[3]), np.uint8).reshape(-1), (n,))[None] \
+            if has_zp else 0
+        attributes = {"activation": 2}
+
+        def read_codes(start, stop):
+            return np.asarray(b[:, start:stop]).T
+    elif (node.domain, node.op_type) == (matmul_nbits.DOMAIN, "MatMulNBits"):
         bits, k, n, group = attrs.get("bits"), attrs.get("K"), attrs.get("N"), attrs.get("block_size")
         has_zp = len(inputs) > 3 and inputs[3] != ""
         if bits not in (2, 4, 8) or attrs.get("accuracy_level", 0) != 4 or any(inputs[4:]) \
@@ -598,7 +623,6 @@ def _to_int8_kernel(node, reader: _TensorReader, writer, levels: dict[str, int])
         return ""
     if dtype not in FLOAT_TYPES:
         return ""
-    attributes = {}
     if bits == 8:
         if not matmul_int8_int8.supports(group):
             return ""
