@@ -286,3 +286,57 @@ def test_w8a8_runs_on_the_kernel_with_onnx_runtimes_logits(arch, tmp_path, monke
     monkeypatch.setenv("LOWBIT_KERNELS", "0")
     for a, b in zip(kernel, prefill_and_decode(create_session(tmp_path / "w8a8"))):
         assert np.array_equal(a, b)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k,lead", [(64, 128, (1,)), (50, 96, (2, 5)), (33, 1536, (7,))])
+def test_static_uint8_activations_equal_the_reference_and_ort_qdq(n, k, lead, rng):
+    """Activation 3 (w8a8-static: QuantizeLinear with a calibrated scale and zero point): the numpy reference bit for
+    bit, and ONNX Runtime's Q/DQ -> MatMul with DQ weights (which it fuses into an integer MatMul) bit for bit;
+    values past the scale's range saturate."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    codes = rng.integers(0, 256, (n, k)).astype(np.uint8)
+    scales = (rng.random(n) * 0.01 + 0.001).astype(np.float32)
+    zero_points = np.full(n, 128, np.uint8)
+    a_scale, a_zero = np.float32(rng.random() * 0.02 + 0.005), int(rng.integers(90, 160))
+    w = op.pack(codes, scales[None], zero_points[None], k)
+    session = kernel_node_session(op.OP_TYPE, {"B": w.b, "S": w.scales, "Z": w.zero_points,
+                                               "s": np.array([a_scale], np.float32)}, 2, K=k, N=n, group_size=k,
+                                  activation=3, input_zero_point=a_zero)
+    nodes = [helper.make_node("QuantizeLinear", ["A", "as", "az"], ["aq"]),
+             helper.make_node("DequantizeLinear", ["aq", "as", "az"], ["ad"]),
+             helper.make_node("DequantizeLinear", ["B", "S", "Z"], ["W"], axis=1),
+             helper.make_node("MatMul", ["ad", "W"], ["Y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.ascontiguousarray(codes.T), "B"),
+                               numpy_helper.from_array(scales, "S"), numpy_helper.from_array(zero_points, "Z"),
+                               numpy_helper.from_array(np.array(a_scale, np.float32), "as"),
+                               numpy_helper.from_array(np.array(a_zero, np.uint8), "az")])
+    qdq = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+                               .SerializeToString(), providers=["CPUExecutionProvider"])
+    for spread in (0.3, 1.0, 3.0):
+        a = (rng.standard_normal((*lead, k)) * spread).astype(np.float32)
+        (y,) = session.run(None, {"A": a})
+        assert np.array_equal(y, op.reference_matmul(a, w, activation=3, input_scale=a_scale,
+                                                      input_zero_point=a_zero))
+        assert np.array_equal(y, qdq.run(None, {"A": a})[0])
+
+
+@needs_kernel
+def test_w8a8_static_runs_on_the_kernel_with_onnx_runtimes_logits(tmp_path, monkeypatch, capfd):
+    """stories260K w8a8-static: every Q/DQ -> MatMul of uint8 activations runs on MatMulInt8Int8 (activation 3),
+    with the logits of ONNX Runtime's fused integer MatMul, prefill and cached decode, exactly."""
+    import lowbit
+    from lowbit.runtime.session import create_session
+    from tests.conftest import SAMPLE_MODEL
+
+    lowbit.convert(SAMPLE_MODEL, tmp_path / "static", scheme="w8a8-static", num_samples=2, seq_len=16)
+    capfd.readouterr()
+    kernel = prefill_and_decode(create_session(tmp_path / "static"))
+    assert "20 quantized MatMuls run on lowbit's int8 CPU kernel (lowbit.cpu.MatMulInt8Int8)" in capfd.readouterr().err
+    monkeypatch.setenv("LOWBIT_KERNELS", "0")
+    for a, b in zip(kernel, prefill_and_decode(create_session(tmp_path / "static"))):
+        assert np.array_equal(a, b)
