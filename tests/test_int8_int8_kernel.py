@@ -275,16 +275,24 @@ def test_w8a8_runs_on_the_kernel_with_onnx_runtimes_logits(arch, tmp_path, monke
     """w8a8's DynamicQuantizeMatMul nodes run on MatMulInt8Int8 (activation 2; said on stderr) with the logits of ONNX
     Runtime's own kernel, prefill and cached decode, exactly (each node is ORT's arithmetic bit for bit)."""
     import lowbit
-    from lowbit.runtime.session import create_session
     from tests.conftest import build_tiny_model
 
     build_tiny_model(arch, tmp_path / "src")
     lowbit.convert(str(tmp_path / "src"), tmp_path / "w8a8", scheme="w8a8")
+    assert_kernel_gives_onnx_runtimes_logits(tmp_path / "w8a8", 8, monkeypatch, capfd)
+
+
+def assert_kernel_gives_onnx_runtimes_logits(folder, layers: int, monkeypatch, capfd) -> None:
+    """`layers` MatMuls of the folder run on MatMulInt8Int8 (said on stderr), with the logits of the folder on ONNX
+    Runtime's kernels (LOWBIT_KERNELS=0), prefill and cached decode, exactly."""
+    from lowbit.runtime.session import create_session
+
     capfd.readouterr()
-    kernel = prefill_and_decode(create_session(tmp_path / "w8a8"))
-    assert "8 quantized MatMuls run on lowbit's int8 CPU kernel (lowbit.cpu.MatMulInt8Int8)" in capfd.readouterr().err
+    kernel = prefill_and_decode(create_session(folder))
+    assert f"{layers} quantized MatMuls run on lowbit's int8 CPU kernel (lowbit.cpu.MatMulInt8Int8)" \
+        in capfd.readouterr().err
     monkeypatch.setenv("LOWBIT_KERNELS", "0")
-    for a, b in zip(kernel, prefill_and_decode(create_session(tmp_path / "w8a8"))):
+    for a, b in zip(kernel, prefill_and_decode(create_session(folder))):
         assert np.array_equal(a, b)
 
 
@@ -330,13 +338,7 @@ def test_w8a8_static_runs_on_the_kernel_with_onnx_runtimes_logits(tmp_path, monk
     """stories260K w8a8-static: every Q/DQ -> MatMul of uint8 activations runs on MatMulInt8Int8 (activation 3),
     with the logits of ONNX Runtime's fused integer MatMul, prefill and cached decode, exactly."""
     import lowbit
-    from lowbit.runtime.session import create_session
     from tests.conftest import SAMPLE_MODEL
 
     lowbit.convert(SAMPLE_MODEL, tmp_path / "static", scheme="w8a8-static", num_samples=2, seq_len=16)
-    capfd.readouterr()
-    kernel = prefill_and_decode(create_session(tmp_path / "static"))
-    assert "20 quantized MatMuls run on lowbit's int8 CPU kernel (lowbit.cpu.MatMulInt8Int8)" in capfd.readouterr().err
-    monkeypatch.setenv("LOWBIT_KERNELS", "0")
-    for a, b in zip(kernel, prefill_and_decode(create_session(tmp_path / "static"))):
-        assert np.array_equal(a, b)
+    assert_kernel_gives_onnx_runtimes_logits(tmp_path / "static", 20, monkeypatch, capfd)
