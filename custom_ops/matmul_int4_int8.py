@@ -44,6 +44,7 @@ class Int4Int8Weight:
     group_size: int
     layout: int = AVX2
     e2m1: bool = False  # the codes are FLOAT4E2M1 bit patterns, each standing for E2M1_BYTES[code] (`from_nvfp4`)
+    float_zero_points: np.ndarray | None = None  # float32 [N_pad / 16, groups, 16] (`with_float_zero_points`)
 
     @property
     def groups(self) -> int:
@@ -174,7 +175,17 @@ def reference_matmul(a: np.ndarray, weight: Int4Int8Weight, nvfp4_global_scale=N
     activation 1 (NVFP4 activations, `nvfp4_activations`)."""
     codes = unpack_codes(weight)
     return reference_from_codes(a, E2M1_BYTES[codes] if weight.e2m1 else codes, weight.scales, weight.zero_points,
-                                weight.group_size, activation_quantizer(nvfp4_global_scale))
+                                weight.group_size, activation_quantizer(nvfp4_global_scale), weight.float_zero_points)
+
+
+def with_float_zero_points(weight, zero_points: np.ndarray):
+    """`weight` (either kernel's) with float zero points z [groups, N] (the attribute float_zero_points 1, input 5):
+    each group's term is (float(dot) - z * float(xsum)) * (s * sx), in float32, and the integer zero points go
+    unused."""
+    groups, n_pad = weight.scales.shape[1], weight.scales.shape[0] * TILE
+    z = np.zeros((groups, n_pad), np.float32)
+    z[:, : weight.n] = zero_points
+    return replace(weight, zero_points=np.zeros(1, np.uint8), float_zero_points=by_tile(z))
 
 
 def activation_quantizer(nvfp4_global_scale=None):
@@ -186,10 +197,11 @@ def activation_quantizer(nvfp4_global_scale=None):
 
 
 def reference_from_codes(a: np.ndarray, codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray,
-                         group_size: int, quantize=None) -> np.ndarray:
+                         group_size: int, quantize=None, float_zero_points: np.ndarray | None = None) -> np.ndarray:
     """The arithmetic of both int8-activation kernels (lowbit.cpu.MatMulInt4Int8 and MatMulInt8Int8) for codes
     [N, K], the kernel's scales and zero points (`tile_scales_and_zero_points`): Y [..., N] float32. `quantize(a
-    [M, K], group_size)` -> (xq, sx, xsum) as `quantize_activations` returns them (its default)."""
+    [M, K], group_size)` -> (xq, sx, xsum) as `quantize_activations` returns them (its default).
+    `float_zero_points` (by tile, `with_float_zero_points`) replace the integer ones."""
     a = np.asarray(a, np.float32)
     n, k = codes.shape
     lead = a.shape[:-1]
@@ -206,7 +218,11 @@ def reference_from_codes(a: np.ndarray, codes: np.ndarray, scales: np.ndarray, z
     y = np.zeros((a2.shape[0], n), np.float32)
     for group in range(groups):
         dot = xq[:, group].astype(np.int64) @ padded[group]  # [M, N], exact
-        term = (dot - z[group] * xsum[:, group, None]).astype(np.float32)
+        if float_zero_points is not None:
+            zf = per_group(float_zero_points)[group, :n]
+            term = dot.astype(np.float32) - zf * xsum[:, group, None].astype(np.float32)
+        else:
+            term = (dot - z[group] * xsum[:, group, None]).astype(np.float32)
         y = y + term * (s[group] * sx[:, group, None])
     return y.reshape(*lead, n)
 

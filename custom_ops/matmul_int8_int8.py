@@ -47,6 +47,8 @@ class Int8Int8Weight:
     k: int
     n: int
     group_size: int
+    float_zero_points: np.ndarray | None = None  # float32 [N_pad / 16, groups, 16] (matmul_int4_int8's
+    # `with_float_zero_points`)
 
     @property
     def groups(self) -> int:
@@ -103,7 +105,7 @@ def reference_matmul(a: np.ndarray, weight: Int8Int8Weight, nvfp4_global_scale=N
         def quantize(a2, group_size):
             return uint8_activations(a2, group_size, input_scale, input_zero_point)
     return reference_from_codes(a, unpack_codes(weight), weight.scales, weight.zero_points, weight.group_size,
-                                quantize)
+                                quantize, weight.float_zero_points)
 
 
 def uint8_activations(a: np.ndarray, group_size: int, scale=None, zero_point=None

@@ -27,8 +27,7 @@ set to that folder, so it loads, prepacks and releases the new weights exactly a
 exists.
 
 On CPUs with AVX2 and a C compiler, MatMuls at int8 compute (2/4/8-bit MatMulNBits at accuracy level 4;
-MatMulBlockwise of 2-4 or 8 bits, MLC's groups of 40 included, unpadded; float zero points with a float32
-correction term) run instead on
+MatMulBlockwise of 2-4 or 8 bits, MLC's groups of 40 included, unpadded, float zero points too) run instead on
 lowbit's own kernels, `lowbit.cpu.MatMulInt4Int8` (codes of 4 bits or fewer, custom_ops/matmul_int4_int8.py) and
 `lowbit.cpu.MatMulInt8Int8` (8-bit codes, custom_ops/matmul_int8_int8.py), compiled on first use (custom_ops/kernels/)
 and registered with the session; their weights are the same codes, scales and zero points in the kernel's tile
@@ -584,8 +583,8 @@ def _to_int8_kernel(node, reader: _TensorReader, writer, levels: dict[str, int],
     2-4 or 8 bits, whose weights are initializers, becomes `lowbit.cpu.MatMulInt4Int8` (8 bits: `MatMulInt8Int8`)
     over the same codes, scales and zero points (custom_ops/matmul_int4_int8.py, matmul_int8_int8.py), appended to
     `writer` (float16 activations through Casts): returns the op type, or "" leaving the node to the caller. Float
-    zero points z (`a16w8-minmax`): the kernel takes the codes' middle c as zero point and the product is corrected
-    by `groupsum(x) @ ((z - c) * s)`, subtracted in float32, as the MatMulNBits route does (blockwise_repack).
+    zero points z (`a16w8-minmax`) go to the kernel as they are (float_zero_points 1: each group's term
+    (float(dot) - z * float(xsum)) * (s * sx), int8 compute of (q - z) * s).
     A com.microsoft.DynamicQuantizeMatMul (w8a8: uint8 weights [K, N], per-column or one scale and zero point, no
     bias, K even) becomes `MatMulInt8Int8` with one group over K and activation 2 (uint8 activations per tensor as
     DynamicQuantizeLinear makes them): ORT's own result bit for bit. So does a MatMul of QuantizeLinear ->
@@ -599,7 +598,7 @@ def _to_int8_kernel(node, reader: _TensorReader, writer, levels: dict[str, int],
 
     inputs = [name for name in node.input]
     attrs = _attributes(node)
-    correction = None  # float zero points: [G, N] (z - c) * s
+    float_zero_points = None  # [groups, N] float32
     attributes = {}
     if (node.domain, node.op_type) == (matmul_nbits.DOMAIN, "DynamicQuantizeMatMul"):
         has_zp = len(inputs) > 3 and inputs[3] != ""
@@ -658,9 +657,7 @@ def _to_int8_kernel(node, reader: _TensorReader, writer, levels: dict[str, int],
         if blockwise_repack.has_integer_zero_points(zeros, bits):
             zero_points = np.broadcast_to(zeros.astype(np.float32).astype(np.uint8), (n, groups)).T
         else:
-            zero_points = 2 ** (bits - 1)
-            z = np.broadcast_to(zeros.astype(np.float32), (n, groups)).T
-            correction = (z - np.float32(zero_points)) * scales  # [groups, N], float32
+            zero_points, float_zero_points = 0, np.broadcast_to(zeros.astype(np.float32), (n, groups)).T
 
         def read_codes(start, stop):
             return unpack_words(np.asarray(words[start:stop]), bits, groups * group)
@@ -685,20 +682,18 @@ def _to_int8_kernel(node, reader: _TensorReader, writer, levels: dict[str, int],
     if dtype != TensorProto.FLOAT:
         x = writer.shared.get(("float32", x)) or writer.node("Cast", [x], "to_float32", to=TensorProto.FLOAT)
         writer.shared[("float32", inputs[0])] = x
-    direct = dtype == TensorProto.FLOAT and correction is None  # the kernel writes y itself
     input_scale = attributes.pop("input_scale", None)
+    optional = [] if input_scale is None else [writer.array("input_scale", input_scale)]
+    if float_zero_points is not None:
+        weight = matmul_int4_int8.with_float_zero_points(weight, float_zero_points)
+        optional = [optional[0] if optional else "", writer.array("float_zero_points", weight.float_zero_points)]
+        attributes["float_zero_points"] = 1
     product = writer.node(
         op.OP_TYPE,
         [x, writer.array("B", weight.b), writer.array("scales", weight.scales),
-         writer.array("zero_points", weight.zero_points)]
-        + ([] if input_scale is None else [writer.array("input_scale", input_scale)]),
-        "int8_kernel", domain=op.DOMAIN, output=y if direct else None, K=k, N=n, group_size=group, **attributes)
-    if correction is not None:
-        layout = blockwise_repack.Layout(bits, group, groups, k)
-        sums = writer.group_sums(x, layout, np.float32)
-        fix = writer.node("Mul", [sums, writer.array("correction", correction[0])], "correction") if groups == 1 \
-            else writer.node("MatMul", [sums, writer.array("correction", correction)], "correction")
-        product = writer.node("Sub", [product, fix], "corrected", output=y if dtype == TensorProto.FLOAT else None)
+         writer.array("zero_points", weight.zero_points), *optional],
+        "int8_kernel", domain=op.DOMAIN, output=y if dtype == TensorProto.FLOAT else None, K=k, N=n,
+        group_size=group, **attributes)
     if dtype != TensorProto.FLOAT:
         writer.nodes.append(helper.make_node("Cast", [product], [y], name=writer.name("to_input_type"), to=dtype))
     return op.OP_TYPE

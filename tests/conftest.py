@@ -166,7 +166,8 @@ def relative(a, b) -> float:
 
 def kernel_node_session(op_type: str, inputs: dict[str, np.ndarray], threads: int = 2, **attributes):
     """An ORT session of one `lowbit.cpu` node, input A (float32) -> Y, its other inputs the given initializers (in
-    order), with lowbit's compiled kernel library registered."""
+    order; a value None is an absent optional input, its name ""), with lowbit's compiled kernel library
+    registered."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -175,7 +176,8 @@ def kernel_node_session(op_type: str, inputs: dict[str, np.ndarray], threads: in
     node = helper.make_node(op_type, ["A", *inputs], ["Y"], domain="lowbit.cpu", **attributes)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(np.asarray(value), name) for name, value in inputs.items()])
+                              [numpy_helper.from_array(np.asarray(value), name) for name, value in inputs.items()
+                               if value is not None])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("lowbit.cpu", 1)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

@@ -45,6 +45,7 @@ typedef struct { /* k and n first: new_kernel (ort_api.h) */
   int64_t activation; /* 0 int8 per group, 1 NVFP4 (input 4: the global scale), 2 (bytes) DynamicQuantizeLinear,
                        * 3 (bytes) QuantizeLinear to uint8 (input 4: the scale; input_zero_point) */
   int64_t input_zero_point; /* activation 3 */
+  int64_t float_zero_points; /* 1: input 5 holds float zero points (input 3 is ignored) */
   int64_t e2m1;                      /* MatMulInt4Int8, layout 1: codes are FLOAT4E2M1 bit patterns (E2M1_BYTES) */
 } Kernel;
 
@@ -62,6 +63,7 @@ typedef struct {
   int64_t m, n, n_pad, group_size, groups, k;
   int64_t tiles_per_task, layout, dpbusd; /* dpbusd: layout 1 on AVX512-VNNI instructions */
   int64_t e2m1;                           /* layout 1: each code stands for E2M1_BYTES[code] */
+  const float *float_zero_points; /* [N_pad / 16, groups, 16] float zero points (the others then unused), or NULL */
 } Work;
 
 /* Group g's rows of K in steps of `step` rows (a pair, an octet): all of them but in a last group that K ends
@@ -101,6 +103,19 @@ __attribute__((always_inline)) static inline void add_group(const Work *w, int64
     zhi = _mm256_cvtepu8_epi32(_mm_srli_si128(z8, 8));
   }
   const __m256 slo = _mm256_loadu_ps(w->scales + at), shi = _mm256_loadu_ps(w->scales + at + 8);
+  if (w->float_zero_points != NULL) { /* (float(dot) - z * float(xsum)) * (s * sx) */
+    const __m256 flo = _mm256_loadu_ps(w->float_zero_points + at), fhi = _mm256_loadu_ps(w->float_zero_points + at + 8);
+    for (int r = 0; r < R; r++) {
+      const int64_t row = (m0 + r) * w->groups + g;
+      const __m256 sx = _mm256_set1_ps(w->sx[row]), xsum = _mm256_set1_ps((float)w->xsum[row]);
+      const __m256 tlo = _mm256_sub_ps(_mm256_cvtepi32_ps(lo32[r]), _mm256_mul_ps(flo, xsum));
+      const __m256 thi = _mm256_sub_ps(_mm256_cvtepi32_ps(hi32[r]), _mm256_mul_ps(fhi, xsum));
+      float *a = acc + r * TILE;
+      _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), _mm256_mul_ps(tlo, _mm256_mul_ps(slo, sx))));
+      _mm256_storeu_ps(a + 8, _mm256_add_ps(_mm256_loadu_ps(a + 8), _mm256_mul_ps(thi, _mm256_mul_ps(shi, sx))));
+    }
+    return;
+  }
   for (int r = 0; r < R; r++) {
     const int64_t row = (m0 + r) * w->groups + g;
     const __m256 sx = _mm256_set1_ps(w->sx[row]);
@@ -493,11 +508,13 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
   const Kernel *kernel = state;
   const int64_t k = kernel->k, n = kernel->n, g = kernel->group_size, bytes = kernel->layout == 2;
   const int64_t groups = (k + g - 1) / g, n_pad = (n + TILE - 1) / TILE * TILE;
-  const OrtValue *values[5];
-  int64_t dims[5][8];
-  size_t ranks[5];
+  const OrtValue *values[6];
+  int64_t dims[6][8];
+  size_t ranks[6];
   const int scaled_input = kernel->activation == 1 || kernel->activation == 3; /* input 4: input_scale */
-  for (size_t i = 0; i < (scaled_input ? 5u : 4u); i++) CHECK(input(context, i, &values[i], dims[i], &ranks[i]));
+  for (size_t i = 0; i < 6; i++)
+    if (i < 4 || (i == 4 && scaled_input) || (i == 5 && kernel->float_zero_points))
+      CHECK(input(context, i, &values[i], dims[i], &ranks[i]));
   if (ranks[0] < 1 || dims[0][ranks[0] - 1] != k) return OP_ERROR(kernel, "A's last dimension is not K");
   if (scaled_input && (ranks[4] > 1 || (ranks[4] == 1 && dims[4][0] != 1) || data_of(values[4]) == NULL))
     return OP_ERROR(kernel, "input_scale is not one value");
@@ -509,6 +526,9 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
   for (size_t i = 2; i < (uniform ? 3 : 4); i++)
     if (ranks[i] != 3 || dims[i][0] != n_pad / TILE || dims[i][1] != groups || dims[i][2] != TILE)
       return OP_ERROR(kernel, "scales or zero_points are not [N_pad / 16, groups, 16]");
+  if (kernel->float_zero_points && (ranks[5] != 3 || dims[5][0] != n_pad / TILE || dims[5][1] != groups ||
+                                    dims[5][2] != TILE || data_of(values[5]) == NULL))
+    return OP_ERROR(kernel, "float_zero_points are not [N_pad / 16, groups, 16]");
   int64_t m = 1, out_dims[8];
   for (size_t i = 0; i + 1 < ranks[0]; i++) {
     m *= dims[0][i];
@@ -557,7 +577,8 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
         for (int64_t j = i; j < m * stride; j++) xw[j] = xq[j];
     const int64_t tiles = n_pad / TILE, per_task = (tiles + TASKS - 1) / TASKS;
     Work work = {data_of(values[1]), data_of(values[2]), uniform ? NULL : zero_points, zero_points[0], xq, xw, pairs,
-                 sx, xsum, y, m, n, n_pad, g, groups, k, per_task, kernel->layout, kernel->dpbusd, kernel->e2m1};
+                 sx, xsum, y, m, n, n_pad, g, groups, k, per_task, kernel->layout, kernel->dpbusd, kernel->e2m1,
+                 kernel->float_zero_points ? data_of(values[5]) : NULL};
     status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(context, run_task,
                                                                        (size_t)((tiles + per_task - 1) / per_task), 0,
                                                                        &work);
@@ -599,6 +620,9 @@ static OrtStatus *create(const OrtKernelInfo *info, const int bytes, void **out)
                    : OP_ERROR(kernel, "activation must be 0 (int8) or 1 (NVFP4: group_size 16, K a multiple of 16)");
   if (status == NULL && kernel->activation == 3)
     status = int_attribute(info, "input_zero_point", &kernel->input_zero_point, 0, 0);
+  if (status == NULL) status = int_attribute(info, "float_zero_points", &kernel->float_zero_points, 1, 0);
+  if (status == NULL && kernel->float_zero_points != 0 && kernel->float_zero_points != 1)
+    status = OP_ERROR(kernel, "float_zero_points must be 0 or 1");
   if (status == NULL && kernel->activation == 3 && (kernel->input_zero_point < 0 || kernel->input_zero_point > 255))
     status = OP_ERROR(kernel, "input_zero_point must be 0..255");
   if (status == NULL && !bytes) status = int_attribute(info, "e2m1", &kernel->e2m1, 1, 0);
@@ -633,12 +657,12 @@ static const char *op_name(const CustomOp *op) { (void)op; return "MatMulInt4Int
 static const char *op_name_bytes(const CustomOp *op) { (void)op; return "MatMulInt8Int8"; }
 static int op_input_type(const CustomOp *op, size_t index) {
   (void)op;
-  return index == 0 || index == 2 || index == 4 ? TYPE_FLOAT : TYPE_UINT8;
+  return index == 1 || index == 3 ? TYPE_UINT8 : TYPE_FLOAT;
 }
-static size_t op_input_count(const CustomOp *op) { (void)op; return 5; }
+static size_t op_input_count(const CustomOp *op) { (void)op; return 6; }
 static int input_characteristic(const CustomOp *op, size_t index) {
   (void)op;
-  return index == 4 ? OPTIONAL : REQUIRED;
+  return index >= 4 ? OPTIONAL : REQUIRED;
 }
 
 LOWBIT_CPU_OP(lowbit_matmul_int4_int8, op_name, op_input_type, op_input_count, input_characteristic, create_kernel,
