@@ -95,8 +95,37 @@ def unpack_codes(weight: Int8Int8Weight) -> np.ndarray:
     return codes[: weight.n, : weight.k]
 
 
-def reference_matmul(a: np.ndarray, weight: Int8Int8Weight, nvfp4_global_scale=None) -> np.ndarray:
+def reference_matmul(a: np.ndarray, weight: Int8Int8Weight, nvfp4_global_scale=None, activation: int = 0,
+                     input_scale=None, input_zero_point=None) -> np.ndarray:
     """Y [..., N] float32, the kernel's arithmetic step for step; with `nvfp4_global_scale`, the node's
-    activation 1 (NVFP4 activations, matmul_int4_int8's `nvfp4_activations`)."""
+    activation 1 (NVFP4 activations, matmul_int4_int8's `nvfp4_activations`); `activation` 2 or 3, uint8
+    activations per tensor (`uint8_activations`; 3 with `input_scale` and `input_zero_point`)."""
+    quantize = activation_quantizer(nvfp4_global_scale)
+    if activation in (2, 3):
+        def quantize(a2, group_size):
+            return uint8_activations(a2, group_size, input_scale, input_zero_point)
     return reference_from_codes(a, unpack_codes(weight), weight.scales, weight.zero_points, weight.group_size,
-                                activation_quantizer(nvfp4_global_scale), weight.float_zero_points)
+                                quantize, weight.float_zero_points)
+
+
+def uint8_activations(a: np.ndarray, group_size: int, scale=None, zero_point=None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Activations 2 and 3: a float32 [M, K] quantized to uint8 with one scale and zero point z for the whole
+    tensor, codes clip(rint(a / scale) + z, 0, 255) (half to even), as QuantizeLinear does; without `scale` (2) the
+    scale and zero point DynamicQuantizeLinear takes: lo = min(0, min a), hi = max(0, max a), scale (hi - lo) / 255
+    (1 where hi == lo), z = rint(clip(-lo / scale, 0, 255)). Returned as `quantize_activations` returns int8 ones:
+    xq [M, groups, group_size] the codes minus z (0 past K), sx [M, groups] the scale, xsum [M, groups]."""
+    a = np.asarray(a, np.float32)
+    m, k = a.shape
+    if scale is None:
+        lo, hi = np.minimum(a.min(initial=0), np.float32(0)), np.maximum(a.max(initial=0), np.float32(0))
+        scale = np.float32(1) if hi == lo else np.float32((hi - lo) / np.float32(255))
+        zero = np.rint(np.clip(-lo / scale, 0, 255)).astype(np.float32)
+    else:
+        scale, zero = np.float32(scale), np.float32(zero_point)
+    codes = np.clip(np.rint(a / scale) + zero, 0, 255)
+    groups = -(-k // group_size)
+    xq = np.zeros((m, groups * group_size), np.int32)
+    xq[:, :k] = (codes - zero).astype(np.int32)
+    xq = xq.reshape(m, groups, group_size)
+    return xq, np.full((m, groups), scale, np.float32), xq.sum(axis=-1, dtype=np.int64)

@@ -90,15 +90,19 @@ def nvfp4_layers(metadata: dict | None) -> dict[str, int]:
 
 
 KERNEL_QUANT = re.compile(r"^[2348]-bit ")  # lowbit.json "quant" of the layers lowbit's int8 kernels can run
+UINT8_ACTIVATION_FORMATS = ("dynamic_quantize_matmul", "qdq_uint8")  # w8a8's and w8a8-static's layers
 
 
 def has_int8_kernel_matmuls(metadata: dict | None) -> bool:
     """lowbit.json lists a MatMulNBits or blockwise layer of 2, 3, 4 or 8 bits at int8 compute (accuracy level 4),
-    which lowbit's int8 CPU kernels run; True without lowbit.json (the rewrite looks at the graph itself)."""
+    or a w8a8 / w8a8-static one (uint8 activations), which lowbit's int8 CPU kernels run; True without lowbit.json
+    (the rewrite looks at the graph itself)."""
     if metadata is None or "quantization" not in metadata:
         return True
-    return any(layer.get("format") in ("matmulnbits", "blockwise") and KERNEL_QUANT.match(str(layer.get("quant", "")))
-               and int(layer.get("accuracy_level", DEFAULT_ACCURACY_LEVEL)) == 4
+    return any(layer.get("format") in UINT8_ACTIVATION_FORMATS
+               or (layer.get("format") in ("matmulnbits", "blockwise")
+                   and KERNEL_QUANT.match(str(layer.get("quant", "")))
+                   and int(layer.get("accuracy_level", DEFAULT_ACCURACY_LEVEL)) == 4)
                for layer in metadata["quantization"].values())
 
 
@@ -492,6 +496,36 @@ def _dequantize_nvfp4(node, reader: _TensorReader, writer, layers: dict[str, int
     return "float32"
 
 
+def _uint8_qdq_matmul(node, reader: _TensorReader, producers: dict):
+    """MatMul(DequantizeLinear(QuantizeLinear(x, s, z), s, z), DequantizeLinear(B, S, Z, axis=1)) with s float and z
+    uint8 one initializer value each, B uint8 [K, N] (K even), S float and Z uint8 [N] or one value, all
+    initializers -> (x, s float32 [1], z, B, S, Z), else None."""
+    from onnx import TensorProto
+
+    if node.op_type != "MatMul" or node.domain:
+        return None
+    dq_x, dq_w = producers.get(node.input[0]), producers.get(node.input[1])
+    q_x = producers.get(dq_x.input[0]) if dq_x is not None and dq_x.op_type == "DequantizeLinear" else None
+    plain = all(p is not None and not p.domain and len(p.input) == 3 and p.input[2]
+                and not {a.name for a in p.attribute} - {"axis"} for p in (dq_x, dq_w, q_x))
+    if not plain or q_x.op_type != "QuantizeLinear" or list(q_x.input[1:]) != list(dq_x.input[1:]) \
+            or dq_w.op_type != "DequantizeLinear" \
+            or not all(reader.has(name) for name in [*q_x.input[1:], *dq_w.input]):
+        return None
+    types = [reader.protos[name].data_type for name in (*q_x.input[1:], *dq_w.input)]
+    if types != [TensorProto.FLOAT, TensorProto.UINT8, TensorProto.UINT8, TensorProto.FLOAT, TensorProto.UINT8]:
+        return None
+    a_scale, a_zero = (np.asarray(reader.read(name)) for name in q_x.input[1:])
+    b, w_scales, w_zeros = (np.asarray(reader.read(name)) if i else reader.read(name)
+                            for i, name in enumerate(dq_w.input))
+    axis = next((a.i for a in dq_w.attribute if a.name == "axis"), 1)
+    if a_scale.size != 1 or a_zero.size != 1 or b.ndim != 2 or b.shape[0] % 2 or w_scales.size != w_zeros.size \
+            or (w_scales.size != 1 and (w_scales.shape != (b.shape[1],) or axis not in (1, -1))):
+        return None
+    return (q_x.input[0], a_scale.astype(np.float32).reshape(1), int(a_zero.reshape(-1)[0]), b,
+            w_scales.astype(np.float32), w_zeros.astype(np.uint8))
+
+
 def _replace_nodes(graph, writer) -> None:
     """The graph's nodes become the writer's, pruned; its initializers, those still read plus the writer's."""
     del graph.node[:]
@@ -543,13 +577,20 @@ def _widen_2bit(node, reader: _TensorReader, writer) -> bool:
     return True
 
 
-def _to_int8_kernel(node, reader: _TensorReader, writer, levels: dict[str, int]) -> str:
+def _to_int8_kernel(node, reader: _TensorReader, writer, levels: dict[str, int],
+                    producers: dict | None = None) -> str:
     """A com.microsoft.MatMulNBits node of 2, 4 or 8 bits at accuracy level 4, or a lowbit.MatMulBlockwise node of
     2-4 or 8 bits, whose weights are initializers, becomes `lowbit.cpu.MatMulInt4Int8` (8 bits: `MatMulInt8Int8`)
     over the same codes, scales and zero points (custom_ops/matmul_int4_int8.py, matmul_int8_int8.py), appended to
     `writer` (float16 activations through Casts): returns the op type, or "" leaving the node to the caller. Float
     zero points z (`a16w8-minmax`) go to the kernel as they are (float_zero_points 1: each group's term
-    (float(dot) - z * float(xsum)) * (s * sx), int8 compute of (q - z) * s)."""
+    (float(dot) - z * float(xsum)) * (s * sx), int8 compute of (q - z) * s).
+    A com.microsoft.DynamicQuantizeMatMul (w8a8: uint8 weights [K, N], per-column or one scale and zero point, no
+    bias, K even) becomes `MatMulInt8Int8` with one group over K and activation 2 (uint8 activations per tensor as
+    DynamicQuantizeLinear makes them): ORT's own result bit for bit. So does a MatMul of QuantizeLinear ->
+    DequantizeLinear activations (uint8, one initializer scale and zero point) and DequantizeLinear weights (uint8
+    initializers [K, N], per column or one; `producers`: value -> node), w8a8-static's form, with activation 3 (the
+    same quantization as the Q node; ORT fuses the pattern into an integer MatMul with the same result)."""
     from onnx import TensorProto, helper
 
     from lowbit.custom_ops import blockwise_repack, matmul_int4_int8, matmul_int8_int8, matmul_nbits
@@ -559,7 +600,35 @@ def _to_int8_kernel(node, reader: _TensorReader, writer, levels: dict[str, int])
     attrs = _attributes(node)
     float_zero_points = None  # [groups, N] float32
     attributes = {}
-    if (node.domain, node.op_type) == (matmul_nbits.DOMAIN, "MatMulNBits"):
+    if (node.domain, node.op_type) == (matmul_nbits.DOMAIN, "DynamicQuantizeMatMul"):
+        has_zp = len(inputs) > 3 and inputs[3] != ""
+        if any(inputs[4:]) or not all(reader.has(name) for name in inputs[1:3] + inputs[3:4] * has_zp) \
+                or reader.protos[inputs[1]].data_type != TensorProto.UINT8:
+            return ""
+        b = reader.read(inputs[1])
+        if b.ndim != 2 or b.shape[0] % 2:
+            return ""
+        bits, (k, n), dtype = 8, b.shape, reader.protos[inputs[2]].data_type
+        group = k
+        scales = np.broadcast_to(np.asarray(reader.read(inputs[2]), np.float32).reshape(-1), (n,))[None]
+        zero_points = np.broadcast_to(np.asarray(reader.read(inputs[3]), np.uint8).reshape(-1), (n,))[None] \
+            if has_zp else 0
+        attributes = {"activation": 2}
+
+        def read_codes(start, stop):
+            return np.asarray(b[:, start:stop]).T
+    elif (static := _uint8_qdq_matmul(node, reader, producers or {})) is not None:
+        x_in, a_scale, a_zero, b, w_scales, w_zeros = static
+        bits, (k, n), dtype = 8, b.shape, TensorProto.FLOAT
+        group = k
+        scales = np.broadcast_to(w_scales.reshape(-1), (n,))[None]
+        zero_points = np.broadcast_to(w_zeros.reshape(-1), (n,))[None]
+        inputs = [x_in, *inputs[1:]]
+        attributes = {"activation": 3, "input_zero_point": int(a_zero), "input_scale": a_scale}
+
+        def read_codes(start, stop):
+            return np.asarray(b[:, start:stop]).T
+    elif (node.domain, node.op_type) == (matmul_nbits.DOMAIN, "MatMulNBits"):
         bits, k, n, group = attrs.get("bits"), attrs.get("K"), attrs.get("N"), attrs.get("block_size")
         has_zp = len(inputs) > 3 and inputs[3] != ""
         if bits not in (2, 4, 8) or attrs.get("accuracy_level", 0) != 4 or any(inputs[4:]) \
@@ -613,10 +682,11 @@ def _to_int8_kernel(node, reader: _TensorReader, writer, levels: dict[str, int])
     if dtype != TensorProto.FLOAT:
         x = writer.shared.get(("float32", x)) or writer.node("Cast", [x], "to_float32", to=TensorProto.FLOAT)
         writer.shared[("float32", inputs[0])] = x
-    optional = []  # inputs 4 (input_scale: unused here) and 5
+    input_scale = attributes.pop("input_scale", None)
+    optional = [] if input_scale is None else [writer.array("input_scale", input_scale)]
     if float_zero_points is not None:
         weight = matmul_int4_int8.with_float_zero_points(weight, float_zero_points)
-        optional = ["", writer.array("float_zero_points", weight.float_zero_points)]
+        optional = [optional[0] if optional else "", writer.array("float_zero_points", weight.float_zero_points)]
         attributes["float_zero_points"] = 1
     product = writer.node(
         op.OP_TYPE,
@@ -773,7 +843,7 @@ def rewrite_blockwise(model, model_dir: Path, levels: dict[str, int], folder: Pa
     producers = {name: node for node in graph.node for name in node.output}
     try:
         for node in graph.node:
-            op = _to_int8_kernel(node, reader, writer, levels) if int8_kernel else ""
+            op = _to_int8_kernel(node, reader, writer, levels, producers) if int8_kernel else ""
             if op:
                 result.kernel.append(node.name or node.output[0])
                 result.kernel_ops.add(op)

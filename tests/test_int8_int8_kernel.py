@@ -209,6 +209,142 @@ def test_8bit_schemes_run_on_the_kernel_within_int8_tolerance(scheme, tiny_sourc
             assert relative(a, c) <= 1e-5  # the same int8 arithmetic as ORT's level 4
 
 
+# ------------------------------------------------------------------ uint8 activations per tensor (activation 2)
+
+def dynamic_quantize_matmul_session(b, scales, zero_points):
+    """ONNX Runtime's com.microsoft.DynamicQuantizeMatMul(A, B uint8 [K, N], scales [N], zero points [N])."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node("DynamicQuantizeMatMul", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "S"),
+                               numpy_helper.from_array(zero_points, "Z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_uint8_activations_are_dynamic_quantize_linear(rng):
+    from tests.test_w8a8 import dynamic_quantize_linear  # checked against ORT's DynamicQuantizeLinear bit for bit
+
+    for shift in (0.0, 0.7, -0.9):
+        a = (rng.standard_normal((5, 96)) + shift * 4).astype(np.float32)
+        codes, scale, zero = dynamic_quantize_linear(a)
+        xq, sx, xsum = op.uint8_activations(a, 32)
+        assert np.array_equal(xq.reshape(5, 96), codes.astype(np.int32) - int(zero))
+        assert np.all(sx == scale) and np.array_equal(xsum, xq.sum(axis=-1))
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,k,lead", [(64, 128, (1,)), (960, 576, (1,)), (50, 96, (2, 5)), (33, 1536, (7,)),
+                                      (20, 10, (3,))])
+def test_uint8_activations_equal_the_reference_and_dynamic_quantize_matmul(n, k, lead, threads, rng):
+    """Activation 2 with one group over K: ONNX Runtime's DynamicQuantizeMatMul (w8a8's node) bit for bit, and the
+    numpy reference; activations all positive, all negative, all zero and mixed (the zero point at either end)."""
+    codes = rng.integers(0, 256, (n, k)).astype(np.uint8)
+    scales = (rng.random(n) * 0.01 + 0.001).astype(np.float32)
+    zero_points = np.full(n, 128, np.uint8)
+    w = op.pack(codes, scales[None], zero_points[None], k)
+    session = kernel_node_session(op.OP_TYPE, {"B": w.b, "S": w.scales, "Z": w.zero_points}, threads, K=k, N=n,
+                                  group_size=k, activation=2)
+    ort_node = dynamic_quantize_matmul_session(np.ascontiguousarray(codes.T), scales, zero_points)
+    for shift in (0.0, 3.0, -3.0, None):
+        a = np.zeros((*lead, k), np.float32) if shift is None else \
+            (rng.standard_normal((*lead, k)) + shift).astype(np.float32) * np.float32(rng.choice([0.01, 1.0, 300.0]))
+        (y,) = session.run(None, {"A": a})
+        assert y.shape == (*lead, n)
+        assert np.array_equal(y, op.reference_matmul(a, w, activation=2))
+        assert np.array_equal(y, ort_node.run(None, {"A": a})[0])
+
+
+@needs_kernel
+def test_uint8_activations_only_on_8bit_codes(rng):
+    from lowbit.custom_ops import matmul_int4_int8
+
+    w = matmul_int4_int8.pack(rng.integers(0, 16, (16, 64)), np.ones((1, 16), np.float32), 8, 64)
+    with pytest.raises(Exception, match="MatMulInt4Int8: activation must be 0"):
+        kernel_node_session(matmul_int4_int8.OP_TYPE, {"B": w.b, "S": w.scales, "Z": w.zero_points}, K=64, N=16,
+                            group_size=64, activation=2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_w8a8_runs_on_the_kernel_with_onnx_runtimes_logits(arch, tmp_path, monkeypatch, capfd):
+    """w8a8's DynamicQuantizeMatMul nodes run on MatMulInt8Int8 (activation 2; said on stderr) with the logits of ONNX
+    Runtime's own kernel, prefill and cached decode, exactly (each node is ORT's arithmetic bit for bit)."""
+    import lowbit
+    from tests.conftest import build_tiny_model
+
+    build_tiny_model(arch, tmp_path / "src")
+    lowbit.convert(str(tmp_path / "src"), tmp_path / "w8a8", scheme="w8a8")
+    assert_kernel_gives_onnx_runtimes_logits(tmp_path / "w8a8", 8, monkeypatch, capfd)
+
+
+def assert_kernel_gives_onnx_runtimes_logits(folder, layers: int, monkeypatch, capfd) -> None:
+    """`layers` MatMuls of the folder run on MatMulInt8Int8 (said on stderr), with the logits of the folder on ONNX
+    Runtime's kernels (LOWBIT_KERNELS=0), prefill and cached decode, exactly."""
+    from lowbit.runtime.session import create_session
+
+    capfd.readouterr()
+    kernel = prefill_and_decode(create_session(folder))
+    assert f"{layers} quantized MatMuls run on lowbit's int8 CPU kernel (lowbit.cpu.MatMulInt8Int8)" \
+        in capfd.readouterr().err
+    monkeypatch.setenv("LOWBIT_KERNELS", "0")
+    for a, b in zip(kernel, prefill_and_decode(create_session(folder))):
+        assert np.array_equal(a, b)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k,lead", [(64, 128, (1,)), (50, 96, (2, 5)), (33, 1536, (7,))])
+def test_static_uint8_activations_equal_the_reference_and_ort_qdq(n, k, lead, rng):
+    """Activation 3 (w8a8-static: QuantizeLinear with a calibrated scale and zero point): the numpy reference bit for
+    bit, and ONNX Runtime's Q/DQ -> MatMul with DQ weights (which it fuses into an integer MatMul) bit for bit;
+    values past the scale's range saturate."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    codes = rng.integers(0, 256, (n, k)).astype(np.uint8)
+    scales = (rng.random(n) * 0.01 + 0.001).astype(np.float32)
+    zero_points = np.full(n, 128, np.uint8)
+    a_scale, a_zero = np.float32(rng.random() * 0.02 + 0.005), int(rng.integers(90, 160))
+    w = op.pack(codes, scales[None], zero_points[None], k)
+    session = kernel_node_session(op.OP_TYPE, {"B": w.b, "S": w.scales, "Z": w.zero_points,
+                                               "s": np.array([a_scale], np.float32)}, 2, K=k, N=n, group_size=k,
+                                  activation=3, input_zero_point=a_zero)
+    nodes = [helper.make_node("QuantizeLinear", ["A", "as", "az"], ["aq"]),
+             helper.make_node("DequantizeLinear", ["aq", "as", "az"], ["ad"]),
+             helper.make_node("DequantizeLinear", ["B", "S", "Z"], ["W"], axis=1),
+             helper.make_node("MatMul", ["ad", "W"], ["Y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.ascontiguousarray(codes.T), "B"),
+                               numpy_helper.from_array(scales, "S"), numpy_helper.from_array(zero_points, "Z"),
+                               numpy_helper.from_array(np.array(a_scale, np.float32), "as"),
+                               numpy_helper.from_array(np.array(a_zero, np.uint8), "az")])
+    qdq = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+                               .SerializeToString(), providers=["CPUExecutionProvider"])
+    for spread in (0.3, 1.0, 3.0):
+        a = (rng.standard_normal((*lead, k)) * spread).astype(np.float32)
+        (y,) = session.run(None, {"A": a})
+        assert np.array_equal(y, op.reference_matmul(a, w, activation=3, input_scale=a_scale,
+                                                      input_zero_point=a_zero))
+        assert np.array_equal(y, qdq.run(None, {"A": a})[0])
+
+
+@needs_kernel
+def test_w8a8_static_runs_on_the_kernel_with_onnx_runtimes_logits(tmp_path, monkeypatch, capfd):
+    """stories260K w8a8-static: every Q/DQ -> MatMul of uint8 activations runs on MatMulInt8Int8 (activation 3),
+    with the logits of ONNX Runtime's fused integer MatMul, prefill and cached decode, exactly."""
+    import lowbit
+    from tests.conftest import SAMPLE_MODEL
+
+    lowbit.convert(SAMPLE_MODEL, tmp_path / "static", scheme="w8a8-static", num_samples=2, seq_len=16)
+    assert_kernel_gives_onnx_runtimes_logits(tmp_path / "static", 20, monkeypatch, capfd)
+
+
 # ------------------------------------------------------------------ float zero points (float_zero_points 1)
 
 @needs_kernel

@@ -42,7 +42,9 @@
 typedef struct { /* k and n first: new_kernel (ort_api.h) */
   int64_t k, n, group_size, layout; /* layout: 0 AVX2 (pairs of rows), 1 VNNI (fours of rows), 2 bytes (8 bits) */
   int64_t dpbusd;                    /* layout 1 runs on vpdpbusd (AVX512-VNNI), else on vpmaddubsw */
-  int64_t activation;                /* 0 int8 per group, 1 NVFP4 (input 4: the global scale) */
+  int64_t activation; /* 0 int8 per group, 1 NVFP4 (input 4: the global scale), 2 (bytes) DynamicQuantizeLinear,
+                       * 3 (bytes) QuantizeLinear to uint8 (input 4: the scale; input_zero_point) */
+  int64_t input_zero_point; /* activation 3 */
   int64_t float_zero_points; /* 1: input 5 holds float zero points (input 3 is ignored) */
   int64_t e2m1;                      /* MatMulInt4Int8, layout 1: codes are FLOAT4E2M1 bit patterns (E2M1_BYTES) */
 } Kernel;
@@ -433,6 +435,71 @@ static void quantize_rows_nvfp4(const float *a, int64_t m, int64_t k, float gs, 
   }
 }
 
+/* activation 2 (MatMulInt8Int8): the uint8 scale and zero point ONNX DynamicQuantizeLinear takes for all of A:
+ * lo = min(0, min A), hi = max(0, max A), scale = hi == lo ? 1 : (hi - lo) / 255, zero point
+ * z = rint(clamp(-lo / scale, 0, 255)) (half to even, float32 division). */
+static void dynamic_uint8_range(const float *a, int64_t count, float *scale_out, float *zero_out) {
+  const int64_t count8 = count / 8 * 8;
+  __m256 vmin = _mm256_setzero_ps(), vmax = vmin;  /* the range includes 0 */
+  for (int64_t i = 0; i < count8; i += 8) {
+    const __m256 v = _mm256_loadu_ps(a + i);
+    vmin = _mm256_min_ps(vmin, v);
+    vmax = _mm256_max_ps(vmax, v);
+  }
+  float mins[8], maxs[8], lo = 0.0f, hi = 0.0f;
+  _mm256_storeu_ps(mins, vmin);
+  _mm256_storeu_ps(maxs, vmax);
+  for (int l = 0; l < 8; l++) {
+    lo = mins[l] < lo ? mins[l] : lo;
+    hi = maxs[l] > hi ? maxs[l] : hi;
+  }
+  for (int64_t i = count8; i < count; i++) {
+    lo = a[i] < lo ? a[i] : lo;
+    hi = a[i] > hi ? a[i] : hi;
+  }
+  const float scale = hi == lo ? 1.0f : (hi - lo) / 255.0f, start = -lo / scale;
+  *scale_out = scale;
+  *zero_out = nearbyintf(start < 0.0f ? 0.0f : (start > 255.0f ? 255.0f : start));
+}
+
+/* Activations 2 and 3 (MatMulInt8Int8): A quantized to uint8 with one scale and zero point z for the whole tensor, as
+ * QuantizeLinear does: codes clamp(rint(A / scale) + z, 0, 255) (half to even, float32 division). xw holds the
+ * codes minus z (int16, -255..255), per row and group with sx = scale and xsum their sum: then
+ * float(dot - zw * xsum) * (s * scale) is ONNX Runtime's DynamicQuantizeMatMul (and its QDQ MatMul fusion): the
+ * int32 sum times a_scale * b_scale. */
+static void quantize_tensor_uint8(const float *a, int64_t m, int64_t k, int64_t group_size, int64_t groups,
+                                  float scale, float zero, int16_t *xw, float *sx, int32_t *xsum) {
+  const int64_t stride = groups * group_size;
+  const __m256 vscale = _mm256_set1_ps(scale), bottom = _mm256_set1_ps(-zero), top = _mm256_set1_ps(255.0f - zero);
+  for (int64_t i = 0; i < m; i++) {
+    int16_t *q = xw + i * stride;
+    memset(q, 0, sizeof(int16_t) * (size_t)stride);
+    for (int64_t g = 0; g < groups; g++) {
+      const int64_t k0 = g * group_size, k1 = k0 + group_size < k ? k0 + group_size : k, k8 = k0 + (k1 - k0) / 8 * 8;
+      __m256i vsum = _mm256_setzero_si256();
+      for (int64_t kk = k0; kk < k8; kk += 8) { /* clamping to [-z, 255 - z] before rounding: the same integers */
+        const __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(a + i * k + kk), vscale), bottom),
+                                       top);
+        const __m256i c = _mm256_cvtps_epi32(v); /* round half to even */
+        vsum = _mm256_add_epi32(vsum, c);
+        const __m128i c16 = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+        _mm_storeu_si128((__m128i *)(q + kk), c16);
+      }
+      int32_t parts[8], sum = 0;
+      _mm256_storeu_si256((__m256i *)parts, vsum);
+      for (int l = 0; l < 8; l++) sum += parts[l];
+      for (int64_t kk = k8; kk < k1; kk++) {
+        const float v = a[i * k + kk] / scale;
+        const int32_t c = (int32_t)nearbyintf(v < -zero ? -zero : (v > 255.0f - zero ? 255.0f - zero : v));
+        q[kk] = (int16_t)c;
+        sum += c;
+      }
+      sx[i * groups + g] = scale;
+      xsum[i * groups + g] = sum;
+    }
+  }
+}
+
 /* An error of this kernel's op (MSG a string literal). */
 #define OP_ERROR(kernel, MSG) \
   error((kernel)->layout == 2 ? "lowbit.cpu.MatMulInt8Int8: " MSG : "lowbit.cpu.MatMulInt4Int8: " MSG)
@@ -444,7 +511,7 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
   const OrtValue *values[6];
   int64_t dims[6][8];
   size_t ranks[6];
-  const int scaled_input = kernel->activation == 1; /* input 4: input_scale */
+  const int scaled_input = kernel->activation == 1 || kernel->activation == 3; /* input 4: input_scale */
   for (size_t i = 0; i < 6; i++)
     if (i < 4 || (i == 4 && scaled_input) || (i == 5 && kernel->float_zero_points))
       CHECK(input(context, i, &values[i], dims[i], &ranks[i]));
@@ -487,7 +554,14 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
       || zero_points == NULL) {
     status = API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "lowbit.cpu: out of memory");
   } else {
-    if (kernel->activation)
+    if (kernel->activation >= 2) { /* straight into xw */
+      float scale = 1.0f, zero = (float)kernel->input_zero_point;
+      if (kernel->activation == 3)
+        scale = *(const float *)data_of(values[4]);
+      else
+        dynamic_uint8_range(a, m * k, &scale, &zero);
+      quantize_tensor_uint8(a, m, k, g, groups, scale, zero, xw, sx, xsum);
+    } else if (kernel->activation)
       quantize_rows_nvfp4(a, m, k, *(const float *)data_of(values[4]), xq, sx, xsum);
     else
       quantize_rows(a, m, k, g, groups, xq, sx, xsum);
@@ -496,7 +570,7 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
       memcpy(&pair, xq + 2 * i, 2);
       pairs[i] = _mm256_set1_epi16(pair);
     }
-    for (int64_t i = 0; xw != NULL && i < m * stride; i += 16)  /* m * stride is even; a tail of 8 at most */
+    for (int64_t i = 0; xw != NULL && kernel->activation < 2 && i < m * stride; i += 16)  /* a tail of 8 at most */
       if (i + 16 <= m * stride)
         _mm256_storeu_si256((__m256i *)(xw + i), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(xq + i))));
       else
@@ -539,12 +613,18 @@ static OrtStatus *create(const OrtKernelInfo *info, const int bytes, void **out)
     status = error("lowbit.cpu.MatMulInt4Int8: layout 1 needs a group_size multiple of 8");
   if (bytes) kernel->layout = 2;
   if (status == NULL) status = int_attribute(info, "activation", &kernel->activation, 1, 0);
-  if (status == NULL && kernel->activation != 0 && (kernel->activation != 1 || kernel->group_size != 16 ||
-                                                    kernel->k % 16 != 0))
-    status = OP_ERROR(kernel, "activation must be 0 (int8) or 1 (NVFP4: group_size 16, K a multiple of 16)");
+  if (status == NULL && !(kernel->activation == 0 || ((kernel->activation == 2 || kernel->activation == 3) && bytes) ||
+                          (kernel->activation == 1 && kernel->group_size == 16 && kernel->k % 16 == 0)))
+    status = bytes ? OP_ERROR(kernel, "activation must be 0 (int8), 1 (NVFP4: group_size 16, K a multiple of 16), 2 "
+                                      "(uint8 per tensor, DynamicQuantizeLinear) or 3 (uint8, QuantizeLinear)")
+                   : OP_ERROR(kernel, "activation must be 0 (int8) or 1 (NVFP4: group_size 16, K a multiple of 16)");
+  if (status == NULL && kernel->activation == 3)
+    status = int_attribute(info, "input_zero_point", &kernel->input_zero_point, 0, 0);
   if (status == NULL) status = int_attribute(info, "float_zero_points", &kernel->float_zero_points, 1, 0);
   if (status == NULL && kernel->float_zero_points != 0 && kernel->float_zero_points != 1)
     status = OP_ERROR(kernel, "float_zero_points must be 0 or 1");
+  if (status == NULL && kernel->activation == 3 && (kernel->input_zero_point < 0 || kernel->input_zero_point > 255))
+    status = OP_ERROR(kernel, "input_zero_point must be 0..255");
   if (status == NULL && !bytes) status = int_attribute(info, "e2m1", &kernel->e2m1, 1, 0);
   /* int16 sums of vpmaddubsw: 2 octets of 2 pairs of products <= 24 * 127 each: 24384 */
   if (status == NULL && kernel->e2m1 != 0 && (kernel->e2m1 != 1 || kernel->layout != 1 || kernel->group_size != 16))
