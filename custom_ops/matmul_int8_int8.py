@@ -19,6 +19,8 @@ Inputs: A float32 [..., K]; B uint8 [N_pad / 16, groups, group_size / 2, 32] (`p
 holds q[g * group_size + 2p + h, 16t + c] at byte 8 * CHUNK_ORDER[c // 4] + 2 (c % 4) + h); scales float32 and
 zero_points uint8 [N_pad / 16, groups, 16], or zero_points [1] where all are equal (as MatMulInt4Int8's).
 Attributes: K, N, group_size (even), activation (optional: 1 NVFP4 activations, input 4 the global scale, as
+MatMulInt4Int8's; 2 uint8 activations per tensor as DynamicQuantizeLinear makes them; 3 uint8 with input 4 as the
+scale and input_zero_point, as QuantizeLinear: `uint8_activations`), float_zero_points (optional, as
 MatMulInt4Int8's). Output: Y float32.
 """
 
@@ -100,10 +102,8 @@ def reference_matmul(a: np.ndarray, weight: Int8Int8Weight, nvfp4_global_scale=N
     """Y [..., N] float32, the kernel's arithmetic step for step; with `nvfp4_global_scale`, the node's
     activation 1 (NVFP4 activations, matmul_int4_int8's `nvfp4_activations`); `activation` 2 or 3, uint8
     activations per tensor (`uint8_activations`; 3 with `input_scale` and `input_zero_point`)."""
-    quantize = activation_quantizer(nvfp4_global_scale)
-    if activation in (2, 3):
-        def quantize(a2, group_size):
-            return uint8_activations(a2, group_size, input_scale, input_zero_point)
+    quantize = activation_quantizer(nvfp4_global_scale) if activation not in (2, 3) else \
+        (lambda a2, group_size: uint8_activations(a2, group_size, input_scale, input_zero_point))
     return reference_from_codes(a, unpack_codes(weight), weight.scales, weight.zero_points, weight.group_size,
                                 quantize, weight.float_zero_points)
 

@@ -496,10 +496,22 @@ def _dequantize_nvfp4(node, reader: _TensorReader, writer, layers: dict[str, int
     return "float32"
 
 
+def _uint8_columns(b, scales, zero_points):
+    """A uint8 weight B [K, N] with per-column (or one) scales and zero points, as `_to_int8_kernel` takes it for
+    one group over K: (K, N, group, bits, scales [1, N], zero points [1, N], read_codes)."""
+    k, n = b.shape
+
+    def read_codes(start, stop):
+        return np.asarray(b[:, start:stop]).T
+
+    return (k, n, k, 8, np.broadcast_to(np.asarray(scales, np.float32).reshape(-1), (n,))[None],
+            np.broadcast_to(np.asarray(zero_points, np.uint8).reshape(-1), (n,))[None], read_codes)
+
+
 def _uint8_qdq_matmul(node, reader: _TensorReader, producers: dict):
     """MatMul(DequantizeLinear(QuantizeLinear(x, s, z), s, z), DequantizeLinear(B, S, Z, axis=1)) with s float and z
-    uint8 one initializer value each, B uint8 [K, N] (K even), S float and Z uint8 [N] or one value, all
-    initializers -> (x, s float32 [1], z, B, S, Z), else None."""
+    uint8 one initializer value each, B uint8 [K, N], S float and Z uint8 [N] or one value, all initializers ->
+    (x, s float32 [1], z, B, S, Z), else None."""
     from onnx import TensorProto
 
     if node.op_type != "MatMul" or node.domain:
@@ -519,7 +531,7 @@ def _uint8_qdq_matmul(node, reader: _TensorReader, producers: dict):
     b, w_scales, w_zeros = (np.asarray(reader.read(name)) if i else reader.read(name)
                             for i, name in enumerate(dq_w.input))
     axis = next((a.i for a in dq_w.attribute if a.name == "axis"), 1)
-    if a_scale.size != 1 or a_zero.size != 1 or b.ndim != 2 or b.shape[0] % 2 or w_scales.size != w_zeros.size \
+    if a_scale.size != 1 or a_zero.size != 1 or b.ndim != 2 or w_scales.size != w_zeros.size \
             or (w_scales.size != 1 and (w_scales.shape != (b.shape[1],) or axis not in (1, -1))):
         return None
     return (q_x.input[0], a_scale.astype(np.float32).reshape(1), int(a_zero.reshape(-1)[0]), b,
@@ -586,11 +598,12 @@ def _to_int8_kernel(node, reader: _TensorReader, writer, levels: dict[str, int],
     zero points z (`a16w8-minmax`) go to the kernel as they are (float_zero_points 1: each group's term
     (float(dot) - z * float(xsum)) * (s * sx), int8 compute of (q - z) * s).
     A com.microsoft.DynamicQuantizeMatMul (w8a8: uint8 weights [K, N], per-column or one scale and zero point, no
-    bias, K even) becomes `MatMulInt8Int8` with one group over K and activation 2 (uint8 activations per tensor as
-    DynamicQuantizeLinear makes them): ORT's own result bit for bit. So does a MatMul of QuantizeLinear ->
-    DequantizeLinear activations (uint8, one initializer scale and zero point) and DequantizeLinear weights (uint8
-    initializers [K, N], per column or one; `producers`: value -> node), w8a8-static's form, with activation 3 (the
-    same quantization as the Q node; ORT fuses the pattern into an integer MatMul with the same result)."""
+    bias; K even, as the kernel's groups) becomes `MatMulInt8Int8` with one group over K and activation 2 (uint8
+    activations per tensor as DynamicQuantizeLinear makes them): ORT's own result bit for bit. So does a MatMul of
+    QuantizeLinear -> DequantizeLinear activations (uint8, one initializer scale and zero point) and
+    DequantizeLinear weights (uint8 initializers [K, N], per column or one; `producers`: value -> node),
+    w8a8-static's form, with activation 3 (the same quantization as the Q node; ORT fuses the pattern into an
+    integer MatMul with the same result)."""
     from onnx import TensorProto, helper
 
     from lowbit.custom_ops import blockwise_repack, matmul_int4_int8, matmul_int8_int8, matmul_nbits
@@ -599,35 +612,24 @@ def _to_int8_kernel(node, reader: _TensorReader, writer, levels: dict[str, int],
     inputs = [name for name in node.input]
     attrs = _attributes(node)
     float_zero_points = None  # [groups, N] float32
+    input_scale = None  # activation 3: input 4
     attributes = {}
     if (node.domain, node.op_type) == (matmul_nbits.DOMAIN, "DynamicQuantizeMatMul"):
         has_zp = len(inputs) > 3 and inputs[3] != ""
         if any(inputs[4:]) or not all(reader.has(name) for name in inputs[1:3] + inputs[3:4] * has_zp) \
                 or reader.protos[inputs[1]].data_type != TensorProto.UINT8:
             return ""
-        b = reader.read(inputs[1])
-        if b.ndim != 2 or b.shape[0] % 2:
+        b, dtype = reader.read(inputs[1]), reader.protos[inputs[2]].data_type
+        if b.ndim != 2:
             return ""
-        bits, (k, n), dtype = 8, b.shape, reader.protos[inputs[2]].data_type
-        group = k
-        scales = np.broadcast_to(np.asarray(reader.read(inputs[2]), np.float32).reshape(-1), (n,))[None]
-        zero_points = np.broadcast_to(np.asarray(reader.read(inputs[3]), np.uint8).reshape(-1), (n,))[None] \
-            if has_zp else 0
+        weight_zeros = np.asarray(reader.read(inputs[3]), np.uint8) if has_zp else np.zeros(1, np.uint8)
+        k, n, group, bits, scales, zero_points, read_codes = _uint8_columns(b, reader.read(inputs[2]), weight_zeros)
         attributes = {"activation": 2}
-
-        def read_codes(start, stop):
-            return np.asarray(b[:, start:stop]).T
     elif (static := _uint8_qdq_matmul(node, reader, producers or {})) is not None:
-        x_in, a_scale, a_zero, b, w_scales, w_zeros = static
-        bits, (k, n), dtype = 8, b.shape, TensorProto.FLOAT
-        group = k
-        scales = np.broadcast_to(w_scales.reshape(-1), (n,))[None]
-        zero_points = np.broadcast_to(w_zeros.reshape(-1), (n,))[None]
-        inputs = [x_in, *inputs[1:]]
-        attributes = {"activation": 3, "input_zero_point": int(a_zero), "input_scale": a_scale}
-
-        def read_codes(start, stop):
-            return np.asarray(b[:, start:stop]).T
+        x_in, input_scale, a_zero, b, w_scales, w_zeros = static
+        k, n, group, bits, scales, zero_points, read_codes = _uint8_columns(b, w_scales, w_zeros)
+        inputs, dtype = [x_in, *inputs[1:]], TensorProto.FLOAT
+        attributes = {"activation": 3, "input_zero_point": a_zero}
     elif (node.domain, node.op_type) == (matmul_nbits.DOMAIN, "MatMulNBits"):
         bits, k, n, group = attrs.get("bits"), attrs.get("K"), attrs.get("N"), attrs.get("block_size")
         has_zp = len(inputs) > 3 and inputs[3] != ""
@@ -682,7 +684,6 @@ def _to_int8_kernel(node, reader: _TensorReader, writer, levels: dict[str, int],
     if dtype != TensorProto.FLOAT:
         x = writer.shared.get(("float32", x)) or writer.node("Cast", [x], "to_float32", to=TensorProto.FLOAT)
         writer.shared[("float32", inputs[0])] = x
-    input_scale = attributes.pop("input_scale", None)
     optional = [] if input_scale is None else [writer.array("input_scale", input_scale)]
     if float_zero_points is not None:
         weight = matmul_int4_int8.with_float_zero_points(weight, float_zero_points)

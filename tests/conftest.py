@@ -168,18 +168,29 @@ def kernel_node_session(op_type: str, inputs: dict[str, np.ndarray], threads: in
     """An ORT session of one `lowbit.cpu` node, input A (float32) -> Y, its other inputs the given initializers (in
     order; a value None is an absent optional input, its name ""), with lowbit's compiled kernel library
     registered."""
+    from onnx import helper
+
+    node = helper.make_node(op_type, ["A", *inputs], ["Y"], domain="lowbit.cpu", **attributes)
+    return graph_session([node], inputs, threads, {"lowbit.cpu": 1}, kernels=True)
+
+
+def graph_session(nodes, initializers: dict[str, np.ndarray | None], threads: int = 2, domains: dict | None = None,
+                  kernels: bool = False):
+    """An ORT CPU session of `nodes` (opset 21, plus `domains`: domain -> version) from input A (float32) to Y, with
+    the given initializers (values None are left out); `kernels`: lowbit's compiled kernel library registered."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from lowbit.custom_ops import kernels
+    from lowbit.custom_ops import kernels as kernel_library
 
-    node = helper.make_node(op_type, ["A", *inputs], ["Y"], domain="lowbit.cpu", **attributes)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(np.asarray(value), name) for name, value in inputs.items()
+                              [numpy_helper.from_array(np.asarray(value), name) for name, value in initializers.items()
                                if value is not None])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("lowbit.cpu", 1)])
+    opsets = [helper.make_opsetid("", 21)] + [helper.make_opsetid(d, v) for d, v in (domains or {}).items()]
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.register_custom_ops_library(str(kernels.library()))
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if kernels:
+        options.register_custom_ops_library(str(kernel_library.library()))
+    return ort.InferenceSession(helper.make_model(graph, opset_imports=opsets).SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])

@@ -9,7 +9,7 @@ import pytest
 
 from lowbit.custom_ops import kernels
 from lowbit.custom_ops import matmul_int8_int8 as op
-from tests.conftest import kernel_node_session, prefill_and_decode, relative
+from tests.conftest import graph_session, kernel_node_session, prefill_and_decode, relative
 
 needs_kernel = pytest.mark.skipif(kernels.library() is None, reason=f"no int8 CPU kernel: {kernels.unavailable()}")
 
@@ -213,17 +213,10 @@ def test_8bit_schemes_run_on_the_kernel_within_int8_tolerance(scheme, tiny_sourc
 
 def dynamic_quantize_matmul_session(b, scales, zero_points):
     """ONNX Runtime's com.microsoft.DynamicQuantizeMatMul(A, B uint8 [K, N], scales [N], zero points [N])."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     node = helper.make_node("DynamicQuantizeMatMul", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "S"),
-                               numpy_helper.from_array(zero_points, "Z")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return graph_session([node], {"B": b, "S": scales, "Z": zero_points}, domains={"com.microsoft": 1})
 
 
 def test_uint8_activations_are_dynamic_quantize_linear(rng):
@@ -303,8 +296,7 @@ def test_static_uint8_activations_equal_the_reference_and_ort_qdq(n, k, lead, rn
     """Activation 3 (w8a8-static: QuantizeLinear with a calibrated scale and zero point): the numpy reference bit for
     bit, and ONNX Runtime's Q/DQ -> MatMul with DQ weights (which it fuses into an integer MatMul) bit for bit;
     values past the scale's range saturate."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     codes = rng.integers(0, 256, (n, k)).astype(np.uint8)
     scales = (rng.random(n) * 0.01 + 0.001).astype(np.float32)
@@ -318,14 +310,8 @@ def test_static_uint8_activations_equal_the_reference_and_ort_qdq(n, k, lead, rn
              helper.make_node("DequantizeLinear", ["aq", "as", "az"], ["ad"]),
              helper.make_node("DequantizeLinear", ["B", "S", "Z"], ["W"], axis=1),
              helper.make_node("MatMul", ["ad", "W"], ["Y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(np.ascontiguousarray(codes.T), "B"),
-                               numpy_helper.from_array(scales, "S"), numpy_helper.from_array(zero_points, "Z"),
-                               numpy_helper.from_array(np.array(a_scale, np.float32), "as"),
-                               numpy_helper.from_array(np.array(a_zero, np.uint8), "az")])
-    qdq = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-                               .SerializeToString(), providers=["CPUExecutionProvider"])
+    qdq = graph_session(nodes, {"B": np.ascontiguousarray(codes.T), "S": scales, "Z": zero_points,
+                                "as": np.array(a_scale, np.float32), "az": np.array(a_zero, np.uint8)})
     for spread in (0.3, 1.0, 3.0):
         a = (rng.standard_normal((*lead, k)) * spread).astype(np.float32)
         (y,) = session.run(None, {"A": a})

@@ -16,9 +16,12 @@
  * [1] where all are equal. Attributes K, N, group_size, layout (0 AVX2 pairs, 1 VNNI fours: see the .py), e2m1 (1:
  * layout 1 and groups of 16, each code a FLOAT4E2M1 bit pattern standing for twice its value plus 12, 0..24, an
  * NVFP4 weight's exact integers), activation (1: NVFP4 activations instead of int8 ones, twice their e2m1 values with
- * half their block's step as sx, groups of 16; input 4, the global scale). Output Y float32 [..., N].
+ * half their block's step as sx, groups of 16; input 4, the global scale), float_zero_points (1: input 5, float32
+ * zero points tiled as the scales, in place of input 3). Output Y float32 [..., N].
  * MatMulInt8Int8: codes 0..255 and zero points 0..255; B uint8 [N_pad / 16, groups, G / 2, 32]: pair p of group g
  * of tile t holds q[gG + 2p + h, 16t + c] at byte 8 * o(c / 4) + 2 (c % 4) + h, o = (0, 2, 1, 3) (group_size even).
+ * Its activation may also be 2 (uint8 per tensor as DynamicQuantizeLinear) or 3 (uint8 with input 4 as the scale
+ * and the attribute input_zero_point as the zero point, as QuantizeLinear): see quantize_tensor_uint8.
  */
 
 #include <immintrin.h>
@@ -542,7 +545,8 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
   if (y == NULL || a == NULL) return OP_ERROR(kernel, "no tensor data");
   if (m == 0) return NULL;
   const int64_t stride = groups * g;
-  int8_t *xq = malloc((size_t)(m * stride));
+  const int uint8_input = kernel->activation >= 2; /* quantized straight into xw, no xq */
+  int8_t *xq = uint8_input ? NULL : malloc((size_t)(m * stride));
   float *sx = malloc(sizeof(float) * (size_t)(m * groups));
   int32_t *xsum = malloc(sizeof(int32_t) * (size_t)(m * groups));
   const int with_pairs = m == 1 && kernel->layout == 0; /* tile_rows' one-row case */
@@ -550,11 +554,11 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
   int16_t *xw = bytes ? malloc(sizeof(int16_t) * (size_t)(m * stride)) : NULL;
   const uint8_t *zero_points = data_of(values[3]);
   OrtStatus *status = NULL;
-  if (xq == NULL || sx == NULL || xsum == NULL || (with_pairs && pairs == NULL) || (bytes && xw == NULL)
-      || zero_points == NULL) {
+  if ((xq == NULL && !uint8_input) || sx == NULL || xsum == NULL || (with_pairs && pairs == NULL) ||
+      (bytes && xw == NULL) || zero_points == NULL) {
     status = API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "lowbit.cpu: out of memory");
   } else {
-    if (kernel->activation >= 2) { /* straight into xw */
+    if (uint8_input) {
       float scale = 1.0f, zero = (float)kernel->input_zero_point;
       if (kernel->activation == 3)
         scale = *(const float *)data_of(values[4]);
@@ -570,7 +574,7 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
       memcpy(&pair, xq + 2 * i, 2);
       pairs[i] = _mm256_set1_epi16(pair);
     }
-    for (int64_t i = 0; xw != NULL && kernel->activation < 2 && i < m * stride; i += 16)  /* a tail of 8 at most */
+    for (int64_t i = 0; xw != NULL && !uint8_input && i < m * stride; i += 16)  /* a tail of 8 at most */
       if (i + 16 <= m * stride)
         _mm256_storeu_si256((__m256i *)(xw + i), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(xq + i))));
       else

@@ -336,7 +336,7 @@ static void pack_row_blocks(const float *a, int64_t m, int64_t k, float *packed)
   }
 }
 
-/* The same quantization as integers, for lowbit.cpu.MatMulInt8Int8 (matmul_int4_int8.c): per block, twice each
+/* The same quantization as integers, for the int8 kernels' activation 1 (matmul_int4_int8.c): per block, twice each
  * e2m1 value (int8, -12..12; the fake-quantized value is twice / 2 * step exactly) and the block's step. */
 void lowbit_nvfp4_activations(const float *x, int64_t blocks, float gs, int8_t *twice, float *steps) {
   nvfp4_steps(x, blocks, gs, steps);
@@ -372,11 +372,11 @@ __attribute__((target("avx512f"), always_inline)) static inline void row_block51
     _Pragma("GCC unroll 16")
     for (int r = 0; r < R; r++) acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_set1_ps(a[r * w->k + k]), v));
   }
-  const __m512 f = k1 == w->k && w->factors != NULL ? _mm512_loadu_ps(w->factors + n0) : _mm512_set1_ps(1.0f);
+  const int scaled = k1 == w->k && w->factors != NULL; /* the finished sums times the columns' factors */
+  const __m512 f = scaled ? _mm512_loadu_ps(w->factors + n0) : _mm512_set1_ps(1.0f);
   _Pragma("GCC unroll 16")
   for (int r = 0; r < R; r++)
-    _mm512_mask_storeu_ps(w->y + (m0 + r) * w->n + n0, mask, k1 == w->k && w->factors != NULL ?
-                          _mm512_mul_ps(acc[r], f) : acc[r]);
+    _mm512_mask_storeu_ps(w->y + (m0 + r) * w->n + n0, mask, scaled ? _mm512_mul_ps(acc[r], f) : acc[r]);
 }
 
 /* Tiles t0 .. t1 - 1 (at most TILES512) together: each chunk of K widened for all of them, then each block of rows
