@@ -86,7 +86,7 @@ def kernel_session(packed: op.NarrowFloatWeight, threads: int = 2):
 
 @needs_kernel
 @pytest.mark.parametrize("name", list(DTYPES))
-@pytest.mark.parametrize("k,n", [(5, 3), (64, 16), (300, 70), (600, 33)])  # K > 256: K in chunks when M > 1
+@pytest.mark.parametrize("k,n", [(5, 3), (64, 16), (300, 70), (3100, 33)])  # K > 1536: two chunks when M > 1
 @pytest.mark.parametrize("lead", [(1,), (1, 1), (2, 7), (13,)])
 @pytest.mark.parametrize("scaling", ["none", "one", "per_column"])
 @pytest.mark.parametrize("threads", [1, 2])
