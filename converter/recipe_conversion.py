@@ -20,7 +20,7 @@ from lowbit.converter.algorithms.pipeline import AlgorithmSpec, AWQSettings, GPT
 from lowbit.converter.graph import hf_modules
 from lowbit.converter.quant.rewrite import weight_sites
 from lowbit.converter.recipes import Recipe, RecipeModule, load_recipe, resolve_recipe
-from lowbit.converter.schemes import DTYPES, Scheme, SchemeOptions
+from lowbit.converter.schemes import DTYPES, Scheme, SchemeOptions, accuracy_level
 from lowbit.errors import LowbitError
 
 RECIPE_NODE_KEY = "lowbit.recipe"  # node metadata: "modifier / config group" that produced the node
@@ -76,13 +76,13 @@ def modules_to_unfuse(recipe: Recipe, model: ir.Model, options: SchemeOptions, t
     node per part (SmoothQuant and AWQ then scale the parts that read one norm with one s). Not those whose parts
     are one tensor in the checkpoint (resolving reports the conflict, naming the module)."""
     resolution = resolve_recipe(recipe, _modules(model), pad=None if options.pad else False, target=target,
-                                accuracy_level=options.accuracy_level or 0, split_fused=True)
+                                accuracy_level=accuracy_level(options), split_fused=True)
     return frozenset(resolution.fused_conflicts)
 
 
 def apply_recipe(recipe: Recipe, path: Path, model: ir.Model, options: SchemeOptions, target: str) -> RecipeRun:
     resolution = resolve_recipe(recipe, _modules(model), pad=None if options.pad else False, target=target,
-                                accuracy_level=options.accuracy_level or 0)
+                                accuracy_level=accuracy_level(options))
     resolved = resolution.modules.values()
     order = {ALGORITHM_OF[mod.kind]: None for mod in recipe.modifiers if mod.kind in ALGORITHM_OF}
     algorithms = {name: frozenset(m.name for m in resolved if m.algorithm == name) for name in order}

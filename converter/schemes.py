@@ -78,7 +78,8 @@ def _dtype(options: SchemeOptions, default: str) -> np.dtype:
 DEFAULT_ACCURACY_LEVEL = 4
 
 
-def _accuracy_level(options: SchemeOptions) -> int:
+def accuracy_level(options: SchemeOptions) -> int:
+    """The MatMulNBits accuracy level of weight-only layers: the option, else DEFAULT_ACCURACY_LEVEL."""
     return DEFAULT_ACCURACY_LEVEL if options.accuracy_level is None else options.accuracy_level
 
 
@@ -97,7 +98,7 @@ def _mlc(name, bits, group, dtype, description, quantize=True):
         _no_options(options, name, allowed=("accuracy_level",) if quantize else ())
         plan = None
         if quantize:
-            layer = LayerQuant(WeightQuant(bits, group, "symmetric"), accuracy_level=_accuracy_level(options))
+            layer = LayerQuant(WeightQuant(bits, group, "symmetric"), accuracy_level=accuracy_level(options))
             # TensorRT has no quantized Gather: the embedding stays float there
             plan = uniform_plan(layer, embeddings=target != "tensorrt", lm_head=True, pad=options.pad)
         return Scheme(name, DTYPES[dtype], description, plan)
@@ -116,7 +117,7 @@ def _mlc_awq(options: SchemeOptions, target: str) -> Scheme:
     """MLC's q4f16_awq: AWQ's int4 with zero points in groups of 128 on the decoder linears (MLC keeps the
     embedding and the final projection float), float16; lowbit runs AWQ itself (`--algo awq` is implied)."""
     _no_options(options, "q4f16_awq", allowed=("accuracy_level",))
-    layer = LayerQuant(WeightQuant(4, 128, "asymmetric"), accuracy_level=_accuracy_level(options))
+    layer = LayerQuant(WeightQuant(4, 128, "asymmetric"), accuracy_level=accuracy_level(options))
     return Scheme("q4f16_awq", DTYPES["float16"], "MLC AWQ: 4-bit group 128 with zero points, decoder linears, "
                   "AWQ scales folded into the norms, float16",
                   uniform_plan(layer, embeddings=False, lm_head=False, pad=options.pad), algorithm="awq")
@@ -138,7 +139,7 @@ def _dashinfer(match: re.Match, options: SchemeOptions, target: str) -> Scheme:
         raise LowbitError("the DashInfer CPU min/max rule is 8-bit only (a16w8-minmax)")
     symmetric = options.symmetric or False
     rule = "minmax_float_zp" if minmax else ("symmetric" if symmetric else "asymmetric")
-    layer = LayerQuant(WeightQuant(bits, group, rule, options.clip_search), accuracy_level=_accuracy_level(options))
+    layer = LayerQuant(WeightQuant(bits, group, rule, options.clip_search), accuracy_level=accuracy_level(options))
     granularity = f"group {group}" if group else "per-channel"
     return Scheme(match[0], _dtype(options, "float32"),
                   f"DashInfer InstantQuant {'int8' if bits == 8 else 'uint4'} weights, {granularity}, {rule}",
@@ -257,7 +258,7 @@ def _generic(match: re.Match, options: SchemeOptions, target: str) -> Scheme:
     # symmetric: the full signed range (ORT's quantizer, llama.cpp's Q4_0); TensorRT takes positive scales only,
     # so there the extreme value maps to +/-(2^(b-1) - 1) (MLC's rule)
     rule = ("symmetric" if target == "tensorrt" else "symmetric_full") if symmetric else "asymmetric"
-    layer = LayerQuant(WeightQuant(bits, group, rule, options.clip_search), accuracy_level=_accuracy_level(options))
+    layer = LayerQuant(WeightQuant(bits, group, rule, options.clip_search), accuracy_level=accuracy_level(options))
     return Scheme(match[0], _dtype(options, "float32"),
                   f"{bits}-bit weights, group {group}, {rule}" + (", clip search" if options.clip_search else ""),
                   uniform_plan(layer, embeddings=target != "tensorrt", lm_head=True, pad=options.pad))

@@ -112,7 +112,7 @@ def _calibration_progress(stage: str):
               help="Group (block) size along K, for schemes that take one; a group larger than K is per-channel.")
 @click.option("--symmetric/--asymmetric", default=None, help="Symmetric or asymmetric weights (generic schemes).")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
-              help="MatMulNBits accuracy_level: 0 float, 4 int8 activations.")
+              help="MatMulNBits accuracy_level of weight-only layers: 0 float activations, 4 (the default) int8.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None, help="Compute dtype override.")
 @click.option("--no-pad", is_flag=True, help="Reject layers whose K is not a multiple of the group instead of padding.")
 @click.option("--clip-search", is_flag=True,

@@ -65,7 +65,7 @@ def convert_with_emit(arch_id: str, tmp_path: Path, recipe, **calibration) -> tu
     if isinstance(recipe, str):
         (tmp_path / "recipe.yaml").write_text(recipe)
         recipe = tmp_path / "recipe.yaml"
-    convert(src, out, recipe=recipe, emit="compressed-tensors", **calibration)
+    convert(src, out, recipe=recipe, emit="compressed-tensors", accuracy_level=0, **calibration)
     return src, out
 
 

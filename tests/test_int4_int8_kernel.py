@@ -398,10 +398,10 @@ def test_folders_without_such_layers_do_not_import_onnx(tmp_path):
 
 @needs_kernel
 def test_nvfp4a16_at_accuracy_level_4_runs_on_the_kernel(tmp_path, monkeypatch, capfd):
-    """stories260K NVFP4A16 converted with --accuracy-level 4: its layers whose K is a multiple of 16 run on
-    MatMulInt4Int8 over the e2m1 codes with int8 activations per block of 16 (int8 compute), within the int8
-    tolerance of the same folder in float32 compute (LOWBIT_NVFP4_INTEGER=0, MatMulNarrowFloat), prefill and cached
-    decode; at level 0 (the recipe default) the float route is taken without the switch."""
+    """stories260K NVFP4A16 converted at the recipe default, accuracy level 4: its layers whose K is a multiple
+    of 16 run on MatMulInt4Int8 over the e2m1 codes with int8 activations per block of 16 (int8 compute), within
+    the int8 tolerance of the same folder in float32 compute (LOWBIT_NVFP4_INTEGER=0, MatMulNarrowFloat), prefill
+    and cached decode; at --accuracy-level 0 the float route is taken without the switch."""
     import lowbit
     from lowbit.runtime import fast_paths
     from lowbit.runtime.session import create_session
@@ -411,7 +411,7 @@ def test_nvfp4a16_at_accuracy_level_4_runs_on_the_kernel(tmp_path, monkeypatch, 
     recipe = tmp_path / "nvfp4a16.yaml"
     recipe.write_text(NVFP4_RECIPE)
     out = tmp_path / "level4"
-    lowbit.convert(str(SAMPLE_MODEL), out, recipe=recipe, accuracy_level=4)
+    lowbit.convert(str(SAMPLE_MODEL), out, recipe=recipe)
     layers = fast_paths.nvfp4_layers(json.loads((out / "lowbit.json").read_text()))
     on_kernel = [name for name, k in layers.items() if k % 16 == 0]
     assert 0 < len(on_kernel) < len(layers)
@@ -426,6 +426,6 @@ def test_nvfp4a16_at_accuracy_level_4_runs_on_the_kernel(tmp_path, monkeypatch, 
     for a, b in zip(integer, floats):
         assert 0 < relative(a, b) <= TOLERANCE  # int8 activations: not the float result, within its tolerance
     monkeypatch.delenv(fast_paths.NVFP4_INTEGER_SWITCH)
-    lowbit.convert(str(SAMPLE_MODEL), tmp_path / "level0", recipe=recipe)
+    lowbit.convert(str(SAMPLE_MODEL), tmp_path / "level0", recipe=recipe, accuracy_level=0)
     prefill_and_decode(create_session(tmp_path / "level0"))
     assert "NarrowFloat" in capfd.readouterr().err

@@ -377,9 +377,9 @@ NVFP4_RECIPE = ("QuantizationModifier:\n  ignore: [lm_head]\n  scheme: NVFP4A16\
 
 @needs_kernel
 def test_nvfp4_folder_on_the_kernel_gives_the_folded_weights_logits(tmp_path, monkeypatch, capfd):
-    """stories260K NVFP4A16: layers whose K is a multiple of 16 run on the kernel at 4 bits (the same float32
-    weights as the fold, summed in another order: within 1e-5 of the largest logit, prefill and cached decode),
-    the others (down_proj, K = 172) keep the float32 weight dequantized at load."""
+    """stories260K NVFP4A16 at accuracy level 0: layers whose K is a multiple of 16 run on the kernel at 4 bits
+    (the same float32 weights as the fold, summed in another order: within 1e-5 of the largest logit, prefill and
+    cached decode), the others (down_proj, K = 172) keep the float32 weight dequantized at load."""
     import json
 
     import lowbit
@@ -389,7 +389,7 @@ def test_nvfp4_folder_on_the_kernel_gives_the_folded_weights_logits(tmp_path, mo
     recipe = tmp_path / "nvfp4.yaml"
     recipe.write_text(NVFP4_RECIPE)
     out = tmp_path / "nvfp4a16"
-    lowbit.convert(str(SAMPLE_MODEL), out, recipe=recipe)
+    lowbit.convert(str(SAMPLE_MODEL), out, recipe=recipe, accuracy_level=0)
     layers = fast_paths.nvfp4_layers(json.loads((out / "lowbit.json").read_text()))
     on_kernel = [name for name, k in layers.items() if k % 16 == 0]
     assert 0 < len(on_kernel) < len(layers)

@@ -42,7 +42,7 @@ def test_sample_a_matches_the_recipe_and_a_rtn_reference(arch_id, rng, tmp_path)
     replaced by lowbit.affine's round trip of the same setting (1e-4 of the logits' scale)."""
     model = build_tiny_model(arch_id, tmp_path / "src")
     out = tmp_path / "a"
-    report = convert(tmp_path / "src", out, recipe=RECIPE_A)
+    report = convert(tmp_path / "src", out, recipe=RECIPE_A, accuracy_level=0)
     assert report.scheme == "recipe"
     meta = json.loads((out / "lowbit.json").read_text())
     nodes = quantized_nodes(out)
@@ -166,7 +166,7 @@ def test_projections_a_recipe_splits_are_emitted_unfused(arch_id, rng, tmp_path)
     recipe = tmp_path / "unfused.yaml"
     recipe.write_text(UNFUSED)
     out = tmp_path / "out"
-    convert(tmp_path / "src", out, recipe=recipe)
+    convert(tmp_path / "src", out, recipe=recipe, accuracy_level=0)  # float activations: the recipe's numerics
     nodes = quantized_nodes(out)
     layers = model.config.num_hidden_layers
     expected = {f"layers.{i}.{m}" for i in range(layers) for m in

@@ -129,7 +129,8 @@ def test_sample_logits_equal_its_fake_quant_reference(arch_id, sample, rng, tmp_
     write_char_tokenizer(tmp_path / "src")
     (tmp_path / "calib.txt").write_text(CALIBRATION_TEXT)
     out = tmp_path / "out"
-    convert(tmp_path / "src", out, recipe=sample, calib_data=tmp_path / "calib.txt", num_samples=4, seq_len=32)
+    convert(tmp_path / "src", out, recipe=sample, calib_data=tmp_path / "calib.txt", num_samples=4, seq_len=32,
+            accuracy_level=0)  # float activations in weight-only layers: the recipe's numerics exactly
     reference = RecipeReference(build_tiny_model(arch_id, tmp_path / "ref-src"), out)
     errors, exact, float_errors = [], [], []
     for _ in range(12):  # one short sequence a call: dynamic activation ranges are per call
