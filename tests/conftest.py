@@ -164,6 +164,17 @@ def relative(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def near_rounding_boundary(scaled: np.ndarray, rounding) -> np.ndarray:
+    """Per row of `scaled` [..., K] (activations divided by their quantization scale), whether some value lies so
+    near a boundary of the monotone `rounding` (np.rint, a float8 cast as integers) that another implementation of
+    the same float32 math (sums in another order upstream) may round it the other way: within 2e-6 of itself or
+    1e-7 (about an ulp) of the row's largest magnitude (a sum's rounding error scales with its terms, not with a small
+    result)."""
+    scaled = np.asarray(scaled, np.float32)
+    margin = np.float32(2e-6) * np.abs(scaled) + np.float32(1e-7) * np.abs(scaled).max(axis=-1, keepdims=True)
+    return (rounding(scaled + margin) != rounding(scaled - margin)).any(axis=-1)
+
+
 def kernel_node_session(op_type: str, inputs: dict[str, np.ndarray], threads: int = 2, **attributes):
     """An ORT session of one `lowbit.cpu` node, input A (float32) -> Y, its other inputs the given initializers (in
     order; a value None is an absent optional input, its name ""), with lowbit's compiled kernel library

@@ -31,7 +31,7 @@ from lowbit.converter.calibration.layerwise import LayerRunner
 from lowbit.converter.schemes import SCHEMES, get_scheme, scheme_names
 from lowbit.errors import LowbitError
 from lowbit.runtime.session import create_session
-from tests.conftest import REPO, SAMPLE_MODEL, build_tiny_model
+from tests.conftest import REPO, SAMPLE_MODEL, build_tiny_model, near_rounding_boundary
 
 torch = pytest.importorskip("torch")
 
@@ -211,10 +211,9 @@ class FakeQuantReference:
             if not self.quantize_inputs:
                 return None
             scaled = x / x_scale
-            # a value within 2e-6 (relative) of a float8 rounding boundary may round either way in another
-            # implementation of the same float32 math (a different summation order upstream): mark its token
-            up, down = (ml_dtypes_fp8(scaled * np.float32(1 + d), self.flavour) for d in (2e-6, -2e-6))
-            self.near_tie |= (up.view(np.uint8) != down.view(np.uint8)).any(axis=-1)
+            # a value near a float8 rounding boundary may round either way in another implementation of the same
+            # float32 math (a different summation order upstream): mark its token
+            self.near_tie |= near_rounding_boundary(scaled, lambda v: ml_dtypes_fp8(v, self.flavour).astype(np.float32))
             fake = ml_dtypes_fp8(scaled, self.flavour).astype(np.float32) * x_scale
             return (torch.from_numpy(fake),)
 
@@ -262,8 +261,9 @@ def float32_variant(monkeypatch, flavour: str) -> str:
 def test_logits_equal_fake_quant_reference(arch_id, flavour, calibration_file, rng, tmp_path, monkeypatch):
     """The float8 graph with float32 compute equals the float32 fake-quant reference built from the folder's own
     tensors to 1e-5 of the logits' scale (measured: 3e-7) at every token before the first whose linear inputs lay
-    within 2e-6 (relative) of a float8 rounding boundary: such a value may round either way after float32 sums in
-    another order (one did, once in a few runs, giving 0.6% at the tokens after it). With float16 compute (the
+    near a float8 rounding boundary (within 2e-6 of itself or 1e-7 of its row's largest value: conftest's
+    near_rounding_boundary): such a value may round either way after float32 sums in another order (one did, once
+    in a few runs, giving 0.6% at the tokens after it). With float16 compute (the
     scheme itself) the difference is float16 rounding (11 bits) that now and then moves an activation across a
     float8 rounding boundary (a step of 1/8 for e4m3, 1/4 for e5m2). A single logit's difference is heavy-tailed
     (up to 6.8% of the scale seen), so the bounds are on the 99th percentile and the mean: over 12 seeds at most
@@ -278,7 +278,8 @@ def test_logits_equal_fake_quant_reference(arch_id, flavour, calibration_file, r
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     model = tiny_source(arch_id, tmp_path / "src")
     float_model = build_tiny_model(arch_id, tmp_path / "float-src")  # the same seed: the same weights
-    ids = rng.integers(3, model.config.vocab_size, (3, 24))
+    # many short rows: the comparison of a row stops at its first token near a rounding boundary
+    ids = rng.integers(3, model.config.vocab_size, (12, 8))
     with torch.no_grad():
         float_logits = float_model(input_ids=torch.tensor(ids)).logits.numpy()
     options = dict(calib_data=calibration_file, num_samples=8, seq_len=64)
@@ -306,7 +307,7 @@ def test_logits_equal_fake_quant_reference(arch_id, flavour, calibration_file, r
         if scheme.startswith("test_"):
             # causal attention: a token at a rounding boundary can move the logits of its row from there on
             exact = np.cumsum(reference.near_tie, axis=1) == 0
-            assert exact.mean() >= 0.2, exact.mean()  # measured 0.47-1.0 of the logits (16 runs)
+            assert exact.mean() >= 0.2, exact.mean()  # measured 0.57-0.94 of the logits (24 runs, 12 rows of 8)
             assert error[exact].max() <= 1e-5, error[exact].max()
             assert float_error.mean() > 1e-3  # the quantization is really there
         else:

@@ -5,8 +5,9 @@ The reference is the transformers model in float32 whose every quantized linear 
 dequantized in numpy (`converter.emit.graph_weights.read_weight`, then `lowbit.affine.dequantize`: integer codes,
 FP8 values, NVFP4 codes alike, whatever algorithm chose them), and whose inputs to the linears with quantized
 activations go through the recipe's activation rounding in numpy: FP8 e4m3 with the folder's calibrated static
-scale (ml_dtypes), or ONNX's DynamicQuantizeLinear (uint8, per tensor, per call). A value within 2e-6 (relative) of
-a rounding boundary may round either way after float32 sums in another order, so the comparison stops at the first
+scale (ml_dtypes), or ONNX's DynamicQuantizeLinear (uint8, per tensor, per call). A value near a rounding boundary
+(tests/conftest.py, near_rounding_boundary) may round either way after float32 sums in another order, so the
+comparison stops at the first
 token of a row where some linear input lay there (causal attention carries it on), as tests/test_fp8.py does. With
 one dynamic range per call, a token past that point may also move the call's range when it lies near its min or max;
 then the whole call stops being compared (`RecipeReference._mark_range_from_diverged_tokens`)."""
@@ -24,7 +25,7 @@ from lowbit.converter.emit.graph_weights import read_activation, read_weight
 
 from lowbit import nvfp4
 from lowbit.affine import dequantize
-from tests.conftest import REPO, build_tiny_model
+from tests.conftest import REPO, build_tiny_model, near_rounding_boundary
 from tests.test_fp8 import CALIBRATION_TEXT, load_fused_weight, ml_dtypes_fp8, onnx_logits, write_char_tokenizer
 from tests.test_w8a8 import dynamic_quantize_linear
 
@@ -83,8 +84,8 @@ class RecipeReference:
             x = args[0].numpy()
             if activation.get("element") == "e4m3":  # static FP8, symmetric, per tensor
                 scale = np.float32(static[0][0])
-                up, down = (ml_dtypes_fp8(x / scale * np.float32(1 + d), "e4m3") for d in (2e-6, -2e-6))
-                self.near_tie |= (up.view(np.uint8) != down.view(np.uint8)).any(axis=-1)
+                self.near_tie |= near_rounding_boundary(x / scale,
+                                                        lambda v: ml_dtypes_fp8(v, "e4m3").astype(np.float32))
                 return (torch.from_numpy(ml_dtypes_fp8(x / scale, "e4m3").astype(np.float32) * scale),)
             assert activation["dynamic"] and activation["type"] == "int", activation  # DynamicQuantizeMatMul
             fake = np.empty_like(x)
@@ -92,9 +93,7 @@ class RecipeReference:
                 self._mark_range_from_diverged_tokens(row, x[row])
                 codes, scale, zero = dynamic_quantize_linear(x[row])
                 fake[row] = (codes.astype(np.float32) - np.float32(zero)) * scale
-                ratio = x[row] / scale
-                up, down = (np.rint(ratio * np.float32(1 + d)) for d in (2e-6, -2e-6))
-                self.near_tie[row] |= (up != down).any(axis=-1)
+                self.near_tie[row] |= near_rounding_boundary(x[row] / scale, np.rint)
                 # the zero point rint(-min / scale) near a tie may round the other way: every code of the call moves
                 start = -np.minimum(x[row].min(), np.float32(0)) / scale
                 if np.rint(start * np.float32(1 + 2e-6)) != np.rint(start * np.float32(1 - 2e-6)):

@@ -26,7 +26,7 @@ from lowbit.converter.quant.formats import STATIC_INT8_SYMMETRIC, STATIC_UINT8
 from lowbit.converter.quant.plan import LayerQuant, QuantPlan, QuantRule
 from lowbit.converter.quant.rewrite import quantize_model
 from lowbit.converter.schemes import get_scheme, scheme_names
-from tests.conftest import REPO, SAMPLE_MODEL, build_tiny_model
+from tests.conftest import REPO, SAMPLE_MODEL, build_tiny_model, near_rounding_boundary
 from tests.test_fp8 import (CALIBRATION_TEXT, initializers, load_fused_weight, onnx_logits, snapshot,
                             write_char_tokenizer)
 from tests.test_w8a8 import int8_reference, single_linear_model
@@ -172,11 +172,9 @@ class StaticInt8Reference:
             self.ranges[module] = [min(lo, float(x.min())), max(hi, float(x.max()))]
             if not self.quantize_inputs:
                 return None
-            scaled = x / scale
-            # a value within 2e-6 (relative) of a rounding boundary may round either way after float32 sums in
-            # another order upstream: mark its token
-            self.near_tie |= (np.rint(scaled * np.float32(1 + 2e-6)) != np.rint(scaled * np.float32(1 - 2e-6))
-                              ).any(axis=-1)
+            # a value near a rounding boundary may round either way after float32 sums in another order upstream:
+            # mark its token
+            self.near_tie |= near_rounding_boundary(x / scale, np.rint)
             return (torch.from_numpy(fake_quant_uint8(x, scale, zero)),)
 
         return hook
