@@ -97,6 +97,7 @@ KERNEL_CASES = [  # (n, k, group, lead dims of A, per-column zero points, bits)
     (64, 128, 32, (1,), False, 4), (960, 576, 32, (1,), False, 4), (48, 576, 40, (3,), False, 3),
     (50, 100, 16, (2, 5), True, 4), (17, 70, 64, (9,), True, 4), (576, 1536, 128, (1, 1), True, 4),
     (33, 204, 40, (4,), True, 2), (16, 8, 4, (6,), True, 4), (3000, 64, 32, (1,), False, 4),
+    (24, 100, 16, (300,), True, 4),  # more than 16384 activations: prepared in parallel tasks of rows
 ]
 
 
@@ -203,7 +204,8 @@ def test_nvfp4_weights_with_int8_activations_are_int8_compute(rng):
 
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("n,k,lead", [(64, 128, (1,)), (960, 576, (1,)), (50, 96, (2, 5)), (33, 1536, (7,))])
+@pytest.mark.parametrize("n,k,lead", [(64, 128, (1,)), (960, 576, (1,)), (50, 96, (2, 5)), (33, 1536, (7,)),
+                                      (20, 96, (2, 200))])
 @pytest.mark.parametrize("activations", ["nvfp4", "int8"])
 @pytest.mark.parametrize("avx512", ["1", "0"])
 def test_nvfp4_kernel_equals_the_reference_bit_for_bit(n, k, lead, threads, activations, avx512, rng, monkeypatch):

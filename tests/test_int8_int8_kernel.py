@@ -87,6 +87,7 @@ KERNEL_CASES = [  # (n, k, group, lead dims of A, per-column zero points)
     (64, 128, 32, (1,), False), (960, 576, 32, (1,), False), (48, 576, 128, (3,), False),
     (50, 100, 16, (2, 5), True), (17, 70, 64, (9,), True), (576, 1536, 128, (1, 1), True),
     (33, 206, 2, (4,), True), (16, 8, 4, (6,), True), (3000, 64, 32, (1,), False), (40, 576, 256, (7,), True),
+    (24, 100, 16, (300,), True),  # more than 16384 activations: prepared in parallel tasks of rows
 ]
 
 
@@ -233,7 +234,7 @@ def test_uint8_activations_are_dynamic_quantize_linear(rng):
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("n,k,lead", [(64, 128, (1,)), (960, 576, (1,)), (50, 96, (2, 5)), (33, 1536, (7,)),
-                                      (20, 10, (3,))])
+                                      (20, 10, (3,)), (20, 96, (400,))])
 def test_uint8_activations_equal_the_reference_and_dynamic_quantize_matmul(n, k, lead, threads, rng):
     """Activation 2 with one group over K: ONNX Runtime's DynamicQuantizeMatMul (w8a8's node) bit for bit, and the
     numpy reference; activations all positive, all negative, all zero and mixed (the zero point at either end)."""
@@ -291,7 +292,7 @@ def assert_kernel_gives_onnx_runtimes_logits(folder, layers: int, monkeypatch, c
 
 
 @needs_kernel
-@pytest.mark.parametrize("n,k,lead", [(64, 128, (1,)), (50, 96, (2, 5)), (33, 1536, (7,))])
+@pytest.mark.parametrize("n,k,lead", [(64, 128, (1,)), (50, 96, (2, 5)), (33, 1536, (7,)), (20, 96, (400,))])
 def test_static_uint8_activations_equal_the_reference_and_ort_qdq(n, k, lead, rng):
     """Activation 3 (w8a8-static: QuantizeLinear with a calibrated scale and zero point): the numpy reference bit for
     bit, and ONNX Runtime's Q/DQ -> MatMul with DQ weights (which it fuses into an integer MatMul) bit for bit;

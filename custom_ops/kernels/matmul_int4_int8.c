@@ -503,6 +503,52 @@ static void quantize_tensor_uint8(const float *a, int64_t m, int64_t k, int64_t 
   }
 }
 
+/* The activations' preparation for rows r0..r1-1 of A: quantized per the kernel's activation (into xq, or for uint8
+ * activations straight into xw) with their scales and sums, and for 8-bit codes widened to int16 (xw). */
+typedef struct {
+  const Kernel *kernel;
+  const float *a;
+  int64_t m, k, groups, stride, rows_per_task;
+  float scale, zero, gs; /* uint8 activations: their scale and zero point; NVFP4 activations: the global scale */
+  int8_t *xq;
+  int16_t *xw;
+  float *sx;
+  int32_t *xsum;
+} Activations;
+
+static void prepare_rows(const Activations *p, int64_t r0, int64_t r1) {
+  const Kernel *kernel = p->kernel;
+  const int64_t rows = r1 - r0, k = p->k, g = kernel->group_size, groups = p->groups, stride = p->stride;
+  float *sx = p->sx + r0 * groups;
+  int32_t *xsum = p->xsum + r0 * groups;
+  if (kernel->activation >= 2) {
+    quantize_tensor_uint8(p->a + r0 * k, rows, k, g, groups, p->scale, p->zero, p->xw + r0 * stride, sx, xsum);
+    return;
+  }
+  int8_t *xq = p->xq + r0 * stride;
+  if (kernel->activation)
+    quantize_rows_nvfp4(p->a + r0 * k, rows, k, p->gs, xq, sx, xsum);
+  else
+    quantize_rows(p->a + r0 * k, rows, k, g, groups, xq, sx, xsum);
+  if (p->xw == NULL) return;
+  int16_t *xw = p->xw + r0 * stride;
+  for (int64_t i = 0; i < rows * stride; i += 16)  /* a tail of 8 at most */
+    if (i + 16 <= rows * stride)
+      _mm256_storeu_si256((__m256i *)(xw + i), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(xq + i))));
+    else
+      for (int64_t j = i; j < rows * stride; j++) xw[j] = xq[j];
+}
+
+static void prepare_task(void *data, size_t task) {
+  const Activations *p = data;
+  const int64_t r0 = (int64_t)task * p->rows_per_task, r1 = r0 + p->rows_per_task < p->m ? r0 + p->rows_per_task : p->m;
+  prepare_rows(p, r0, r1);
+}
+
+/* Prompts prepare their activations in parallel tasks of this many values or more (one thread took a tenth of a
+ * 128 x 576 x 576 call on two); fewer (a token) in the calling thread. */
+#define PREPARE_TASK_VALUES 16384
+
 /* An error of this kernel's op (MSG a string literal). */
 #define OP_ERROR(kernel, MSG) \
   error((kernel)->layout == 2 ? "lowbit.cpu.MatMulInt8Int8: " MSG : "lowbit.cpu.MatMulInt4Int8: " MSG)
@@ -558,34 +604,32 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
       (bytes && xw == NULL) || zero_points == NULL) {
     status = API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "lowbit.cpu: out of memory");
   } else {
-    if (uint8_input) {
-      float scale = 1.0f, zero = (float)kernel->input_zero_point;
-      if (kernel->activation == 3)
-        scale = *(const float *)data_of(values[4]);
-      else
-        dynamic_uint8_range(a, m * k, &scale, &zero);
-      quantize_tensor_uint8(a, m, k, g, groups, scale, zero, xw, sx, xsum);
-    } else if (kernel->activation)
-      quantize_rows_nvfp4(a, m, k, *(const float *)data_of(values[4]), xq, sx, xsum);
+    Activations prepared = {kernel, a, m, k, groups, stride, 1 + PREPARE_TASK_VALUES / k, 1.0f,
+                            (float)kernel->input_zero_point, 0.0f, xq, xw, sx, xsum};
+    if (kernel->activation == 3)
+      prepared.scale = *(const float *)data_of(values[4]);
+    else if (kernel->activation == 2)
+      dynamic_uint8_range(a, m * k, &prepared.scale, &prepared.zero);
+    else if (kernel->activation == 1)
+      prepared.gs = *(const float *)data_of(values[4]);
+    if (m <= prepared.rows_per_task)
+      prepare_rows(&prepared, 0, m);
     else
-      quantize_rows(a, m, k, g, groups, xq, sx, xsum);
+      status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(
+          context, prepare_task, (size_t)((m + prepared.rows_per_task - 1) / prepared.rows_per_task), 0, &prepared);
     for (int64_t i = 0; pairs != NULL && i < stride / 2; i++) {
       int16_t pair;
       memcpy(&pair, xq + 2 * i, 2);
       pairs[i] = _mm256_set1_epi16(pair);
     }
-    for (int64_t i = 0; xw != NULL && !uint8_input && i < m * stride; i += 16)  /* a tail of 8 at most */
-      if (i + 16 <= m * stride)
-        _mm256_storeu_si256((__m256i *)(xw + i), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(xq + i))));
-      else
-        for (int64_t j = i; j < m * stride; j++) xw[j] = xq[j];
     const int64_t tiles = n_pad / TILE, per_task = (tiles + TASKS - 1) / TASKS;
     Work work = {data_of(values[1]), data_of(values[2]), uniform ? NULL : zero_points, zero_points[0], xq, xw, pairs,
                  sx, xsum, y, m, n, n_pad, g, groups, k, per_task, kernel->layout, kernel->dpbusd, kernel->e2m1,
                  kernel->float_zero_points ? data_of(values[5]) : NULL};
-    status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(context, run_task,
-                                                                       (size_t)((tiles + per_task - 1) / per_task), 0,
-                                                                       &work);
+    if (status == NULL)
+      status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(context, run_task,
+                                                                         (size_t)((tiles + per_task - 1) / per_task),
+                                                                         0, &work);
   }
   free(xq);
   free(xw);
