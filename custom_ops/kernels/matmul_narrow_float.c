@@ -331,8 +331,7 @@ static void fake_quantize_nvfp4(const float *x, float *y, int64_t blocks, float 
 }
 
 /* Block `blk` of A [M, K] by blocks of ROWS rows, [M / ROWS rounded up, K, ROWS] (zeros past M): row_block's
- * broadcasts of a block read one sequential stream instead of ROWS rows K apart. One task per block (pack_task):
- * packing reads and writes all of A, which in one thread took as long as a tile's products. */
+ * broadcasts of a block read one sequential stream instead of ROWS rows K apart. */
 static void pack_row_block(const float *a, int64_t m, int64_t k, int64_t blk, float *packed) {
   float *out = packed + blk * ROWS * k;
   if (blk * ROWS + ROWS <= m) { /* a whole block: ROWS streams in, one sequential stream out */
@@ -348,10 +347,27 @@ static void pack_row_block(const float *a, int64_t m, int64_t k, int64_t blk, fl
   }
 }
 
-static void pack_task(void *data, size_t blk) {
-  const Work *w = data;
-  pack_row_block(w->a, w->m, w->k, (int64_t)blk, (float *)w->packed);
+/* A's preparation for block `blk` of ROWS rows: fake-quantized (input_type; into `quantized`, which then stands for
+ * A) and packed for the AVX2 prompt loop (`packed` not NULL). One task per block: in the calling thread alone this
+ * took as long as a tile's products. */
+typedef struct {
+  const float *a;
+  float *quantized, *steps, *packed; /* NULL where not needed */
+  int64_t m, k, input_type;
+  float input_scale;
+} Prepare;
+
+static void prepare_block(const Prepare *p, int64_t blk) {
+  const int64_t r0 = blk * ROWS, rows = p->m - r0 < ROWS ? p->m - r0 : ROWS, k = p->k;
+  if (p->input_type == FLOAT4E2M1)
+    fake_quantize_nvfp4(p->a + r0 * k, p->quantized + r0 * k, rows * k / FP4_BLOCK, p->input_scale,
+                        p->steps + r0 * k / FP4_BLOCK);
+  else if (p->input_type)
+    fake_quantize(p->a + r0 * k, p->quantized + r0 * k, rows * k, p->input_scale, p->input_type);
+  if (p->packed != NULL) pack_row_block(p->input_type ? p->quantized : p->a, p->m, k, blk, p->packed);
 }
+
+static void prepare_task(void *data, size_t blk) { prepare_block(data, (int64_t)blk); }
 
 /* The same quantization as integers, for the int8 kernels' activation 1 (matmul_int4_int8.c): per block, twice each
  * e2m1 value (int8, -12..12; the fake-quantized value is twice / 2 * step exactly) and the block's step. */
@@ -501,10 +517,13 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
     free(packed);
     return API(CreateStatus, CreateStatusFn)(ORT_RUNTIME_EXCEPTION, "lowbit.cpu.MatMulNarrowFloat: out of memory");
   }
-  if (nvfp4)
-    fake_quantize_nvfp4(a, quantized, m * k / FP4_BLOCK, input_scale[0], steps);
-  else if (kernel->input_type)
-    fake_quantize(a, quantized, m * k, input_scale[0], kernel->input_type);
+  Prepare prepare = {a, quantized, steps, packed, m, k, kernel->input_type, input_scale ? input_scale[0] : 0.0f};
+  OrtStatus *status = NULL;
+  if (m <= ROWS)
+    prepare_block(&prepare, 0);
+  else if (kernel->input_type || pack)
+    status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(context, prepare_task,
+                                                                        (size_t)((m + ROWS - 1) / ROWS), 0, &prepare);
   if (kernel->input_type) a = quantized;
   const float unit = kernel->weight_type == FLOAT8E4M3FN ? 256.0f : 1.0f;
   int ones = 1;
@@ -518,10 +537,6 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
     per_task = (per_task + TILES_AT_ONCE - 1) / TILES_AT_ONCE * TILES_AT_ONCE;
   Work work = {b, ones ? NULL : factors, e2m1 ? scales : NULL, a, packed, y, m, k, n, n_pad, kernel->weight_type,
                per_task, kernel->avx512};
-  OrtStatus *status = NULL;
-  if (pack)
-    status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(context, pack_task,
-                                                                        (size_t)((m + ROWS - 1) / ROWS), 0, &work);
   if (status == NULL)
     status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(
         context, run_task, (size_t)((tiles + per_task - 1) / per_task), 0, &work);
