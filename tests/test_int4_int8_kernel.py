@@ -380,6 +380,37 @@ def test_the_build_is_cached_under_a_hash_of_its_inputs(tmp_path, monkeypatch):
     assert kernels.library() == first and [p.name for p in tmp_path.iterdir()] == [first.name]
 
 
+def test_the_compiler_reads_the_texts_the_name_hashes(tmp_path, monkeypatch):
+    """The build compiles copies of the texts it hashed, not the package's files read a second time (an edit between
+    the two reads would build one text under the other's name); the copies are gone afterwards."""
+    import subprocess
+    from pathlib import Path
+
+    here = Path(kernels.__file__).parent
+    seen = {}
+
+    def fake_compiler(args, **_):
+        out = Path(args[args.index("-o") + 1])
+        for name in kernels.SOURCES:
+            path = next(Path(a) for a in args if a.endswith("/" + name))
+            seen[name] = (path.parent, path.read_bytes(), (path.parent / kernels.HEADERS[0]).read_bytes())
+        out.write_bytes(b"library")
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "fake-cc")
+    monkeypatch.setattr(kernels, "cpu_has_avx2", lambda: True)
+    monkeypatch.setattr(kernels.subprocess, "run", fake_compiler)
+    built = kernels.library()
+    assert built is not None and built.read_bytes() == b"library"
+    assert set(seen) == set(kernels.SOURCES)
+    for name, (folder, text, header) in seen.items():
+        assert folder != here and text == (here / name).read_bytes()
+        assert header == (here / kernels.HEADERS[0]).read_bytes()
+        assert not folder.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [built.name]
+
+
 def test_folders_without_such_layers_do_not_import_onnx(tmp_path):
     import subprocess
     import sys

@@ -6,7 +6,8 @@ build, or `LOWBIT_KERNELS=0`. Nothing needs the library: the runtime then keeps 
 
 The build is `cc -O3 -mavx2 -mf16c -shared` of the sources beside this file, into `$LOWBIT_CACHE_DIR` (default
 `$XDG_CACHE_HOME/lowbit` or `~/.cache/lowbit`) under a name that hashes the sources, the compiler and the flags,
-written to a temporary name and renamed, so concurrent processes never load a partial file.
+written to a temporary name and renamed, so concurrent processes never load a partial file. The compiler reads
+copies of the texts that were hashed, so a library's name always matches its code.
 """
 
 from __future__ import annotations
@@ -83,7 +84,6 @@ def compiler() -> str | None:
 @lru_cache(maxsize=None)
 def _cached_build(cc: str, folder: str) -> tuple[Path | None, str | None]:
     here = Path(__file__).parent
-    sources = [here / name for name in SOURCES]
     digest = hashlib.sha256()
     try:
         texts = [(here / name).read_bytes() for name in SOURCES + HEADERS]
@@ -101,8 +101,13 @@ def _cached_build(cc: str, folder: str) -> tuple[Path | None, str | None]:
     except OSError as e:
         return None, f"no cache folder for the compiled kernels ({e})"
     try:
-        run = subprocess.run([cc, *FLAGS, "-o", partial, *map(str, sources), "-lm"], capture_output=True, text=True,
-                             timeout=300)
+        # the compiler reads the very texts the name hashes (copies), not the files again: a source edited between
+        # the two reads would otherwise be built under the other text's name
+        with tempfile.TemporaryDirectory(prefix=f".{LIBRARY_STEM}-src-", dir=target.parent) as copies:
+            for name, text in zip(SOURCES + HEADERS, texts):
+                Path(copies, name).write_bytes(text)
+            run = subprocess.run([cc, *FLAGS, "-o", partial, *(str(Path(copies, name)) for name in SOURCES), "-lm"],
+                                 capture_output=True, text=True, timeout=300)
         if run.returncode != 0:
             first = next((line for line in run.stderr.splitlines() if "error" in line), run.stderr.strip()[:200])
             return None, f"the C compiler failed ({first})"
