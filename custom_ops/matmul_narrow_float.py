@@ -14,9 +14,9 @@ builds in memory
              value / 256 (exact, subnormals included)
     f[n] = scales[n] (or scales[0]) * (256 for e4m3fn, else 1), float32 (w[k, n] * f[n] is the weight
              DequantizeLinear makes; e2m1: f = 1, each w already times its block's step)
-    Y[m, n] = acc * f[n] after acc = 0; for k in order: acc = acc + A[m, k] * w[k, n] (float32 multiply, then
-             float32 add; the column's factor once on the finished sum, not on every weight: a multiply fewer per
-             weight, the same product up to float32 rounding)
+    Y[m, n] = acc * f[n] after acc = 0; for k in order: acc = fma(A[m, k], w[k, n], acc) (a fused multiply-add:
+             the exact product plus acc, rounded once to float32, `fma32`; the column's factor once on the finished
+             sum, not on every weight: a multiply fewer per weight, the same product up to float32 rounding)
 
 With `input_type` 17 or 19 (and a scalar `input_scale` s), A is first fake-quantized as ONNX Runtime's
 QuantizeLinear -> DequantizeLinear to that float8 type with zero point 0 does it (`fake_quantize`):
@@ -191,5 +191,22 @@ def reference_matmul(a: np.ndarray, weight: NarrowFloatWeight, input_quant: tupl
     w = widened(weight)
     acc = np.zeros((a2.shape[0], w.shape[1]), np.float32)
     for k in range(weight.k):
-        acc = acc + a2[:, k:k + 1] * w[k]
+        acc = fma32(a2[:, k:k + 1], w[k], acc)
     return (acc * factors(weight))[:, : weight.n].reshape(*lead, weight.n)
+
+
+def fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 a * b + c rounded once, to nearest even, as the CPU's fused multiply-add (finite values): the product
+    is exact in float64 (24 + 24 bits), the sum s rounded to float64 with its exact error e (TwoSum); rounding s to
+    float32 gives the right result except where s lies exactly halfway between two float32 values and e is not 0:
+    then the exact sum lies on e's side of that point."""
+    p = np.asarray(a, np.float64) * np.asarray(b, np.float64)
+    c64 = np.asarray(c, np.float32).astype(np.float64)
+    s = p + c64
+    t = s - p
+    e = (p - (s - t)) + (c64 - t)
+    r = s.astype(np.float32)
+    below = np.where(r.astype(np.float64) <= s, r, np.nextafter(r, np.float32(-np.inf)))
+    above = np.nextafter(below, np.float32(np.inf))
+    halfway = (s == (below.astype(np.float64) + above.astype(np.float64)) / 2) & (e != 0)
+    return np.where(halfway, np.where(e > 0, above, below), r).astype(np.float32)

@@ -4,6 +4,8 @@ kernel bit for bit against its reference, and float16 / FP8 folders against ONNX
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -34,6 +36,27 @@ def test_every_float8_code_widens_to_its_value(name):
     finite = ~np.isnan(expected)
     assert np.array_equal(values[finite], expected[finite])
     assert np.array_equal(np.signbit(values[finite]), np.signbit(expected[finite]))
+
+
+def exact_float32(x) -> np.float32:
+    """The rational x rounded to float32, to nearest, ties to even."""
+    near = np.float32(float(x))
+    candidates = [np.nextafter(near, np.float32(-np.inf)), near, np.nextafter(near, np.float32(np.inf))]
+    return min(candidates, key=lambda v: (abs(Fraction(float(v)) - x), int(np.array(v).view(np.uint32)) & 1))
+
+
+def test_fma32_rounds_the_exact_sum_once(rng):
+    """The reference's fused multiply-add equals the exact a * b + c rounded once to float32 (rational arithmetic):
+    random values over many magnitudes, and a sum whose float64 rounding lands exactly halfway between two float32
+    values (1 + 2^-23 plus just under half its ulp: one rounding gives 1 + 2^-23, rounding through float64 twice
+    would give the even neighbour 1 + 2^-22)."""
+    c = np.float32(1 + 2.0 ** -23)
+    a, b = np.float32(2.0 ** -24 * (1 + 2.0 ** -23)), np.float32(1 - 2.0 ** -23)
+    assert op.fma32(a, b, c) == c != np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+    a, b, c = (rng.standard_normal(3000) * 10.0 ** rng.integers(-8, 8, 3000)).astype(np.float32).reshape(3, 1000)
+    got = op.fma32(a, b, c)
+    expected = [exact_float32(Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z))) for x, y, z in zip(a, b, c)]
+    assert np.array_equal(got, np.array(expected, np.float32))
 
 
 @pytest.mark.parametrize("name", list(DTYPES))

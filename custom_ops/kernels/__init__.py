@@ -4,7 +4,7 @@
 `lowbit.cpu.*` nodes, or None with the reason in `unavailable()`: no x86-64 CPU with AVX2, no C compiler, a failed
 build, or `LOWBIT_KERNELS=0`. Nothing needs the library: the runtime then keeps ONNX Runtime's own nodes.
 
-The build is `cc -O3 -mavx2 -mf16c -shared` of the sources beside this file, into `$LOWBIT_CACHE_DIR` (default
+The build is `cc -O3 -mavx2 -mf16c -mfma -shared` of the sources beside this file, into `$LOWBIT_CACHE_DIR` (default
 `$XDG_CACHE_HOME/lowbit` or `~/.cache/lowbit`) under a name that hashes the sources, the compiler and the flags,
 written to a temporary name and renamed, so concurrent processes never load a partial file. The compiler reads
 copies of the texts that were hashed, so a library's name always matches its code.
@@ -24,7 +24,7 @@ from pathlib import Path
 ENV_SWITCH = "LOWBIT_KERNELS"
 SOURCES = ("register.c", "matmul_int4_int8.c", "matmul_narrow_float.c")
 HEADERS = ("ort_api.h",)
-FLAGS = ("-O3", "-mavx2", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden")
+FLAGS = ("-O3", "-mavx2", "-mf16c", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden")
 LIBRARY_STEM = "lowbit_cpu_kernels"
 
 
@@ -63,8 +63,8 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_has_avx2() -> bool:
-    """AVX2 and F16C (every AVX2 CPU has both)."""
-    return {"avx2", "f16c"} <= cpu_flags()
+    """AVX2, F16C and FMA (every AVX2 CPU has all three)."""
+    return {"avx2", "f16c", "fma"} <= cpu_flags()
 
 
 def cpu_has_avx512_vnni() -> bool:
