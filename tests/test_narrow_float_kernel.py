@@ -163,6 +163,37 @@ def test_fake_quantize_is_onnx_runtimes_quantize_dequantize_pair(input_type, rng
 
 
 @needs_kernel
+@pytest.mark.parametrize("name", ["e4m3fn", "e5m2"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_token_float8_route_equals_the_reference_and_knows_its_limits(name, threads, rng):
+    """One token's float8 weights are widened straight to float32 bit patterns (the value times 2^-120 or 2^-112,
+    subnormals as float32 subnormals) against the activation times 2^112: exact while every |A| < 2^16 and where
+    the thread keeps subnormal inputs (no DAZ). Every code (subnormals included) against a token, a token with an
+    activation of 2^16 and one of -3e4; and on one thread (the kernel then runs on the calling thread) with
+    subnormal inputs treated as zero (torch.set_flush_denormal: DAZ and FTZ in MXCSR), where the scaled route would
+    zero the subnormal weights: the kernel equals the reference bit for bit in all of them."""
+    torch = pytest.importorskip("torch")
+    codes = np.arange(256, dtype=np.uint8).view(DTYPES[name])
+    with np.errstate(invalid="ignore"):
+        finite = codes[np.isfinite(codes.astype(np.float32))]
+    w = rng.permutation(np.tile(finite, 13))[: 64 * 48].reshape(64, 48)
+    packed = op.pack(w, rng.uniform(0.5, 2, 48).astype(np.float32))
+    tokens = [rng.standard_normal((1, 64)).astype(np.float32) for _ in range(3)]
+    tokens[1][0, 7] = 2.0 ** 16  # the other route
+    tokens[2][0, 9] = -3e4  # still scaled: 3e4 * 2^112 < 2^127
+    expected = [op.reference_matmul(a, packed) for a in tokens]
+    session = kernel_session(packed, threads)
+    for a, y in zip(tokens, expected):
+        assert np.array_equal(session.run(None, {"A": a})[0], y)
+    if threads == 1 and torch.set_flush_denormal(True):
+        try:
+            got = session.run(None, {"A": tokens[0]})[0]
+        finally:
+            torch.set_flush_denormal(False)
+        assert np.array_equal(got, expected[0])
+
+
+@needs_kernel
 @pytest.mark.parametrize("input_type", [op.FLOAT8E4M3FN, op.FLOAT8E5M2])
 @pytest.mark.parametrize("lead", [(1,), (3, 5), (1, 11)])
 def test_kernel_with_float8_inputs_equals_the_reference(input_type, lead, rng):

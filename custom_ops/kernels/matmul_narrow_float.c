@@ -60,6 +60,7 @@ typedef struct {
   float *y;             /* [M, N] */
   int64_t m, k, n, n_pad, weight_type, tiles_per_task;
   int avx512;
+  int float8_as_float32; /* M == 1, float8 weights, every |A| < 2^16: widen8_scaled (unless the thread has DAZ) */
 } Work;
 
 /* Row k of a tile (16 weights at p) as float32: lo = columns 0..7, hi = 8..15. */
@@ -123,6 +124,25 @@ __attribute__((always_inline)) static inline void widen16_e2m1(const uint8_t *p,
   *hi = _mm256_mul_ps(_mm256_cvtph_ps(_mm_unpackhi_epi8(zero, f16_high)), _mm256_loadu_ps(step + 8));
 }
 
+/* One token's float8 route: the 16 bytes of a row straight into float32 bit patterns, sign-extended to 32 bits,
+ * shifted so that e4m3's 7 bits (e5m2's) fill the low 4 (5) bits of the exponent field and the mantissa's top, the
+ * sign bits in between cleared: exactly the value times 2^-120 (e4m3) or 2^-112 (e5m2), subnormals becoming
+ * float32 subnormals. The activation is multiplied by 2^112 instead (exact while |A| < 2^16), and since a fused
+ * multiply-add rounds only the sum, fma(A * 2^112, value * 2^-120, acc) is fma(A, value / 256, acc) bit for bit
+ * (e5m2: fma(A, value, acc)). 3 instructions for 8 weights and no F16C conversion: one token on one core, 576 x
+ * 3072, e4m3 11.3 -> 15.8, e5m2 14.6 -> 15.9 Gweights/s. Not where the thread treats subnormal inputs as zero
+ * (MXCSR DAZ), which would zero e4m3's subnormal weights here. */
+#define FLOAT8_X_SCALE 0x1p112f
+__attribute__((always_inline)) static inline void widen8_scaled(const uint8_t *p, const int64_t type, __m256 *lo,
+                                                                __m256 *hi) {
+  const int shift = type == FLOAT8E4M3FN ? 20 : 21;
+  const __m256i keep = _mm256_set1_epi32((int)(type == FLOAT8E4M3FN ? 0x87F00000u : 0x8FE00000u));
+  const __m256i b0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+  const __m256i b1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+  *lo = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(b0, shift), keep));
+  *hi = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(b1, shift), keep));
+}
+
 /* Row k of tile t as the float32 values v that the sums take: widened (FLOAT4E2M1: times its block's step; the
  * columns' factors multiply the finished sums, `scale_sums`). */
 __attribute__((always_inline)) static inline void weights16(const Work *w, int64_t t, int64_t k, const uint8_t *p,
@@ -157,18 +177,22 @@ static inline void load_partial(const Work *w, int64_t t, int64_t row, __m256 *l
 /* M == 1: tiles t0 .. t0 + T - 1 in one pass over K (T independent streams of weights); T and the weight type are
  * constants in each copy the compiler makes (one_row_typed). */
 __attribute__((always_inline)) static inline void one_row(const Work *w, int64_t t0, const int T,
-                                                          const int64_t type) {
+                                                          const int64_t type, const int scaled) {
   const int64_t row_bytes = ROW_BYTES(type), tile_bytes = w->k * row_bytes;
   const uint8_t *b = w->b + (size_t)(t0 * tile_bytes);
   __m256 acc[2 * TILES_AT_ONCE];
   _Pragma("GCC unroll 16")
   for (int j = 0; j < 2 * T; j++) acc[j] = _mm256_setzero_ps();
   for (int64_t k = 0; k < w->k; k++) {
-    const __m256 x = _mm256_broadcast_ss(w->a + k);
+    const __m256 x = scaled ? _mm256_mul_ps(_mm256_broadcast_ss(w->a + k), _mm256_set1_ps(FLOAT8_X_SCALE))
+                            : _mm256_broadcast_ss(w->a + k);
     _Pragma("GCC unroll 16")
     for (int j = 0; j < T; j++) {
       __m256 lo, hi;
-      weights16(w, t0 + j, k, b + j * tile_bytes + k * row_bytes, type, &lo, &hi);
+      if (scaled)
+        widen8_scaled(b + j * tile_bytes + k * row_bytes, type, &lo, &hi);
+      else
+        weights16(w, t0 + j, k, b + j * tile_bytes + k * row_bytes, type, &lo, &hi);
       acc[2 * j] = _mm256_fmadd_ps(x, lo, acc[2 * j]);
       acc[2 * j + 1] = _mm256_fmadd_ps(x, hi, acc[2 * j + 1]);
     }
@@ -432,13 +456,24 @@ __attribute__((target("avx512f"))) static void many_rows512(const Work *w, int64
   }
 }
 
-__attribute__((always_inline)) static inline void one_row_typed(const Work *w, int64_t t, const int T) {
+__attribute__((always_inline)) static inline void one_row_typed(const Work *w, int64_t t, const int T,
+                                                                const int scaled) {
   switch (w->weight_type) {
-    case FLOAT16: one_row(w, t, T, FLOAT16); break;
-    case BFLOAT16: one_row(w, t, T, BFLOAT16); break;
-    case FLOAT8E4M3FN: one_row(w, t, T, FLOAT8E4M3FN); break;
-    case FLOAT8E5M2: one_row(w, t, T, FLOAT8E5M2); break;
-    default: one_row(w, t, T, FLOAT4E2M1); break;
+    case FLOAT16: one_row(w, t, T, FLOAT16, 0); break;
+    case BFLOAT16: one_row(w, t, T, BFLOAT16, 0); break;
+    case FLOAT8E4M3FN:
+      if (scaled)
+        one_row(w, t, T, FLOAT8E4M3FN, 1);
+      else
+        one_row(w, t, T, FLOAT8E4M3FN, 0);
+      break;
+    case FLOAT8E5M2:
+      if (scaled)
+        one_row(w, t, T, FLOAT8E5M2, 1);
+      else
+        one_row(w, t, T, FLOAT8E5M2, 0);
+      break;
+    default: one_row(w, t, T, FLOAT4E2M1, 0); break;
   }
 }
 
@@ -447,12 +482,13 @@ static void run_task(void *data, size_t task) {
   const int64_t tiles = w->n_pad / TILE, t0 = (int64_t)task * w->tiles_per_task;
   const int64_t t1 = t0 + w->tiles_per_task < tiles ? t0 + w->tiles_per_task : tiles;
   if (w->m == 1) {
+    const int scaled = w->float8_as_float32 && !(_mm_getcsr() & 0x0040); /* MXCSR DAZ: this thread's setting */
     for (int64_t t = t0; t < t1; t += TILES_AT_ONCE) {
       switch (t1 - t < TILES_AT_ONCE ? t1 - t : TILES_AT_ONCE) {
-        case 1: one_row_typed(w, t, 1); break;
-        case 2: one_row_typed(w, t, 2); break;
-        case 3: one_row_typed(w, t, 3); break;
-        default: one_row_typed(w, t, TILES_AT_ONCE); break;
+        case 1: one_row_typed(w, t, 1, scaled); break;
+        case 2: one_row_typed(w, t, 2, scaled); break;
+        case 3: one_row_typed(w, t, 3, scaled); break;
+        default: one_row_typed(w, t, TILES_AT_ONCE, scaled); break;
       }
     }
     return;
@@ -532,8 +568,10 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
   int64_t per_task = (tiles + TASKS - 1) / TASKS;
   if (m == 1 || kernel->avx512)  /* whole groups of TILES_AT_ONCE (TILES512 too); AVX2 prompts: tile by tile */
     per_task = (per_task + TILES_AT_ONCE - 1) / TILES_AT_ONCE * TILES_AT_ONCE;
+  int float8_as_float32 = m == 1 && (kernel->weight_type == FLOAT8E4M3FN || kernel->weight_type == FLOAT8E5M2);
+  for (int64_t i = 0; float8_as_float32 && i < k; i++) float8_as_float32 = fabsf(a[i]) < 0x1p16f;
   Work work = {b, ones ? NULL : factors, e2m1 ? scales : NULL, a, packed, y, m, k, n, n_pad, kernel->weight_type,
-               per_task, kernel->avx512};
+               per_task, kernel->avx512, float8_as_float32};
   if (status == NULL)
     status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(
         context, run_task, (size_t)((tiles + per_task - 1) / per_task), 0, &work);
