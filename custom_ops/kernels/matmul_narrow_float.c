@@ -461,18 +461,8 @@ __attribute__((always_inline)) static inline void one_row_typed(const Work *w, i
   switch (w->weight_type) {
     case FLOAT16: one_row(w, t, T, FLOAT16, 0); break;
     case BFLOAT16: one_row(w, t, T, BFLOAT16, 0); break;
-    case FLOAT8E4M3FN:
-      if (scaled)
-        one_row(w, t, T, FLOAT8E4M3FN, 1);
-      else
-        one_row(w, t, T, FLOAT8E4M3FN, 0);
-      break;
-    case FLOAT8E5M2:
-      if (scaled)
-        one_row(w, t, T, FLOAT8E5M2, 1);
-      else
-        one_row(w, t, T, FLOAT8E5M2, 0);
-      break;
+    case FLOAT8E4M3FN: (scaled ? one_row(w, t, T, FLOAT8E4M3FN, 1) : one_row(w, t, T, FLOAT8E4M3FN, 0)); break;
+    case FLOAT8E5M2: (scaled ? one_row(w, t, T, FLOAT8E5M2, 1) : one_row(w, t, T, FLOAT8E5M2, 0)); break;
     default: one_row(w, t, T, FLOAT4E2M1, 0); break;
   }
 }
