@@ -166,7 +166,7 @@ def relative(a, b) -> float:
 
 def near_rounding_boundary(scaled: np.ndarray, rounding) -> np.ndarray:
     """Per row of `scaled` [..., K] (activations divided by their quantization scale), whether some value lies so
-    near a boundary of the monotone `rounding` (np.rint, a float8 cast as integers) that another implementation of
+    near a boundary of the monotone `rounding` (np.rint; a float8 cast back to float32) that another implementation of
     the same float32 math (sums in another order upstream) may round it the other way: within 2e-6 of itself or
     1e-7 (about an ulp) of the row's largest magnitude (a sum's rounding error scales with its terms, not with a small
     result)."""

@@ -46,6 +46,11 @@ def ml_dtypes_fp8(values_over_scale: np.ndarray, flavour: str) -> np.ndarray:
     return np.clip(np.asarray(values_over_scale, np.float32), -top, top).astype(dtype)
 
 
+def float8_rounding(flavour: str):
+    """`ml_dtypes_fp8` as a monotone function to float32 values (conftest.near_rounding_boundary's `rounding`)."""
+    return lambda values_over_scale: ml_dtypes_fp8(values_over_scale, flavour).astype(np.float32)
+
+
 def scale_reference(absmax: float, flavour: str, dtype=np.float16):
     """max|x| / fp8_max in float32, rounded to `dtype`, at least its smallest normal (float16: 2^-14)."""
     return np.dtype(dtype).type(max(np.float32(absmax) / np.float32(FP8[flavour][1]), np.float32(np.finfo(dtype).tiny)))
@@ -213,7 +218,7 @@ class FakeQuantReference:
             scaled = x / x_scale
             # a value near a float8 rounding boundary may round either way in another implementation of the same
             # float32 math (a different summation order upstream): mark its token
-            self.near_tie |= near_rounding_boundary(scaled, lambda v: ml_dtypes_fp8(v, self.flavour).astype(np.float32))
+            self.near_tie |= near_rounding_boundary(scaled, float8_rounding(self.flavour))
             fake = ml_dtypes_fp8(scaled, self.flavour).astype(np.float32) * x_scale
             return (torch.from_numpy(fake),)
 

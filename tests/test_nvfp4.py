@@ -27,7 +27,8 @@ from lowbit.converter.recipes import load_recipe, parse_recipe, resolve_recipe
 from lowbit.custom_ops import nvfp4 as nvfp4_ops
 from lowbit.errors import LowbitError
 from tests.conftest import REPO, STORIES, build_tiny_model, near_rounding_boundary
-from tests.test_fp8 import CALIBRATION_TEXT, fused_hf_names, ml_dtypes_fp8, onnx_logits, write_char_tokenizer
+from tests.test_fp8 import (CALIBRATION_TEXT, float8_rounding, fused_hf_names, ml_dtypes_fp8, onnx_logits,
+                            write_char_tokenizer)
 
 torch = pytest.importorskip("torch")
 ct_forward = pytest.importorskip("compressed_tensors.quantization.lifecycle.forward")
@@ -309,7 +310,7 @@ def test_sample_b_on_tiny_llama_equals_transformers(rng, tmp_path):
     def fp8_hook(x_scale):
         def hook(_linear, args):
             scaled = args[0].numpy() / x_scale
-            near_tie["mask"] |= near_rounding_boundary(scaled, lambda v: ml_dtypes_fp8(v, "e4m3").astype(np.float32))
+            near_tie["mask"] |= near_rounding_boundary(scaled, float8_rounding("e4m3"))
             return (torch.from_numpy(ml_dtypes_fp8(scaled, "e4m3").astype(np.float32) * x_scale),)
         return hook
 

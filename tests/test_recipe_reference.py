@@ -7,10 +7,10 @@ FP8 values, NVFP4 codes alike, whatever algorithm chose them), and whose inputs 
 activations go through the recipe's activation rounding in numpy: FP8 e4m3 with the folder's calibrated static
 scale (ml_dtypes), or ONNX's DynamicQuantizeLinear (uint8, per tensor, per call). A value near a rounding boundary
 (tests/conftest.py, near_rounding_boundary) may round either way after float32 sums in another order, so the
-comparison stops at the first
-token of a row where some linear input lay there (causal attention carries it on), as tests/test_fp8.py does. With
-one dynamic range per call, a token past that point may also move the call's range when it lies near its min or max;
-then the whole call stops being compared (`RecipeReference._mark_range_from_diverged_tokens`)."""
+comparison stops at the first token of a row where some linear input lay there (causal attention carries it on),
+as tests/test_fp8.py does. With one dynamic range per call, a token past that point may also move the call's range
+when it lies near its min or max; then the whole call stops being compared
+(`RecipeReference._mark_range_from_diverged_tokens`)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from lowbit.converter.emit.graph_weights import read_activation, read_weight
 from lowbit import nvfp4
 from lowbit.affine import dequantize
 from tests.conftest import REPO, build_tiny_model, near_rounding_boundary
-from tests.test_fp8 import CALIBRATION_TEXT, load_fused_weight, ml_dtypes_fp8, onnx_logits, write_char_tokenizer
+from tests.test_fp8 import (CALIBRATION_TEXT, float8_rounding, load_fused_weight, ml_dtypes_fp8, onnx_logits,
+                            write_char_tokenizer)
 from tests.test_w8a8 import dynamic_quantize_linear
 
 torch = pytest.importorskip("torch")
@@ -84,8 +85,7 @@ class RecipeReference:
             x = args[0].numpy()
             if activation.get("element") == "e4m3":  # static FP8, symmetric, per tensor
                 scale = np.float32(static[0][0])
-                self.near_tie |= near_rounding_boundary(x / scale,
-                                                        lambda v: ml_dtypes_fp8(v, "e4m3").astype(np.float32))
+                self.near_tie |= near_rounding_boundary(x / scale, float8_rounding("e4m3"))
                 return (torch.from_numpy(ml_dtypes_fp8(x / scale, "e4m3").astype(np.float32) * scale),)
             assert activation["dynamic"] and activation["type"] == "int", activation  # DynamicQuantizeMatMul
             fake = np.empty_like(x)
