@@ -1,0 +1,106 @@
+"""lowbit's CPU kernels alone, one node at a time, on SmolLM2-135M's shapes (random weights).
+
+    python benchmarks/kernel_speed.py [--reps 300]
+
+- One token (M = 1, one thread, K = 576, N = 3072) on `lowbit.cpu.MatMulNarrowFloat` for every weight type it
+  reads (bfloat16, float16, e4m3, e5m2, e2m1): Gweights/s, best of --reps calls.
+- A decoder layer's four prompt linears (M = 128: qkv 576 x 960, o 576 x 576, gate/up 576 x 3072, down
+  1536 x 576) on `MatMulNarrowFloat` with bfloat16 weights against ONNX Runtime's float32 MatMul on the same
+  values, one and two threads.
+- Prompt calls (M = 128) on `lowbit.cpu.MatMulInt4Int8` (4-bit codes, zero points, one group over K and groups of
+  32), K = 576 and 1536, N = 576, two threads.
+
+Each number is the best of --reps runs of one ORT session holding one node; the kernel library is the one the
+runtime builds (custom_ops/kernels/). docs/performance.md and docs/targets.md quote its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.conftest import graph_session, kernel_node_session  # noqa: E402
+
+from lowbit.custom_ops import matmul_int4_int8 as int4  # noqa: E402
+from lowbit.custom_ops import matmul_narrow_float as narrow  # noqa: E402
+
+LAYER = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (K, N) of a decoder layer's linears
+
+
+def best_seconds(session, a: np.ndarray, reps: int) -> float:
+    session.run(None, {"A": a})
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        session.run(None, {"A": a})
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def narrow_weight(rng, k: int, n: int, kind: str):
+    if kind == "e2m1":
+        steps = rng.uniform(0.02, 400, (n, k // 16)).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) / 100
+        return narrow.pack_e2m1(rng.integers(0, 16, (n, k)).astype(np.uint8), steps.astype(np.float32))
+    dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "e4m3": ml_dtypes.float8_e4m3fn,
+             "e5m2": ml_dtypes.float8_e5m2}[kind]
+    scales = rng.uniform(0.5, 1.5, n).astype(np.float32) if kind.startswith("e") else None
+    return narrow.pack(rng.standard_normal((k, n)).astype(dtype), scales)
+
+
+def narrow_session(weight, threads: int):
+    return kernel_node_session(narrow.OP_TYPE, {"B": weight.b, "S": weight.scales}, threads, K=weight.k, N=weight.n,
+                               weight_type=weight.weight_type)
+
+
+def float32_session(w: np.ndarray, threads: int):
+    from onnx import helper
+
+    return graph_session([helper.make_node("MatMul", ["A", "W"], ["Y"])], {"W": w}, threads)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=300)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+
+    print("One token, one thread, K = 576, N = 3072 (MatMulNarrowFloat):")
+    a = rng.standard_normal((1, 576)).astype(np.float32)
+    for kind in ("bfloat16", "float16", "e4m3", "e5m2", "e2m1"):
+        seconds = best_seconds(narrow_session(narrow_weight(rng, 576, 3072, kind), 1), a, args.reps * 5)
+        print(f"  {kind:8s} {seconds * 1e6:7.1f} us  {576 * 3072 / seconds / 1e9:5.2f} Gweights/s")
+
+    print("A layer's four prompt linears, M = 128 (MatMulNarrowFloat bfloat16 vs ORT float32 MatMul):")
+    for threads in (1, 2):
+        ours = theirs = 0.0
+        for k, n in LAYER:
+            values = rng.standard_normal((k, n)).astype(ml_dtypes.bfloat16)
+            a = rng.standard_normal((128, k)).astype(np.float32)
+            ours += best_seconds(narrow_session(narrow.pack(values), threads), a, args.reps)
+            theirs += best_seconds(float32_session(values.astype(np.float32), threads), a, args.reps)
+        print(f"  {threads} thread(s): kernel {ours * 1e3:.3f} ms, float32 MatMul {theirs * 1e3:.3f} ms, "
+              f"ratio {theirs / ours:.2f}")
+
+    print("Prompt calls, M = 128, N = 576, two threads (MatMulInt4Int8, 4-bit codes with zero points):")
+    for group in (0, 32):
+        for k in (576, 1536):
+            g = group or k
+            groups = -(-k // g)
+            weight = int4.pack(rng.integers(0, 16, (576, k)), (rng.random((groups, 576)) + 0.5).astype(np.float32),
+                               rng.integers(0, 16, (groups, 576)), g, layout=int4.VNNI)
+            session = kernel_node_session("MatMulInt4Int8", {"B": weight.b, "scales": weight.scales,
+                                                             "zero_points": weight.zero_points}, 2, K=k, N=576,
+                                          group_size=g, layout=int4.VNNI)
+            seconds = best_seconds(session, rng.standard_normal((128, k)).astype(np.float32), args.reps)
+            print(f"  K = {k:4d}, {'one group' if not group else f'groups of {group}':10s} {seconds * 1e6:7.1f} us")
+
+
+if __name__ == "__main__":
+    main()
