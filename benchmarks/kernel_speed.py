@@ -1,6 +1,6 @@
 """lowbit's CPU kernels alone, one node at a time, on SmolLM2-135M's shapes (random weights).
 
-    python benchmarks/kernel_speed.py [--reps 300]
+    python benchmarks/kernel_speed.py [--reps 300] [--library PATH]
 
 - One token (M = 1, one thread, K = 576, N = 3072) on `lowbit.cpu.MatMulNarrowFloat` for every weight type it
   reads (bfloat16, float16, e4m3, e5m2, e2m1): Gweights/s, best of --reps calls.
@@ -9,9 +9,14 @@
   values, one and two threads.
 - Prompt calls (M = 128) on `lowbit.cpu.MatMulInt4Int8` (4-bit codes, zero points, one group over K and groups of
   32), K = 576 and 1536, N = 576, two threads.
+- A decode step's linears: 30 layers' four one-token calls chained in one graph, every weight its own (so they
+  stream from memory as in a model), two threads, 4-bit codes (`MatMulInt4Int8`) and 8-bit codes
+  (`MatMulInt8Int8`), both with zero points per column; and a tied `lm_head` (576 x 49152) one token on two
+  threads in bfloat16, float16 and e4m3 (`MatMulNarrowFloat`): ms and GB/s of weights read.
 
-Each number is the best of --reps runs of one ORT session holding one node; the kernel library is the one the
-runtime builds (custom_ops/kernels/). docs/performance.md and docs/targets.md quote its output.
+Each number is the best of --reps runs of one ORT session (--reps / 5 for the decode step); the kernel library is
+the one the runtime builds (custom_ops/kernels/), or --library, a compiled copy to compare with (an A/B of two
+builds). docs/performance.md and docs/targets.md quote its output.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.conftest import graph_session, kernel_node_session  # noqa: E402
 
+from lowbit.custom_ops import kernels  # noqa: E402
 from lowbit.custom_ops import matmul_int4_int8 as int4  # noqa: E402
+from lowbit.custom_ops import matmul_int8_int8 as int8  # noqa: E402
 from lowbit.custom_ops import matmul_narrow_float as narrow  # noqa: E402
 
 LAYER = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (K, N) of a decoder layer's linears
@@ -65,10 +72,41 @@ def float32_session(w: np.ndarray, threads: int):
     return graph_session([helper.make_node("MatMul", ["A", "W"], ["Y"])], {"W": w}, threads)
 
 
+def decode_linears_session(rng, bits: int, layers: int = 30):
+    """A decode step's linears: per layer qkv -> o -> gate/up -> down, the outputs sliced to the next call's K."""
+    from onnx import helper
+
+    nodes, weights = [], {"start": np.array([0], np.int64), "axis": np.array([-1], np.int64)}
+    module = int4 if bits == 4 else int8
+    x = "A"
+    for layer in range(layers):
+        for name, (k, n) in zip(("qkv", "o", "gate_up", "down"), LAYER):
+            if x != "A" and name in ("o", "down"):  # the attention output / SwiGLU product is K wide
+                weights.setdefault(f"end{k}", np.array([k], np.int64))
+                nodes.append(helper.make_node("Slice", [x, "start", f"end{k}", "axis"], [f"{x}_k"]))
+                x = f"{x}_k"
+            prefix = f"l{layer}_{name}"
+            codes = rng.integers(0, 2**bits, (n, k))
+            scales = (rng.random((1, n)) + 0.5).astype(np.float32)
+            layout = {"layout": int4.VNNI} if bits == 4 else {}
+            weight = module.pack(codes, scales, rng.integers(0, 2**bits, (1, n)), k, **layout)
+            weights.update({f"{prefix}_b": weight.b, f"{prefix}_s": weight.scales, f"{prefix}_z": weight.zero_points})
+            nodes.append(helper.make_node(f"MatMulInt{bits}Int8", [x, f"{prefix}_b", f"{prefix}_s", f"{prefix}_z"],
+                                          [prefix], domain="lowbit.cpu", K=k, N=n, group_size=k, **layout))
+            x = prefix
+    nodes.append(helper.make_node("Identity", [x], ["Y"]))
+    return graph_session(nodes, weights, 2, domains={"lowbit.cpu": 1}, kernels=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=300)
+    parser.add_argument("--library", type=Path, help="a compiled kernel library to measure instead of the runtime's")
     args = parser.parse_args()
+    if args.library is not None:
+        if not args.library.is_file():
+            parser.error(f"--library {args.library}: no such file")
+        kernels.library = lambda: args.library.resolve()
     rng = np.random.default_rng(0)
 
     print("One token, one thread, K = 576, N = 3072 (MatMulNarrowFloat):")
@@ -100,6 +138,18 @@ def main():
                                           group_size=g, layout=int4.VNNI)
             seconds = best_seconds(session, rng.standard_normal((128, k)).astype(np.float32), args.reps)
             print(f"  K = {k:4d}, {'one group' if not group else f'groups of {group}':10s} {seconds * 1e6:7.1f} us")
+
+    print("A decode step's linears, 30 layers of one-token calls, two threads (weights streamed from memory):")
+    weights = 30 * sum(k * n for k, n in LAYER)
+    a = rng.standard_normal((1, 576)).astype(np.float32)
+    for bits in (4, 8):
+        seconds = best_seconds(decode_linears_session(rng, bits), a, max(args.reps // 5, 1))
+        print(f"  {bits}-bit codes  {seconds * 1e3:6.3f} ms  {weights * bits / 8 / seconds / 1e9:5.1f} GB/s")
+    print("An lm_head, 576 x 49152, one token, two threads (MatMulNarrowFloat):")
+    for kind in ("bfloat16", "float16", "e4m3"):
+        weight = narrow_weight(rng, 576, 49152, kind)
+        seconds = best_seconds(narrow_session(weight, 2), a, max(args.reps // 5, 1))
+        print(f"  {kind:8s} {seconds * 1e3:6.3f} ms  {weight.b.nbytes / seconds / 1e9:5.1f} GB/s")
 
 
 if __name__ == "__main__":
