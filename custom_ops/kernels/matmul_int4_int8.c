@@ -45,7 +45,7 @@
 /* One token (R == 1) reads each weight from memory once, with few instructions per cache line: the loops then keep
  * too few lines in flight to reach the memory's bandwidth, and the hardware prefetcher does not make up for it. Each
  * line is asked for PREFETCH_AHEAD bytes ahead (past the end of B, the prefetch is ignored): 120 decode-shaped calls
- * in one graph, two threads, 8-bit codes 5.3 -> 4.2 ms, 4-bit 2.75 -> 2.3 ms (docs/performance.md). */
+ * in one graph, two threads, 8-bit codes 5.9 -> 4.9 ms, 4-bit 3.6 -> 2.7 ms (docs/performance.md). */
 #define PREFETCH_AHEAD 1024
 #define PREFETCH_LINE(p) _mm_prefetch((const char *)(p) + PREFETCH_AHEAD, _MM_HINT_T0)
 

@@ -44,7 +44,7 @@ enum { FLOAT16 = 10, BFLOAT16 = 16, FLOAT8E4M3FN = 17, FLOAT8E5M2 = 19, FLOAT4E2
 #define TILES_AT_ONCE 4 /* tiles per pass when M == 1: 8 independent accumulators */
 /* M == 1 streams each weight from memory once; the hardware prefetcher alone leaves the memory's bandwidth unused
  * (matmul_int4_int8.c, PREFETCH_AHEAD): each cache line is asked for this many bytes ahead. 576 x 49152 (an
- * lm_head), two threads: float16 / bfloat16 -10%, e4m3 -2% (docs/performance.md). */
+ * lm_head), two threads: float16 / bfloat16 about -10%, e4m3 unchanged (docs/performance.md). */
 #define PREFETCH_AHEAD 1024
 #define KC 1536 /* at most this many rows of K widened at once when M > 1 (96 KB on the stack, in L2): all of K in
                  * one chunk up to 1536 rows, no partial sums through Y (K = 1536: 1.30 -> 1.25 ms; 256 rows: 1.35) */
