@@ -11,7 +11,7 @@
   32), K = 576 and 1536, N = 576, two threads.
 - A decode step's linears: 30 layers' four one-token calls chained in one graph, every weight its own (so they
   stream from memory as in a model), two threads, 4-bit codes (`MatMulInt4Int8`) and 8-bit codes
-  (`MatMulInt8Int8`), both with zero points per column; and a tied `lm_head` (576 x 49152) one token on two
+  (`MatMulInt8Int8`), both with zero points per column; and an `lm_head` (576 x 49152) one token on two
   threads in bfloat16, float16 and e4m3 (`MatMulNarrowFloat`): ms and GB/s of weights read.
 
 Each number is the best of --reps runs of one ORT session (--reps / 5 for the decode step); the kernel library is
