@@ -14,6 +14,9 @@ for each scheme, q0f32 included, a row run with LOWBIT_KERNELS=0 (ONNX Runtime's
 kernels) and ratios against `q0f32 ORT`, the float model on ONNX Runtime's own MatMul;
 `--float16-graphs`, for each float16 scheme, a row run with LOWBIT_CPU_FLOAT32=0 (its float16 graph as written,
 instead of computed in float32).
+
+With `--ort-kernels` it then checks the speed targets (TARGETS: issue 13's acceptance) against `q0f32 ORT` and
+prints each one met or the rows that miss it.
 """
 
 from __future__ import annotations
@@ -22,37 +25,84 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-# (row label, scheme, extra convert options)
+# (row label, scheme, extra convert options, weight bits for the decode target: None for float weights and for
+# an opt-in route)
 SCHEMES = [
-    ("q0f32", "q0f32", []),
-    ("q0f16", "q0f16", []),
-    ("a16w8", "a16w8", []),
-    ("a16w8-g64", "a16w8-g64", []),
-    ("a16w8-minmax", "a16w8-minmax", []),
-    ("a16w4", "a16w4", []),
-    ("a16w4-g64", "a16w4-g64", []),
-    ("q4f32_1", "q4f32_1", []),
-    ("q4f16_1", "q4f16_1", []),
-    ("q3f16_1", "q3f16_1", []),
-    ("w8a16", "w8a16", []),
-    ("w4a16", "w4a16", []),
-    ("w3a16", "w3a16", []),
-    ("w2a16", "w2a16", []),
-    ("w8a8", "w8a8", []),
-    ("w8a8-static", "w8a8-static", ["--num-samples", "16"]),
-    ("e4m3_e4m3_f16", "e4m3_e4m3_f16", ["--num-samples", "16"]),  # activation scales: lowbit's default set
-    ("e5m2_e5m2_f16", "e5m2_e5m2_f16", ["--num-samples", "16"]),
+    ("q0f32", "q0f32", [], None),
+    ("q0f16", "q0f16", [], None),
+    ("a16w8", "a16w8", [], 8),
+    ("a16w8-g64", "a16w8-g64", [], 8),
+    ("a16w8-minmax", "a16w8-minmax", [], 8),
+    ("a16w4", "a16w4", [], 4),
+    ("a16w4-g64", "a16w4-g64", [], 4),
+    ("q4f32_1", "q4f32_1", [], 4),
+    ("q4f16_1", "q4f16_1", [], 4),
+    ("q3f16_1", "q3f16_1", [], 3),
+    ("w8a16", "w8a16", [], 8),
+    ("w4a16", "w4a16", [], 4),
+    ("w3a16", "w3a16", [], 3),
+    ("w2a16", "w2a16", [], 2),
+    ("w8a8", "w8a8", [], 8),
+    ("w8a8-static", "w8a8-static", ["--num-samples", "16"], 8),
+    ("e4m3_e4m3_f16", "e4m3_e4m3_f16", ["--num-samples", "16"], 8),  # activation scales: lowbit's default set
+    ("e5m2_e5m2_f16", "e5m2_e5m2_f16", ["--num-samples", "16"], 8),
     # formats only a recipe reaches (benchmarks/recipes/): scheme None
     # at the default accuracy level 4: lowbit.cpu.MatMulInt4Int8 over the e2m1 codes, int8 activations
-    ("nvfp4a16-recipe", None, ["--recipe", str(HERE / "recipes" / "nvfp4a16.yaml")]),
-    # the same weights at float compute (--accuracy-level 0: float32 on lowbit.cpu.MatMulNarrowFloat)
-    ("nvfp4a16-float-recipe", None, ["--recipe", str(HERE / "recipes" / "nvfp4a16.yaml"), "--accuracy-level", "0"]),
-    ("nvfp4-recipe", None, ["--recipe", str(HERE / "recipes" / "nvfp4.yaml"), "--num-samples", "16"]),
+    ("nvfp4a16-recipe", None, ["--recipe", str(HERE / "recipes" / "nvfp4a16.yaml")], 4),
+    # the same weights at float compute (--accuracy-level 0: float32 on lowbit.cpu.MatMulNarrowFloat), opt-in
+    ("nvfp4a16-float-recipe", None, ["--recipe", str(HERE / "recipes" / "nvfp4a16.yaml"), "--accuracy-level", "0"],
+     None),
+    ("nvfp4-recipe", None, ["--recipe", str(HERE / "recipes" / "nvfp4.yaml"), "--num-samples", "16"], 4),
 ]
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Speed targets of every scheme's default route against the float model on ONNX Runtime's MatMul."""
+
+    decode: tuple = ((8, 2.0), (4, 2.8), (3, 2.5), (2, 3.0))  # (weight bits, at least this × decode)
+    prefill: float = 0.9  # every row, at least this × prefill
+    rss_over_folder_mb: float = 300  # peak RSS at most the folder's bytes plus this
+    q3_at_least: tuple = (("prefill", 0.8), ("decode", 0.8))  # q3f16_1 / q4f16_1 of each, at least
+    q3_at_most: tuple = (("folder", 0.85), ("peak RSS", 1.5))  # and at most
+
+
+TARGETS = Targets()
+
+
+def target_report(results: dict, bits: dict, targets: Targets = TARGETS) -> list[str]:
+    """One line per target: met, or the rows that miss it. `results`: interleaved_bench's rows with `q0f32 ORT`
+    among them; `bits`: row label -> weight bits (None: no decode target), for lowbit's rows (not `... ORT`)."""
+    ort = results["q0f32 ORT"]
+    rows = [label for label in bits if label in results]
+    lines = []
+    decode = dict(targets.decode)
+    misses = [f"{label} {results[label]['decode'] / ort['decode']:.2f} < {decode[bits[label]]}" for label in rows
+              if bits[label] in decode and results[label]["decode"] / ort["decode"] < decode[bits[label]]]
+    bars = ", ".join(f"{bar} ({b}-bit)" for b, bar in targets.decode)
+    lines.append(f"decode at least {bars}: " + ("; ".join(misses) if misses else "met"))
+    misses = [f"{label} {results[label]['prefill'] / ort['prefill']:.2f}" for label in rows
+              if results[label]["prefill"] / ort["prefill"] < targets.prefill]
+    lines.append(f"prefill at least {targets.prefill} for every row: " + ("; ".join(misses) if misses else "met"))
+    over = {label: results[label]["rss_mb"] - results[label]["model_bytes"] / 1e6 for label in rows}
+    misses = [f"{label} {mb:.0f} MB" for label, mb in over.items() if mb > targets.rss_over_folder_mb]
+    lines.append(f"peak RSS at most the folder plus {targets.rss_over_folder_mb:.0f} MB: "
+                 + ("; ".join(misses) if misses else "met"))
+    if "q3f16_1" in results and "q4f16_1" in results:
+        q3, q4 = results["q3f16_1"], results["q4f16_1"]
+        measured = {"prefill": q3["prefill"] / q4["prefill"], "decode": q3["decode"] / q4["decode"],
+                    "folder": q3["model_bytes"] / q4["model_bytes"], "peak RSS": q3["rss_mb"] / q4["rss_mb"]}
+        parts = [f"{name} {measured[name]:.2f} " + (f"(>= {bar})" if measured[name] >= bar else f"(MISSED: < {bar})")
+                 for name, bar in targets.q3_at_least]
+        parts += [f"{name} {measured[name]:.2f} " + (f"(<= {bar})" if measured[name] <= bar else f"(MISSED: > {bar})")
+                  for name, bar in targets.q3_at_most]
+        lines.append("q3f16_1 against q4f16_1: " + ", ".join(parts))
+    return lines
 
 
 def main():
@@ -60,7 +110,7 @@ def main():
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--work", type=Path, default=Path("/tmp/lowbit-speed"))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--schemes", nargs="*", default=[label for label, _, _ in SCHEMES])
+    parser.add_argument("--schemes", nargs="*", default=[label for label, _, _, _ in SCHEMES])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -77,7 +127,7 @@ def main():
     from benchmarks.compare_builder import run_child
     from lowbit.runtime.bench import model_bytes
 
-    jobs = {label: (scheme, extra) for label, scheme, extra in SCHEMES}
+    jobs = {label: (scheme, extra) for label, scheme, extra, _ in SCHEMES}
     labels = ["q0f32"] + [s for s in args.schemes if s != "q0f32"]
     unknown = [s for s in labels if s not in jobs]
     if unknown:
@@ -119,6 +169,11 @@ def main():
         print(f"| {label} | {r['model_bytes'] / 1e6:.1f} | {r['prefill']:.0f} | {r['prefill'] / base['prefill']:.2f} | "
               f"{r['decode']:.1f} | {r['decode'] / base['decode']:.2f} |{ratios} {r['rss_mb']:.0f} | "
               f"{r['rss_mb'] - r['model_bytes'] / 1e6:.0f} |")
+    if ort:
+        print("\nTargets, against q0f32 ORT:")
+        bits = {label: weight_bits for label, _, _, weight_bits in SCHEMES}
+        for line in target_report(results, bits):
+            print(f"- {line}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
