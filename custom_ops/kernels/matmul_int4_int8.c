@@ -42,13 +42,6 @@
 #endif
 #define QUADS_PER_FLUSH 4  /* 4 quads of 4 rows: |sum| <= 16 * 15 * 127 = 30480 fits int16 */
 
-/* One token (R == 1) reads each weight from memory once, with few instructions per cache line: the loops then keep
- * too few lines in flight to reach the memory's bandwidth, and the hardware prefetcher does not make up for it. Each
- * line is asked for PREFETCH_AHEAD bytes ahead (past the end of B, the prefetch is ignored): 120 decode-shaped calls
- * in one graph, two threads, 8-bit codes 5.9 -> 4.9 ms, 4-bit 3.6 -> 2.7 ms (docs/performance.md). */
-#define PREFETCH_AHEAD 1024
-#define PREFETCH_LINE(p) _mm_prefetch((const char *)(p) + PREFETCH_AHEAD, _MM_HINT_T0)
-
 typedef struct { /* k and n first: new_kernel (ort_api.h) */
   int64_t k, n, group_size, layout; /* layout: 0 AVX2 (pairs of rows), 1 VNNI (fours of rows), 2 bytes (8 bits) */
   int64_t dpbusd;                    /* layout 1 runs on vpdpbusd (AVX512-VNNI), else on vpmaddubsw */
@@ -257,7 +250,7 @@ __attribute__((always_inline)) static inline void fours_int16(const Work *w, con
   const int64_t octets = w->group_size / 8, stride = w->groups * w->group_size;
   for (int r = 0; r < R; r++) lo16[r] = hi16[r] = _mm256_setzero_si256();
   for (int64_t j = j0; j < j1; j++) {
-    if (R == 1) PREFETCH_LINE(b + (size_t)(g * octets + j) * 64);
+    if (R == 1) prefetch_ahead(b + (size_t)(g * octets + j) * 64); /* one token: ort_api.h */
     const Octet q = octet_codes(b + (size_t)(g * octets + j) * 64, e2m1);
     for (int r = 0; r < R; r++) {
       __m256i x0, x1;
@@ -316,7 +309,7 @@ __attribute__((always_inline)) static inline void tile_rows_bytes(const Work *w,
     for (int r = 0; r < R; r++) lo32[r] = hi32[r] = _mm256_setzero_si256();
     for (int64_t p = 0; p < rows_in(w, g, 2); p++) {
       const __m256i v = _mm256_loadu_si256((const __m256i *)(b + (size_t)(g * pairs + p) * 32));
-      if (R == 1 && (p & 1) == 0) PREFETCH_LINE(b + (size_t)(g * pairs + p) * 32);
+      if (R == 1 && (p & 1) == 0) prefetch_ahead(b + (size_t)(g * pairs + p) * 32); /* one token: ort_api.h */
       const __m256i c0 = _mm256_unpacklo_epi8(v, zero), c1 = _mm256_unpackhi_epi8(v, zero);
       for (int r = 0; r < R; r++) {
         int32_t two;

@@ -42,10 +42,6 @@ enum { FLOAT16 = 10, BFLOAT16 = 16, FLOAT8E4M3FN = 17, FLOAT8E5M2 = 19, FLOAT4E2
 #define TILE 16 /* columns per tile: two 256-bit registers of float32 */
 #define ROWS 6  /* rows of A per block when M > 1: 12 accumulators */
 #define TILES_AT_ONCE 4 /* tiles per pass when M == 1: 8 independent accumulators */
-/* M == 1 streams each weight from memory once; the hardware prefetcher alone leaves the memory's bandwidth unused
- * (matmul_int4_int8.c, PREFETCH_AHEAD): each cache line is asked for this many bytes ahead. 576 x 49152 (an
- * lm_head), two threads: float16 / bfloat16 about -10%, e4m3 unchanged (docs/performance.md). */
-#define PREFETCH_AHEAD 1024
 #define KC 1536 /* at most this many rows of K widened at once when M > 1 (96 KB on the stack, in L2): all of K in
                  * one chunk up to 1536 rows, no partial sums through Y (K = 1536: 1.30 -> 1.25 ms; 256 rows: 1.35) */
 #define TASKS 64
@@ -190,10 +186,9 @@ __attribute__((always_inline)) static inline void one_row(const Work *w, int64_t
   for (int64_t k = 0; k < w->k; k++) {
     const __m256 x = scaled ? _mm256_mul_ps(_mm256_broadcast_ss(w->a + k), _mm256_set1_ps(FLOAT8_X_SCALE))
                             : _mm256_broadcast_ss(w->a + k);
-    if ((k * row_bytes) % 64 == 0) { /* a new cache line of every stream: asked for PREFETCH_AHEAD bytes ahead */
+    if ((k * row_bytes) % 64 == 0) { /* a new cache line of every stream (ort_api.h) */
       _Pragma("GCC unroll 16")
-      for (int j = 0; j < T; j++) _mm_prefetch((const char *)(b + j * tile_bytes + k * row_bytes + PREFETCH_AHEAD),
-                                               _MM_HINT_T0);
+      for (int j = 0; j < T; j++) prefetch_ahead(b + j * tile_bytes + k * row_bytes);
     }
     _Pragma("GCC unroll 16")
     for (int j = 0; j < T; j++) {
