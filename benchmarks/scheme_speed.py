@@ -75,6 +75,10 @@ class Targets:
 TARGETS = Targets()
 
 
+def verdict(misses: list[str]) -> str:
+    return "; ".join(misses) if misses else "met"
+
+
 def target_report(results: dict, bits: dict, targets: Targets = TARGETS) -> list[str]:
     """One line per target: met, or the rows that miss it. `results`: interleaved_bench's rows with `q0f32 ORT`
     among them; `bits`: row label -> weight bits (None: no decode target), for lowbit's rows (not `... ORT`)."""
@@ -85,14 +89,13 @@ def target_report(results: dict, bits: dict, targets: Targets = TARGETS) -> list
     misses = [f"{label} {results[label]['decode'] / ort['decode']:.2f} < {decode[bits[label]]}" for label in rows
               if bits[label] in decode and results[label]["decode"] / ort["decode"] < decode[bits[label]]]
     bars = ", ".join(f"{bar} ({b}-bit)" for b, bar in targets.decode)
-    lines.append(f"decode at least {bars}: " + ("; ".join(misses) if misses else "met"))
+    lines.append(f"decode at least {bars}: {verdict(misses)}")
     misses = [f"{label} {results[label]['prefill'] / ort['prefill']:.2f}" for label in rows
               if results[label]["prefill"] / ort["prefill"] < targets.prefill]
-    lines.append(f"prefill at least {targets.prefill} for every row: " + ("; ".join(misses) if misses else "met"))
+    lines.append(f"prefill at least {targets.prefill} for every row: {verdict(misses)}")
     over = {label: results[label]["rss_mb"] - results[label]["model_bytes"] / 1e6 for label in rows}
     misses = [f"{label} {mb:.0f} MB" for label, mb in over.items() if mb > targets.rss_over_folder_mb]
-    lines.append(f"peak RSS at most the folder plus {targets.rss_over_folder_mb:.0f} MB: "
-                 + ("; ".join(misses) if misses else "met"))
+    lines.append(f"peak RSS at most the folder plus {targets.rss_over_folder_mb:.0f} MB: {verdict(misses)}")
     if "q3f16_1" in results and "q4f16_1" in results:
         q3, q4 = results["q3f16_1"], results["q4f16_1"]
         measured = {"prefill": q3["prefill"] / q4["prefill"], "decode": q3["decode"] / q4["decode"],
