@@ -34,6 +34,9 @@ and registered with the session; their weights are the same codes, scales and ze
 order, written here like the others. `LOWBIT_KERNELS=0` keeps ONNX Runtime's kernels (the rewrites above).
 A prompt session (`accuracy_level`) does not use it.
 
+Float32 `com.microsoft.GroupQueryAttention` nodes run, where the kernel library exists, on
+`lowbit.cpu.GroupQueryAttention` (runtime/attention_kernel.py): the same node in lowbit's domain.
+
 Each node's accuracy level is the one `lowbit.json` records for its layer (`--accuracy-level` at conversion:
 4 = int8 activations, also when lowbit.json says nothing; 0 keeps float compute). `LOWBIT_FAST_PATH=0` turns
 the rewrite off (the function bodies run, as in any ONNX Runtime); it applies to the CPU provider only. A node
@@ -53,7 +56,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from lowbit.runtime import float32_compute, narrow_float_weights
+from lowbit.runtime import attention_kernel, float32_compute, narrow_float_weights
 
 ENV_SWITCH = "LOWBIT_FAST_PATH"
 DEFAULT_ACCURACY_LEVEL = 4  # what the converter records by default (int8 activations)
@@ -210,12 +213,13 @@ def inference_session(model_dir: Path, options, providers: list[str], metadata: 
     rewrite = rewrite or kernel is not None
     widen = float32_compute.applies(metadata, providers[0])  # a float16 graph computed in float32
     narrow = off is None and narrow_float_weights.kernel_applies(metadata) and kernels.library() is not None
-    if (not rewrite or off is not None) and accuracy_level is None and not widen and not narrow:
+    attend = off is None and attention_kernel.kernel_applies(model_dir, metadata) and kernels.library() is not None
+    if (not rewrite or off is not None) and accuracy_level is None and not widen and not narrow and not attend:
         return ort.InferenceSession(str(model_path), options, providers=providers)
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
-    session, widened, narrowed = None, False, narrow_float_weights.NarrowFloatResult()
+    session, widened, narrowed, attention = None, False, narrow_float_weights.NarrowFloatResult(), []
     try:
         with tempfile.TemporaryDirectory(prefix="lowbit-fast-path-", ignore_cleanup_errors=True) as folder:
             result = RewriteResult()
@@ -228,14 +232,18 @@ def inference_session(model_dir: Path, options, providers: list[str], metadata: 
             widened = widen and float32_compute.to_float32(model)
             if narrow:
                 narrowed = _rewrite_narrow_float(model, Path(folder) if result.changed else model_dir, Path(folder))
-            if result.kernel or result.fp4_kernel or result.fp4_integer or narrowed.changed:
+            if attend:
+                attention = attention_kernel.rewrite(model.graph)
+                if attention and not any(op.domain == "lowbit.cpu" for op in model.opset_import):
+                    model.opset_import.append(onnx.helper.make_opsetid("lowbit.cpu", 1))
+            if result.kernel or result.fp4_kernel or result.fp4_integer or narrowed.changed or attention:
                 options.register_custom_ops_library(str(kernels.library()))
-            if result.changed or accuracy_level is not None or widened or narrowed.changed:
+            if result.changed or accuracy_level is not None or widened or narrowed.changed or attention:
                 options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                                  folder if result.changed or narrowed.changed else str(model_dir))
                 session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     except OSError as e:  # no temporary space: every node keeps its function body
-        widened, narrowed = False, narrow_float_weights.NarrowFloatResult()
+        widened, narrowed, attention = False, narrow_float_weights.NarrowFloatResult(), []
         result = RewriteResult(fallback=[("all lowbit.MatMulBlockwise nodes", f"no temporary folder: {e}")])
     if session is None:
         session = ort.InferenceSession(str(model_path), options, providers=providers)

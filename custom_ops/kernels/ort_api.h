@@ -38,6 +38,7 @@ enum {
   API_GetDimensionsCount = 61,
   API_GetDimensions = 62,
   API_GetTensorTypeAndShape = 65,
+  API_KernelInfoGetAttribute_float = 85,
   API_KernelInfoGetAttribute_int64 = 86,
   API_KernelContext_GetInput = 90,
   API_KernelContext_GetOutput = 91,

@@ -8,6 +8,7 @@ const OrtApi *lowbit_ort_api;
 extern const CustomOp lowbit_matmul_int4_int8;
 extern const CustomOp lowbit_matmul_int8_int8;
 extern const CustomOp lowbit_matmul_narrow_float;
+extern const CustomOp lowbit_group_query_attention;
 
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options,
                                                                      const OrtApiBase *base) {
@@ -19,5 +20,6 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
   CHECK(API(CustomOpDomain_Add, CustomOpDomainAddFn)(domain, &lowbit_matmul_int4_int8));
   CHECK(API(CustomOpDomain_Add, CustomOpDomainAddFn)(domain, &lowbit_matmul_int8_int8));
   CHECK(API(CustomOpDomain_Add, CustomOpDomainAddFn)(domain, &lowbit_matmul_narrow_float));
+  CHECK(API(CustomOpDomain_Add, CustomOpDomainAddFn)(domain, &lowbit_group_query_attention));
   return API(AddCustomOpDomain, AddCustomOpDomainFn)(options, domain);
 }
