@@ -320,9 +320,12 @@ static void combine_chunks(const Work *w) {
       if (p[1] == 0.0f) continue; /* no keys in this chunk */
       const float f = expf(p[0] - top);
       total += f * p[1];
-      for (int64_t i = 0; i < d; i++) out[i] += f * p[2 + i];
+      const __m256 f8 = _mm256_set1_ps(f);
+      for (int64_t i = 0; i < d; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(f8, _mm256_loadu_ps(p + 2 + i), _mm256_loadu_ps(out + i)));
     }
-    for (int64_t i = 0; i < d; i++) out[i] /= total;
+    const __m256 inverse = _mm256_set1_ps(1.0f / total);
+    for (int64_t i = 0; i < d; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(out + i), inverse));
   }
 }
 

@@ -553,11 +553,17 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
                                                                         (size_t)((m + ROWS - 1) / ROWS), 0, &prepare);
   if (kernel->input_type) a = quantized;
   const float unit = kernel->weight_type == FLOAT8E4M3FN ? 256.0f : 1.0f;
-  int ones = 1;
-  for (int64_t i = 0; i < n_pad; i++) {
-    factors[i] = e2m1 ? 1.0f : scales[uniform ? 0 : i] * unit;
-    ones = ones && factors[i] == 1.0f;
+  /* the columns' factors, 8 at a time (n_pad is a multiple of 16): a per-call loop over N, serial before the tasks
+   * (an lm_head's 49152 columns one by one took about as long as its one-token product on a thread) */
+  const __m256 unit8 = _mm256_set1_ps(unit), one8 = _mm256_set1_ps(1.0f);
+  __m256 all_ones = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  for (int64_t i = 0; i < n_pad; i += 8) {
+    const __m256 f = e2m1 ? one8 : _mm256_mul_ps(uniform ? _mm256_broadcast_ss(scales) : _mm256_loadu_ps(scales + i),
+                                                 unit8);
+    _mm256_storeu_ps(factors + i, f);
+    all_ones = _mm256_and_ps(all_ones, _mm256_cmp_ps(f, one8, _CMP_EQ_OQ));
   }
+  const int ones = _mm256_movemask_ps(all_ones) == 0xFF;
   const int64_t tiles = n_pad / TILE;
   int64_t per_task = (tiles + TASKS - 1) / TASKS;
   if (m == 1 || kernel->avx512)  /* whole groups of TILES_AT_ONCE (TILES512 too); AVX2 prompts: tile by tile */
