@@ -19,7 +19,9 @@ input_scale float32 [1] (activation 1). Attributes: K, N, group_size (a multiple
 VNNI; see `pack`), e2m1 (optional, 1: the codes are FLOAT4E2M1 bit patterns standing for `E2M1_BYTES`, layout 1
 and groups of 16; `from_nvfp4`), activation (optional, 1: NVFP4 activations with input_scale as their global
 scale, groups of 16: `nvfp4_activations` instead of int8 ones), float_zero_points (optional, 1: input 5 float32
-zero points in the scales' layout replace input 3, `with_float_zero_points`). Output: Y float32.
+zero points in the scales' layout replace input 3, `with_float_zero_points`), max_code (optional, default 15: no
+code is larger; 7 for 3-bit codes and 3 for 2-bit ones let the kernel sum more rows in int16 before widening, the
+same exact sums). Output: Y float32.
 """
 
 from __future__ import annotations

@@ -5,16 +5,19 @@ ONNX Runtime's CPU GroupQueryAttention takes 25-45 us a layer for one token on t
 `com.microsoft.GroupQueryAttention` node whose attributes the kernel reads (custom_ops/group_query_attention.py:
 rotary not interleaved, no position_ids input, no smooth softmax or head sink) to the `lowbit.cpu` domain: the
 same inputs, attributes and outputs, computed by custom_ops/kernels/group_query_attention.c; the result is the
-same attention to float32 rounding. The folder on disk keeps ORT's node. `LOWBIT_KERNELS=0` (no kernel library)
-or `LOWBIT_FAST_PATH=0` keeps ORT's node, as does a float16 graph left in float16 (`LOWBIT_CPU_FLOAT32=0`). The
-move is silent (the attention is the same; `lowbit run`'s stderr lines are for what changes the arithmetic).
+same attention to float32 rounding. The folder on disk keeps ORT's node. `LOWBIT_ATTENTION_KERNEL=0`,
+`LOWBIT_KERNELS=0` (no kernel library) or `LOWBIT_FAST_PATH=0` keeps ORT's node, as does a float16 graph left in
+float16 (`LOWBIT_CPU_FLOAT32=0`). The move is silent (the attention is the same; `lowbit run`'s stderr lines are
+for what changes the arithmetic).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+ENV_SWITCH = "LOWBIT_ATTENTION_KERNEL"  # "0": keep ORT's node (an A/B of the two, or a fallback)
 ORT_DOMAIN = "com.microsoft"
 FLOAT = 1  # onnx.TensorProto.FLOAT
 POSITION_IDS = 9  # GroupQueryAttention's input index of position_ids
@@ -25,7 +28,7 @@ def kernel_applies(model_dir: Path, metadata: dict | None) -> bool:
     """Cheap check before loading the graph (no onnx import otherwise): a lowbit folder (lowbit.json) whose
     attention is GroupQueryAttention, which genai_config.json says as `past_present_share_buffer` (the converter
     sets it for that builder only, converter/attention.py). Each node is still checked itself."""
-    if metadata is None:
+    if metadata is None or os.environ.get(ENV_SWITCH, "1") == "0":
         return False
     try:
         genai = json.loads((model_dir / "genai_config.json").read_text())

@@ -688,6 +688,8 @@ def _to_int8_kernel(node, reader: _TensorReader, writer, levels: dict[str, int],
             else matmul_int4_int8.AVX2
         weight = matmul_int4_int8.pack_rows(read_codes, n, k, scales, zero_points, group, layout=layout)
         attributes = {"layout": layout} if layout != matmul_int4_int8.AVX2 else {}
+        if bits < 4:  # fewer int16 flushes (custom_ops/kernels/matmul_int4_int8.c, octets_per_flush)
+            attributes["max_code"] = 2**bits - 1
     x, y = inputs[0], node.output[0]
     if dtype != TensorProto.FLOAT:
         x = writer.shared.get(("float32", x)) or writer.node("Cast", [x], "to_float32", to=TensorProto.FLOAT)

@@ -181,8 +181,8 @@ def _rewrite_count(folder, monkeypatch, **environment) -> tuple[int, int]:
 
 @needs_kernel
 def test_rewrite_moves_float32_attention_only(tiny_models, tmp_path, monkeypatch):
-    """Each float32 attention node of a converted folder moves to lowbit.cpu; LOWBIT_KERNELS=0 and a float16 graph
-    kept in float16 (LOWBIT_CPU_FLOAT32=0) keep ORT's node."""
+    """Each float32 attention node of a converted folder moves to lowbit.cpu; LOWBIT_KERNELS=0,
+    LOWBIT_ATTENTION_KERNEL=0 and a float16 graph kept in float16 (LOWBIT_CPU_FLOAT32=0) keep ORT's node."""
     import lowbit
 
     source, _ = tiny_models("qwen2")
@@ -192,6 +192,8 @@ def test_rewrite_moves_float32_attention_only(tiny_models, tmp_path, monkeypatch
     assert _rewrite_count(tmp_path / "q0f16", monkeypatch) == (2, 0)  # computed in float32 on the CPU
     assert _rewrite_count(tmp_path / "q0f16", monkeypatch, LOWBIT_CPU_FLOAT32="0") == (0, 2)
     assert _rewrite_count(tmp_path / "q0f32", monkeypatch, LOWBIT_KERNELS="0") == (0, 0)  # not even read
+    monkeypatch.delenv("LOWBIT_KERNELS")
+    assert _rewrite_count(tmp_path / "q0f32", monkeypatch, LOWBIT_ATTENTION_KERNEL="0") == (0, 0)
 
 
 @needs_kernel

@@ -88,9 +88,10 @@ def test_reference_is_int8_activations_times_the_dequantized_weight(group, rng):
     assert np.abs(actual - float_product).max() <= 2e-2 * np.abs(float_product).max()
 
 
-def kernel_session(w: op.Int4Int8Weight, threads: int = 2):
+def kernel_session(w: op.Int4Int8Weight, threads: int = 2, max_code: int = 15):
+    extra = {**({"layout": w.layout} if w.layout else {}), **({"max_code": max_code} if max_code != 15 else {})}
     return kernel_node_session(op.OP_TYPE, {"B": w.b, "S": w.scales, "Z": w.zero_points}, threads, K=w.k, N=w.n,
-                               group_size=w.group_size, **({"layout": w.layout} if w.layout else {}))
+                               group_size=w.group_size, **extra)
 
 
 KERNEL_CASES = [  # (n, k, group, lead dims of A, per-column zero points, bits)
@@ -114,12 +115,29 @@ def test_kernel_equals_the_reference_bit_for_bit(n, k, group, lead, per_column, 
     monkeypatch.setenv("LOWBIT_KERNELS_AVX512", avx512)
     codes, scales, zero_points = random_weight(rng, n, k, group, per_column, bits)
     w = op.pack(codes, scales, zero_points, group, layout)
-    session = kernel_session(w, threads)
+    session = kernel_session(w, threads, 2**bits - 1)  # 2- and 3-bit: max_code 3 or 7, as the runtime sets it
     for _ in range(2):  # fresh activations each call
         a = (rng.standard_normal((*lead, k)) * rng.choice([0.01, 1.0, 300.0])).astype(np.float32)
         (y,) = session.run(None, {"A": a})
         assert y.shape == (*lead, n) and y.dtype == np.float32
         assert np.array_equal(y, op.reference_matmul(a, w))
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,group", [(3, 72), (3, 80), (2, 168), (2, 176), (4, 32), (4, 40)])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_int16_sums_at_their_bound(bits, group, sign, monkeypatch):
+    """Every code at its largest and every activation at +-127: the int16 sums of the VNNI layout without VNNI
+    reach their bound (max_code 7: 9 octets a flush, groups of 72 rows at it and 80 past it; max_code 3: 21 octets,
+    168 and 176 rows; 4-bit: 4 octets) and the result is still the reference's bit for bit."""
+    monkeypatch.setenv("LOWBIT_KERNELS_AVX512", "0")
+    n, k = 32, 2 * group
+    codes = np.full((n, k), 2**bits - 1)
+    w = op.pack(codes, np.full((2, n), 0.5, np.float32), 0, group, op.VNNI)
+    a = np.full((3, k), sign, np.float32)
+    (y,) = kernel_session(w, 2, 2**bits - 1).run(None, {"A": a})
+    assert np.array_equal(y, op.reference_matmul(a, w))
+    assert np.array_equal(y, np.full_like(y, sign * (2**bits - 1) * k * 0.5))
 
 
 @needs_kernel

@@ -16,8 +16,8 @@
  * horizontal reduction for the 4), softcap, bias, the row's max, exp (an 8-wide polynomial), and the weighted sum
  * of the values, divided once by the weights' sum. Only the keys a token sees are read (causal, window). One new
  * token splits its keys into chunks (flash-decoding): each chunk's max, sum and weighted values, combined into one
- * softmax at the end. A row whose every score is the float32 minimum (every key masked by the bias) outputs zeros, or with a
- * softcap the values' mean, as ORT's node does. */
+ * softmax at the end. A row whose every score is the float32 minimum (every key masked by the bias) outputs zeros,
+ * or with a softcap the values' mean, as ORT's node does. */
 
 #include <float.h>
 #include <immintrin.h>
@@ -406,7 +406,8 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
   }
   const int64_t out_dims[3] = {batch, seq, hq * d}, present_dims[4] = {batch, hkv, present_len, d};
   Work w = {kn, batch, seq, d, total, present_len, half, NULL, NULL, NULL, 0, 0, 0, seqlens, cos, sin, bias,
-            bias_batch, bias_head, NULL, NULL, NULL, NULL, kn->scale > 0.0f ? kn->scale : 1.0f / sqrtf((float)d), 1, NULL, 0};
+            bias_batch, bias_head, NULL, NULL, NULL, NULL, kn->scale > 0.0f ? kn->scale : 1.0f / sqrtf((float)d),
+            1, NULL, 0};
   CHECK(get_output(context, 0, out_dims, 3, &w.out));
   CHECK(get_output(context, 1, present_dims, 4, &w.present_k));
   CHECK(get_output(context, 2, present_dims, 4, &w.present_v));

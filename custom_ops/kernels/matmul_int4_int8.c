@@ -50,6 +50,7 @@ typedef struct { /* k and n first: new_kernel (ort_api.h) */
   int64_t input_zero_point; /* activation 3 */
   int64_t float_zero_points; /* 1: input 5 holds float zero points (input 3 is ignored) */
   int64_t e2m1;                      /* MatMulInt4Int8, layout 1: codes are FLOAT4E2M1 bit patterns (E2M1_BYTES) */
+  int64_t max_code;                  /* MatMulInt4Int8: no code is larger (15; 7 for 3-bit codes, 3 for 2-bit) */
 } Kernel;
 
 typedef struct {
@@ -66,6 +67,7 @@ typedef struct {
   int64_t m, n, n_pad, group_size, groups, k;
   int64_t tiles_per_task, layout, dpbusd; /* dpbusd: layout 1 on AVX512-VNNI instructions */
   int64_t e2m1;                           /* layout 1: each code stands for E2M1_BYTES[code] */
+  int64_t octets_per_flush;               /* layout 1 without VNNI: octets summed in int16 (fours_int16) */
   const float *float_zero_points; /* [N_pad / 16, groups, 16] float zero points (the others then unused), or NULL */
 } Work;
 
@@ -236,13 +238,14 @@ VNNI_TARGET __attribute__((always_inline)) static inline void tile_rows_vnni(con
 }
 
 /* The VNNI layout on CPUs without VNNI: the 4 products of a lane's column go to two int16 sums (vpmaddubsw, each
- * |pair| <= 2 * 15 * 127 = 3810), added in int16 for up to OCTETS_PER_FLUSH octets (two pairs an octet:
- * |sum| <= 4 * 2 * 3810 = 30480), then widened to int32 (vpmaddwd with ones). Each row's four activations are one
- * 32-bit broadcast from memory, which the load port does alone (tile_rows' 16-bit broadcasts need a shuffle each).
- * The same exact integer sums. */
-#define OCTETS_PER_FLUSH 4
+ * |pair| <= 2 * max_code * 127: 3810 for 4-bit codes), added in int16 for up to `octets_per_flush` octets (two
+ * pairs an octet: 4 octets of 4-bit codes, |sum| <= 4 * 2 * 3810 = 30480; 9 of 3-bit codes, 9 * 2 * 1778 = 32004,
+ * so MLC's groups of 40 rows take one flush, not two; 21 of 2-bit codes), then widened to int32 (vpmaddwd with
+ * ones). Each row's four activations are one 32-bit broadcast from memory, which the load port does alone
+ * (tile_rows' 16-bit broadcasts need a shuffle each). The same exact integer sums. */
+static inline int64_t octets_per_flush(int64_t max_code) { return 32767 / (4 * 127 * (max_code > 0 ? max_code : 1)); }
 
-/* Octets j0..j1-1 of group g (at most OCTETS_PER_FLUSH) for rows m0..m0+R-1 into int16 sums (lo16: columns 0..7,
+/* Octets j0..j1-1 of group g (at most octets_per_flush) for rows m0..m0+R-1 into int16 sums (lo16: columns 0..7,
  * hi16: 8..15 of the tile, each 32-bit lane's two int16 halves one column's). */
 __attribute__((always_inline)) static inline void fours_int16(const Work *w, const uint8_t *b, int64_t g, int64_t j0,
                                                               int64_t j1, int64_t m0, const int R, __m256i *lo16,
@@ -269,7 +272,7 @@ __attribute__((always_inline)) static inline void tile_rows_fours(const Work *w,
   const __m256i ones = _mm256_set1_epi16(1);
   const uint8_t *b = w->b + (size_t)t * w->groups * octets * 64;
   __m256i lo16[4], hi16[4], lo32[4], hi32[4];
-  if (octets <= OCTETS_PER_FLUSH) { /* groups of up to 32: one flush a group, no int32 sums live across octets */
+  if (octets <= w->octets_per_flush) { /* one flush a group (4-bit: up to 32 rows), no int32 sums across octets */
     for (int64_t g = 0; g < w->groups; g++) {
       fours_int16(w, b, g, 0, rows_in(w, g, 8), m0, R, lo16, hi16, e2m1);
       for (int r = 0; r < R; r++) {
@@ -283,8 +286,8 @@ __attribute__((always_inline)) static inline void tile_rows_fours(const Work *w,
   for (int64_t g = 0; g < w->groups; g++) {
     for (int r = 0; r < R; r++) lo32[r] = hi32[r] = _mm256_setzero_si256();
     const int64_t used = rows_in(w, g, 8);
-    for (int64_t j0 = 0; j0 < used; j0 += OCTETS_PER_FLUSH) {
-      fours_int16(w, b, g, j0, j0 + OCTETS_PER_FLUSH < used ? j0 + OCTETS_PER_FLUSH : used, m0, R, lo16, hi16,
+    for (int64_t j0 = 0; j0 < used; j0 += w->octets_per_flush) {
+      fours_int16(w, b, g, j0, j0 + w->octets_per_flush < used ? j0 + w->octets_per_flush : used, m0, R, lo16, hi16,
                   e2m1);
       for (int r = 0; r < R; r++) {
         lo32[r] = _mm256_add_epi32(lo32[r], _mm256_madd_epi16(lo16[r], ones));
@@ -627,6 +630,7 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
     const int64_t tiles = n_pad / TILE, per_task = (tiles + TASKS - 1) / TASKS;
     Work work = {data_of(values[1]), data_of(values[2]), uniform ? NULL : zero_points, zero_points[0], xq, xw, pairs,
                  sx, xsum, y, m, n, n_pad, g, groups, k, per_task, kernel->layout, kernel->dpbusd, kernel->e2m1,
+                 octets_per_flush(kernel->max_code),
                  kernel->float_zero_points ? data_of(values[5]) : NULL};
     if (status == NULL)
       status = API(KernelContext_ParallelFor, KernelContextParallelForFn)(context, run_task,
@@ -676,6 +680,9 @@ static OrtStatus *create(const OrtKernelInfo *info, const int bytes, void **out)
   if (status == NULL && kernel->activation == 3 && (kernel->input_zero_point < 0 || kernel->input_zero_point > 255))
     status = OP_ERROR(kernel, "input_zero_point must be 0..255");
   if (status == NULL && !bytes) status = int_attribute(info, "e2m1", &kernel->e2m1, 1, 0);
+  if (status == NULL) status = int_attribute(info, "max_code", &kernel->max_code, 1, 15);
+  if (status == NULL && (kernel->max_code < 1 || kernel->max_code > 15 || (kernel->e2m1 && kernel->max_code != 15)))
+    status = OP_ERROR(kernel, "max_code must be 1..15 (15 with e2m1)");
   /* int16 sums of vpmaddubsw: 2 octets of 2 pairs of products <= 24 * 127 each: 24384 */
   if (status == NULL && kernel->e2m1 != 0 && (kernel->e2m1 != 1 || kernel->layout != 1 || kernel->group_size != 16))
     status = error("lowbit.cpu.MatMulInt4Int8: e2m1 must be 0 or 1 (FLOAT4E2M1 codes: layout 1, group_size 16)");
