@@ -21,7 +21,6 @@ ENV_SWITCH = "LOWBIT_ATTENTION_KERNEL"  # "0": keep ORT's node (an A/B of the tw
 ORT_DOMAIN = "com.microsoft"
 FLOAT = 1  # onnx.TensorProto.FLOAT
 POSITION_IDS = 9  # GroupQueryAttention's input index of position_ids
-INPUTS = 11  # inputs the kernel takes (the 12th, head_sink, is not supported)
 
 
 def kernel_applies(model_dir: Path, metadata: dict | None) -> bool:
@@ -42,7 +41,7 @@ def _supported(node, float_values: set[str]) -> bool:
 
     from lowbit.custom_ops import group_query_attention as op
 
-    if node.op_type != op.OP_TYPE or node.domain != ORT_DOMAIN or len(node.input) > INPUTS:
+    if node.op_type != op.OP_TYPE or node.domain != ORT_DOMAIN or len(node.input) > len(op.INPUTS):  # head_sink
         return False
     if len(node.input) > POSITION_IDS and node.input[POSITION_IDS]:
         return False
