@@ -13,9 +13,7 @@ for what changes the arithmetic).
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 ENV_SWITCH = "LOWBIT_ATTENTION_KERNEL"  # "0": keep ORT's node (an A/B of the two, or a fallback)
 ORT_DOMAIN = "com.microsoft"
@@ -23,17 +21,12 @@ FLOAT = 1  # onnx.TensorProto.FLOAT
 POSITION_IDS = 9  # GroupQueryAttention's input index of position_ids
 
 
-def kernel_applies(model_dir: Path, metadata: dict | None) -> bool:
+def kernel_applies(shares_kv_buffer: bool, metadata: dict | None) -> bool:
     """Cheap check before loading the graph (no onnx import otherwise): a lowbit folder (lowbit.json) whose
     attention is GroupQueryAttention, which genai_config.json says as `past_present_share_buffer` (the converter
-    sets it for that builder only, converter/attention.py). Each node is still checked itself."""
-    if metadata is None or os.environ.get(ENV_SWITCH, "1") == "0":
-        return False
-    try:
-        genai = json.loads((model_dir / "genai_config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return bool(genai.get("search", {}).get("past_present_share_buffer"))
+    sets it for that builder only, converter/attention.py; runtime/session.py reads it). Each node is still checked
+    itself."""
+    return metadata is not None and shares_kv_buffer and os.environ.get(ENV_SWITCH, "1") != "0"
 
 
 def _supported(node, float_values: set[str]) -> bool:

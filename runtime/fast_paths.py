@@ -188,11 +188,12 @@ def set_accuracy_level(graph, level: int) -> int:
 
 
 def inference_session(model_dir: Path, options, providers: list[str], metadata: dict | None,
-                      accuracy_level: int | None = None):
+                      accuracy_level: int | None = None, shares_kv_buffer: bool = False):
     """`onnxruntime.InferenceSession` over the folder, with the fast paths applied where they can be;
     `metadata`: the folder's lowbit.json (None without one). `accuracy_level`: every MatMulNBits node (the
-    folder's own and those the fast paths make) at that level instead (a prompt session); the folder's files are
-    not changed. Only the session without `accuracy_level` reports on stderr."""
+    folder's own and those the fast paths make) at that level instead (a prompt session); `shares_kv_buffer`:
+    genai_config.json's `past_present_share_buffer` (the graph's attention is GroupQueryAttention); the folder's
+    files are not changed. Only the session without `accuracy_level` reports on stderr."""
     import onnxruntime as ort
 
     from lowbit.custom_ops import kernels
@@ -213,7 +214,8 @@ def inference_session(model_dir: Path, options, providers: list[str], metadata: 
     rewrite = rewrite or kernel is not None
     widen = float32_compute.applies(metadata, providers[0])  # a float16 graph computed in float32
     narrow = off is None and narrow_float_weights.kernel_applies(metadata) and kernels.library() is not None
-    attend = off is None and attention_kernel.kernel_applies(model_dir, metadata) and kernels.library() is not None
+    attend = off is None and attention_kernel.kernel_applies(shares_kv_buffer, metadata) \
+        and kernels.library() is not None
     if (not rewrite or off is not None) and accuracy_level is None and not widen and not narrow and not attend:
         return ort.InferenceSession(str(model_path), options, providers=providers)
     import onnx
@@ -234,8 +236,8 @@ def inference_session(model_dir: Path, options, providers: list[str], metadata: 
                 narrowed = _rewrite_narrow_float(model, Path(folder) if result.changed else model_dir, Path(folder))
             if attend:
                 attention = attention_kernel.rewrite(model.graph)
-                if attention and not any(op.domain == "lowbit.cpu" for op in model.opset_import):
-                    model.opset_import.append(onnx.helper.make_opsetid("lowbit.cpu", 1))
+                if attention:
+                    _import_domain(model, "lowbit.cpu")
             if result.kernel or result.fp4_kernel or result.fp4_integer or narrowed.changed or attention:
                 options.register_custom_ops_library(str(kernels.library()))
             if result.changed or accuracy_level is not None or widened or narrowed.changed or attention:
@@ -259,8 +261,6 @@ def inference_session(model_dir: Path, options, providers: list[str], metadata: 
 def _rewrite_narrow_float(model, data_dir: Path, folder: Path) -> narrow_float_weights.NarrowFloatResult:
     """runtime/narrow_float_weights.py on `model`, reading its external data from `data_dir` (the folder, or the
     temporary `folder` where rewrite_blockwise moved it) and writing the kernel's weights into `folder`."""
-    from onnx import helper
-
     graph = model.graph
     reader = _TensorReader(data_dir, graph)
     data = _DataFile(folder, NARROW_DATA_FILE)
@@ -272,11 +272,18 @@ def _rewrite_narrow_float(model, data_dir: Path, folder: Path) -> narrow_float_w
         _replace_nodes(graph, writer)
         if data_dir != folder:
             data.take_over(graph, reader)
-        if not any(op.domain == "lowbit.cpu" for op in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("lowbit.cpu", 1))
+        _import_domain(model, "lowbit.cpu")
         return result
     finally:
         data.close()
+
+
+def _import_domain(model, domain: str) -> None:
+    """Version 1 of `domain` among the model's opset imports, where the rewrite put its first node of it."""
+    from onnx import helper
+
+    if not any(op.domain == domain for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, 1))
 
 
 @dataclass
@@ -842,8 +849,6 @@ def rewrite_blockwise(model, model_dir: Path, levels: dict[str, int], folder: Pa
     """Rewrites every `lowbit.MatMulBlockwise` node of `model` (an onnx.ModelProto loaded without external data) in
     place, and every 2-bit MatMulNBits and NVFP4 MatMul (`nvfp4`: module -> K) it can, writing the new weights, and
     the external data the graph still reads, into `folder`."""
-    from onnx import helper
-
     from lowbit.custom_ops import blockwise_repack, matmul_nbits
 
     graph = model.graph
@@ -906,8 +911,7 @@ def rewrite_blockwise(model, model_dir: Path, levels: dict[str, int], folder: Pa
             return result
         _replace_nodes(graph, writer)
         data.take_over(graph, reader)
-        if not any(op.domain == matmul_nbits.DOMAIN for op in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(matmul_nbits.DOMAIN, 1))
+        _import_domain(model, matmul_nbits.DOMAIN)
         return result
     finally:
         data.close()

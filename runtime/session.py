@@ -146,9 +146,12 @@ def create_session(model_dir: str | Path, provider: str = "cpu", threads: int | 
     config_entries = {**(metadata or {}).get("ort_session_config", {}), **(session_config or {})}
     providers = [ep] if ep == "CPUExecutionProvider" else [ep, "CPUExecutionProvider"]
     prompt_level = fast_paths.prompt_accuracy_level(metadata) if prompt_session and provider == "cpu" else None
+    genai = json.loads((model_dir / "genai_config.json").read_text())
+    shares_kv_buffer = bool(genai.get("search", {}).get("past_present_share_buffer"))
     try:
         # lowbit.MatMulBlockwise nodes run as MatMulNBits, repacked at load (runtime/fast_paths.py)
-        session = fast_paths.inference_session(model_dir, _options(ort, threads, config_entries), providers, metadata)
+        session = fast_paths.inference_session(model_dir, _options(ort, threads, config_entries), providers, metadata,
+                                               shares_kv_buffer=shares_kv_buffer)
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         raise LowbitError(f"{model_path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
 
@@ -158,8 +161,7 @@ def create_session(model_dir: str | Path, provider: str = "cpu", threads: int | 
             entries[FUSION_ACCURACY_LEVEL] = str(prompt_level)
         entries[ALLOW_SPINNING] = "0"  # its pool threads must not spin on after a prompt: decode needs the cores
         return fast_paths.inference_session(model_dir, _options(ort, threads, entries), providers, metadata,
-                                            accuracy_level=prompt_level)
-    genai = json.loads((model_dir / "genai_config.json").read_text())
+                                            accuracy_level=prompt_level, shares_kv_buffer=shares_kv_buffer)
     config, decoder = genai["model"], genai["model"]["decoder"]
     past = next(i for i in session.get_inputs() if i.name == "past_key_values.0.key")
     return DecoderSession(
@@ -172,7 +174,7 @@ def create_session(model_dir: str | Path, provider: str = "cpu", threads: int | 
         logits_dtype=np.dtype(ORT_DTYPES[next(o for o in session.get_outputs() if o.name == "logits").type]),
         vocab_size=config["vocab_size"],
         context_length=config["context_length"],
-        shares_kv_buffer=bool(genai.get("search", {}).get("past_present_share_buffer")),
+        shares_kv_buffer=shares_kv_buffer,
         provider=provider,
         has_logits_to_keep=any(i.name == LOGITS_TO_KEEP for i in session.get_overridable_initializers()),
         open_prompt_session=open_prompt_session if prompt_level is not None else None,

@@ -154,9 +154,8 @@ def test_kernel_refuses_lengths_it_cannot_place():
 
 def _rewrite_count(folder, monkeypatch, **environment) -> tuple[int, int]:
     """(lowbit.cpu attention nodes, ORT attention nodes) in the session the runtime opens over `folder`."""
-    import json
-
-    from lowbit.runtime import attention_kernel, fast_paths
+    from lowbit.runtime import attention_kernel
+    from lowbit.runtime.session import create_session
 
     for key, value in environment.items():
         monkeypatch.setenv(key, value)
@@ -171,10 +170,7 @@ def _rewrite_count(folder, monkeypatch, **environment) -> tuple[int, int]:
         return moved
 
     monkeypatch.setattr(attention_kernel, "rewrite", spy)
-    import onnxruntime as ort
-
-    metadata = json.loads((folder / "lowbit.json").read_text())
-    fast_paths.inference_session(folder, ort.SessionOptions(), ["CPUExecutionProvider"], metadata)
+    create_session(folder, threads=2)
     kernels._cached_build.cache_clear()
     return seen.get("moved", 0), seen.get("left", 0)
 
@@ -208,7 +204,7 @@ def test_folder_on_the_kernel_matches_ort_attention(arch, tiny_models, tmp_path,
     source, _ = tiny_models(arch)
     lowbit.convert(str(source), tmp_path / "m", scheme="q0f32")
     ours = prefill_and_decode(create_session(tmp_path / "m", threads=2))
-    monkeypatch.setattr(attention_kernel, "kernel_applies", lambda model_dir, metadata: False)
+    monkeypatch.setattr(attention_kernel, "kernel_applies", lambda shares_kv_buffer, metadata: False)
     theirs = prefill_and_decode(create_session(tmp_path / "m", threads=2))
     for a, b in zip(ours, theirs):
         np.testing.assert_allclose(a, b, **TOLERANCE)

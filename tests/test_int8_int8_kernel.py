@@ -285,7 +285,7 @@ def assert_kernel_gives_onnx_runtimes_logits(folder, layers: int, monkeypatch, c
 
     # the attention on ORT's node both ways: this compares the MatMuls (lowbit's attention kernel agrees to float32
     # rounding, tests/test_group_query_attention_kernel.py)
-    monkeypatch.setattr(attention_kernel, "kernel_applies", lambda model_dir, metadata: False)
+    monkeypatch.setattr(attention_kernel, "kernel_applies", lambda shares_kv_buffer, metadata: False)
     capfd.readouterr()
     kernel = prefill_and_decode(create_session(folder))
     assert f"{layers} quantized MatMuls run on lowbit's int8 CPU kernel (lowbit.cpu.MatMulInt8Int8)" \

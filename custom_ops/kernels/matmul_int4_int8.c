@@ -243,7 +243,7 @@ VNNI_TARGET __attribute__((always_inline)) static inline void tile_rows_vnni(con
  * so MLC's groups of 40 rows take one flush, not two; 21 of 2-bit codes), then widened to int32 (vpmaddwd with
  * ones). Each row's four activations are one 32-bit broadcast from memory, which the load port does alone
  * (tile_rows' 16-bit broadcasts need a shuffle each). The same exact integer sums. */
-static inline int64_t octets_per_flush(int64_t max_code) { return 32767 / (4 * 127 * (max_code > 0 ? max_code : 1)); }
+static inline int64_t octets_per_flush(int64_t max_code) { return 32767 / (4 * 127 * max_code); } /* 1..15 */
 
 /* Octets j0..j1-1 of group g (at most octets_per_flush) for rows m0..m0+R-1 into int16 sums (lo16: columns 0..7,
  * hi16: 8..15 of the tile, each 32-bit lane's two int16 halves one column's). */
