@@ -43,7 +43,7 @@ typedef struct {
   const Kernel *kernel;
   int64_t batch, seq, d, total, present_len, half; /* half: R / 2, the rotary pairs per head (0: no rotary) */
   const float *q, *k, *v;                          /* each token's first query / key / value head */
-  int64_t q_row, k_row, v_row;                     /* floats from one token to the next in each */
+  int64_t q_row, kv_row;                           /* floats from one token to the next: queries, keys and values */
   const int32_t *seqlens;
   const float *cos, *sin;
   const float *bias;
@@ -83,8 +83,8 @@ static void store_token(void *data, size_t task) {
   const Kernel *kn = w->kernel;
   const int64_t b = (int64_t)task / w->seq, s = (int64_t)task % w->seq, d = w->d;
   const int64_t p = first_position(w, b) + s;
-  const float *q = w->q + (b * w->seq + s) * w->q_row, *k = w->k + (b * w->seq + s) * w->k_row;
-  const float *v = w->v + (b * w->seq + s) * w->v_row;
+  const float *q = w->q + (b * w->seq + s) * w->q_row, *k = w->k + (b * w->seq + s) * w->kv_row;
+  const float *v = w->v + (b * w->seq + s) * w->kv_row;
   if (w->rotated != NULL)
     for (int64_t h = 0; h < kn->num_heads; h++)
       rotate(w, q + h * d, w->rotated + ((b * w->seq + s) * kn->num_heads + h) * d, p);
@@ -405,7 +405,7 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
     bias_batch = bd[0] == 1 ? 0 : bd[1] * seq * total;
   }
   const int64_t out_dims[3] = {batch, seq, hq * d}, present_dims[4] = {batch, hkv, present_len, d};
-  Work w = {kn, batch, seq, d, total, present_len, half, NULL, NULL, NULL, 0, 0, 0, seqlens, cos, sin, bias,
+  Work w = {kn, batch, seq, d, total, present_len, half, NULL, NULL, NULL, 0, 0, seqlens, cos, sin, bias,
             bias_batch, bias_head, NULL, NULL, NULL, NULL, kn->scale > 0.0f ? kn->scale : 1.0f / sqrtf((float)d),
             1, NULL, 0};
   CHECK(get_output(context, 0, out_dims, 3, &w.out));
@@ -416,7 +416,7 @@ static OrtStatus *compute(void *state, OrtKernelContext *context) {
   w.q_row = dims[IN_QUERY][2];
   w.k = packed ? query + hq * d : data_of(values[IN_KEY]);
   w.v = packed ? query + (hq + hkv) * d : data_of(values[IN_VALUE]);
-  w.k_row = w.v_row = packed ? w.q_row : hkv * d;
+  w.kv_row = packed ? w.q_row : hkv * d;
   const float *past[2] = {data_of(values[IN_PAST_KEY]), data_of(values[IN_PAST_VALUE])};
   float *present[2] = {w.present_k, w.present_v};
   for (int kv = 0; kv < 2; kv++) /* a present of its own: the past's positions before the new tokens, zeros after */
