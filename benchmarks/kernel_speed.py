@@ -9,6 +9,9 @@
   values, one and two threads.
 - Prompt calls (M = 128) on `lowbit.cpu.MatMulInt4Int8` (4-bit codes, zero points, one group over K and groups of
   32), K = 576 and 1536, N = 576, two threads.
+- NVFP4 as integers (`MatMulInt4Int8` with e2m1 codes, int8 activations): one token on one thread (Gweights/s), and
+  a decoder layer's four prompt linears (M = 128, two threads) against ONNX Runtime's float32 MatMul on the
+  weights they stand for.
 - A decode step's linears: 30 layers' four one-token calls chained in one graph, every weight its own (so they
   stream from memory as in a model), two threads, 4-bit codes (`MatMulInt4Int8`) and 8-bit codes
   (`MatMulInt8Int8`), both with zero points per column; and an `lm_head` (576 x 49152) one token on two
@@ -74,6 +77,19 @@ def float32_session(w: np.ndarray, threads: int):
     from onnx import helper
 
     return graph_session([helper.make_node("MatMul", ["A", "W"], ["Y"])], {"W": w}, threads)
+
+
+def nvfp4_session(rng, k: int, n: int, threads: int):
+    """`MatMulInt4Int8` over random NVFP4 weights (e2m1 codes, e4m3 block scales over a global scale), int8
+    activations (an NVFP4A16 layer at accuracy level 4), and the float32 weight [K, N] they stand for."""
+    from lowbit import nvfp4
+
+    codes = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    steps = rng.uniform(0.02, 400, (n, k // 16)).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) / np.float32(100)
+    weight = int4.from_nvfp4(codes, steps)
+    session = kernel_node_session(int4.OP_TYPE, {"B": weight.b, "S": weight.scales, "Z": weight.zero_points},
+                                  threads, K=k, N=n, group_size=16, layout=weight.layout, e2m1=1)
+    return session, np.ascontiguousarray((nvfp4.E2M1[codes] * np.repeat(steps, 16, axis=1)).T.astype(np.float32))
 
 
 def decode_linears_session(rng, bits: int, layers: int = 30):
@@ -194,6 +210,20 @@ def main():
                                           group_size=g, layout=int4.VNNI)
             seconds = best_seconds(session, rng.standard_normal((128, k)).astype(np.float32), args.reps)
             print(f"  K = {k:4d}, {'one group' if not group else f'groups of {group}':10s} {seconds * 1e6:7.1f} us")
+
+    print("NVFP4 as integers (MatMulInt4Int8, e2m1 codes, groups of 16, int8 activations):")
+    seconds = best_seconds(nvfp4_session(rng, 576, 3072, 1)[0], rng.standard_normal((1, 576)).astype(np.float32),
+                           args.reps * 5)
+    print(f"  one token, one thread, K = 576, N = 3072  {seconds * 1e6:7.1f} us  "
+          f"{576 * 3072 / seconds / 1e9:5.2f} Gweights/s")
+    ours = theirs = 0.0
+    for k, n in LAYER:
+        session, weight = nvfp4_session(rng, k, n, 2)
+        a = rng.standard_normal((128, k)).astype(np.float32)
+        ours += best_seconds(session, a, args.reps)
+        theirs += best_seconds(float32_session(weight, 2), a, args.reps)
+    print(f"  a layer's four prompt linears, M = 128, two threads: kernel {ours * 1e3:.3f} ms, float32 MatMul "
+          f"{theirs * 1e3:.3f} ms, ratio {theirs / ours:.2f}")
 
     print("A decode step's linears, 30 layers of one-token calls, two threads (weights streamed from memory):")
     weights = 30 * sum(k * n for k, n in LAYER)

@@ -338,8 +338,8 @@ __attribute__((always_inline)) static inline void add_e2m1_group(const Octet *q0
 
 /* One token on FLOAT4E2M1 codes: tile t's sums in registers, both streams (codes, scales) prefetched, no branch in
  * the loop (tile_rows_fours and add_group test the zero points' kind every group and kept the sums in memory): one
- * thread, 576 x 3072 in cache, 24.6 -> 35.0 Gweights/s (two tiles a pass, sharing the activations' broadcasts:
- * 32.9). */
+ * thread, 576 x 3072 in cache, 25.2 -> 36.3 Gweights/s (two tiles a pass, sharing the activations' broadcasts, was
+ * slower). */
 static void one_row_e2m1(const Work *w, int64_t t) {
   const uint8_t *b = w->b + (size_t)t * w->groups * 128;
   const float *s = w->scales + (size_t)t * w->groups * TILE;
