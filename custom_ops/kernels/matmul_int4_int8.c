@@ -85,7 +85,7 @@ static inline int64_t rows_in(const Work *w, int64_t g, int64_t step) {
   float acc[4 * TILE];                                                                                               \
   for (int64_t m0 = 0; m0 < w->m; m0 += 4) {                                                                         \
     const int64_t rows = w->m - m0 < 4 ? w->m - m0 : 4;                                                              \
-    memset(acc, 0, sizeof acc);                                                                                      \
+    for (int i = 0; i < 4 * TILE; i += 8) _mm256_storeu_ps(acc + i, _mm256_setzero_ps()); /* not rep stos: 6% */  \
     switch (rows) {                                                                                                  \
       case 1: ROWS_FN(w, t, m0, 1, acc); break;                                                                      \
       case 2: ROWS_FN(w, t, m0, 2, acc); break;                                                                      \
