@@ -356,8 +356,8 @@ static void one_row_e2m1(const Work *w, int64_t t) {
 }
 
 /* Prompts on FLOAT4E2M1 codes: rows m0 .. m0 + rows - 1 (at most E2M1_ROWS) against tile t. Each group's octets are
- * looked up once into 8 registers, then each row in turn takes the whole group, one row at a time (unrolled, two
- * rows' work spilled the codes), its sums in `acc` (L1). Against ROW_BLOCKS' blocks of 4 rows with int16 sums of
+ * looked up once into 8 registers, then each row in turn takes the whole group (the row loop not unrolled: two rows
+ * at once spilled the codes), its sums in `acc` (L1). Against ROW_BLOCKS' blocks of 4 rows with int16 sums of
  * every row live across octets (spilled): a layer's four prompt linears, M = 128, two threads, 1.0 -> 1.27x ONNX
  * Runtime's float32 MatMul (8 rows a block: 1.22x). */
 #define E2M1_ROWS 16
