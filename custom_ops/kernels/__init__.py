@@ -23,7 +23,7 @@ from pathlib import Path
 
 ENV_SWITCH = "LOWBIT_KERNELS"
 SOURCES = ("register.c", "matmul_int4_int8.c", "matmul_narrow_float.c", "group_query_attention.c")
-HEADERS = ("ort_api.h",)
+HEADERS = ("ort_api.h", "simd.h")
 FLAGS = ("-O3", "-mavx2", "-mf16c", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden")
 LIBRARY_STEM = "lowbit_cpu_kernels"
 

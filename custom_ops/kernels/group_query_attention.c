@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "ort_api.h"
+#include "simd.h"
 
 enum { TYPE_INT32 = 6 };
 enum { IN_QUERY, IN_KEY, IN_VALUE, IN_PAST_KEY, IN_PAST_VALUE, IN_SEQLENS, IN_TOTAL, IN_COS, IN_SIN, IN_POSITIONS,
@@ -118,12 +119,6 @@ static inline __m256 exp8(__m256 x) {
   y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
-}
-
-static inline float max8(__m256 x) {
-  const __m128 h4 = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  const __m128 h2 = _mm_max_ps(h4, _mm_movehl_ps(h4, h4));
-  return _mm_cvtss_f32(_mm_max_ss(h2, _mm_movehdup_ps(h2)));
 }
 
 static inline float sum8(__m256 x) {

@@ -32,6 +32,7 @@
 #include <string.h>
 
 #include "ort_api.h"
+#include "simd.h"
 
 
 /* ------------------------------------------------------------------------------------------------- the kernel */
@@ -94,19 +95,6 @@ static inline int64_t rows_in(const Work *w, int64_t g, int64_t step) {
     }                                                                                                                \
     for (int64_t r = 0; r < rows; r++) memcpy(w->y + (m0 + r) * w->n + n0, acc + r * TILE, sizeof(float) * width); \
   }
-
-/* A row's 16 sums (columns 0..7 in lo, 8..15 in hi) into Y at y, `width` of them. */
-static inline void store_row(float *y, __m256 lo, __m256 hi, int64_t width) {
-  if (width == TILE) {
-    _mm256_storeu_ps(y, lo);
-    _mm256_storeu_ps(y + 8, hi);
-    return;
-  }
-  float out[TILE];
-  _mm256_storeu_ps(out, lo);
-  _mm256_storeu_ps(out + 8, hi);
-  memcpy(y, out, sizeof(float) * (size_t)width);
-}
 
 /* Group g's exact integer sums (lo32: columns 0..7, hi32: 8..15 of tile t) for rows m0..m0+R-1, added to acc in
  * float32: float(dot - z * xsum) * (s * sx). */
@@ -352,7 +340,7 @@ static void one_row_e2m1(const Work *w, int64_t t) {
     add_e2m1_group(&q0, &q1, w->xq + 16 * g, w->xsum[g], w->sx[g], s, &lo, &hi);
   }
   const int64_t n0 = t * TILE;
-  store_row(w->y + n0, lo, hi, w->n - n0 < TILE ? w->n - n0 : TILE);
+  store16(w->y + n0, lo, hi, w->n - n0 < TILE ? w->n - n0 : TILE);
 }
 
 /* Prompts on FLOAT4E2M1 codes: rows m0 .. m0 + rows - 1 (at most E2M1_ROWS) against tile t. Each group's octets are
@@ -377,7 +365,7 @@ static void rows_e2m1(const Work *w, int64_t t, int64_t m0, int64_t rows) {
     }
   }
   const int64_t n0 = t * TILE, width = w->n - n0 < TILE ? w->n - n0 : TILE;
-  for (int64_t r = 0; r < rows; r++) store_row(w->y + (m0 + r) * w->n + n0, acc[2 * r], acc[2 * r + 1], width);
+  for (int64_t r = 0; r < rows; r++) store16(w->y + (m0 + r) * w->n + n0, acc[2 * r], acc[2 * r + 1], width);
 }
 
 /* Layout 2 (8-bit codes): per pair of rows of K, 32 bytes, widened to int16 by in-lane unpacks with zeros (the

@@ -33,6 +33,7 @@
 #include <string.h>
 
 #include "ort_api.h"
+#include "simd.h"
 
 enum { FLOAT16 = 10, BFLOAT16 = 16, FLOAT8E4M3FN = 17, FLOAT8E5M2 = 19, FLOAT4E2M1 = 23 };
 #define FP4_BLOCK 16 /* rows of K per float32 step of a FLOAT4E2M1 weight (NVFP4's block) */
@@ -96,16 +97,8 @@ __attribute__((always_inline)) static inline void widen16(const uint8_t *p, int6
 
 /* Columns of tile t in row `row` of Y (the product, or between chunks of K the partial sum). */
 static inline void store_tile(const Work *w, int64_t t, int64_t row, __m256 lo, __m256 hi) {
-  const int64_t n0 = t * TILE, width = w->n - n0 < TILE ? w->n - n0 : TILE;
-  if (width == TILE) {
-    _mm256_storeu_ps(w->y + row * w->n + n0, lo);
-    _mm256_storeu_ps(w->y + row * w->n + n0 + 8, hi);
-    return;
-  }
-  float out[TILE];
-  _mm256_storeu_ps(out, lo);
-  _mm256_storeu_ps(out + 8, hi);
-  memcpy(w->y + row * w->n + n0, out, sizeof(float) * (size_t)width);
+  const int64_t n0 = t * TILE;
+  store16(w->y + row * w->n + n0, lo, hi, w->n - n0 < TILE ? w->n - n0 : TILE);
 }
 
 /* Row k of a FLOAT4E2M1 tile (8 bytes: columns 0..7 in the low nibbles, 8..15 in the high ones) as float32:
@@ -315,12 +308,9 @@ static void nvfp4_steps(const float *x, int64_t blocks, float gs, float *steps) 
   const __m256 sign_bit = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
   for (int64_t b = 0; b < blocks; b++) {
     const float *v = x + b * FP4_BLOCK;
-    __m256 m = _mm256_max_ps(_mm256_andnot_ps(sign_bit, _mm256_loadu_ps(v)),
-                             _mm256_andnot_ps(sign_bit, _mm256_loadu_ps(v + 8)));
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
-    steps[b] = fminf(gs * (_mm_cvtss_f32(h) / 6.0f), 448.0f);
+    const __m256 m = _mm256_max_ps(_mm256_andnot_ps(sign_bit, _mm256_loadu_ps(v)),
+                                   _mm256_andnot_ps(sign_bit, _mm256_loadu_ps(v + 8)));
+    steps[b] = fminf(gs * (max8(m) / 6.0f), 448.0f);
   }
   fake_quantize(steps, steps, blocks, 1.0f, FLOAT8E4M3FN);  /* QuantizeLinear -> DequantizeLinear, scale 1 */
   for (int64_t b = 0; b < blocks; b++) steps[b] = (steps[b] == 0.0f ? 0.125f : steps[b]) / gs;
